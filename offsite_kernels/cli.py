@@ -1,0 +1,117 @@
+"""The ``offsite`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import OffsiteError
+
+
+def _cmd_emulate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .emulator import make_emulator, parse_layout
+    from .hf_io import load_local_model
+    from .io import check_output_dir
+
+    bottom, k, top = parse_layout(args.layout)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    check_output_dir(args.output, args.overwrite)
+    with tqdm(total=3, desc="emulate", unit="step", disable=args.quiet) as bar:
+        bar.set_postfix_str("loading model")
+        model = load_local_model(args.model_dir)
+        bar.update()
+        bar.set_postfix_str("building emulator")
+        emu = make_emulator(model, bottom=bottom, top=top, emulator_layers=k, strategy=layers or "uniform", prune=args.prune)
+        bar.update()
+        bar.set_postfix_str("writing package")
+        emu.save_pretrained(args.output, overwrite=args.overwrite, tokenizer_from=args.model_dir)
+        bar.update()
+    print(f"emulator {emu.layout} of {emu.layout.n_layers} blocks (kept middle blocks {list(emu.layout.emulator)}) -> {args.output}")
+    return 0
+
+
+def _cmd_plug_in(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .emulator import plug_in, read_adapter
+    from .hf_io import load_local_model, save_model_dir
+    from .io import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)
+    read_adapter(args.adapter_dir)  # fail on a bad adapter before loading a large model
+    with tqdm(total=3, desc="plug-in", unit="step", disable=args.quiet) as bar:
+        bar.set_postfix_str("loading model")
+        model = load_local_model(args.model_dir)
+        bar.update()
+        bar.set_postfix_str("plugging adapter in")
+        plug_in(model, args.adapter_dir, check_weights=not args.no_weight_check)
+        bar.update()
+        bar.set_postfix_str("writing model")
+        save_model_dir(model, args.output, tokenizer_from=args.model_dir, overwrite=args.overwrite)
+        bar.update()
+    print(f"plugged {args.adapter_dir} into {args.model_dir} -> {args.output}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps, seed=args.seed)
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from .env import report
+
+    print(report())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning with fast frozen emulators.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("emulate", help="split a model into adapter + compressed emulator package")
+    p.add_argument("model_dir", help="local Hugging Face causal LM directory")
+    p.add_argument("-o", "--output", required=True, help="emulator package directory to create")
+    p.add_argument("--layout", default="2-8-2", help="BOTTOM-EMULATOR-TOP block counts, as in the paper (default 2-8-2)")
+    p.add_argument("--layers", help="explicit comma-separated source indices of the kept middle blocks (instead of uniform drop)")
+    p.add_argument("--prune", type=float, default=0.0, help="magnitude-prune this fraction of each emulator weight matrix")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_emulate)
+
+    p = sub.add_parser("plug-in", help="put a trained adapter into the full model and save it")
+    p.add_argument("model_dir", help="the full model the emulator was made from")
+    p.add_argument("adapter_dir", help="adapter directory written by save_adapter / offsite finetune")
+    p.add_argument("-o", "--output", required=True, help="directory for the full model with the adapter in")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-weight-check", action="store_true", help="skip the check that the adapter came from this model's weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_plug_in)
+
+    p = sub.add_parser("demo", help="run the offsite-tuning loop end to end on a built-in tiny model")
+    p.add_argument("--steps", type=int, default=60, help="adapter training steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("env", help="print versions, GPU and available kernel backends")
+    p.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``offsite``; returns the exit code (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OffsiteError as exc:
+        print(f"offsite {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

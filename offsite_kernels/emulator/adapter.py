@@ -1,0 +1,146 @@
+"""Adapter files and plug-in.
+
+An adapter directory holds ``adapter.safetensors`` (only the adapter blocks' tensors, named
+as in the source model) and ``adapter.json``, a manifest naming the source architecture, the
+layout and a small probe of the input embedding. :func:`plug_in` checks all of it against
+the full model before it changes a single weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..errors import AdapterMismatchError, PackageError
+from ..io import atomic_output_dir, load_tensors, read_json, save_tensors, write_json
+from ..models import ModelFamily, get_family
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from .offsite_model import OffsiteModel
+
+ADAPTER_FORMAT = "offsite-kernels/adapter"
+ADAPTER_FILE = "adapter.safetensors"
+MANIFEST_FILE = "adapter.json"
+FORMAT_VERSION = 1
+_ARCH_FIELDS = ("hidden_size", "vocab_size", "num_attention_heads")
+_PROBE_SIZE = 16
+_PROBE_RTOL = 1e-2
+
+
+def architecture_of(config: Any) -> dict[str, Any]:
+    """The config fields an adapter must agree on with the model it is plugged into."""
+    return {f: getattr(config, f, None) for f in _ARCH_FIELDS}
+
+
+def embedding_probe(model: nn.Module, family: ModelFamily) -> list[float]:
+    """A few fixed entries of the input embedding: tells one model's weights from another's.
+
+    Compared with a relative tolerance, so the probe survives a change of dtype.
+    """
+    weight = family.get(model, family.token_embedding).weight.detach()
+    rows = torch.linspace(0, weight.shape[0] - 1, _PROBE_SIZE).round().long()
+    return weight[rows.to(weight.device), : min(_PROBE_SIZE, weight.shape[1])].float().flatten().cpu().tolist()
+
+
+def save_adapter(emu: OffsiteModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the adapter of ``emu`` to the directory ``path`` atomically."""
+    tensors = emu.adapter_state_dict()
+    manifest = {
+        "format": ADAPTER_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "model_type": emu.config.model_type,
+        "blocks": emu.family.blocks,
+        "n_layers": emu.layout.n_layers,
+        "layout": emu.layout.to_dict(),
+        "architecture": architecture_of(emu.config),
+        "embedding_probe": embedding_probe(emu.model, emu.family),
+        "tensors": sorted(tensors),
+    }
+    with atomic_output_dir(path, overwrite) as tmp:
+        save_tensors(tmp / ADAPTER_FILE, tensors, metadata={"format": ADAPTER_FORMAT})
+        write_json(tmp / MANIFEST_FILE, manifest)
+    return Path(path)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter directory; returns ``(manifest, tensors)``."""
+    path = Path(path)
+    what = "adapter"
+    if not path.is_dir():
+        raise PackageError(f"{what}: {str(path)!r} is not a directory (expected the output of save_adapter / `offsite finetune`)")
+    manifest = read_json(path / MANIFEST_FILE, what)
+    if manifest.get("format") != ADAPTER_FORMAT:
+        raise PackageError(f"{what}: {str(path)!r} is not an adapter (format {manifest.get('format')!r})")
+    tensors = load_tensors(path / ADAPTER_FILE, what)
+    if sorted(tensors) != sorted(manifest.get("tensors", [])):
+        raise PackageError(f"{what}: tensors in {ADAPTER_FILE} do not match the manifest's list; the directory is corrupt")
+    return manifest, tensors
+
+
+def _check_compatible(model: nn.Module, family: ModelFamily, manifest: dict[str, Any], check_weights: bool) -> Layout:
+    model_type = model.config.model_type
+    if manifest.get("model_type") != model_type:
+        raise AdapterMismatchError(f"adapter was trained for a {manifest.get('model_type')!r} model, not this {model_type!r} model")
+    n_layers = len(family.get_blocks(model))
+    layout = Layout.from_dict(manifest.get("layout", {}))
+    if layout.n_layers != n_layers:
+        raise AdapterMismatchError(
+            f"adapter's layout {layout} is for a {layout.n_layers}-block model; this model has {n_layers} blocks"
+        )
+    expected, found = manifest.get("architecture", {}), architecture_of(model.config)
+    if expected != found:
+        diff = {k: (expected.get(k), found.get(k)) for k in set(expected) | set(found) if expected.get(k) != found.get(k)}
+        raise AdapterMismatchError(f"adapter's architecture differs from this model's (adapter, model): {diff}")
+    if check_weights:
+        probe = torch.tensor(manifest.get("embedding_probe", []), dtype=torch.float64)
+        mine = torch.tensor(embedding_probe(model, family), dtype=torch.float64)
+        if probe.shape != mine.shape or (probe - mine).norm() > _PROBE_RTOL * mine.norm():
+            raise AdapterMismatchError(
+                "adapter comes from a model with other weights (its embedding probe does not match this model's); "
+                "plug it into the model its emulator was made from, or pass check_weights=False to force it"
+            )
+    return layout
+
+
+def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = True, check_weights: bool = True) -> nn.Module:
+    """Put a trained adapter into the full Hugging Face model and return the model.
+
+    Every check (model type, layout, architecture, tensor names and shapes, embedding probe)
+    runs before any weight changes. With ``inplace=False`` the model is copied first.
+    """
+    family = get_family(model)
+    manifest, tensors = read_adapter(adapter_path)
+    layout = _check_compatible(model, family, manifest, check_weights)
+    blocks = family.get_blocks(model)
+    per_block: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layout.adapter_indices}
+    prefix = family.blocks + "."
+    for name, tensor in tensors.items():
+        index_text, _, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+        if not index_text.isdigit() or int(index_text) not in per_block:
+            raise AdapterMismatchError(f"adapter tensor {name!r} does not belong to an adapter block of layout {layout}")
+        per_block[int(index_text)][rest] = tensor
+    for index, sub in per_block.items():
+        target = blocks[index].state_dict()
+        if sorted(sub) != sorted(target):
+            missing, extra = sorted(set(target) - set(sub)), sorted(set(sub) - set(target))
+            raise AdapterMismatchError(f"adapter block {index} does not match the model's block: missing {missing}, unexpected {extra}")
+        for key, tensor in sub.items():
+            if tensor.shape != target[key].shape:
+                raise AdapterMismatchError(
+                    f"adapter tensor {prefix}{index}.{key} has shape {tuple(tensor.shape)}, the model's has {tuple(target[key].shape)}"
+                )
+    if not inplace:
+        model = copy.deepcopy(model)
+        blocks = family.get_blocks(model)
+    with torch.no_grad():
+        for index, sub in per_block.items():
+            blocks[index].load_state_dict(sub, strict=True)
+    return model

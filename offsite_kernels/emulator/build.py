@@ -1,0 +1,56 @@
+"""Build the emulator model: a copy of the source model holding only the kept blocks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from ..models import ModelFamily
+from .layout import Layout
+
+
+def renumber_blocks_(blocks: nn.ModuleList) -> None:
+    """Set every ``layer_idx`` inside block ``j`` to ``j`` (KV caches index layers by position)."""
+    for position, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+
+
+def shrink_config_(config: Any, family: ModelFamily, kept: tuple[int, ...]) -> None:
+    """Make ``config`` describe a model of the ``kept`` blocks (count and per-block lists)."""
+    n_source = config.num_hidden_layers
+    for attr in family.per_block_config_lists:
+        values = getattr(config, attr, None)
+        if isinstance(values, (list, tuple)) and len(values) == n_source:
+            setattr(config, attr, type(values)(values[i] for i in kept))
+    config.num_hidden_layers = len(kept)
+
+
+def copy_with_blocks(model: nn.Module, family: ModelFamily, kept: tuple[int, ...]) -> nn.Module:
+    """Deep-copy ``model`` with only the blocks at source indices ``kept``.
+
+    The dropped blocks are never copied. The source model is left exactly as it was.
+    """
+    blocks = family.get_blocks(model)
+    subset = nn.ModuleList([blocks[i] for i in kept])
+    family.set_blocks(model, subset)
+    try:
+        reduced = copy.deepcopy(model)
+    finally:
+        family.set_blocks(model, blocks)
+    renumber_blocks_(family.get_blocks(reduced))
+    shrink_config_(reduced.config, family, kept)
+    return reduced
+
+
+def freeze_all_but_adapter_(model: nn.Module, family: ModelFamily, layout: Layout) -> None:
+    """Freeze every parameter, then unfreeze the adapter blocks (bottom and top)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = family.get_blocks(model)
+    for position in layout.adapter_positions():
+        for p in blocks[position].parameters():
+            p.requires_grad_(True)

@@ -1,0 +1,146 @@
+"""``OffsiteModel``: adapter blocks trainable, compressed emulator frozen, HF forward underneath."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LayoutError, OffsiteError
+from ..models import ModelFamily, get_family
+from .build import copy_with_blocks, freeze_all_but_adapter_
+from .layout import Layout, resolve_layout
+from .prune import magnitude_prune_
+
+
+class OffsiteModel(nn.Module):
+    """A Hugging Face causal LM reduced to bottom adapter + emulator + top adapter.
+
+    ``forward`` is the wrapped model's own forward (``input_ids``, ``attention_mask``,
+    ``labels``, ... in; ``.loss`` and ``.logits`` out), so HF Trainer, accelerate and a plain
+    loop train it as they would the original. Only the adapter blocks require grad.
+    """
+
+    def __init__(self, model: nn.Module, layout: Layout, prune: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.family: ModelFamily = get_family(model)
+        self.layout = layout
+        self.prune = prune
+        n_blocks = len(self.family.get_blocks(model))
+        if n_blocks != len(layout.kept_indices):
+            raise LayoutError(f"model has {n_blocks} blocks but layout {layout} keeps {len(layout.kept_indices)}")
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generation through the emulator (the wrapped model's ``generate``)."""
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- blocks --------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """All blocks of the emulator model: bottom adapter, emulator, top adapter."""
+        return self.family.get_blocks(self.model)
+
+    def adapter_blocks(self) -> list[tuple[int, nn.Module]]:
+        """``(source_index, block)`` for each adapter block, bottom then top."""
+        blocks = self.blocks
+        return [(src, blocks[pos]) for src, pos in zip(self.layout.adapter_indices, self.layout.adapter_positions())]
+
+    def emulator_blocks(self) -> list[tuple[int, nn.Module]]:
+        """``(source_index, block)`` for each frozen emulator block."""
+        blocks = self.blocks
+        return [(src, blocks[self.layout.bottom + j]) for j, src in enumerate(self.layout.emulator)]
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the adapter blocks (what the data owner trains)."""
+        for _, block in self.adapter_blocks():
+            yield from block.parameters()
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors named as in the *source* model (``<blocks>.<source index>.<name>``)."""
+        out: dict[str, torch.Tensor] = {}
+        for src, block in self.adapter_blocks():
+            for name, tensor in block.state_dict().items():
+                out[f"{self.family.blocks}.{src}.{name}"] = tensor
+        return out
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}"
+
+    # --- files ---------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        overwrite: bool = False,
+        tokenizer: Any = None,
+        tokenizer_from: str | os.PathLike | None = None,
+    ) -> Path:
+        """Write the emulator package: safetensors weights, HF config and an ``offsite.json`` layout."""
+        from .package import save_emulator
+
+        return save_emulator(self, path, overwrite=overwrite, tokenizer=tokenizer, tokenizer_from=tokenizer_from)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
+        """Load an emulator package written by :meth:`save_pretrained` (needs nothing else)."""
+        from .package import load_emulator
+
+        return load_emulator(path, **hf_kwargs)
+
+    def save_adapter(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write only the adapter tensors and a manifest that :func:`plug_in` checks."""
+        from .adapter import save_adapter
+
+        return save_adapter(self, path, overwrite=overwrite)
+
+
+def make_emulator(
+    model: nn.Module,
+    bottom: int = 2,
+    top: int = 2,
+    emulator_layers: int | None = None,
+    strategy: str | Sequence[int] = "uniform",
+    prune: float = 0.0,
+) -> OffsiteModel:
+    """Split a Hugging Face causal LM into adapter + compressed emulator (Offsite-Tuning).
+
+    Args:
+        model: a supported ``*ForCausalLM`` model; it is copied, never modified.
+        bottom, top: number of first and last blocks that form the trainable adapter.
+        emulator_layers: middle blocks kept in the emulator (all of them if None).
+        strategy: ``"uniform"`` (the paper's layer drop) or explicit source block indices.
+        prune: fraction of each emulator weight matrix zeroed by magnitude, in ``[0, 1)``.
+    """
+    family = get_family(model)
+    n_layers = len(family.get_blocks(model))
+    if getattr(model.config, "num_hidden_layers", n_layers) != n_layers:
+        raise OffsiteError(
+            f"config.num_hidden_layers={model.config.num_hidden_layers} disagrees with the {n_layers} blocks "
+            "the model holds; pass an unmodified model"
+        )
+    if not 0.0 <= float(prune) < 1.0:
+        raise LayoutError(f"prune must be a fraction in [0, 1), got {prune!r}")
+    layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)
+    reduced = copy_with_blocks(model, family, layout.kept_indices)
+    freeze_all_but_adapter_(reduced, family, layout)
+    emulator = OffsiteModel(reduced, layout, prune=float(prune))
+    if prune > 0:
+        for _, block in emulator.emulator_blocks():
+            magnitude_prune_(block, float(prune))
+    return emulator

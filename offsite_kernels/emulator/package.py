@@ -1,0 +1,93 @@
+"""The emulator package on disk.
+
+A package is a directory that is at the same time a valid Hugging Face checkpoint of the
+reduced model (``config.json`` + ``*.safetensors``, only the kept blocks) and carries an
+``offsite.json`` with the layout: which source blocks are adapter and which emulator.
+Loading it needs nothing but the directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._version import __version__
+from ..errors import OffsiteError, PackageError
+from ..hf_io import copy_tokenizer_files
+from ..io import atomic_output_dir, check_safetensors_files, read_json, write_json
+from .build import freeze_all_but_adapter_
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from .offsite_model import OffsiteModel
+
+PACKAGE_FORMAT = "offsite-kernels/emulator"
+PACKAGE_FILE = "offsite.json"
+FORMAT_VERSION = 1
+
+
+def save_emulator(
+    emu: OffsiteModel,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+    tokenizer_from: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``emu`` to the directory ``path`` atomically; returns the path.
+
+    ``tokenizer`` (an HF tokenizer) is saved with it; or the tokenizer files found in the
+    directory ``tokenizer_from`` are copied.
+    """
+    record = {
+        "format": PACKAGE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "model_type": emu.config.model_type,
+        "layout": emu.layout.to_dict(),
+        "prune": emu.prune,
+    }
+    with atomic_output_dir(path, overwrite) as tmp:
+        emu.model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, tmp)
+        write_json(tmp / PACKAGE_FILE, record)
+    return Path(path)
+
+
+def read_package_record(path: Path) -> dict[str, Any]:
+    """Read and check ``offsite.json`` of an emulator package."""
+    what = "emulator package"
+    if not path.is_dir():
+        raise PackageError(f"{what}: {str(path)!r} is not a directory (expected the output of `offsite emulate`)")
+    record = read_json(path / PACKAGE_FILE, what)
+    if record.get("format") != PACKAGE_FORMAT:
+        raise PackageError(f"{what}: {str(path)!r} is not an emulator package (format {record.get('format')!r})")
+    if int(record.get("format_version", -1)) > FORMAT_VERSION:
+        raise PackageError(f"{what}: format version {record['format_version']} is newer than this library reads; upgrade offsite-kernels")
+    return record
+
+
+def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
+    """Load a package written by :func:`save_emulator`; ``hf_kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    from .offsite_model import OffsiteModel
+
+    path = Path(path)
+    record = read_package_record(path)
+    layout = Layout.from_dict(record.get("layout", {}))
+    check_safetensors_files(path, "emulator package")
+    if not (path / "config.json").is_file():
+        raise PackageError(f"emulator package: missing config.json in {str(path)!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+    except OffsiteError:
+        raise
+    except Exception as exc:  # transformers raises many kinds; name the package in one message
+        raise PackageError(f"emulator package {str(path)!r} could not be loaded: {exc}") from exc
+    emu = OffsiteModel(model, layout, prune=float(record.get("prune", 0.0)))
+    freeze_all_but_adapter_(model, emu.family, layout)
+    return emu

@@ -1,0 +1,60 @@
+"""Loading and saving whole Hugging Face models from local directories (never from a hub)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import OffsiteError, PackageError
+from .io import atomic_output_dir
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+
+
+def load_local_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
+    """Load a causal LM from a local directory, with one clear error for every kind of failure."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PackageError(f"model: {str(path)!r} is not a directory (give a local Hugging Face model directory; hubs are not used)")
+    if not (path / "config.json").is_file():
+        raise PackageError(f"model: {str(path)!r} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+    except OffsiteError:
+        raise
+    except Exception as exc:  # transformers raises many kinds; one message that names the directory
+        raise PackageError(f"model: {str(path)!r} could not be loaded: {exc}") from exc
+
+
+def copy_tokenizer_files(source: str | os.PathLike, dest: Path) -> list[str]:
+    """Copy the tokenizer files found in ``source`` into ``dest``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(source) / name
+        if src.is_file():
+            shutil.copy2(src, dest / name)
+            copied.append(name)
+    return copied
+
+
+def save_model_dir(model: nn.Module, path: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Save a whole HF model (safetensors) atomically, with the tokenizer files of ``tokenizer_from``."""
+    with atomic_output_dir(path, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, tmp)
+    return Path(path)

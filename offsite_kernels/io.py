@@ -1,0 +1,109 @@
+"""Atomic, non-clobbering output and safe tensor files.
+
+Everything the library writes goes through :func:`atomic_output_dir`: the files are written
+into a hidden temporary directory next to the destination and renamed into place only when
+every file is complete, so a failure (an exception, a full disk, a killed process) never
+leaves a half-written or clobbered output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import OutputExistsError, PackageError
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early if ``path`` exists and ``overwrite`` is false (before any work starts)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output path {str(path)!r} already exists; choose a new path or pass overwrite=True "
+            "(--overwrite on the command line) to replace it"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``path`` when the block exits without error.
+
+    With ``overwrite=True`` an existing ``path`` is replaced only after the new content is
+    complete; otherwise an existing ``path`` is an error and is never touched.
+    """
+    path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            check_output_dir(path, overwrite)  # it may have appeared meanwhile
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, backup / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON (inside an atomic output directory)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, raising :class:`PackageError` that names ``what`` on any problem."""
+    if not path.is_file():
+        raise PackageError(f"{what}: missing file {str(path)!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{what}: {str(path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise PackageError(f"{what}: {str(path)!r} must hold a JSON object")
+    return data
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors with safetensors (contiguous, detached copies; no pickle)."""
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file, raising :class:`PackageError` if it is corrupt."""
+    if not path.is_file():
+        raise PackageError(f"{what}: missing file {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PackageError(f"{what}: {str(path)!r} is not a readable safetensors file ({exc})") from exc
+
+
+def check_safetensors_files(directory: Path, what: str) -> list[Path]:
+    """Check every ``*.safetensors`` file of ``directory`` opens; return them (at least one)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise PackageError(f"{what}: no .safetensors weights in {str(directory)!r}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PackageError(f"{what}: {str(f)!r} is corrupt or truncated ({exc})") from exc
+    return files

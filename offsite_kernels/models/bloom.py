@@ -1,0 +1,15 @@
+"""BLOOM: ALiBi attention (no position embedding), an embedding LayerNorm, GELU MLP."""
+
+from .family import ModelFamily
+from .registry import register_family
+
+BLOOM = register_family(
+    ModelFamily(
+        name="BLOOM",
+        model_types=("bloom",),
+        blocks="transformer.h",
+        token_embedding="transformer.word_embeddings",
+        position_embedding=None,
+        final_norm="transformer.ln_f",
+    )
+)

@@ -1,0 +1,44 @@
+"""What the library needs to know about one family of Hugging Face causal LMs.
+
+A family is data, not code: dotted paths to the transformer blocks, the input embeddings,
+the final norm and the LM head. Each supported family lives in a small file of this package
+that registers one :class:`ModelFamily`; nothing copies a Hugging Face forward method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Where the pieces of one model family live, as dotted module paths from the LM."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    token_embedding: str
+    position_embedding: str | None
+    final_norm: str
+    lm_head: str = "lm_head"
+    # config attributes that hold one entry per block and must follow a layer selection
+    per_block_config_lists: tuple[str, ...] = ("layer_types",)
+
+    def get(self, model: nn.Module, path: str) -> nn.Module:
+        """Return the submodule of ``model`` at the dotted ``path``."""
+        return model.get_submodule(path)
+
+    def get_blocks(self, model: nn.Module) -> nn.ModuleList:
+        """Return the model's list of transformer blocks."""
+        blocks = self.get(model, self.blocks)
+        if not isinstance(blocks, nn.ModuleList):
+            raise TypeError(f"{self.name}: expected a ModuleList at {self.blocks!r}, found {type(blocks).__name__}")
+        return blocks
+
+    def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Replace the model's list of transformer blocks."""
+        parent_path, _, attr = self.blocks.rpartition(".")
+        parent = self.get(model, parent_path) if parent_path else model
+        setattr(parent, attr, blocks)

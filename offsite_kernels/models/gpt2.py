@@ -1,0 +1,15 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, Conv1D projections, tied head."""
+
+from .family import ModelFamily
+from .registry import register_family
+
+GPT2 = register_family(
+    ModelFamily(
+        name="GPT-2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        token_embedding="transformer.wte",
+        position_embedding="transformer.wpe",
+        final_norm="transformer.ln_f",
+    )
+)

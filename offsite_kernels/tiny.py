@@ -1,0 +1,62 @@
+"""Tiny random models of every supported family, built from configs (no hub access).
+
+Used by the tests, the demo and the scaled-down benchmarks. Sizes are small but odd enough to
+catch shape mistakes: a vocabulary that is not a power of two, grouped-query attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+TINY_VOCAB = 97
+
+_COMMON_LLAMA = dict(
+    hidden_size=48,
+    intermediate_size=80,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+_TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128),
+    "opt": dict(hidden_size=48, num_attention_heads=4, ffn_dim=80, max_position_embeddings=128, word_embed_proj_dim=48),
+    "bloom": dict(hidden_size=48, n_head=4),
+    "llama": dict(_COMMON_LLAMA),
+    "mistral": dict(_COMMON_LLAMA, sliding_window=None),
+    "qwen2": dict(_COMMON_LLAMA),
+    "qwen3": dict(_COMMON_LLAMA, head_dim=12),
+}
+
+
+def tiny_model_types() -> list[str]:
+    """The model types that have a tiny test configuration (every supported family)."""
+    return sorted(_TINY_CONFIGS)
+
+
+def tiny_config(model_type: str, n_layers: int = 6, vocab_size: int = TINY_VOCAB, **overrides: Any) -> Any:
+    """A small Hugging Face config of ``model_type`` with ``n_layers`` blocks, no dropout."""
+    from transformers import AutoConfig
+
+    kwargs = dict(_TINY_CONFIGS[model_type])
+    kwargs.update(vocab_size=vocab_size, num_hidden_layers=n_layers, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout", "activation_dropout"):
+        kwargs[key] = 0.0
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, n_layers: int = 6, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> nn.Module:
+    """A tiny random ``*ForCausalLM`` of ``model_type`` in eval mode (weights drawn with ``seed``)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type, n_layers=n_layers, **overrides)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
