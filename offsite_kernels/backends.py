@@ -50,7 +50,11 @@ def backend_status(name: str) -> BackendStatus:
         return BackendStatus(name, False, "no CUDA GPU; set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
     if name == "native":
         if importlib.util.find_spec("offsite_kernels._C") is None:
-            return BackendStatus(name, False, "the native extension is not built (reinstall with a C++ compiler: pip install --no-build-isolation -e .)")
+            return BackendStatus(
+                name,
+                False,
+                "the native extension is not built (reinstall with a C++ compiler: pip install --no-build-isolation -e .)",
+            )
         return BackendStatus(name, True, "compiled extension")
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 

@@ -29,7 +29,9 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
         bar.set_postfix_str("writing package")
         emu.save_pretrained(args.output, overwrite=args.overwrite, tokenizer_from=args.model_dir)
         bar.update()
-    print(f"emulator {emu.layout} of {emu.layout.n_layers} blocks (kept middle blocks {list(emu.layout.emulator)}) -> {args.output}")
+    print(
+        f"emulator {emu.layout} of {emu.layout.n_layers} blocks (kept middle blocks {list(emu.layout.emulator)}) -> {args.output}"
+    )
     return 0
 
 
@@ -89,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter_dir", help="adapter directory written by save_adapter / offsite finetune")
     p.add_argument("-o", "--output", required=True, help="directory for the full model with the adapter in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--no-weight-check", action="store_true", help="skip the check that the adapter came from this model's weights")
+    p.add_argument(
+        "--no-weight-check", action="store_true", help="skip the check that the adapter came from this model's weights"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_plug_in)
 

@@ -68,8 +68,10 @@ def run_demo(steps: int = 60, seed: int = 0, batch: int = 16, length: int = 32) 
     results["full model, plug-in"] = lm_loss(plugged, held_out)
 
     tokens = steps * batch * length
-    print(f"\nemulator {emu.layout} of a {emu.layout.n_layers}-block tiny Llama; "
-          f"{steps} adapter steps, {tokens / elapsed:,.0f} tokens/s on {'GPU' if torch.cuda.is_available() else 'CPU'}")
+    print(
+        f"\nemulator {emu.layout} of a {emu.layout.n_layers}-block tiny Llama; "
+        f"{steps} adapter steps, {tokens / elapsed:,.0f} tokens/s on {'GPU' if torch.cuda.is_available() else 'CPU'}"
+    )
     print(f"{'setting':<24} held-out loss")
     for name, value in results.items():
         print(f"{name:<24} {value:.4f}")

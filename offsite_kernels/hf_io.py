@@ -29,7 +29,9 @@ def load_local_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
 
     path = Path(path)
     if not path.is_dir():
-        raise PackageError(f"model: {str(path)!r} is not a directory (give a local Hugging Face model directory; hubs are not used)")
+        raise PackageError(
+            f"model: {str(path)!r} is not a directory (give a local Hugging Face model directory; hubs are not used)"
+        )
     if not (path / "config.json").is_file():
         raise PackageError(f"model: {str(path)!r} has no config.json; is it a Hugging Face model directory?")
     try:
@@ -51,7 +53,9 @@ def copy_tokenizer_files(source: str | os.PathLike, dest: Path) -> list[str]:
     return copied
 
 
-def save_model_dir(model: nn.Module, path: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+def save_model_dir(
+    model: nn.Module, path: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None, overwrite: bool = False
+) -> Path:
     """Save a whole HF model (safetensors) atomically, with the tokenizer files of ``tokenizer_from``."""
     with atomic_output_dir(path, overwrite) as tmp:
         model.save_pretrained(tmp)

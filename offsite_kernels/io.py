@@ -89,7 +89,7 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise PackageError(f"{what}: missing file {str(path)!r}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as exc:
         raise PackageError(f"{what}: {str(path)!r} is not a readable safetensors file ({exc})") from exc
 
@@ -102,7 +102,7 @@ def check_safetensors_files(directory: Path, what: str) -> list[Path]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                     handle.get_slice(key)
         except (SafetensorError, OSError, ValueError) as exc:
             raise PackageError(f"{what}: {str(f)!r} is corrupt or truncated ({exc})") from exc

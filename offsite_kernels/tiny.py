@@ -44,13 +44,23 @@ def tiny_config(model_type: str, n_layers: int = 6, vocab_size: int = TINY_VOCAB
 
     kwargs = dict(_TINY_CONFIGS[model_type])
     kwargs.update(vocab_size=vocab_size, num_hidden_layers=n_layers, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout", "activation_dropout"):
+    for key in (
+        "attention_dropout",
+        "hidden_dropout",
+        "attn_pdrop",
+        "resid_pdrop",
+        "embd_pdrop",
+        "dropout",
+        "activation_dropout",
+    ):
         kwargs[key] = 0.0
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_model(model_type: str, n_layers: int = 6, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> nn.Module:
+def tiny_model(
+    model_type: str, n_layers: int = 6, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> nn.Module:
     """A tiny random ``*ForCausalLM`` of ``model_type`` in eval mode (weights drawn with ``seed``)."""
     from transformers import AutoModelForCausalLM
 

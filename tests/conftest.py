@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from offsite_kernels.tiny import TINY_VOCAB, tiny_model, tiny_model_types  # noqa: E402
+from offsite_kernels.tiny import TINY_VOCAB, tiny_model, tiny_model_types
 
 MODEL_TYPES = tiny_model_types()
 

@@ -22,7 +22,7 @@ def reference_reduced_model(full_model, kept):
     mapped = {}
     for name in ref.state_dict():
         if name.startswith(prefix):
-            pos, rest = name[len(prefix):].split(".", 1)
+            pos, rest = name[len(prefix) :].split(".", 1)
             mapped[name] = source[f"{prefix}{kept[int(pos)]}.{rest}"]
         else:
             mapped[name] = source[name]

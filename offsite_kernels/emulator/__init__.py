@@ -4,4 +4,13 @@ from .adapter import plug_in, read_adapter
 from .layout import Layout, parse_layout, resolve_layout, uniform_indices
 from .offsite_model import OffsiteModel, make_emulator
 
-__all__ = ["Layout", "OffsiteModel", "make_emulator", "parse_layout", "plug_in", "read_adapter", "resolve_layout", "uniform_indices"]
+__all__ = [
+    "Layout",
+    "OffsiteModel",
+    "make_emulator",
+    "parse_layout",
+    "plug_in",
+    "read_adapter",
+    "resolve_layout",
+    "uniform_indices",
+]

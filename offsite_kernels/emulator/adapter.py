@@ -88,7 +88,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
 def _check_compatible(model: nn.Module, family: ModelFamily, manifest: dict[str, Any], check_weights: bool) -> Layout:
     model_type = model.config.model_type
     if manifest.get("model_type") != model_type:
-        raise AdapterMismatchError(f"adapter was trained for a {manifest.get('model_type')!r} model, not this {model_type!r} model")
+        raise AdapterMismatchError(
+            f"adapter was trained for a {manifest.get('model_type')!r} model, not this {model_type!r} model"
+        )
     n_layers = len(family.get_blocks(model))
     layout = Layout.from_dict(manifest.get("layout", {}))
     if layout.n_layers != n_layers:
@@ -123,7 +125,7 @@ def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = T
     per_block: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layout.adapter_indices}
     prefix = family.blocks + "."
     for name, tensor in tensors.items():
-        index_text, _, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+        index_text, _, rest = name[len(prefix) :].partition(".") if name.startswith(prefix) else ("", "", "")
         if not index_text.isdigit() or int(index_text) not in per_block:
             raise AdapterMismatchError(f"adapter tensor {name!r} does not belong to an adapter block of layout {layout}")
         per_block[int(index_text)][rest] = tensor
@@ -131,7 +133,9 @@ def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = T
         target = blocks[index].state_dict()
         if sorted(sub) != sorted(target):
             missing, extra = sorted(set(target) - set(sub)), sorted(set(sub) - set(target))
-            raise AdapterMismatchError(f"adapter block {index} does not match the model's block: missing {missing}, unexpected {extra}")
+            raise AdapterMismatchError(
+                f"adapter block {index} does not match the model's block: missing {missing}, unexpected {extra}"
+            )
         for key, tensor in sub.items():
             if tensor.shape != target[key].shape:
                 raise AdapterMismatchError(

@@ -85,10 +85,7 @@ class Layout:
         if b < 0 or t < 0:
             raise LayoutError(f"bottom and top must be >= 0, got bottom={b}, top={t}")
         if b + t >= n:
-            raise LayoutError(
-                f"bottom + top = {b + t} leaves no middle blocks in a {n}-block model; "
-                f"use bottom + top <= {n - 1}"
-            )
+            raise LayoutError(f"bottom + top = {b + t} leaves no middle blocks in a {n}-block model; use bottom + top <= {n - 1}")
         if not self.emulator:
             raise LayoutError("the emulator needs at least one block (emulator_layers >= 1)")
         middle = range(b, n - t)

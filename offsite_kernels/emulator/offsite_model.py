@@ -60,7 +60,7 @@ class OffsiteModel(nn.Module):
     def adapter_blocks(self) -> list[tuple[int, nn.Module]]:
         """``(source_index, block)`` for each adapter block, bottom then top."""
         blocks = self.blocks
-        return [(src, blocks[pos]) for src, pos in zip(self.layout.adapter_indices, self.layout.adapter_positions())]
+        return [(src, blocks[pos]) for src, pos in zip(self.layout.adapter_indices, self.layout.adapter_positions(), strict=True)]
 
     def emulator_blocks(self) -> list[tuple[int, nn.Module]]:
         """``(source_index, block)`` for each frozen emulator block."""

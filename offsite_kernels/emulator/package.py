@@ -62,11 +62,18 @@ def read_package_record(path: Path) -> dict[str, Any]:
     what = "emulator package"
     if not path.is_dir():
         raise PackageError(f"{what}: {str(path)!r} is not a directory (expected the output of `offsite emulate`)")
+    if not (path / PACKAGE_FILE).is_file():
+        raise PackageError(
+            f"{what}: {str(path)!r} is not an emulator package (it has no {PACKAGE_FILE}; "
+            "make one with `offsite emulate` or OffsiteModel.save_pretrained)"
+        )
     record = read_json(path / PACKAGE_FILE, what)
     if record.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{what}: {str(path)!r} is not an emulator package (format {record.get('format')!r})")
     if int(record.get("format_version", -1)) > FORMAT_VERSION:
-        raise PackageError(f"{what}: format version {record['format_version']} is newer than this library reads; upgrade offsite-kernels")
+        raise PackageError(
+            f"{what}: format version {record['format_version']} is newer than this library reads; upgrade offsite-kernels"
+        )
     return record
 
 

@@ -1,0 +1,124 @@
+"""Emulator package and adapter files: exact round trips, nothing dropped leaks, bad input."""
+
+import pytest
+import torch
+from conftest import random_ids, state_dict_copy
+from safetensors import safe_open
+
+import offsite_kernels as ok
+from offsite_kernels.io import atomic_output_dir
+
+
+def package_tensors(path):
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            tensors.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    return tensors
+
+
+def test_round_trip_is_exact(full_model, tmp_path):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, prune=0.25)
+    emu.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu", attn_implementation="eager")
+    assert loaded.layout == emu.layout and loaded.prune == emu.prune
+    a, b = emu.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        n for n, p in emu.named_parameters() if p.requires_grad
+    ]
+    ids = random_ids(2, 7, seed=3)
+    torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, emu.eval()(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_package_holds_no_tensor_of_a_dropped_block(full_model, tmp_path):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=1)
+    emu.save_pretrained(tmp_path / "emu")
+    stored = list(package_tensors(tmp_path / "emu").values())
+    blocks = ok.get_family(full_model).get_blocks(full_model)
+    assert len(emu.layout.dropped_indices) == 3
+    checked = 0
+    for i in emu.layout.dropped_indices:
+        for name, t in blocks[i].named_parameters():
+            if t.dim() < 2 and torch.all(t == t.flatten()[0]):
+                continue  # constant vectors (fresh norm weights, zero biases) are not identifying
+            assert not any(s.shape == t.shape and torch.equal(s, t.detach()) for s in stored), f"dropped block {i} {name} leaked"
+            checked += 1
+    assert checked > 0
+    # and every kept block is there, by value
+    for src, _ in emu.adapter_blocks() + emu.emulator_blocks():
+        w = next(p for p in blocks[src].parameters() if p.dim() == 2)
+        assert any(s.shape == w.shape and torch.equal(s, w.detach()) for s in stored)
+
+
+def test_adapter_file_holds_only_adapter_tensors(full_model, tmp_path):
+    emu = ok.make_emulator(full_model, bottom=2, top=1, emulator_layers=2)
+    emu.save_adapter(tmp_path / "adapter")
+    stored = package_tensors(tmp_path / "adapter")
+    family = ok.get_family(full_model)
+    expected = {f"{family.blocks}.{i}.{name}" for i in (0, 1, 5) for name in family.get_blocks(full_model)[i].state_dict()}
+    assert set(stored) == expected
+
+
+def test_save_refuses_existing_output_and_leaves_it_alone(full_model, tmp_path):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2)
+    out = tmp_path / "emu"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    with pytest.raises(ok.OutputExistsError, match="already exists"):
+        emu.save_pretrained(out)
+    with pytest.raises(ok.OutputExistsError, match="already exists"):
+        emu.save_adapter(out)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    emu.save_pretrained(out, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "offsite.json").is_file()
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "pkg"
+    with pytest.raises(RuntimeError, match="disk full"), atomic_output_dir(out) as tmp:
+        (tmp / "part.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_old_content(tmp_path):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        raise RuntimeError("killed")
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"] and (out / "old.txt").read_text() == "old"
+
+
+def test_load_errors_name_the_problem(full_model, tmp_path):
+    with pytest.raises(ok.PackageError, match="not a directory"):
+        ok.OffsiteModel.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ok.PackageError, match=r"not an emulator package.*no offsite\.json"):
+        ok.OffsiteModel.from_pretrained(tmp_path / "empty")
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2)
+    emu.save_pretrained(tmp_path / "emu")
+    emu.save_adapter(tmp_path / "adapter")
+    with pytest.raises(ok.PackageError, match="not an emulator package"):
+        ok.OffsiteModel.from_pretrained(tmp_path / "adapter")
+    weights = next((tmp_path / "emu").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ok.PackageError, match="corrupt or truncated"):
+        ok.OffsiteModel.from_pretrained(tmp_path / "emu")
+    (tmp_path / "emu" / "offsite.json").write_text("{not json")
+    with pytest.raises(ok.PackageError, match="not valid JSON"):
+        ok.OffsiteModel.from_pretrained(tmp_path / "emu")
+
+
+def test_source_state_is_untouched_by_saving(full_model, tmp_path):
+    before = state_dict_copy(full_model)
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2)
+    emu.save_pretrained(tmp_path / "emu")
+    emu.save_adapter(tmp_path / "adapter")
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, before[k])
