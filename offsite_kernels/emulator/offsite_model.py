@@ -36,8 +36,19 @@ class OffsiteModel(nn.Module):
             raise LayoutError(f"model has {n_blocks} blocks but layout {layout} keeps {len(layout.kept_indices)}")
 
     # --- forward -------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The wrapped model's forward; returns its output (``.loss`` when labels are given, ``.logits``).
+
+        The dataset columns are named so that HF Trainer keeps them; every other argument
+        (``inputs_embeds``, caches, ...) goes through to the wrapped model as given.
+        """
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generation through the emulator (the wrapped model's ``generate``)."""
