@@ -1,0 +1,67 @@
+"""``FrozenLinear``: a linear layer whose weight is frozen and stored in a low-bit format."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.frozen_linear import frozen_linear
+from ..quant.formats import normalize_format, quantize_weight
+from ..quant.weight import QuantizedWeight
+
+
+def _linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an ``nn.Linear`` or a Hugging Face ``Conv1D`` (stored ``[in, out]``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach()
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
+        return layer.weight.detach().t()
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
+
+
+class FrozenLinear(nn.Module):
+    """A frozen linear layer: weight in dense/int8/int4/fp8 storage, gradient for the input only.
+
+    The stored tensors are buffers, not parameters: they move with ``.to()``, are saved in the
+    state dict, and never collect a ``.grad``.
+    """
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.format = weight.format
+        self.group_size = weight.group_size
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.weight_dtype = weight.dtype
+        self.register_buffer("weight_data", weight.data.detach())
+        self.register_buffer("weight_scales", None if weight.scales is None else weight.scales.detach())
+        self.register_buffer("weight_zeros", None if weight.zeros is None else weight.zeros.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, bits: int | str | None = 4, group_size: int = 128) -> FrozenLinear:
+        """Quantize an ``nn.Linear`` (or HF ``Conv1D``): ``bits`` 8, 4, "fp8" or None (dense)."""
+        normalize_format(bits)
+        bias = getattr(linear, "bias", None)
+        return cls(
+            quantize_weight(_linear_weight(linear), bits=bits, group_size=group_size), None if bias is None else bias.detach()
+        )
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        """The stored weight as a :class:`QuantizedWeight`."""
+        return QuantizedWeight(
+            self.format,
+            self.weight_data,
+            self.weight_scales,
+            self.weight_zeros,
+            self.group_size,
+            (self.out_features, self.in_features),
+            self.weight_dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.format == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{group}, bias={self.bias is not None}"

@@ -1,0 +1,171 @@
+"""Frozen linear: ``y = x @ deq(W)^T + b``, differentiable in ``x`` only.
+
+Layers of this file, from the bottom up: the pure-PyTorch reference (``frozen_linear_torch``),
+backend dispatch to the Triton kernels, two ``torch.library`` custom ops with fake (meta)
+implementations (``offsite_kernels::frozen_linear`` and its input gradient
+``offsite_kernels::frozen_linear_input_grad``) joined by ``register_autograd``, and the public
+functional :func:`frozen_linear`.
+
+The autograd node saves the stored weight tensors only (never the activation), computes no
+weight gradient and returns ``None`` for the weight and the bias: both are frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import requested_backend
+from ..errors import OffsiteError
+from ..quant.formats import dequantize_fields, quantize_weight
+from ..quant.weight import QuantizedWeight
+
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FrozenLinearInputError(OffsiteError, ValueError):
+    """Inputs of a frozen linear that do not fit together."""
+
+
+# --- reference --------------------------------------------------------------------------------
+def _dense(data, scales, zeros, fmt, group_size, out_features, in_features, dtype):
+    return dequantize_fields(fmt, data, scales, zeros, group_size, (out_features, in_features), dtype)
+
+
+def frozen_linear_torch(x, data, scales, zeros, bias, fmt, group_size, out_features):
+    """Reference forward in plain PyTorch (dequantize, then ``F.linear`` in ``x.dtype``)."""
+    w = _dense(data, scales, zeros, fmt, group_size, out_features, x.shape[-1], x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def frozen_linear_input_grad_torch(grad_y, data, scales, zeros, fmt, group_size, in_features):
+    """Reference input gradient: ``dX = dY @ deq(W)``."""
+    w = _dense(data, scales, zeros, fmt, group_size, grad_y.shape[-1], in_features, grad_y.dtype)
+    return grad_y @ w
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+def _use_triton(t: torch.Tensor) -> bool:
+    forced = requested_backend()
+    if forced == "triton":
+        return True
+    if forced is not None:  # "torch" (and "native", until it has a frozen linear, runs the reference)
+        return False
+    return t.is_cuda
+
+
+# --- custom ops -------------------------------------------------------------------------------
+@torch.library.custom_op("offsite_kernels::frozen_linear", mutates_args=())
+def _frozen_linear_op(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_triton(x):
+        from .frozen_linear_triton import frozen_linear_fwd
+
+        y = frozen_linear_fwd(x2, data, scales, zeros, bias, fmt, group_size, out_features)
+    else:
+        y = frozen_linear_torch(x2, data, scales, zeros, bias, fmt, group_size, out_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@_frozen_linear_op.register_fake
+def _(x, data, scales, zeros, bias, fmt, group_size, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("offsite_kernels::frozen_linear_input_grad", mutates_args=())
+def _frozen_linear_input_grad_op(
+    grad_y: torch.Tensor,
+    data: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    fmt: str,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    g2 = grad_y.reshape(-1, grad_y.shape[-1])
+    if _use_triton(grad_y):
+        from .frozen_linear_triton import frozen_linear_bwd
+
+        dx = frozen_linear_bwd(g2, data, scales, zeros, fmt, group_size, in_features)
+    else:
+        dx = frozen_linear_input_grad_torch(g2, data, scales, zeros, fmt, group_size, in_features)
+    return dx.reshape(*grad_y.shape[:-1], in_features)
+
+
+@_frozen_linear_input_grad_op.register_fake
+def _(grad_y, data, scales, zeros, fmt, group_size, in_features):
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, data, scales, zeros, _bias, fmt, group_size, _out = inputs
+    ctx.save_for_backward(data, scales, zeros)  # the frozen weight only: no activation is saved
+    ctx.fmt, ctx.group_size, ctx.in_features = fmt, group_size, x.shape[-1]
+
+
+def _backward(ctx, grad_y):
+    data, scales, zeros = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _frozen_linear_input_grad_op(grad_y, data, scales, zeros, ctx.fmt, ctx.group_size, ctx.in_features)
+    return grad_x, None, None, None, None, None, None, None
+
+
+_frozen_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public functional ------------------------------------------------------------------------
+def as_quantized(weight: torch.Tensor | QuantizedWeight) -> QuantizedWeight:
+    """A dense tensor becomes a ``"dense"`` :class:`QuantizedWeight`; a quantized one passes through."""
+    if isinstance(weight, QuantizedWeight):
+        return weight
+    if isinstance(weight, torch.Tensor):
+        if weight.requires_grad:
+            raise FrozenLinearInputError(
+                "frozen_linear's weight requires grad, but a frozen linear computes no weight gradient; "
+                "call weight.requires_grad_(False) (or use torch.nn.functional.linear for a trainable weight)"
+            )
+        return quantize_weight(weight, bits=None)
+    raise FrozenLinearInputError(f"weight must be a tensor or a QuantizedWeight, got {type(weight).__name__}")
+
+
+def _check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _ACTIVATION_DTYPES:
+        raise FrozenLinearInputError(f"x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.shape[-1] != qw.in_features:
+        raise FrozenLinearInputError(
+            f"x has {x.shape[-1] if x.dim() else 'no'} features in its last dimension (shape {tuple(x.shape)}), "
+            f"the weight expects in_features={qw.in_features} (weight shape {qw.shape})"
+        )
+    if x.device != qw.device:
+        raise FrozenLinearInputError(f"x is on {x.device} but the weight is on {qw.device}; move one of them (.to(device))")
+    if bias is not None:
+        if bias.shape != (qw.out_features,):
+            raise FrozenLinearInputError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise FrozenLinearInputError(f"bias is on {bias.device} but x is on {x.device}")
+        if bias.requires_grad:
+            raise FrozenLinearInputError(
+                "frozen_linear's bias requires grad; a frozen linear's bias is frozen (requires_grad_(False))"
+            )
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + b`` for a frozen ``W`` (dense or quantized), differentiable in ``x`` only.
+
+    ``x`` has any leading dimensions and ``in_features`` last; the output has ``x``'s dtype.
+    On a GPU the Triton kernels run (dequantization fused into the GEMM); elsewhere the
+    PyTorch reference, unless ``OFFSITE_BACKEND`` forces a backend.
+    """
+    qw = as_quantized(weight)
+    _check_inputs(x, qw, bias)
+    return _frozen_linear_op(x, qw.data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, qw.out_features)

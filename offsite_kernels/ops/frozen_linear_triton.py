@@ -1,0 +1,246 @@
+"""Triton kernels of the frozen linear: ``Y = X @ deq(W)^T + b`` and ``dX = dY @ deq(W)``.
+
+Dequantization is fused into the GEMM main loop: each program loads a tile of the stored
+weight (packed int4, int8, fp8 or dense), turns it into the activation dtype in registers and
+feeds it to ``tl.dot`` with fp32 accumulation. The dense weight is never written to memory, no
+weight gradient exists, and the backward needs nothing but the stored weight.
+
+Weight format codes (constexpr ``FMT``): 0 dense, 1 int8, 2 int4, 3 fp8.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreter_enabled
+
+FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
+
+
+@triton.jit
+def _load_dequant_weight(w_ptr, s_ptr, z_ptr, n_idx, k_idx, N, K, stride_wn, stride_sn, GROUP: tl.constexpr, FMT: tl.constexpr):
+    """Dequantized fp32 weight values ``W[n, k]`` for broadcastable index grids ``n_idx``, ``k_idx``."""
+    mask = (n_idx < N) & (k_idx < K)
+    if FMT == 2:  # int4: byte k // 2 of row n, low nibble for even k
+        packed = tl.load(w_ptr + n_idx * stride_wn + k_idx // 2, mask=mask, other=0)
+        q = ((packed >> ((k_idx % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
+        g = k_idx // GROUP
+        scale = tl.load(s_ptr + n_idx * stride_sn + g, mask=mask, other=0.0)
+        zero = tl.load(z_ptr + n_idx * stride_sn + g, mask=mask, other=0).to(tl.float32)
+        w = (q - zero) * scale
+    else:
+        w = tl.load(w_ptr + n_idx * stride_wn + k_idx, mask=mask).to(tl.float32)  # masked lanes zeroed below
+        if FMT != 0:  # int8 and fp8: one scale per output channel
+            w = w * tl.load(s_ptr + n_idx, mask=n_idx < N, other=0.0)
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc + a @ b``. ``UPCAST_DOT`` (interpreter only) multiplies the bf16 operands in fp32:
+    the same products, since Triton's CPU interpreter mishandles bf16 ``tl.dot``."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _frozen_linear_fwd_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_sn, stride_ym, stride_yn,
+    GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``Y[M, N] = X[M, K] @ deq(W)[N, K]^T (+ b)``; one program per ``BLOCK_M x BLOCK_N`` tile."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_n)  # grouped ordering: neighbours share weight tiles in L2
+    first_m = group_id * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k = k0 * BLOCK_K + offs_k
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
+        )
+        w_t = _load_dequant_weight(w_ptr, s_ptr, z_ptr, offs_n[None, :], k[:, None], N, K, stride_wn, stride_sn, GROUP, FMT)
+        acc = _dot(x, w_t.to(x.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _frozen_linear_bwd_kernel(
+    dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr,
+    M, N, K, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_sn, stride_dxm, stride_dxk,
+    GROUP: tl.constexpr, FMT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``dX[M, K] = dY[M, N] @ deq(W)[N, K]``; one program per ``BLOCK_M x BLOCK_K`` tile, reducing over N."""
+    pid = tl.program_id(0)
+    num_m, num_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
+    group_id = pid // (GROUP_M * num_k)
+    first_m = group_id * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
+    pid_k = (pid % (GROUP_M * num_k)) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, tl.cdiv(N, BLOCK_N)):
+        n = n0 * BLOCK_N + offs_n
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + n[None, :] * stride_dyn,
+            mask=(offs_m[:, None] < M) & (n[None, :] < N),
+            other=0.0,
+        )
+        w = _load_dequant_weight(w_ptr, s_ptr, z_ptr, n[:, None], offs_k[None, :], N, K, stride_wn, stride_sn, GROUP, FMT)
+        acc = _dot(dy, w.to(dy.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+    dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+# --- launch configuration ------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a short list that covers Ampere and
+# Hopper; early pruning by M bucket keeps first-call tuning to a handful of candidates.
+_GPU_CONFIGS = (
+    (16, 64, 128, 4, 4),
+    (16, 128, 64, 4, 4),
+    (32, 64, 128, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 3),
+    (128, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+)
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+
+
+def gpu_configs() -> list[triton.Config]:
+    """Every configuration the autotuner may pick (also what the ahead-of-time check compiles)."""
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _GPU_CONFIGS
+    ]
+
+
+def _prune_by_m(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    m = named_args["M_BUCKET"]
+    wanted = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 256 else 128
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] == wanted or (wanted == 128 and c.kwargs["BLOCK_M"] == 64)]
+    return kept or configs
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for the token count: the next power of two, capped at 16384."""
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+_KEY = ["M_BUCKET", "N", "K", "FMT", "GROUP"]
+_tuned_fwd = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_by_m})(
+    _frozen_linear_fwd_kernel
+)
+_tuned_bwd = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_by_m})(
+    _frozen_linear_bwd_kernel
+)
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None) -> tuple:
+    s = scales if scales is not None else data  # placeholder pointers, never read for this format
+    z = zeros if zeros is not None else data
+    stride_sn = scales.stride(0) if scales is not None and scales.dim() == 2 else 0
+    return data, s, z, data.stride(0), stride_sn
+
+
+def frozen_linear_fwd(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """Launch the forward kernel on a 2-D ``x [M, K]``; returns ``y [M, N]`` in ``x.dtype``."""
+    m, k = x.shape
+    n = out_features
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y
+    w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
+    args = (x, w, s, z, bias if bias is not None else y, y, m, n, k, m_bucket(m))
+    args += (x.stride(0), x.stride(1), stride_wn, stride_sn, y.stride(0), y.stride(1))
+    meta = dict(
+        GROUP=max(group_size, 1),
+        FMT=FMT_CODES[fmt],
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        UPCAST_DOT=_upcast_dot(x.dtype),
+    )
+    if triton_interpreter_enabled():
+        cfg = INTERPRETER_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _frozen_linear_fwd_kernel[grid](*args, **meta, **cfg)
+    else:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+        _tuned_fwd[grid](*args, **meta)
+    return y
+
+
+def frozen_linear_bwd(
+    grad_y: torch.Tensor,
+    data: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    fmt: str,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Launch the input-gradient kernel on a 2-D ``dY [M, N]``; returns ``dX [M, K]``."""
+    m, n = grad_y.shape
+    k = in_features
+    dx = torch.empty((m, k), device=grad_y.device, dtype=grad_y.dtype)
+    if m == 0:
+        return dx
+    w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
+    args = (grad_y, w, s, z, dx, m, n, k, m_bucket(m))
+    args += (grad_y.stride(0), grad_y.stride(1), stride_wn, stride_sn, dx.stride(0), dx.stride(1))
+    meta = dict(
+        GROUP=max(group_size, 1),
+        FMT=FMT_CODES[fmt],
+        DOT_PRECISION=_dot_precision(grad_y.dtype),
+        UPCAST_DOT=_upcast_dot(grad_y.dtype),
+    )
+    if triton_interpreter_enabled():
+        cfg = INTERPRETER_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
+        _frozen_linear_bwd_kernel[grid](*args, **meta, **cfg)
+    else:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(k, c["BLOCK_K"]),)  # noqa: E731
+        _tuned_bwd[grid](*args, **meta)
+    return dx

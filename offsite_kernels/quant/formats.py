@@ -1,0 +1,141 @@
+"""Quantize, pack, unpack and dequantize: the reference implementation of every weight format."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import OffsiteError
+from .weight import FORMATS, INT4_GROUP_SIZES, QuantizedWeight
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+class QuantizationError(OffsiteError, ValueError):
+    """A weight or format request the quantizer cannot honour."""
+
+
+def normalize_format(bits: int | str | None) -> str:
+    """Map the public ``bits=`` argument (8, 4, "fp8", None/16/"dense") to a format name."""
+    table = {
+        None: "dense",
+        "dense": "dense",
+        16: "dense",
+        32: "dense",
+        8: "int8",
+        "int8": "int8",
+        4: "int4",
+        "int4": "int4",
+        "fp8": "fp8",
+    }
+    if isinstance(bits, bool) or bits not in table:
+        raise QuantizationError(f"unsupported bits={bits!r}; use 8, 4, 'fp8' or None (dense)")
+    return table[bits]
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise QuantizationError(f"expected a 2-D [out_features, in_features] weight, got {getattr(w, 'shape', type(w))}")
+    if not w.is_floating_point():
+        raise QuantizationError(f"expected a floating-point weight, got {w.dtype}")
+    if not torch.isfinite(w).all():
+        raise QuantizationError("the weight holds NaN or infinite values; it cannot be quantized")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack ``[N, K]`` values in ``[0, 15]`` (K even) into ``[N, K // 2]`` uint8, low nibble first."""
+    if q.shape[-1] % 2:
+        raise QuantizationError(f"pack_int4 needs an even number of columns, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``[N, K // 2]`` uint8 into ``[N, K]`` uint8 in ``[0, 15]``."""
+    lo, hi = packed & 0x0F, packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
+    """Symmetric per-output-channel int8."""
+    wf = w.detach().float()
+    scales = (wf.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight("int8", q, scales, None, 0, tuple(w.shape), w.dtype)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+    """Asymmetric group-wise int4 along the input dimension, packed two per byte."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise QuantizationError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    n, k = w.shape
+    n_groups = -(-k // group_size)
+    wf = w.detach().float()
+    if n_groups * group_size != k:  # repeat the last column: the last group's range is unchanged
+        wf = F.pad(wf[None], (0, n_groups * group_size - k), mode="replicate")[0]
+    groups = wf.view(n, n_groups, group_size)
+    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    scales = ((hi - lo) / 15.0).clamp_min(torch.finfo(torch.float32).tiny)
+    zeros = torch.round(-lo / scales).clamp_(0, 15)
+    q = torch.round(groups / scales[..., None] + zeros[..., None]).clamp_(0, 15)
+    data = pack_int4(q.view(n, -1))
+    return QuantizedWeight("int4", data, scales, zeros.to(torch.uint8), group_size, (n, k), w.dtype)
+
+
+def quantize_fp8(w: torch.Tensor) -> QuantizedWeight:
+    """float8 e4m3 with a per-output-channel scale (the row's max maps to 448)."""
+    wf = w.detach().float()
+    scales = (wf.abs().amax(dim=1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (wf / scales[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return QuantizedWeight("fp8", q, scales, None, 0, tuple(w.shape), w.dtype)
+
+
+def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int = 128) -> QuantizedWeight:
+    """Store a frozen ``[out_features, in_features]`` weight in a low-bit format.
+
+    ``bits``: 8 (int8 per channel), 4 (int4 group-wise, ``group_size`` 32, 64 or 128), "fp8"
+    (e4m3 per channel) or None (dense, kept as it is).
+    """
+    fmt = normalize_format(bits)
+    _check_weight(w)
+    if fmt == "dense":
+        return QuantizedWeight("dense", w.detach(), None, None, 0, tuple(w.shape), w.dtype)
+    if fmt == "int8":
+        return quantize_int8(w)
+    if fmt == "int4":
+        return quantize_int4(w, group_size)
+    return quantize_fp8(w)
+
+
+def dequantize_fields(
+    fmt: str,
+    data: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference dequantization from the stored fields (what every kernel must reproduce)."""
+    n, k = shape
+    if fmt == "dense":
+        return data.to(dtype)
+    if fmt in ("int8", "fp8"):
+        return (data.float() * scales[:, None]).to(dtype)
+    if fmt == "int4":
+        q = unpack_int4(data).float().view(n, -1, group_size)
+        w = (q - zeros.float()[..., None]) * scales[..., None]
+        return w.view(n, -1)[:, :k].to(dtype)
+    raise QuantizationError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """The dense ``[out_features, in_features]`` weight of ``qw`` in its original dtype."""
+    return dequantize_fields(qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, qw.dtype)
+
+
+def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-noise ratio of ``approx`` against ``reference`` in decibels."""
+    ref = reference.double()
+    noise = (approx.double() - ref).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))
