@@ -44,6 +44,15 @@ def frozen_linear_input_grad_torch(grad_y, data, scales, zeros, fmt, group_size,
     return grad_y @ w
 
 
+# --- op boundary: fp8 weights cross as a uint8 view (bit-identical) ------------------------
+def _to_op_storage(fmt: str, data: torch.Tensor) -> torch.Tensor:
+    return data.view(torch.uint8) if fmt == "fp8" else data
+
+
+def _from_op_storage(fmt: str, data: torch.Tensor) -> torch.Tensor:
+    return data.view(torch.float8_e4m3fn) if fmt == "fp8" else data
+
+
 # --- dispatch ---------------------------------------------------------------------------------
 def _use_triton(t: torch.Tensor) -> bool:
     forced = requested_backend()
@@ -67,6 +76,7 @@ def _frozen_linear_op(
     out_features: int,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
+    data = _from_op_storage(fmt, data)
     if _use_triton(x):
         from .frozen_linear_triton import frozen_linear_fwd
 
@@ -92,6 +102,7 @@ def _frozen_linear_input_grad_op(
     in_features: int,
 ) -> torch.Tensor:
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
+    data = _from_op_storage(fmt, data)
     if _use_triton(grad_y):
         from .frozen_linear_triton import frozen_linear_bwd
 
@@ -168,4 +179,5 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias:
     """
     qw = as_quantized(weight)
     _check_inputs(x, qw, bias)
-    return _frozen_linear_op(x, qw.data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, qw.out_features)
+    data = _to_op_storage(qw.format, qw.data)
+    return _frozen_linear_op(x, data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, qw.out_features)

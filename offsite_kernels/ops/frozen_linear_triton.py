@@ -185,11 +185,12 @@ def frozen_linear_fwd(
     fmt: str,
     group_size: int,
     out_features: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel on a 2-D ``x [M, K]``; returns ``y [M, N]`` in ``x.dtype``."""
+    """Launch the forward kernel on a 2-D ``x [M, K]``; returns ``y [M, N]`` in ``x.dtype`` (into ``out`` if given)."""
     m, k = x.shape
     n = out_features
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
     if m == 0:
         return y
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
@@ -220,11 +221,12 @@ def frozen_linear_bwd(
     fmt: str,
     group_size: int,
     in_features: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the input-gradient kernel on a 2-D ``dY [M, N]``; returns ``dX [M, K]``."""
+    """Launch the input-gradient kernel on a 2-D ``dY [M, N]``; returns ``dX [M, K]`` (into ``out`` if given)."""
     m, n = grad_y.shape
     k = in_features
-    dx = torch.empty((m, k), device=grad_y.device, dtype=grad_y.dtype)
+    dx = torch.empty((m, k), device=grad_y.device, dtype=grad_y.dtype) if out is None else out
     if m == 0:
         return dx
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)

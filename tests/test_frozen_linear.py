@@ -1,0 +1,201 @@
+"""Frozen linear: every format, dtype and backend against a float64 reference of the same math."""
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import offsite_kernels as ok
+from offsite_kernels.ops.frozen_linear import FrozenLinearInputError
+
+fl_ops = importlib.import_module("offsite_kernels.ops.frozen_linear")  # the package re-exports the function
+FORMATS = [None, 8, 4, "fp8"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# max |error| / max |reference|; bf16 and fp16 include rounding the output and the weight tile
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+M, N, K = 37, 53, 203  # none a multiple of a block, a group (32) or two
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("OFFSITE_BACKEND", request.param)
+    return request.param
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_input(case, dtype, seed):
+    g = gen(seed)
+    if case == "2d":
+        return torch.randn(M, K, generator=g).to(dtype)
+    if case == "3d":
+        return torch.randn(3, 5, K, generator=g).to(dtype)
+    if case == "transposed":  # strides (1, M): not contiguous in the reduction dimension
+        return torch.randn(K, M, generator=g).to(dtype).t()
+    if case == "strided3d":  # every other feature of a wider tensor
+        return torch.randn(2, 7, 2 * K, generator=g).to(dtype)[..., ::2]
+    raise ValueError(case)
+
+
+def rel_error(actual, reference):
+    assert not torch.isnan(actual).any(), "NaN in output"
+    reference = reference.detach()
+    return float((actual.detach().double() - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize("bits", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case, with_bias", [("2d", True), ("3d", False), ("transposed", True), ("strided3d", False)])
+def test_forward_and_input_gradient_match_float64(backend, bits, dtype, case, with_bias):
+    seed = hash((str(bits), str(dtype), case)) % 10_000
+    w = torch.randn(N, K, generator=gen(seed + 1))
+    qw = ok.quantize_weight(w, bits=bits, group_size=32)
+    w64 = qw.dequantize().double()
+    bias = torch.randn(N, generator=gen(seed + 2)) if with_bias else None
+    x = make_input(case, dtype, seed).requires_grad_(True)
+    y = ok.frozen_linear(x, qw, bias)
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
+    ref = x.detach().double() @ w64.T + (bias.double() if with_bias else 0)
+    assert rel_error(y, ref) < TOLERANCE[dtype]
+
+    grad_y = torch.randn(y.shape, generator=gen(seed + 3)).to(dtype)
+    y.backward(grad_y)
+    assert x.grad.shape == x.shape and x.grad.dtype == dtype
+    assert rel_error(x.grad, grad_y.double() @ w64) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("bits", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 37])
+def test_triton_kernels_write_every_output_element(bits, dtype, m, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1") if not torch.cuda.is_available() else None
+    from offsite_kernels.ops.frozen_linear_triton import frozen_linear_bwd, frozen_linear_fwd
+
+    qw = ok.quantize_weight(torch.randn(N, K, generator=gen(m)), bits=bits, group_size=64)
+    x = torch.randn(m, K, generator=gen(m + 1)).to(dtype)
+    y = torch.full((m, N), float("nan"), dtype=dtype)
+    frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, None, qw.format, qw.group_size, N, out=y)
+    assert rel_error(y, x.double() @ qw.dequantize().double().T) < TOLERANCE[dtype]
+    dy = torch.randn(m, N, generator=gen(m + 2)).to(dtype)
+    dx = torch.full((m, K), float("nan"), dtype=dtype)
+    frozen_linear_bwd(dy, qw.data, qw.scales, qw.zeros, qw.format, qw.group_size, K, out=dx)
+    assert rel_error(dx, dy.double() @ qw.dequantize().double()) < TOLERANCE[dtype]
+
+
+def test_forced_triton_backend_runs_the_kernels(monkeypatch):
+    pytest.importorskip("triton")
+    from offsite_kernels.ops import frozen_linear_triton as kernels
+
+    calls = []
+    real_fwd, real_bwd = kernels.frozen_linear_fwd, kernels.frozen_linear_bwd
+    monkeypatch.setattr(kernels, "frozen_linear_fwd", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
+    monkeypatch.setattr(kernels, "frozen_linear_bwd", lambda *a, **k: calls.append("bwd") or real_bwd(*a, **k))
+    monkeypatch.setenv("OFFSITE_BACKEND", "triton")
+    x = torch.randn(4, 64, requires_grad=True)
+    ok.frozen_linear(x, ok.quantize_weight(torch.randn(16, 64), bits=4, group_size=32)).sum().backward()
+    assert calls == ["fwd", "bwd"]
+    monkeypatch.setenv("OFFSITE_BACKEND", "torch")
+    calls.clear()
+    ok.frozen_linear(x, ok.quantize_weight(torch.randn(16, 64), bits=8)).sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("bits", FORMATS)
+def test_autograd_saves_no_activation_and_no_weight_grad(bits):
+    layer = ok.nn.FrozenLinear.from_linear(nn.Linear(K, N), bits=bits, group_size=32)
+    x = torch.randn(3, 11, K, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    weight_ptrs = {t.data_ptr() for t in layer.buffers()}
+    assert saved, "the weight must be saved for the backward"
+    for t in saved:
+        assert t.data_ptr() in weight_ptrs, f"saved a non-weight tensor of shape {tuple(t.shape)}"
+        assert t.data_ptr() != x.data_ptr()
+    y.sum().backward()
+    assert x.grad is not None
+    assert all(b.grad is None and not b.requires_grad for b in layer.buffers())
+    assert list(layer.parameters()) == []
+
+
+def test_dense_weight_that_requires_grad_is_refused():
+    w = torch.randn(8, 16, requires_grad=True)
+    with pytest.raises(FrozenLinearInputError, match="requires grad"):
+        ok.frozen_linear(torch.randn(2, 16), w)
+    y = ok.frozen_linear(torch.randn(2, 16), w.detach())
+    assert y.shape == (2, 8)
+
+
+@pytest.mark.parametrize("bits", FORMATS)
+def test_opcheck(backend, bits):
+    qw = ok.quantize_weight(torch.randn(24, 70), bits=bits, group_size=32)
+    x = torch.randn(2, 5, 70, requires_grad=True)
+    bias = torch.randn(24)
+    data = fl_ops._to_op_storage(qw.format, qw.data)
+    args = (x, data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, 24)
+    torch.library.opcheck(fl_ops._frozen_linear_op, args)
+    grad_args = (torch.randn(2, 5, 24), data, qw.scales, qw.zeros, qw.format, qw.group_size, 70)
+    torch.library.opcheck(fl_ops._frozen_linear_input_grad_op, grad_args)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    layer = ok.nn.FrozenLinear.from_linear(nn.Linear(48, 24), bits=4, group_size=32)
+    compiled = torch.compile(lambda t: layer(torch.relu(t)).square().sum(), fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 48, requires_grad=True)
+    compiled(x).backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    layer(torch.relu(x_ref)).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_from_linear_and_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    linear = nn.Linear(70, 30)
+    conv = Conv1D(30, 70)  # HF stores [in, out]
+    x = torch.randn(4, 70)
+    for module, weight in ((linear, linear.weight), (conv, conv.weight.t())):
+        layer = ok.nn.FrozenLinear.from_linear(module, bits=8)
+        expected = x.double() @ ok.quantize_weight(weight.detach(), bits=8).dequantize().double().T + module.bias.double()
+        assert rel_error(layer(x), expected) < 1e-5
+        dense = ok.nn.FrozenLinear.from_linear(module, bits=None)
+        torch.testing.assert_close(dense(x), module(x))
+    with pytest.raises(TypeError, match=r"nn\.Linear or transformers Conv1D"):
+        ok.nn.FrozenLinear.from_linear(nn.Conv2d(3, 3, 1))
+
+
+def test_state_dict_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    layer = ok.nn.FrozenLinear.from_linear(nn.Linear(70, 30), bits=4, group_size=64)
+    save_file(layer.state_dict(), str(tmp_path / "l.safetensors"))
+    shell = ok.nn.FrozenLinear(ok.quantize_weight(torch.zeros(30, 70), bits=4, group_size=64), torch.zeros(30))
+    shell.load_state_dict(load_file(str(tmp_path / "l.safetensors")))
+    x = torch.randn(3, 70)
+    assert torch.equal(shell(x), layer(x))
+
+
+def test_empty_batch():
+    y = ok.frozen_linear(torch.randn(0, 16, requires_grad=True), ok.quantize_weight(torch.randn(8, 16), bits=4, group_size=32))
+    assert y.shape == (0, 8)
+
+
+def test_bad_inputs_name_the_problem():
+    qw = ok.quantize_weight(torch.randn(8, 16), bits=8)
+    with pytest.raises(FrozenLinearInputError, match="in_features=16"):
+        ok.frozen_linear(torch.randn(2, 15), qw)
+    with pytest.raises(FrozenLinearInputError, match="float32, float16 or bfloat16"):
+        ok.frozen_linear(torch.ones(2, 16, dtype=torch.int64), qw)
+    with pytest.raises(FrozenLinearInputError, match="bias must have shape"):
+        ok.frozen_linear(torch.randn(2, 16), qw, torch.randn(9))
+    with pytest.raises(FrozenLinearInputError, match="is on meta but the weight is on cpu"):
+        ok.frozen_linear(torch.randn(2, 16, device="meta"), qw)
+    with pytest.raises(FrozenLinearInputError, match="tensor or a QuantizedWeight"):
+        ok.frozen_linear(torch.randn(2, 16), [[1.0]])
