@@ -12,9 +12,11 @@ from torch import nn
 
 from ..errors import LayoutError, OffsiteError
 from ..models import ModelFamily, get_family
+from ..quant.formats import normalize_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
 from .layout import Layout, resolve_layout
 from .prune import magnitude_prune_
+from .quantize import quantize_linears_
 
 
 class OffsiteModel(nn.Module):
@@ -25,12 +27,20 @@ class OffsiteModel(nn.Module):
     loop train it as they would the original. Only the adapter blocks require grad.
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, prune: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: Layout,
+        prune: float = 0.0,
+        quantized: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.family: ModelFamily = get_family(model)
         self.layout = layout
         self.prune = prune
+        # per emulator block position: {module name inside the block: FrozenLinear record}
+        self.quantized: dict[str, dict[str, Any]] = quantized or {}
         n_blocks = len(self.family.get_blocks(model))
         if n_blocks != len(layout.kept_indices):
             raise LayoutError(f"model has {n_blocks} blocks but layout {layout} keeps {len(layout.kept_indices)}")
@@ -73,10 +83,14 @@ class OffsiteModel(nn.Module):
         blocks = self.blocks
         return [(src, blocks[pos]) for src, pos in zip(self.layout.adapter_indices, self.layout.adapter_positions(), strict=True)]
 
+    def emulator_positions(self) -> list[int]:
+        """Positions of the emulator blocks inside the block list."""
+        return [self.layout.bottom + j for j in range(len(self.layout.emulator))]
+
     def emulator_blocks(self) -> list[tuple[int, nn.Module]]:
         """``(source_index, block)`` for each frozen emulator block."""
         blocks = self.blocks
-        return [(src, blocks[self.layout.bottom + j]) for j, src in enumerate(self.layout.emulator)]
+        return [(src, blocks[pos]) for src, pos in zip(self.layout.emulator, self.emulator_positions(), strict=True)]
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the adapter blocks (what the data owner trains)."""
@@ -92,7 +106,8 @@ class OffsiteModel(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}"
+        fmt = next((rec["format"] for recs in self.quantized.values() for rec in recs.values()), "dense")
+        return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}, weights={fmt}"
 
     # --- files ---------------------------------------------------------------------------
     def save_pretrained(
@@ -128,6 +143,8 @@ def make_emulator(
     emulator_layers: int | None = None,
     strategy: str | Sequence[int] = "uniform",
     prune: float = 0.0,
+    bits: int | str | None = None,
+    group_size: int = 128,
 ) -> OffsiteModel:
     """Split a Hugging Face causal LM into adapter + compressed emulator (Offsite-Tuning).
 
@@ -137,6 +154,9 @@ def make_emulator(
         emulator_layers: middle blocks kept in the emulator (all of them if None).
         strategy: ``"uniform"`` (the paper's layer drop) or explicit source block indices.
         prune: fraction of each emulator weight matrix zeroed by magnitude, in ``[0, 1)``.
+        bits: store every linear of the emulator blocks as a frozen low-bit ``FrozenLinear``:
+            8 (int8), 4 (int4, groups of ``group_size``), "fp8", or None to keep them dense.
+            Pruning, if any, happens first.
     """
     family = get_family(model)
     n_layers = len(family.get_blocks(model))
@@ -147,11 +167,14 @@ def make_emulator(
         )
     if not 0.0 <= float(prune) < 1.0:
         raise LayoutError(f"prune must be a fraction in [0, 1), got {prune!r}")
+    normalize_format(bits)  # reject a bad format before any copying
     layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)
     reduced = copy_with_blocks(model, family, layout.kept_indices)
     freeze_all_but_adapter_(reduced, family, layout)
     emulator = OffsiteModel(reduced, layout, prune=float(prune))
-    if prune > 0:
-        for _, block in emulator.emulator_blocks():
+    for position, (_, block) in zip(emulator.emulator_positions(), emulator.emulator_blocks(), strict=True):
+        if prune > 0:
             magnitude_prune_(block, float(prune))
+        if bits is not None:
+            emulator.quantized[str(position)] = quantize_linears_(block, bits, group_size)
     return emulator

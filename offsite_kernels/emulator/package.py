@@ -8,16 +8,19 @@ Loading it needs nothing but the directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import OffsiteError, PackageError
 from ..hf_io import copy_tokenizer_files
-from ..io import atomic_output_dir, check_safetensors_files, read_json, write_json
+from ..io import atomic_output_dir, check_safetensors_files, load_tensors, read_json, write_json
 from .build import freeze_all_but_adapter_
 from .layout import Layout
+from .quantize import restore_quantized_linears_
 
 if TYPE_CHECKING:
     from .offsite_model import OffsiteModel
@@ -46,6 +49,7 @@ def save_emulator(
         "model_type": emu.config.model_type,
         "layout": emu.layout.to_dict(),
         "prune": emu.prune,
+        "quantized": emu.quantized,
     }
     with atomic_output_dir(path, overwrite) as tmp:
         emu.model.save_pretrained(tmp)
@@ -89,12 +93,37 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
     check_safetensors_files(path, "emulator package")
     if not (path / "config.json").is_file():
         raise PackageError(f"emulator package: missing config.json in {str(path)!r}")
+    quantized = record.get("quantized") or {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+        # low-bit modules are rebuilt below from the stored tensors; transformers would report their keys
+        with _quiet_transformers() if quantized else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
     except OffsiteError:
         raise
     except Exception as exc:  # transformers raises many kinds; name the package in one message
         raise PackageError(f"emulator package {str(path)!r} could not be loaded: {exc}") from exc
-    emu = OffsiteModel(model, layout, prune=float(record.get("prune", 0.0)))
+    emu = OffsiteModel(model, layout, prune=float(record.get("prune", 0.0)), quantized=quantized)
+    if quantized:
+        tensors: dict = {}
+        for f in check_safetensors_files(path, "emulator package"):
+            tensors.update(load_tensors(f, "emulator package"))
+        blocks = emu.blocks
+        for position, records in quantized.items():
+            prefix = f"{emu.family.blocks}.{position}."
+            restore_quantized_linears_(blocks[int(position)], records, tensors, prefix)
+        emu.model.to(next(emu.model.parameters()).device)
     freeze_all_but_adapter_(model, emu.family, layout)
     return emu
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' missing/unexpected-key report while loading a low-bit package."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

@@ -1,0 +1,89 @@
+"""Low-bit emulators: make_emulator(bits=...) for every family, through the package and plug-in."""
+
+import pytest
+import torch
+from conftest import padded_mask, random_ids
+from safetensors import safe_open
+
+import offsite_kernels as ok
+from offsite_kernels.quant import QuantizationError
+
+
+def dense_twin(full_model, emu, bits, group_size):
+    """The same emulator kept dense, each emulator weight replaced by its dequantized value."""
+    twin = ok.make_emulator(full_model, bottom=emu.layout.bottom, top=emu.layout.top, strategy=list(emu.layout.emulator))
+    for _, block in twin.emulator_blocks():
+        for module in block.modules():
+            if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+                w = module.weight.detach() if isinstance(module, torch.nn.Linear) else module.weight.detach().t()
+                deq = ok.quantize_weight(w, bits=bits, group_size=group_size).dequantize()
+                module.weight.data.copy_(deq if isinstance(module, torch.nn.Linear) else deq.t())
+    return twin.eval()
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+def test_lowbit_emulator_matches_its_dequantized_twin(full_model, bits):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32).eval()
+    for _, block in emu.emulator_blocks():
+        linears = [m for m in block.modules() if isinstance(m, ok.nn.FrozenLinear)]
+        assert linears and all(m.format == {8: "int8", 4: "int4", "fp8": "fp8"}[bits] for m in linears)
+        assert not any(isinstance(m, torch.nn.Linear) for m in block.modules())
+    for _, block in emu.adapter_blocks():
+        assert not any(isinstance(m, ok.nn.FrozenLinear) for m in block.modules())
+    twin = dense_twin(full_model, emu, bits, 32)
+    ids, mask = random_ids(2, 10, seed=3), padded_mask(2, 10)
+    out, ref = emu(input_ids=ids, attention_mask=mask, labels=ids), twin(input_ids=ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    ref.loss.backward()
+    for (_, a), (_, b) in zip(emu.adapter_blocks(), twin.adapter_blocks(), strict=True):
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-6)
+    assert {n for n, p in emu.named_parameters() if p.requires_grad} == {
+        n for n, p in emu.named_parameters() if any(p is q for q in emu.adapter_parameters())
+    }
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+def test_lowbit_package_round_trip_and_size(full_model, bits, tmp_path):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32).eval()
+    emu.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu", attn_implementation="eager").eval()
+    assert loaded.quantized == emu.quantized
+    a, b = emu.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = random_ids(2, 8, seed=4)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=0, atol=0)
+    # no dense weight of an emulator linear is stored
+    with safe_open(str(tmp_path / "emu" / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    for position, records in emu.quantized.items():
+        for module in records:
+            stem = f"{emu.family.blocks}.{position}.{module}."
+            assert stem + "weight_data" in names and stem + "weight" not in names
+    dense = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2)
+    dense.save_pretrained(tmp_path / "dense")
+    assert (tmp_path / "emu" / "model.safetensors").stat().st_size < (tmp_path / "dense" / "model.safetensors").stat().st_size
+
+
+def test_adapter_of_lowbit_emulator_plugs_into_full_model(tmp_path):
+    from offsite_kernels.tiny import tiny_model
+
+    model = tiny_model("llama", seed=8)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, bits=4, group_size=32)
+    opt = torch.optim.AdamW(list(emu.adapter_parameters()), lr=1e-2)
+    ids = random_ids(2, 9, seed=9)
+    emu.train()
+    emu(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    emu.save_adapter(tmp_path / "adapter")
+    plugged = ok.plug_in(model, tmp_path / "adapter", inplace=False)
+    adapter = emu.adapter_state_dict()
+    assert all(torch.equal(plugged.state_dict()[k], v) for k, v in adapter.items())
+
+
+def test_bad_bits_fail_before_any_work(full_model):
+    with pytest.raises(QuantizationError, match="unsupported bits=3"):
+        ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=3)
+    with pytest.raises(QuantizationError, match="group_size must be one of"):
+        ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=4, group_size=100)
