@@ -15,8 +15,10 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     from .emulator import make_emulator, parse_layout
     from .hf_io import load_local_model
     from .io import check_output_dir
+    from .quant.formats import check_format
 
     bottom, k, top = parse_layout(args.layout)
+    check_format(args.bits, args.group_size)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     check_output_dir(args.output, args.overwrite)
     with tqdm(total=3, desc="emulate", unit="step", disable=args.quiet) as bar:
@@ -24,7 +26,16 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
         model = load_local_model(args.model_dir)
         bar.update()
         bar.set_postfix_str("building emulator")
-        emu = make_emulator(model, bottom=bottom, top=top, emulator_layers=k, strategy=layers or "uniform", prune=args.prune)
+        emu = make_emulator(
+            model,
+            bottom=bottom,
+            top=top,
+            emulator_layers=k,
+            strategy=layers or "uniform",
+            prune=args.prune,
+            bits=args.bits,
+            group_size=args.group_size,
+        )
         bar.update()
         bar.set_postfix_str("writing package")
         emu.save_pretrained(args.output, overwrite=args.overwrite, tokenizer_from=args.model_dir)
@@ -72,6 +83,14 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bits(text: str) -> int | str:
+    if text in ("8", "4"):
+        return int(text)
+    if text == "fp8":
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a weight format; use 8, 4 or fp8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning with fast frozen emulators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="2-8-2", help="BOTTOM-EMULATOR-TOP block counts, as in the paper (default 2-8-2)")
     p.add_argument("--layers", help="explicit comma-separated source indices of the kept middle blocks (instead of uniform drop)")
     p.add_argument("--prune", type=float, default=0.0, help="magnitude-prune this fraction of each emulator weight matrix")
+    p.add_argument("--bits", type=_bits, default=None, help="store the emulator's linears as 8 (int8), 4 (int4) or fp8")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dimension: 32, 64 or 128")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_emulate)

@@ -43,6 +43,36 @@ def test_emulate_then_plug_in(model_dir, tmp_path, capsys):
         assert torch.equal(v, adapter[k] if k in adapter else source[k]), k
 
 
+def test_emulate_low_bit(model_dir, tmp_path, capsys):
+    args = [
+        "emulate",
+        str(model_dir),
+        "-o",
+        str(tmp_path / "emu"),
+        "--layout",
+        "1-2-1",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "-q",
+    ]
+    assert main(args) == 0
+    emu = ok.OffsiteModel.from_pretrained(tmp_path / "emu")
+    formats = {rec["format"] for recs in emu.quantized.values() for rec in recs.values()}
+    assert formats == {"int4"}
+    capsys.readouterr()
+    assert (
+        main(["emulate", str(model_dir), "-o", str(tmp_path / "e2"), "--layout", "1-2-1", "--bits", "4", "--group-size", "48"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "group_size must be one of" in err and "Loading" not in err  # refused before the model is loaded
+    with pytest.raises(SystemExit):
+        main(["emulate", str(model_dir), "-o", str(tmp_path / "e3"), "--bits", "3"])
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
+
+
 def test_emulate_with_explicit_layers(model_dir, tmp_path):
     assert main(["emulate", str(model_dir), "-o", str(tmp_path / "emu"), "--layout", "1-3-1", "--layers", "2,3,4", "-q"]) == 0
     assert ok.OffsiteModel.from_pretrained(tmp_path / "emu").layout.emulator == (2, 3, 4)

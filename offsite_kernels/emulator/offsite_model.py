@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import LayoutError, OffsiteError
 from ..models import ModelFamily, get_family
-from ..quant.formats import normalize_format
+from ..quant.formats import check_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
 from .layout import Layout, resolve_layout
 from .prune import magnitude_prune_
@@ -167,7 +167,7 @@ def make_emulator(
         )
     if not 0.0 <= float(prune) < 1.0:
         raise LayoutError(f"prune must be a fraction in [0, 1), got {prune!r}")
-    normalize_format(bits)  # reject a bad format before any copying
+    check_format(bits, group_size)  # reject a bad format before any copying
     layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)
     reduced = copy_with_blocks(model, family, layout.kept_indices)
     freeze_all_but_adapter_(reduced, family, layout)

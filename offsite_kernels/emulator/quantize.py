@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import PackageError
 from ..nn.frozen_linear import FrozenLinear
-from ..quant.formats import normalize_format
+from ..quant.formats import check_format
 from ..quant.weight import QuantizedWeight
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
@@ -26,7 +26,7 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_linears_(block: nn.Module, bits: int | str | None, group_size: int = 128) -> dict[str, dict[str, Any]]:
     """Replace each ``nn.Linear``/``Conv1D`` of ``block`` with a ``FrozenLinear``; returns a record per module."""
-    normalize_format(bits)
+    check_format(bits, group_size)
     records: dict[str, dict[str, Any]] = {}
     for name, module in list(block.named_modules()):
         if _is_linear(module):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.frozen_linear import frozen_linear
-from ..quant.formats import normalize_format, quantize_weight
+from ..quant.formats import quantize_weight
 from ..quant.weight import QuantizedWeight
 
 
@@ -40,7 +40,6 @@ class FrozenLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int | str | None = 4, group_size: int = 128) -> FrozenLinear:
         """Quantize an ``nn.Linear`` (or HF ``Conv1D``): ``bits`` 8, 4, "fp8" or None (dense)."""
-        normalize_format(bits)
         bias = getattr(linear, "bias", None)
         return cls(
             quantize_weight(_linear_weight(linear), bits=bits, group_size=group_size), None if bias is None else bias.detach()

@@ -33,6 +33,14 @@ def normalize_format(bits: int | str | None) -> str:
     return table[bits]
 
 
+def check_format(bits: int | str | None, group_size: int = 128) -> str:
+    """Validate a format request before any work; returns the format name."""
+    fmt = normalize_format(bits)
+    if fmt == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise QuantizationError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    return fmt
+
+
 def _check_weight(w: torch.Tensor) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise QuantizationError(f"expected a 2-D [out_features, in_features] weight, got {getattr(w, 'shape', type(w))}")
@@ -66,8 +74,7 @@ def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     """Asymmetric group-wise int4 along the input dimension, packed two per byte."""
-    if group_size not in INT4_GROUP_SIZES:
-        raise QuantizationError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    check_format(4, group_size)
     n, k = w.shape
     n_groups = -(-k // group_size)
     wf = w.detach().float()
@@ -96,7 +103,7 @@ def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int
     ``bits``: 8 (int8 per channel), 4 (int4 group-wise, ``group_size`` 32, 64 or 128), "fp8"
     (e4m3 per channel) or None (dense, kept as it is).
     """
-    fmt = normalize_format(bits)
+    fmt = check_format(bits, group_size)
     _check_weight(w)
     if fmt == "dense":
         return QuantizedWeight("dense", w.detach(), None, None, 0, tuple(w.shape), w.dtype)
