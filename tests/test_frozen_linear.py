@@ -1,6 +1,7 @@
 """Frozen linear: every format, dtype and backend against a float64 reference of the same math."""
 
 import importlib
+import zlib
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def rel_error(actual, reference):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case, with_bias", [("2d", True), ("3d", False), ("transposed", True), ("strided3d", False)])
 def test_forward_and_input_gradient_match_float64(backend, bits, dtype, case, with_bias):
-    seed = hash((str(bits), str(dtype), case)) % 10_000
+    seed = zlib.crc32(f"{bits}-{dtype}-{case}".encode()) % 10_000  # stable across processes, unlike hash()
     w = torch.randn(N, K, generator=gen(seed + 1))
     qw = ok.quantize_weight(w, bits=bits, group_size=32)
     w64 = qw.dequantize().double()

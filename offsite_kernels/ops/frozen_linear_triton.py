@@ -38,12 +38,23 @@ def _load_dequant_weight(w_ptr, s_ptr, z_ptr, n_idx, k_idx, N, K, stride_wn, str
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """``acc + a @ b``. ``UPCAST_DOT`` (interpreter only) multiplies the bf16 operands in fp32:
-    the same products, since Triton's CPU interpreter mishandles bf16 ``tl.dot``."""
-    if UPCAST_DOT:
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """``acc + a @ b``. Under ``INTERPRETER_BF16`` the bf16 operands are multiplied in fp32: the
+    same products, since Triton's CPU interpreter mishandles ``tl.dot`` on bf16."""
+    if INTERPRETER_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """``v.to(dtype)`` with round-to-nearest-even. GPUs round so; Triton's CPU interpreter
+    truncates fp32 to bf16, so there the rounding is done on the bits first (then exact)."""
+    if INTERPRETER_BF16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
 
 
 @triton.jit
@@ -51,7 +62,7 @@ def _frozen_linear_fwd_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_sn, stride_ym, stride_yn,
-    GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``Y[M, N] = X[M, K] @ deq(W)[N, K]^T (+ b)``; one program per ``BLOCK_M x BLOCK_N`` tile."""
@@ -73,11 +84,15 @@ def _frozen_linear_fwd_kernel(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
         )
         w_t = _load_dequant_weight(w_ptr, s_ptr, z_ptr, offs_n[None, :], k[:, None], N, K, stride_wn, stride_sn, GROUP, FMT)
-        acc = _dot(x, w_t.to(x.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+        acc = _dot(x, _cast(w_t, x.dtype, INTERPRETER_BF16), acc, DOT_PRECISION, INTERPRETER_BF16)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        _cast(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16),
+        mask=y_mask,
+    )
 
 
 @triton.jit
@@ -85,7 +100,7 @@ def _frozen_linear_bwd_kernel(
     dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr,
     M, N, K, M_BUCKET,
     stride_dym, stride_dyn, stride_wn, stride_sn, stride_dxm, stride_dxk,
-    GROUP: tl.constexpr, FMT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP: tl.constexpr, FMT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``dX[M, K] = dY[M, N] @ deq(W)[N, K]``; one program per ``BLOCK_M x BLOCK_K`` tile, reducing over N."""
@@ -109,9 +124,13 @@ def _frozen_linear_bwd_kernel(
             other=0.0,
         )
         w = _load_dequant_weight(w_ptr, s_ptr, z_ptr, n[:, None], offs_k[None, :], N, K, stride_wn, stride_sn, GROUP, FMT)
-        acc = _dot(dy, w.to(dy.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+        acc = _dot(dy, _cast(w, dy.dtype, INTERPRETER_BF16), acc, DOT_PRECISION, INTERPRETER_BF16)
     dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        _cast(acc, dx_ptr.dtype.element_ty, INTERPRETER_BF16),
+        mask=dx_mask,
+    )
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -159,7 +178,7 @@ _tuned_bwd = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by={"early_c
 )
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
+def _interpreter_bf16(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and triton_interpreter_enabled()
 
 
@@ -201,7 +220,7 @@ def frozen_linear_fwd(
         FMT=FMT_CODES[fmt],
         HAS_BIAS=bias is not None,
         DOT_PRECISION=_dot_precision(x.dtype),
-        UPCAST_DOT=_upcast_dot(x.dtype),
+        INTERPRETER_BF16=_interpreter_bf16(x.dtype),
     )
     if triton_interpreter_enabled():
         cfg = INTERPRETER_CONFIG
@@ -236,7 +255,7 @@ def frozen_linear_bwd(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],
         DOT_PRECISION=_dot_precision(grad_y.dtype),
-        UPCAST_DOT=_upcast_dot(grad_y.dtype),
+        INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype),
     )
     if triton_interpreter_enabled():
         cfg = INTERPRETER_CONFIG
