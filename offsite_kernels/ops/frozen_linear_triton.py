@@ -10,9 +10,12 @@ Weight format codes (constexpr ``FMT``): 0 dense, 1 int8, 2 int4, 3 fp8.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from ..backends import triton_interpreter_enabled
 
@@ -169,13 +172,21 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 16384)
 
 
-_KEY = ["M_BUCKET", "N", "K", "FMT", "GROUP"]
-_tuned_fwd = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_by_m})(
-    _frozen_linear_fwd_kernel
-)
-_tuned_bwd = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_by_m})(
-    _frozen_linear_bwd_kernel
-)
+def _brief_bench(fn, quantiles=None):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotuned(kernel: triton.JITFunction) -> triton.runtime.Autotuner:
+    """``kernel`` autotuned per (M bucket, N, K, format, group): a few candidates after pruning, each
+    timed briefly (5 ms warm-up, 20 ms measurement); winners kept on disk where Triton supports it."""
+    options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _prune_by_m})
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True
+    return triton.autotune(gpu_configs(), key=["M_BUCKET", "N", "K", "FMT", "GROUP"], **options)(kernel)
+
+
+_tuned_fwd = _autotuned(_frozen_linear_fwd_kernel)
+_tuned_bwd = _autotuned(_frozen_linear_bwd_kernel)
 
 
 def _interpreter_bf16(dtype: torch.dtype) -> bool:
