@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_plug_in)
 
+    from .workflow.commands import register
+
+    register(sub, _bits)
+
     p = sub.add_parser("demo", help="run the offsite-tuning loop end to end on a built-in tiny model")
     p.add_argument("--steps", type=int, default=60, help="adapter training steps")
     p.add_argument("--seed", type=int, default=0)

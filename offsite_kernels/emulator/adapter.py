@@ -112,16 +112,13 @@ def _check_compatible(model: nn.Module, family: ModelFamily, manifest: dict[str,
     return layout
 
 
-def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = True, check_weights: bool = True) -> nn.Module:
-    """Put a trained adapter into the full Hugging Face model and return the model.
+def _split_and_check(
+    tensors: dict[str, torch.Tensor], family: ModelFamily, layout: Layout, blocks: nn.ModuleList, positions: dict[int, int]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Group adapter tensors by block and check names and shapes against ``blocks``.
 
-    Every check (model type, layout, architecture, tensor names and shapes, embedding probe)
-    runs before any weight changes. With ``inplace=False`` the model is copied first.
+    ``positions`` maps a source block index to its position in ``blocks``.
     """
-    family = get_family(model)
-    manifest, tensors = read_adapter(adapter_path)
-    layout = _check_compatible(model, family, manifest, check_weights)
-    blocks = family.get_blocks(model)
     per_block: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layout.adapter_indices}
     prefix = family.blocks + "."
     for name, tensor in tensors.items():
@@ -130,7 +127,7 @@ def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = T
             raise AdapterMismatchError(f"adapter tensor {name!r} does not belong to an adapter block of layout {layout}")
         per_block[int(index_text)][rest] = tensor
     for index, sub in per_block.items():
-        target = blocks[index].state_dict()
+        target = blocks[positions[index]].state_dict()
         if sorted(sub) != sorted(target):
             missing, extra = sorted(set(target) - set(sub)), sorted(set(sub) - set(target))
             raise AdapterMismatchError(
@@ -141,10 +138,49 @@ def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = T
                 raise AdapterMismatchError(
                     f"adapter tensor {prefix}{index}.{key} has shape {tuple(tensor.shape)}, the model's has {tuple(target[key].shape)}"
                 )
+    return per_block
+
+
+def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = True, check_weights: bool = True) -> nn.Module:
+    """Put a trained adapter into the full Hugging Face model and return the model.
+
+    Every check (model type, layout, architecture, tensor names and shapes, embedding probe)
+    runs before any weight changes. With ``inplace=False`` the model is copied first.
+    """
+    family = get_family(model)
+    manifest, tensors = read_adapter(adapter_path)
+    layout = _check_compatible(model, family, manifest, check_weights)
+    identity = {i: i for i in layout.adapter_indices}
+    per_block = _split_and_check(tensors, family, layout, family.get_blocks(model), identity)
     if not inplace:
         model = copy.deepcopy(model)
-        blocks = family.get_blocks(model)
+    blocks = family.get_blocks(model)
     with torch.no_grad():
         for index, sub in per_block.items():
             blocks[index].load_state_dict(sub, strict=True)
     return model
+
+
+def load_adapter(emu: OffsiteModel, adapter_path: str | os.PathLike, check_weights: bool = True) -> OffsiteModel:
+    """Put an adapter back into an emulator of the same layout (to evaluate "emulator fine-tuned")."""
+    manifest, tensors = read_adapter(adapter_path)
+    if manifest.get("model_type") != emu.config.model_type:
+        raise AdapterMismatchError(
+            f"adapter was trained for a {manifest.get('model_type')!r} model, not a {emu.config.model_type!r} emulator"
+        )
+    layout = Layout.from_dict(manifest.get("layout", {}))
+    if layout != emu.layout:
+        raise AdapterMismatchError(
+            f"adapter's layout {layout} {list(layout.emulator)} differs from the emulator's {emu.layout} {list(emu.layout.emulator)}"
+        )
+    if check_weights:
+        probe = torch.tensor(manifest.get("embedding_probe", []), dtype=torch.float64)
+        mine = torch.tensor(embedding_probe(emu.model, emu.family), dtype=torch.float64)
+        if probe.shape != mine.shape or (probe - mine).norm() > _PROBE_RTOL * mine.norm():
+            raise AdapterMismatchError("adapter comes from an emulator of another model (embedding probe differs)")
+    positions = dict(zip(layout.adapter_indices, layout.adapter_positions(), strict=True))
+    per_block = _split_and_check(tensors, emu.family, layout, emu.blocks, positions)
+    with torch.no_grad():
+        for index, sub in per_block.items():
+            emu.blocks[positions[index]].load_state_dict(sub, strict=True)
+    return emu

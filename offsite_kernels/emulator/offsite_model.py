@@ -83,6 +83,15 @@ class OffsiteModel(nn.Module):
         blocks = self.blocks
         return [(src, blocks[pos]) for src, pos in zip(self.layout.adapter_indices, self.layout.adapter_positions(), strict=True)]
 
+    def quantize_(self, bits: int | str, group_size: int = 128) -> OffsiteModel:
+        """Store every linear of the (still dense) emulator blocks in ``bits`` (8, 4, "fp8"), in place."""
+        check_format(bits, group_size)
+        if self.quantized:
+            raise LayoutError("the emulator is already quantized")
+        for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):
+            self.quantized[str(position)] = quantize_linears_(block, bits, group_size)
+        return self
+
     def emulator_positions(self) -> list[int]:
         """Positions of the emulator blocks inside the block list."""
         return [self.layout.bottom + j for j in range(len(self.layout.emulator))]
@@ -129,6 +138,12 @@ class OffsiteModel(nn.Module):
 
         return load_emulator(path, **hf_kwargs)
 
+    def load_adapter(self, path: str | os.PathLike, check_weights: bool = True) -> OffsiteModel:
+        """Load adapter weights written by :meth:`save_adapter` into this emulator's adapter blocks."""
+        from .adapter import load_adapter
+
+        return load_adapter(self, path, check_weights=check_weights)
+
     def save_adapter(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write only the adapter tensors and a manifest that :func:`plug_in` checks."""
         from .adapter import save_adapter
@@ -172,9 +187,9 @@ def make_emulator(
     reduced = copy_with_blocks(model, family, layout.kept_indices)
     freeze_all_but_adapter_(reduced, family, layout)
     emulator = OffsiteModel(reduced, layout, prune=float(prune))
-    for position, (_, block) in zip(emulator.emulator_positions(), emulator.emulator_blocks(), strict=True):
-        if prune > 0:
+    if prune > 0:
+        for _, block in emulator.emulator_blocks():
             magnitude_prune_(block, float(prune))
-        if bits is not None:
-            emulator.quantized[str(position)] = quantize_linears_(block, bits, group_size)
+    if bits is not None:
+        emulator.quantize_(bits, group_size)
     return emulator

@@ -10,6 +10,7 @@ BLOOM = register_family(
         blocks="transformer.h",
         token_embedding="transformer.word_embeddings",
         position_embedding=None,
+        lora_targets=("query_key_value",),
         final_norm="transformer.ln_f",
     )
 )

@@ -23,6 +23,8 @@ class ModelFamily:
     position_embedding: str | None
     final_norm: str
     lm_head: str = "lm_head"
+    # default LoRA targets inside a block (module names), as the LoRA paper and PEFT choose them
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     # config attributes that hold one entry per block and must follow a layer selection
     per_block_config_lists: tuple[str, ...] = ("layer_types",)
 

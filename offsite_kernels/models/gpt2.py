@@ -10,6 +10,7 @@ GPT2 = register_family(
         blocks="transformer.h",
         token_embedding="transformer.wte",
         position_embedding="transformer.wpe",
+        lora_targets=("c_attn",),
         final_norm="transformer.ln_f",
     )
 )

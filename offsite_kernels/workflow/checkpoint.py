@@ -1,0 +1,84 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint holds the trainable tensors, the best tensors so far, the optimizer's state, the
+random number generators and the loop's counters: enough for a killed run to resume and end
+exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_output_dir, load_tensors, read_json, save_tensors, write_json
+
+STATE_FILE = "trainer_state.json"
+TENSOR_FILE = "trainer_tensors.safetensors"
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, entries in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    counters: dict[str, Any],
+) -> None:
+    """Write a checkpoint directory atomically, replacing the previous one only when complete."""
+    tensors = {f"param.{k}": v for k, v in params.items()}
+    if best is not None:
+        tensors.update({f"best.{k}": v for k, v in best.items()})
+    optim_tensors, optim_meta = _optimizer_to_flat(optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda{i}"] = s
+    with atomic_output_dir(path, overwrite=True) as tmp:
+        save_tensors(tmp / TENSOR_FILE, tensors)
+        write_json(tmp / STATE_FILE, {"counters": counters, "optimizer": optim_meta})
+
+
+def load_checkpoint(
+    path: str | os.PathLike, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Restore optimizer and RNG state; return ``(params, best_or_None, counters)``."""
+    path = Path(path)
+    meta = read_json(path / STATE_FILE, "training checkpoint")
+    tensors = load_tensors(path / TENSOR_FILE, "training checkpoint")
+    params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
+    best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    return params, best, meta["counters"]

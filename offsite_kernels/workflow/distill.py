@@ -1,0 +1,87 @@
+"""Emulator distillation (model owner): train the emulator blocks to mimic the full middle.
+
+loss = lm_weight * LM + kd_weight * KD, KD = mean(((T - S) / sqrt(mean(T^2)))^2), where T is
+the hidden state the original middle blocks hand to the top adapter and S the emulator's
+(paper defaults: lm_weight 1.0, kd_weight 30.0). The bottom blocks are shared and frozen, so
+both sides see the same input. The teacher runs without grad (in bf16 on a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..emulator.build import freeze_all_but_adapter_
+from ..emulator.offsite_model import OffsiteModel
+from ..errors import OffsiteError
+from ..nn.frozen_linear import FrozenLinear
+from .data import TextBlocks
+from .evaluate import perplexity
+from .loop import TrainResult, TrainSettings, train
+
+
+class DistillError(OffsiteError, ValueError):
+    """An emulator and teacher that cannot be distilled together."""
+
+
+def kd_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """The paper's normalized distance: mean(((T - S) / sqrt(mean(T^2)))^2), in fp32."""
+    t, s = teacher.float(), student.float()
+    return ((t - s) / t.pow(2).mean().sqrt()).pow(2).mean()
+
+
+def middle_output_index(emu: OffsiteModel) -> tuple[int, int]:
+    """Indices into HF ``hidden_states`` of the middle's output: (student, teacher)."""
+    return emu.layout.bottom + len(emu.layout.emulator), emu.layout.n_layers - emu.layout.top
+
+
+def distill(
+    emu: OffsiteModel,
+    teacher: nn.Module,
+    data: TextBlocks,
+    settings: TrainSettings,
+    valid: TextBlocks | None = None,
+    lm_weight: float = 1.0,
+    kd_weight: float = 30.0,
+) -> TrainResult:
+    """Train ``emu``'s emulator blocks against ``teacher`` (the full model); adapters stay frozen.
+
+    The emulator with the best validation perplexity (on ``valid``, else the training loss) is kept.
+    """
+    if len(emu.family.get_blocks(teacher)) != emu.layout.n_layers or teacher.config.model_type != emu.config.model_type:
+        raise DistillError(
+            f"the teacher is a {len(emu.family.get_blocks(teacher))}-block {teacher.config.model_type!r} model; "
+            f"the emulator was made from a {emu.layout.n_layers}-block {emu.config.model_type!r} model"
+        )
+    if any(isinstance(m, FrozenLinear) for _, b in emu.emulator_blocks() for m in b.modules()):
+        raise DistillError("the emulator's blocks are already low-bit; distill the dense emulator, then quantize it")
+    device = next(emu.parameters()).device
+    teacher.eval()
+    if device.type == "cuda":
+        teacher.to(device=device, dtype=torch.bfloat16)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for p in emu.parameters():
+        p.requires_grad_(False)
+    trainable = {}
+    for position, (_, block) in zip(emu.emulator_positions(), emu.emulator_blocks(), strict=True):
+        for name, p in block.named_parameters():
+            p.requires_grad_(True)
+            trainable[f"blocks.{position}.{name}"] = p
+    s_index, t_index = middle_output_index(emu)
+
+    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_hidden = teacher(input_ids=ids.to(next(teacher.parameters()).device), output_hidden_states=True).hidden_states[
+                t_index
+            ]
+        out = emu(input_ids=ids, labels=ids, output_hidden_states=True)
+        return lm_weight * out.loss + kd_weight * kd_loss(t_hidden.to(device), out.hidden_states[s_index])
+
+    validate = (lambda: perplexity(emu, valid)["loss"]) if valid is not None else None
+    emu.train()
+    try:
+        return train(trainable, loss_fn, data, settings, validate=validate, desc="distill")
+    finally:
+        emu.eval()
+        freeze_all_but_adapter_(emu.model, emu.family, emu.layout)

@@ -1,0 +1,46 @@
+"""Adapter fine-tuning (data owner): train the adapter through the frozen emulator."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..emulator.offsite_model import OffsiteModel
+from .data import TextBlocks
+from .evaluate import perplexity
+from .loop import TrainResult, TrainSettings, train
+from .methods import LoraSettings, export, prepare
+
+
+def finetune(
+    model: OffsiteModel | nn.Module,
+    data: TextBlocks,
+    settings: TrainSettings,
+    valid: TextBlocks | None = None,
+    method: str = "full",
+    lora: LoraSettings | None = None,
+) -> TrainResult:
+    """Fine-tune the adapter of an emulator with ``method`` ("full", "lora", "bitfit").
+
+    The adapter weights with the best validation perplexity (when ``valid`` is given) are kept;
+    LoRA updates are merged into the adapter blocks before returning, so ``save_adapter`` and
+    ``plug_in`` work unchanged. A plain HF model (the "full fine-tune" baseline) trains every
+    parameter with method "full".
+    """
+    if isinstance(model, OffsiteModel):
+        trainable = prepare(model, method, lora)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable = dict(model.named_parameters())
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    validate = (lambda: perplexity(model, valid)["loss"]) if valid is not None else None
+    model.train()
+    try:
+        return train(trainable, loss_fn, data, settings, validate=validate, desc=f"finetune ({method})")
+    finally:
+        model.eval()
+        if isinstance(model, OffsiteModel):
+            export(model)

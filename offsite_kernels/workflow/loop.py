@@ -1,0 +1,146 @@
+"""The training loop shared by distillation and adapter fine-tuning.
+
+AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping, bf16
+autocast on GPU, seeded and deterministic batch order, periodic validation that keeps the best
+weights, checkpoints every N steps, and exact resumption from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import TextBlocks
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of one training run."""
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    best_valid: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+
+
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up, cosine to ``min_lr_ratio``."""
+    if step < settings.warmup:
+        return (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    floor = settings.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, micro: int, n_blocks: int, settings: TrainSettings) -> torch.Tensor:
+    """Indices of the blocks of micro-batch ``micro`` of ``step``: a fresh seeded permutation per epoch."""
+    per_step = settings.batch_size * settings.grad_accum
+    first = step * per_step + micro * settings.batch_size
+    out = []
+    for position in range(first, first + settings.batch_size):
+        epoch, offset = divmod(position, n_blocks)
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+        out.append(int(perm[offset]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def train(
+    trainable: dict[str, nn.Parameter],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    data: TextBlocks,
+    settings: TrainSettings,
+    validate: Callable[[], float] | None = None,
+    device: torch.device | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Optimize ``trainable`` on ``loss_fn(batch_ids)``; keeps the weights with the best ``validate()``.
+
+    With ``settings.checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every``
+    steps and an existing one is resumed from.
+    """
+    from tqdm.auto import tqdm
+
+    device = device or next(iter(trainable.values())).device
+    torch.manual_seed(settings.seed)
+    decay = [p for n, p in trainable.items() if p.dim() >= 2]
+    no_decay = [p for n, p in trainable.items() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
+    start_step, best_valid, best_state, history = 0, None, None, []
+    ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
+    if ckpt is not None and (ckpt / "trainer_state.json").is_file():
+        params, best_state, counters = load_checkpoint(ckpt, optimizer)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(params[name])
+        start_step, best_valid, history = counters["step"], counters["best_valid"], counters["history"]
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    tokens = 0
+    started = time.perf_counter()
+    loss_value = float("nan")
+    bar = tqdm(
+        range(start_step, settings.steps), desc=desc, initial=start_step, total=settings.steps, disable=not settings.progress
+    )
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, settings)
+        total = 0.0
+        for micro in range(settings.grad_accum):
+            ids = data.ids[batch_indices(step, micro, len(data), settings)].to(device)
+            with autocast:
+                loss = loss_fn(ids) / settings.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+            tokens += ids.numel()
+        if settings.clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), settings.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = total
+        rate = tokens / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+        done = step + 1
+        if validate is not None and (done % settings.eval_every == 0 or done == settings.steps):
+            valid = validate()
+            history.append({"step": done, "train_loss": loss_value, "valid_loss": valid})
+            if best_valid is None or valid < best_valid:
+                best_valid = valid
+                best_state = {n: p.detach().clone() for n, p in trainable.items()}
+        if ckpt is not None and settings.checkpoint_every and (done % settings.checkpoint_every == 0 or done == settings.steps):
+            counters = {"step": done, "best_valid": best_valid, "history": history}
+            save_checkpoint(ckpt, {n: p.detach() for n, p in trainable.items()}, best_state, optimizer, counters)
+    bar.close()
+    if best_state is not None:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(best_state[name])
+    rate = tokens / max(time.perf_counter() - started, 1e-9)
+    return TrainResult(settings.steps, loss_value, best_valid, history, rate)

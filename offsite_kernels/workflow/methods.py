@@ -1,0 +1,77 @@
+"""Adapter fine-tuning methods: what is trained inside the adapter blocks, and how it is exported.
+
+- ``full``: every parameter of the adapter blocks (the paper's default).
+- ``lora``: low-rank updates (PEFT) on the adapter blocks' attention projections only; merged into
+  the blocks' weights on export, so the adapter file and ``plug_in`` stay the same.
+- ``bitfit``: the adapter blocks' biases only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..emulator.build import freeze_all_but_adapter_
+from ..emulator.offsite_model import OffsiteModel
+from ..errors import OffsiteError
+
+METHODS = ("full", "lora", "bitfit")
+
+
+class MethodError(OffsiteError, ValueError):
+    """A fine-tuning method that does not apply to this model."""
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None  # None: the family's defaults
+
+
+def prepare(emu: OffsiteModel, method: str, lora: LoraSettings | None = None) -> dict[str, nn.Parameter]:
+    """Set ``requires_grad`` for ``method`` and return the trainable parameters by name."""
+    if method not in METHODS:
+        raise MethodError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    freeze_all_but_adapter_(emu.model, emu.family, emu.layout)
+    if method == "lora":
+        _inject_lora(emu, lora or LoraSettings())
+    elif method == "bitfit":
+        biases = {id(p) for _, block in emu.adapter_blocks() for n, p in block.named_parameters() if n.endswith("bias")}
+        if not biases:
+            raise MethodError(f"BitFit trains biases, and the {emu.family.name} adapter blocks have none; use full or lora")
+        for p in emu.parameters():
+            p.requires_grad_(id(p) in biases)
+    return {n: p for n, p in emu.named_parameters() if p.requires_grad}
+
+
+def _inject_lora(emu: OffsiteModel, settings: LoraSettings) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules or emu.family.lora_targets
+    positions = "|".join(str(p) for p in emu.layout.adapter_positions())
+    pattern = rf"{re.escape(emu.family.blocks)}\.({positions})\.(.*\.)?({'|'.join(map(re.escape, targets))})"
+    matched = [m for name, m in emu.model.named_modules() if re.fullmatch(pattern, name)]
+    if not matched:
+        raise MethodError(f"no module of the adapter blocks matches LoRA targets {list(targets)}")
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=pattern,
+        fan_in_fan_out=not isinstance(matched[0], nn.Linear),  # HF Conv1D stores [in, out]
+    )
+    # injects LoRA layers into emu.model in place (and freezes everything else); the wrapper is kept to merge
+    emu._peft = get_peft_model(emu.model, config)  # type: ignore[attr-defined]
+
+
+def export(emu: OffsiteModel) -> None:
+    """Fold a method's extra weights into the adapter blocks (LoRA merge); a no-op for the others."""
+    peft_model = getattr(emu, "_peft", None)
+    if peft_model is not None:
+        emu.model = peft_model.merge_and_unload()
+        del emu._peft
+    freeze_all_but_adapter_(emu.model, emu.family, emu.layout)

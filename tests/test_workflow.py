@@ -1,0 +1,283 @@
+"""The workflow pieces: data, training loop and resumption, fine-tuning methods, distillation, evaluation."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import offsite_kernels as ok
+from offsite_kernels.tiny import tiny_model, tiny_tokenizer
+from offsite_kernels.workflow import (
+    DataError,
+    LoraSettings,
+    TrainSettings,
+    check_tokenizer,
+    distill,
+    finetune,
+    kd_loss,
+    load_blocks,
+    load_choices,
+    multiple_choice,
+    perplexity,
+    read_texts,
+)
+from offsite_kernels.workflow.data import ChoiceItem
+from offsite_kernels.workflow.distill import DistillError
+from offsite_kernels.workflow.loop import batch_indices, lr_factor
+from offsite_kernels.workflow.methods import MethodError
+
+PATTERN = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(PATTERN)
+    return path
+
+
+def quiet(**kwargs):
+    return TrainSettings(progress=False, **kwargs)
+
+
+# --- data ---------------------------------------------------------------------------------
+def test_read_plain_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n\nworld")
+    assert read_texts(tmp_path / "a.txt") == ["hello\n\nworld"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
+    assert read_texts(tmp_path / "b.jsonl") == ["one", "two"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", "  \n", "is empty"),
+        ("fields.jsonl", '{"body": "x"}\n', "string field 'text'"),
+        ("broken.jsonl", '{"text": "x"\n', "not valid JSON"),
+    ],
+)
+def test_bad_text_files(tmp_path, tokenizer, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_blocks(tmp_path / name, tokenizer, 16)
+
+
+def test_blocks_and_too_short_file(tmp_path, tokenizer, text_file):
+    blocks = load_blocks(text_file, tokenizer, 32)
+    assert blocks.ids.shape == (len(PATTERN) // 32, 32)  # one token per character, plus one end-of-text
+    assert tokenizer.decode(blocks.ids[0].tolist()) == PATTERN[:32]
+    (tmp_path / "short.txt").write_text("tiny")
+    with pytest.raises(DataError, match="fewer than one block of 32"):
+        load_blocks(tmp_path / "short.txt", tokenizer, 32)
+    with pytest.raises(DataError, match="does not exist"):
+        load_blocks(tmp_path / "missing.txt", tokenizer, 32)
+
+
+def test_tokenizer_that_does_not_fit_the_model(tokenizer):
+    model = tiny_model("llama", vocab_size=50)
+    with pytest.raises(DataError, match="tokenizer has 78 tokens but the model's vocabulary has 50"):
+        check_tokenizer(tokenizer, model)
+    check_tokenizer(tokenizer, tiny_model("llama"))
+
+
+def test_multiple_choice_file_validation(tmp_path):
+    good = tmp_path / "mc.jsonl"
+    good.write_text(json.dumps({"context": "a b", "choices": ["c", "d"], "gold": 1}) + "\n")
+    assert load_choices(good) == [ChoiceItem("a b", ("c", "d"), 1)]
+    for record in (
+        {"context": "x", "choices": ["a"], "gold": 0},
+        {"context": "x", "choices": ["a", "b"], "gold": 2},
+        {"choices": ["a", "b"], "gold": 0},
+    ):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(record) + "\n")
+        with pytest.raises(DataError, match="needs 'context'"):
+            load_choices(bad)
+
+
+# --- loop -----------------------------------------------------------------------------------
+def test_schedule_and_batch_order():
+    s = TrainSettings(steps=100, warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(0, s) == pytest.approx(0.1) and lr_factor(9, s) == pytest.approx(1.0)
+    assert lr_factor(10, s) == pytest.approx(1.0) and lr_factor(100, s) == pytest.approx(0.1)
+    assert lr_factor(55, s) == pytest.approx(0.55)
+    s = TrainSettings(batch_size=3, grad_accum=2, seed=5)
+    first_epoch = torch.cat([batch_indices(step, micro, 12, s) for step in range(2) for micro in range(2)])
+    assert sorted(first_epoch.tolist()) == list(range(12))  # each block once per epoch
+    assert torch.equal(batch_indices(3, 1, 12, s), batch_indices(3, 1, 12, s))
+
+
+def adapter_snapshot(emu):
+    return {k: v.clone() for k, v in emu.adapter_state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
+def test_finetune_methods_learn_and_touch_only_what_they_should(tokenizer, text_file, method):
+    model = tiny_model("opt", seed=3)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    frozen_before = {k: v.clone() for k, v in emu.state_dict().items()}
+    data = load_blocks(text_file, tokenizer, 24)
+    before = perplexity(emu, data)["loss"]
+    result = finetune(
+        emu,
+        data,
+        quiet(steps=25, batch_size=4, lr=3e-3 if method == "full" else 3e-2, warmup=2),
+        method=method,
+        lora=LoraSettings(rank=4),
+    )
+    after = perplexity(emu, data)["loss"]
+    needed = {"full": 0.5, "lora": 0.15, "bitfit": 0.15}[method]  # LoRA and BitFit train far fewer weights
+    assert after < before - needed, f"{method}: {before:.3f} -> {after:.3f}"
+    assert result.steps == 25 and math.isfinite(result.final_loss)
+    adapter_keys = set(emu.adapter_state_dict())
+    prefix = {f"model.{emu.family.blocks}.{p}." for p in emu.layout.adapter_positions()}
+    state = emu.state_dict()
+    assert state.keys() == frozen_before.keys(), "LoRA must be merged away"
+    for k, v in state.items():
+        if not any(k.startswith(p) for p in prefix):
+            assert torch.equal(v, frozen_before[k]), f"{method} changed frozen tensor {k}"
+        elif method == "bitfit" and not k.endswith("bias"):
+            assert torch.equal(v, frozen_before[k]), f"bitfit changed {k}"
+    assert adapter_keys
+
+
+def test_bitfit_needs_biases_and_lora_needs_targets():
+    emu = ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2)
+    data = load_blocks_from_text("abc " * 50)
+    with pytest.raises(MethodError, match="have none"):
+        finetune(emu, data, quiet(steps=1), method="bitfit")
+    with pytest.raises(MethodError, match="no module of the adapter blocks matches"):
+        finetune(emu, data, quiet(steps=1), method="lora", lora=LoraSettings(target_modules=("nope",)))
+
+
+def load_blocks_from_text(text, block=16):
+    from offsite_kernels.workflow.data import TextBlocks
+
+    ids = tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // block
+    return TextBlocks(torch.tensor(ids[: n * block]).view(n, block), "memory")
+
+
+def test_killed_run_resumes_to_the_same_adapter(tokenizer, text_file, tmp_path, monkeypatch):
+    data = load_blocks(text_file, tokenizer, 24)
+    valid = load_blocks(text_file, tokenizer, 24, max_blocks=4)
+    settings = dict(steps=8, batch_size=3, grad_accum=2, lr=5e-3, warmup=2, eval_every=3, seed=7)
+
+    def fresh():
+        return ok.make_emulator(tiny_model("gpt2", seed=11), bottom=1, top=1, emulator_layers=2)
+
+    straight = fresh()
+    finetune(straight, data, quiet(**settings), valid=valid)
+
+    resumed = fresh()
+    ckpt = tmp_path / "ckpt"
+    calls = {"n": 0}
+    real_forward = type(resumed).forward
+
+    def dying_forward(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 5 * settings["grad_accum"] + 2:  # dies inside step 6, after the checkpoint at step 5
+            raise KeyboardInterrupt("killed")
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(type(resumed), "forward", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(resumed, data, quiet(checkpoint_every=5, checkpoint_dir=str(ckpt), **settings), valid=valid)
+    monkeypatch.setattr(type(resumed), "forward", real_forward)
+    assert (ckpt / "trainer_state.json").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["counters"]["step"] == 5
+
+    restarted = fresh()  # a new process: nothing kept in memory but the checkpoint
+    finetune(restarted, data, quiet(checkpoint_every=5, checkpoint_dir=str(ckpt), **settings), valid=valid)
+    a, b = straight.adapter_state_dict(), restarted.adapter_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- distillation --------------------------------------------------------------------------
+def test_kd_loss_formula():
+    t, s = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = (((t.double() - s.double()) / t.double().pow(2).mean().sqrt()) ** 2).mean()
+    assert float(kd_loss(t, s)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(kd_loss(t, t)) == 0.0
+
+
+def test_distill_moves_emulator_toward_teacher_and_leaves_adapter(tokenizer, text_file):
+    from offsite_kernels.workflow.distill import middle_output_index
+
+    teacher = tiny_model("llama", seed=5)
+    emu = ok.make_emulator(teacher, bottom=1, top=1, emulator_layers=2)
+    adapter = adapter_snapshot(emu)
+    data = load_blocks(text_file, tokenizer, 24)
+    s_idx, t_idx = middle_output_index(emu)
+
+    def kd():
+        with torch.no_grad():
+            t = teacher(input_ids=data.ids[:4], output_hidden_states=True).hidden_states[t_idx]
+            s = emu(input_ids=data.ids[:4], output_hidden_states=True).hidden_states[s_idx]
+        return float(kd_loss(t, s))
+
+    before = kd()
+    distill(
+        emu,
+        teacher,
+        data,
+        quiet(steps=20, batch_size=4, lr=3e-3, warmup=2),
+        valid=load_blocks(text_file, tokenizer, 24, max_blocks=4),
+    )
+    assert kd() < 0.7 * before
+    after = emu.adapter_state_dict()
+    assert all(torch.equal(after[k], adapter[k]) for k in adapter)
+    assert {n for n, p in emu.named_parameters() if p.requires_grad} == {
+        n for n, p in emu.named_parameters() if any(p is q for q in emu.adapter_parameters())
+    }
+
+
+def test_distill_refuses_wrong_teacher_or_lowbit_emulator(tokenizer, text_file):
+    data = load_blocks(text_file, tokenizer, 24)
+    emu = ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2)
+    with pytest.raises(DistillError, match="8-block"):
+        distill(emu, tiny_model("llama", n_layers=8), data, quiet(steps=1))
+    lowbit = ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2, bits=8)
+    with pytest.raises(DistillError, match="already low-bit"):
+        distill(lowbit, tiny_model("llama"), data, quiet(steps=1))
+
+
+# --- evaluation ----------------------------------------------------------------------------
+def test_perplexity_is_exp_of_token_mean_nll(tokenizer, text_file):
+    model = tiny_model("bloom", seed=2)
+    data = load_blocks(text_file, tokenizer, 20, max_blocks=5)
+    result = perplexity(model, data, batch_size=2)
+    with torch.no_grad():
+        logits = model(input_ids=data.ids).logits
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), data.ids[:, 1:].reshape(-1))
+    assert result["loss"] == pytest.approx(float(nll), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert result["tokens"] == 5 * 19
+
+
+def test_multiple_choice_scores_by_log_likelihood(tokenizer):
+    model = tiny_model("llama", seed=4)
+
+    def ll(context, choice):
+        c = tokenizer(context, add_special_tokens=False)["input_ids"]
+        t = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([c + t])).logits[0].double().log_softmax(-1)
+        return sum(float(logp[len(c) - 1 + i, tok]) for i, tok in enumerate(t))
+
+    context, choices = "abc", ["de", "fghij", "k"]
+    raw = [ll(context, ch) for ch in choices]
+    norm = [v / len(ch) for v, ch in zip(raw, choices, strict=True)]
+    best_raw, best_norm = raw.index(max(raw)), norm.index(max(norm))
+    item = ChoiceItem(context, tuple(choices), best_raw)
+    scores = multiple_choice(model, tokenizer, [item])
+    assert scores.accuracy == 1.0 and scores.accuracy_norm == float(best_norm == best_raw)
+    wrong = ChoiceItem(context, tuple(choices), (best_raw + 1) % 3)
+    assert multiple_choice(model, tokenizer, [wrong]).accuracy == 0.0
