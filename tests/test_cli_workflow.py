@@ -1,0 +1,125 @@
+"""`offsite distill`, `finetune`, `eval` and `report` from the command line, and their bad input."""
+
+import json
+
+import pytest
+
+import offsite_kernels as ok
+from offsite_kernels.cli import main
+from offsite_kernels.tiny import tiny_model, tiny_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 30
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    model = tiny_model("llama", seed=12)
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "train.txt").write_text(TEXT)
+    (tmp_path / "valid.jsonl").write_text("\n".join(json.dumps({"text": TEXT[i : i + 300]}) for i in range(0, 900, 300)))
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"context": "the quick brown", "choices": [" fox", " dog"], "gold": 0}) + "\n")
+    assert main(["emulate", str(tmp_path / "model"), "-o", str(tmp_path / "emu"), "--layout", "1-2-1", "-q"]) == 0
+    return tmp_path
+
+
+TRAIN = ["--steps", "4", "--batch-size", "2", "--block-size", "32", "--eval-every", "2", "-q"]
+
+
+def test_distill_finetune_eval_report(workdir, capsys):
+    w = workdir
+    args = [
+        "distill",
+        str(w / "emu"),
+        "--teacher",
+        str(w / "model"),
+        "--train",
+        str(w / "train.txt"),
+        "--valid",
+        str(w / "valid.jsonl"),
+    ]
+    assert main([*args, "-o", str(w / "distilled"), "--bits", "8", *TRAIN]) == 0
+    distilled = ok.OffsiteModel.from_pretrained(w / "distilled")
+    assert distilled.quantized and (w / "distilled" / "tokenizer.json").is_file()
+
+    args = ["finetune", str(w / "distilled"), "--train", str(w / "train.txt"), "--valid", str(w / "valid.jsonl")]
+    assert main([*args, "-o", str(w / "adapter"), "--checkpoint-every", "2", *TRAIN]) == 0
+    assert (w / "adapter" / "adapter.safetensors").is_file() and (w / "adapter.ckpt" / "trainer_state.json").is_file()
+    assert main([*args, "-o", str(w / "adapter_lora"), "--method", "lora", "--lora-rank", "2", *TRAIN]) == 0
+    capsys.readouterr()
+
+    assert (
+        main(
+            [
+                "eval",
+                str(w / "distilled"),
+                "--data",
+                str(w / "valid.jsonl"),
+                "--choices",
+                str(w / "mc.jsonl"),
+                "--block-size",
+                "32",
+            ]
+        )
+        == 0
+    )
+    row = json.loads(capsys.readouterr().out)
+    assert row["perplexity"] > 1 and 0 <= row["accuracy"] <= 1
+
+    report = ["report", "--model", str(w / "model"), "--emulator", str(w / "distilled"), "--adapter", str(w / "adapter")]
+    assert main([*report, "--data", str(w / "valid.jsonl"), "--block-size", "32", "--json", str(w / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| plug-in |" in out and "paper's ordering" in out
+    rows = json.loads((w / "report.json").read_text())
+    assert [r["setting"] for r in rows] == ["full zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in"]
+
+
+def test_untouched_adapter_report_is_consistent(workdir, capsys):
+    """With an untrained adapter, plug-in equals full zero-shot and emulator fine-tuned equals emulator zero-shot."""
+    w = workdir
+    ok.OffsiteModel.from_pretrained(w / "emu").save_adapter(w / "adapter0")
+    report = ["report", "--model", str(w / "model"), "--emulator", str(w / "emu"), "--adapter", str(w / "adapter0")]
+    assert main([*report, "--data", str(w / "train.txt"), "--block-size", "32", "--json", str(w / "r.json")]) == 0
+    ppl = {r["setting"]: r["perplexity"] for r in json.loads((w / "r.json").read_text())}
+    assert ppl["plug-in"] == pytest.approx(ppl["full zero-shot"], rel=1e-6)
+    assert ppl["emulator fine-tuned"] == pytest.approx(ppl["emulator zero-shot"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda w: (w / "bad.txt").write_text(""), "is empty"),
+        (lambda w: (w / "bad.txt").write_text("ab"), "fewer than one block"),
+        (lambda w: (w / "bad.jsonl").write_text('{"content": "x"}\n'), "string field 'text'"),
+    ],
+)
+def test_finetune_bad_data_writes_nothing(workdir, capsys, setup, message):
+    w = workdir
+    setup(w)
+    data = w / ("bad.jsonl" if (w / "bad.jsonl").exists() else "bad.txt")
+    assert main(["finetune", str(w / "emu"), "--train", str(data), "-o", str(w / "out"), *TRAIN]) == 2
+    assert message in capsys.readouterr().err
+    assert not (w / "out").exists()
+
+
+def test_finetune_refuses_a_model_dir_and_a_foreign_tokenizer(workdir, capsys):
+    w = workdir
+    assert main(["finetune", str(w / "model"), "--train", str(w / "train.txt"), "-o", str(w / "out"), *TRAIN]) == 2
+    assert "not an emulator package" in capsys.readouterr().err
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(200)}
+    big = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t1")
+    big.save_pretrained(w / "emu")  # a tokenizer of another model
+    assert main(["finetune", str(w / "emu"), "--train", str(w / "train.txt"), "-o", str(w / "out"), *TRAIN]) == 2
+    assert "do not belong together" in capsys.readouterr().err
+    assert not (w / "out").exists()
+
+
+def test_existing_output_is_refused_before_work(workdir, capsys):
+    w = workdir
+    (w / "adapter").mkdir()
+    assert main(["finetune", str(w / "emu"), "--train", str(w / "train.txt"), "-o", str(w / "adapter"), *TRAIN]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert list((w / "adapter").iterdir()) == []
