@@ -200,3 +200,22 @@ def test_bad_inputs_name_the_problem():
         ok.frozen_linear(torch.randn(2, 16, device="meta"), qw)
     with pytest.raises(FrozenLinearInputError, match="tensor or a QuantizedWeight"):
         ok.frozen_linear(torch.randn(2, 16), [[1.0]])
+
+
+def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():
+    pytest.importorskip("triton")
+    from offsite_kernels.ops import frozen_linear_triton as k
+
+    def picked(direction, fmt, m):
+        pruned = k._pruner(direction)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
+        return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in pruned})
+
+    allowed = {(d, f): {k._key(c)[:3] for c in k.candidate_configs(d, f)} for d in ("fwd", "bwd") for f in ("int4", "int8")}
+    assert {bm for bm, _, _ in picked("fwd", "int8", 1)} == {16}
+    assert {bm for bm, _, _ in picked("fwd", "int8", 5000)} == {64, 128}
+    assert {bm for bm, _, _ in picked("bwd", "int4", 8)} == {64}  # int4 backward has no spill-free skinny tile
+    for d in ("fwd", "bwd"):
+        for f in ("int4", "int8"):
+            for m in (1, 16, 33, 300, 20000):
+                assert picked(d, f, m) and set(picked(d, f, m)) <= allowed[(d, f)]
+    assert k.m_bucket(1) == 1 and k.m_bucket(37) == 64 and k.m_bucket(10**6) == 16384

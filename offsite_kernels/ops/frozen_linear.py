@@ -76,13 +76,12 @@ def _frozen_linear_op(
     out_features: int,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    data = _from_op_storage(fmt, data)
     if _use_triton(x):
         from .frozen_linear_triton import frozen_linear_fwd
 
         y = frozen_linear_fwd(x2, data, scales, zeros, bias, fmt, group_size, out_features)
     else:
-        y = frozen_linear_torch(x2, data, scales, zeros, bias, fmt, group_size, out_features)
+        y = frozen_linear_torch(x2, _from_op_storage(fmt, data), scales, zeros, bias, fmt, group_size, out_features)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -102,13 +101,12 @@ def _frozen_linear_input_grad_op(
     in_features: int,
 ) -> torch.Tensor:
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    data = _from_op_storage(fmt, data)
     if _use_triton(grad_y):
         from .frozen_linear_triton import frozen_linear_bwd
 
         dx = frozen_linear_bwd(g2, data, scales, zeros, fmt, group_size, in_features)
     else:
-        dx = frozen_linear_input_grad_torch(g2, data, scales, zeros, fmt, group_size, in_features)
+        dx = frozen_linear_input_grad_torch(g2, _from_op_storage(fmt, data), scales, zeros, fmt, group_size, in_features)
     return dx.reshape(*grad_y.shape[:-1], in_features)
 
 

@@ -5,7 +5,8 @@ weight (packed int4, int8, fp8 or dense), turns it into the activation dtype in 
 feeds it to ``tl.dot`` with fp32 accumulation. The dense weight is never written to memory, no
 weight gradient exists, and the backward needs nothing but the stored weight.
 
-Weight format codes (constexpr ``FMT``): 0 dense, 1 int8, 2 int4, 3 fp8.
+Weight format codes (constexpr ``FMT``): 0 dense, 1 int8, 2 int4, 3 fp8 (passed as bytes and decoded
+in the kernel, since Triton has no e4m3 type on sm_80).
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ def _load_dequant_weight(w_ptr, s_ptr, z_ptr, n_idx, k_idx, N, K, stride_wn, str
         scale = tl.load(s_ptr + n_idx * stride_sn + g, mask=mask, other=0.0)
         zero = tl.load(z_ptr + n_idx * stride_sn + g, mask=mask, other=0).to(tl.float32)
         w = (q - zero) * scale
+    elif FMT == 3:  # fp8 e4m3 stored as bytes: decoded exactly through fp16 bits (sm_80 has no e4m3 type)
+        b = tl.load(w_ptr + n_idx * stride_wn + k_idx, mask=mask, other=0).to(tl.uint16)
+        half = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+        w = half.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+        w = w * tl.load(s_ptr + n_idx, mask=n_idx < N, other=0.0)
     else:
-        w = tl.load(w_ptr + n_idx * stride_wn + k_idx, mask=mask).to(tl.float32)  # masked lanes zeroed below
-        if FMT != 0:  # int8 and fp8: one scale per output channel
+        w = tl.load(w_ptr + n_idx * stride_wn + k_idx, mask=mask, other=0).to(tl.float32)
+        if FMT == 1:  # int8: one scale per output channel
             w = w * tl.load(s_ptr + n_idx, mask=n_idx < N, other=0.0)
     return tl.where(mask, w, 0.0)
 
@@ -137,34 +143,51 @@ def _frozen_linear_bwd_kernel(
 
 
 # --- launch configuration ------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a short list that covers Ampere and
-# Hopper; early pruning by M bucket keeps first-call tuning to a handful of candidates.
-_GPU_CONFIGS = (
-    (16, 64, 128, 4, 4),
-    (16, 128, 64, 4, 4),
-    (32, 64, 128, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 128, 64, 4, 3),
-    (128, 64, 64, 4, 3),
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); in the backward BLOCK_N is the reduction tile.
+# Each list holds only configurations that compile for sm_80 and sm_90 without spilling and within
+# an A100's shared memory (checked ahead of time by tests/test_aot_compile.py). int4's per-element
+# unpacking needs more registers: its lists drop the tiles that spill.
+_CANDIDATES = {
+    ("fwd", "any"): ((16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
+    ("fwd", "int4"): ((16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
+    ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
+    ("bwd", "int4"): ((64, 64, 64, 4, 4), (128, 128, 64, 8, 3)),
+}  # fmt: skip
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
 
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+
+
+def candidate_configs(direction: str, fmt: str) -> list[triton.Config]:
+    """The configurations the autotuner may pick for ``direction`` ("fwd"/"bwd") and weight ``fmt``."""
+    return [_config(*c) for c in _CANDIDATES[(direction, "int4" if fmt == "int4" else "any")]]
+
+
 def gpu_configs() -> list[triton.Config]:
-    """Every configuration the autotuner may pick (also what the ahead-of-time check compiles)."""
-    return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in _GPU_CONFIGS
-    ]
+    """Every configuration of any direction and format (the autotuners' full lists)."""
+    seen = dict.fromkeys(c for cs in _CANDIDATES.values() for c in cs)
+    return [_config(*c) for c in seen]
 
 
-def _prune_by_m(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    m = named_args["M_BUCKET"]
-    wanted = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 256 else 128
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] == wanted or (wanted == 128 and c.kwargs["BLOCK_M"] == 64)]
-    return kept or configs
+def _key(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+def _pruner(direction: str):
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        fmt = "int4" if named_args["FMT"] == FMT_CODES["int4"] else "any"
+        allowed = set(_CANDIDATES[(direction, fmt)])
+        usable = [c for c in configs if _key(c) in allowed]
+        m = named_args["M_BUCKET"]
+        wanted = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 256 else 128
+        sizes = sorted({c.kwargs["BLOCK_M"] for c in usable})
+        best = min(sizes, key=lambda bm: (abs(bm.bit_length() - wanted.bit_length()), -bm))
+        keep = {best} | ({64} if wanted == 128 and 64 in sizes else set())
+        return [c for c in usable if c.kwargs["BLOCK_M"] in keep]
+
+    return prune
 
 
 def m_bucket(m: int) -> int:
@@ -176,17 +199,17 @@ def _brief_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _autotuned(kernel: triton.JITFunction) -> triton.runtime.Autotuner:
+def _autotuned(kernel: triton.JITFunction, direction: str) -> triton.runtime.Autotuner:
     """``kernel`` autotuned per (M bucket, N, K, format, group): a few candidates after pruning, each
     timed briefly (5 ms warm-up, 20 ms measurement); winners kept on disk where Triton supports it."""
-    options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _prune_by_m})
+    options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _pruner(direction)})
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
     return triton.autotune(gpu_configs(), key=["M_BUCKET", "N", "K", "FMT", "GROUP"], **options)(kernel)
 
 
-_tuned_fwd = _autotuned(_frozen_linear_fwd_kernel)
-_tuned_bwd = _autotuned(_frozen_linear_bwd_kernel)
+_tuned_fwd = _autotuned(_frozen_linear_fwd_kernel, "fwd")
+_tuned_bwd = _autotuned(_frozen_linear_bwd_kernel, "bwd")
 
 
 def _interpreter_bf16(dtype: torch.dtype) -> bool:
@@ -200,6 +223,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None) -> tuple:
+    if data.dtype == torch.float8_e4m3fn:
+        data = data.view(torch.uint8)  # the kernel decodes the bytes itself
     s = scales if scales is not None else data  # placeholder pointers, never read for this format
     z = zeros if zeros is not None else data
     stride_sn = scales.stride(0) if scales is not None and scales.dim() == 2 else 0

@@ -1,0 +1,123 @@
+"""Ahead-of-time compile report of the frozen-linear Triton kernels for A100 (sm_80) and H100/H200 (sm_90).
+
+Needs no GPU: every kernel x weight format x activation dtype x autotune configuration is
+compiled for both architectures and its cubin inspected (registers, spills, shared memory,
+tensor-core instructions); see ``offsite_kernels/ops/aot.py``. Writes
+``bench/results/aot_frozen_linear.json`` (``{"stamp": ..., "rows": [...]}``, replaced
+atomically) and prints a compact table followed by every failed check.
+
+    python bench/aot_report.py [--archs 80 90] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = _HERE / "results" / "aot_frozen_linear.json"
+
+
+def _stamp() -> dict[str, Any]:
+    """Provenance of the report: ``bench/stamp.py``'s stamp when present, else the essentials."""
+    sys.path.insert(0, str(_HERE))
+    try:
+        from stamp import stamp  # type: ignore[import-not-found]
+
+        return stamp()
+    except ImportError:
+        import torch
+        import triton
+
+        import offsite_kernels
+
+        return {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "offsite_kernels": offsite_kernels.__version__,
+            },
+        }
+    finally:
+        sys.path.remove(str(_HERE))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to a temporary file beside ``path``, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'arch':<5} {'kernel':<4} {'fmt':<5} {'dtype':<5} {'config':<17} {'regs':>4} {'stack':>5} {'STL':>4} {'shared KiB':>10} {'limit':>5} {'mma':<6} status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if not r["compiled"]:
+            lines.append(f"sm{r['arch']:<3} {r['kernel']:<4} {r['fmt']:<5} {r['act_dtype']:<5} {r['config']:<17} COMPILE ERROR")
+            continue
+        checks = (("spills", r["spills"]), ("shared", not r["shared_ok"]), ("no-mma", not r["tensor_core_ok"]))
+        status = "ok" if r["ok"] else "FAIL: " + ", ".join(name for name, bad in checks if bad)
+        lines.append(
+            f"sm{r['arch']:<3} {r['kernel']:<4} {r['fmt']:<5} {r['act_dtype']:<5} {r['config']:<17} {r['registers']:>4} "
+            f"{r['stack_bytes']:>5} {r['spill_stores']:>4} {r['shared_bytes'] / 1024:>10.1f} {r['shared_limit'] // 1024:>5} "
+            f"{r['tensor_core_mnemonic'] or '-':<6} {status}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", type=int, nargs="+", default=[80, 90], help="compute capabilities x10 (80, 90)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+
+    from offsite_kernels.ops import aot
+
+    ok, why = aot.availability()
+    if not ok:
+        print(f"cannot run the AOT check here: {why}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = aot.full_report(tuple(args.archs))
+    seconds = time.perf_counter() - t0
+    report = {
+        "stamp": _stamp(),
+        "seconds": round(seconds, 1),
+        "shared_limits": {f"sm_{a}": aot.SHARED_LIMITS[a] for a in args.archs},
+        "assumptions": "contiguous row-major tensors, 16-byte-aligned pointers, N/K/row strides multiples of 16, "
+        f"int4 group size {aot.INT4_GROUP}, forward with bias, DOT_PRECISION=ieee, UPCAST_DOT=False",
+        "rows": rows,
+    }
+    write_json_atomic(args.out, report)
+
+    print(format_table(rows))
+    failed = [(r, aot.problems(r)) for r in rows if not r.get("ok")]
+    print(f"\n{len(rows)} variants compiled in {seconds:.0f} s; {len(failed)} fail a check; written to {args.out}")
+    for r, why in failed:
+        print(f"  sm_{r['arch']} {r['kernel']} {r['fmt']} {r['act_dtype']} {r['config']}: {'; '.join(why)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

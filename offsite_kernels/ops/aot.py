@@ -1,0 +1,382 @@
+"""Ahead-of-time compile check of the frozen-linear Triton kernels for real GPUs, without one.
+
+Triton compiles for any NVIDIA target on a CPU-only machine (``triton.compile`` with a
+``GPUTarget``); the ``cuobjdump`` shipped with Triton's NVIDIA backend then reads the cubin's
+resource usage and its SASS. For every kernel x weight format x activation dtype x autotune
+configuration x architecture this module reports registers, stack bytes (register spills),
+shared memory against the device limit, and whether the GEMM runs on tensor cores (``HGMMA``,
+Hopper's warpgroup MMA, on sm_90; ``HMMA`` on sm_80).
+
+Arguments are specialised the way the JIT specialises a typical launch: contiguous row-major
+tensors (unit inner strides become the constant 1), 16-byte-aligned pointers, ``N``, ``K`` and
+the row strides multiples of 16, ``M`` arbitrary; int4 uses group size 128, its per-group
+scale stride is left unspecialised. ``DOT_PRECISION="ieee"`` and the interpreter-only switch (``INTERPRETER_BF16``) False, as on a GPU.
+
+Nothing here needs a GPU, and nothing here runs a kernel.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import triton
+import triton.language
+
+from . import frozen_linear_triton as _flt
+
+KERNELS = ("fwd", "bwd")
+FORMATS = tuple(_flt.FMT_CODES)  # dense, int8, int4, fp8
+ACT_DTYPES = ("bf16", "fp16")
+ARCHS = (80, 90)
+ARCH_NAMES = {80: "A100 (sm_80)", 90: "H100/H200 (sm_90)"}
+# cudaDevAttrMaxSharedMemoryPerBlockOptin: what one block may use, static + dynamic.
+SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}  # 166912, 232448 bytes
+TENSOR_CORE_MNEMONICS = {80: "HMMA", 90: "HGMMA"}
+# Hopper's warpgroup MMA (HGMMA) works on 64-row tiles; a tile of fewer rows (the skinny-M
+# configurations, which are bandwidth-bound) runs on the classic tensor-core MMA (HMMA) instead.
+WGMMA_MIN_BLOCK_M = 64
+
+
+def expected_tensor_core(arch: int, block_m: int) -> str:
+    """The tensor-core instruction a GEMM tile of ``block_m`` rows must use on ``arch``."""
+    return "HGMMA" if arch >= 90 and block_m >= WGMMA_MIN_BLOCK_M else "HMMA"
+
+
+INT4_GROUP = 128
+
+_KERNEL_FNS = {"fwd": "_frozen_linear_fwd_kernel", "bwd": "_frozen_linear_bwd_kernel"}
+_WEIGHT_DTYPES = {"int8": "*i8", "int4": "*u8", "fp8": "*u8"}  # dense: the activation dtype; fp8 travels as bytes
+_DIVISIBILITY_16 = [["tt.divisibility", 16]]
+# constexpr switches that only the CPU interpreter turns on: False on a GPU
+INTERPRETER_FLAGS = ("INTERPRETER_BF16",)
+
+
+class AotUnavailable(RuntimeError):
+    """Triton's NVIDIA backend or its ``cuobjdump`` is missing here."""
+
+
+# --- tools ---------------------------------------------------------------------------------
+
+
+def cuobjdump_path() -> str:
+    """The ``cuobjdump`` bundled with Triton's NVIDIA backend (``TRITON_CUOBJDUMP_PATH`` overrides)."""
+    path = os.environ.get("TRITON_CUOBJDUMP_PATH") or os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise AotUnavailable(f"cuobjdump not found at {path} (Triton's NVIDIA backend is not installed)")
+    return path
+
+
+def availability() -> tuple[bool, str]:
+    """Whether the ahead-of-time check can run here, and why (not)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the triton build
+        return False, f"Triton's NVIDIA backend is missing: {e}"
+    try:
+        cuobjdump_path()
+    except AotUnavailable as e:
+        return False, str(e)
+    return True, "triton NVIDIA backend and cuobjdump present"
+
+
+_TMP: tempfile.TemporaryDirectory | None = None
+
+
+def _tmpdir() -> str:
+    """A per-process scratch folder for cubins, removed when the process exits."""
+    global _TMP
+    if _TMP is None:
+        _TMP = tempfile.TemporaryDirectory(prefix="offsite_aot_")
+    return _TMP.name
+
+
+def kernel_fn(kernel: str) -> Any:
+    """The ``@triton.jit`` function of ``kernel`` ("fwd" or "bwd"), as the kernel module holds it."""
+    return getattr(_flt, _KERNEL_FNS[kernel])
+
+
+def compiles_in_process() -> bool:
+    """Whether ``triton.compile`` can run in this process.
+
+    Not when Triton was imported under ``TRITON_INTERPRET=1`` (CPU test runs): ``@triton.jit``
+    then made interpreter functions, Triton's own ``tl.cdiv`` included, which the compiler
+    cannot take. The compiles then go to a worker process with the interpreter off.
+    """
+    jit = triton.runtime.jit.JITFunction
+    return isinstance(triton.language.standard.cdiv, jit) and isinstance(kernel_fn("fwd"), jit)
+
+
+# --- signature -----------------------------------------------------------------------------
+
+
+def config_key(config: triton.Config | tuple) -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` of a ``triton.Config``."""
+    if isinstance(config, tuple):
+        return tuple(config)  # type: ignore[return-value]
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], config.num_warps, config.num_stages)
+
+
+def config_label(config: triton.Config | tuple) -> str:
+    bm, bn, bk, _, w, s = config_key(config)
+    return f"{bm}x{bn}x{bk} w{w} s{s}"
+
+
+def kernel_signature(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource``.
+
+    Triton 3.9's format: ``signature`` maps every parameter name (in order) to a type string
+    (``"*bf16"``, ``"*u8"``, ``"i32"``, ...) or to ``"constexpr"``; ``constexprs`` maps the
+    constexpr names to their values; ``attrs`` maps ``(param_index,)`` to
+    ``[["tt.divisibility", 16]]`` for the arguments the JIT would mark divisible by 16.
+    """
+    if kernel not in KERNELS or fmt not in FORMATS or act_dtype not in ACT_DTYPES:
+        raise ValueError(f"unknown kernel/format/dtype {kernel!r}, {fmt!r}, {act_dtype!r}")
+    act = "*" + act_dtype
+    w = _WEIGHT_DTYPES.get(fmt, act)
+    s = "*fp32" if fmt != "dense" else w  # placeholders (the weight pointer) where a format has none
+    z = "*u8" if fmt == "int4" else w
+    sn_div16 = fmt != "int4"  # int8/fp8 scales are 1-D and dense has none: stride 0, which counts as divisible
+    bm, bn, bk, gm, _, _ = config_key(config)
+    # runtime arguments: name -> (type, divisible by 16); a type that is not a string is the constant 1 (unit stride)
+    runtime: dict[str, tuple[str | int, bool]] = {"w_ptr": (w, True), "s_ptr": (s, True), "z_ptr": (z, True)}
+    runtime.update({"M": ("i32", False), "N": ("i32", True), "K": ("i32", True), "M_BUCKET": ("i32", True)})
+    runtime.update({"stride_wn": ("i32", True), "stride_sn": ("i32", sn_div16)})
+    meta: dict[str, Any] = dict(GROUP=INT4_GROUP if fmt == "int4" else 1, FMT=_flt.FMT_CODES[fmt])
+    if kernel == "fwd":
+        runtime.update({"x_ptr": (act, True), "b_ptr": (act, True), "y_ptr": (act, True)})
+        runtime.update({"stride_xm": ("i32", True), "stride_xk": (1, False), "stride_ym": ("i32", True), "stride_yn": (1, False)})
+        meta["HAS_BIAS"] = True
+    else:
+        runtime.update({"dy_ptr": (act, True), "dx_ptr": (act, True)})
+        runtime.update(
+            {"stride_dym": ("i32", True), "stride_dyn": (1, False), "stride_dxm": ("i32", True), "stride_dxk": (1, False)}
+        )
+    meta.update(DOT_PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+    meta.update(dict.fromkeys(INTERPRETER_FLAGS, False))
+
+    fn = kernel_fn(kernel)
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int], list] = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in meta:
+            signature[name], constexprs[name] = "constexpr", meta[name]
+        elif name in runtime:
+            ty, div16 = runtime[name]
+            if isinstance(ty, str):
+                signature[name] = ty
+                if div16:
+                    attrs[(i,)] = _DIVISIBILITY_16
+            else:
+                signature[name], constexprs[name] = "constexpr", ty
+        else:
+            raise RuntimeError(f"{fn.__name__}: no AOT type or value for {name!r}; update offsite_kernels/ops/aot.py")
+    return signature, constexprs, attrs
+
+
+# --- compile and inspect -------------------------------------------------------------------
+
+_RESOURCE_RE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _cuobjdump(cubin: bytes, name: str) -> tuple[dict[str, int], str]:
+    path = os.path.join(_tmpdir(), f"{name}.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    try:
+        tool = cuobjdump_path()
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.remove(path)
+    m = _RESOURCE_RE.search(usage)
+    if m is None:
+        raise RuntimeError(f"cannot parse cuobjdump resource usage:\n{usage}")
+    regs, stack, shared, local = (int(g) for g in m.groups()[1:])
+    return dict(registers=regs, stack_bytes=stack, static_shared_bytes=shared, local_bytes=local), sass
+
+
+def _count(sass: str, mnemonic: str) -> int:
+    return len(re.findall(rf"\b{mnemonic}\b", sass))
+
+
+def _compile_here(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) -> dict[str, Any]:
+    bm, bn, bk, gm, warps, stages = key
+    row: dict[str, Any] = dict(
+        kernel=kernel,
+        fmt=fmt,
+        act_dtype=act_dtype,
+        config=config_label(key),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=gm,
+        num_warps=warps,
+        num_stages=stages,
+        arch=arch,
+        shared_limit=SHARED_LIMITS[arch],
+        tensor_core_expected=expected_tensor_core(arch, bm),
+    )
+    try:
+        from triton.backends.compiler import GPUTarget
+
+        signature, constexprs, attrs = kernel_signature(kernel, fmt, act_dtype, key)
+        src = triton.compiler.ASTSource(fn=kernel_fn(kernel), signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+        usage, sass = _cuobjdump(compiled.asm["cubin"], f"{kernel}_{fmt}_{act_dtype}_{'_'.join(map(str, key))}_sm{arch}")
+    except Exception as e:  # recorded, never raised: one bad combination must not hide the others
+        row.update(compiled=False, error=f"{type(e).__name__}: {e}"[:4000])
+        return row
+    dynamic = int(compiled.metadata.shared)
+    total = dynamic + usage["static_shared_bytes"]
+    mma = {m: _count(sass, m) for m in ("HGMMA", "HMMA")}
+    found = [m for m, n in mma.items() if n]
+    row.update(
+        compiled=True,
+        error=None,
+        **usage,
+        dynamic_shared_bytes=dynamic,
+        shared_bytes=total,
+        shared_ok=total <= SHARED_LIMITS[arch],
+        spill_stores=_count(sass, "STL"),
+        spill_loads=_count(sass, "LDL"),
+        tensor_core=bool(found),
+        tensor_core_mnemonic=found[0] if found else None,
+        tensor_core_instructions=sum(mma.values()),
+        tensor_core_ok=mma[expected_tensor_core(arch, bm)] > 0,
+    )
+    row["spills"] = row["stack_bytes"] > 0 or row["local_bytes"] > 0 or row["spill_stores"] > 0
+    row["ok"] = row["shared_ok"] and row["tensor_core_ok"] and not row["spills"]
+    return row
+
+
+class _Worker:
+    """A child process with the Triton interpreter off that compiles on request (JSON lines)."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the worker
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from offsite_kernels.ops.aot import _serve; _serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        atexit.register(self.close)
+
+    def request(self, *args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(args) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"the AOT compile worker exited ({self.proc.poll()}):\n{self.log.read()[-4000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+_WORKER: _Worker | None = None
+
+
+def _serve() -> None:
+    """Worker loop: one JSON request per stdin line, one JSON row per line on the original stdout."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else printed (Triton prints the PTX when ptxas fails) goes to stderr
+    sys.stdout = sys.stderr
+    if not compiles_in_process():
+        raise SystemExit("the AOT worker was started with the Triton interpreter on")
+    for line in sys.stdin:
+        kernel, fmt, act_dtype, key, arch = json.loads(line)
+        out.write(json.dumps(_compile_here(kernel, fmt, act_dtype, tuple(key), arch)) + "\n")
+        out.flush()
+
+
+@functools.cache
+def _compile_report(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) -> tuple[tuple[str, Any], ...]:
+    global _WORKER
+    if compiles_in_process():
+        row = _compile_here(kernel, fmt, act_dtype, key, arch)
+    else:
+        if _WORKER is None:
+            _WORKER = _Worker()
+        row = _WORKER.request(kernel, fmt, act_dtype, key, arch)
+    return tuple(row.items())
+
+
+def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple, arch: int) -> dict[str, Any]:
+    """Compile one kernel variant for ``sm_<arch>`` and describe the cubin.
+
+    ``kernel``: "fwd" or "bwd" (the forward runs with a bias); ``fmt``: dense, int8, int4 or
+    fp8; ``act_dtype``: bf16 or fp16; ``config``: a ``triton.Config`` from
+    ``gpu_configs()`` (or its :func:`config_key` tuple); ``arch``: 80 or 90.
+
+    Keys: ``compiled`` (else ``error`` holds the message), ``registers``, ``stack_bytes``,
+    ``local_bytes``, ``spill_stores``/``spill_loads`` (STL/LDL instructions in the SASS),
+    ``spills``, ``dynamic_shared_bytes`` (Triton's), ``static_shared_bytes`` (cuobjdump's),
+    ``shared_bytes`` (their sum, checked against ``shared_limit``: ``shared_ok``),
+    ``tensor_core`` / ``tensor_core_mnemonic`` (HGMMA or HMMA found), ``tensor_core_ok``
+    (the architecture's own MMA found) and ``ok`` (all checks pass). Cached per process;
+    under ``TRITON_INTERPRET=1`` the compile runs in a worker process (see :func:`compiles_in_process`).
+    """
+    if arch not in SHARED_LIMITS:
+        raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {arch}")
+    return dict(_compile_report(kernel, fmt, act_dtype, config_key(config), arch))
+
+
+def full_report(archs: tuple[int, ...] = ARCHS) -> list[dict[str, Any]]:
+    """:func:`compile_report` for both kernels x every format x bf16/fp16 x every configuration the
+    autotuner may pick for that kernel and format x ``archs``."""
+    return [
+        compile_report(kernel, fmt, dtype, config, arch)
+        for arch in archs
+        for kernel in KERNELS
+        for fmt in FORMATS
+        for dtype in ACT_DTYPES
+        for config in _flt.candidate_configs(kernel, fmt)
+    ]
+
+
+def problems(row: dict[str, Any]) -> list[str]:
+    """Human-readable failed checks of one report row (empty when it passes)."""
+    if not row["compiled"]:
+        lines = [line.strip() for line in (row["error"] or "").splitlines() if line.strip()]
+        return ["does not compile: " + (lines[-1] if lines else "unknown error")]
+    out = []
+    if row["spills"]:
+        out.append(f"spills: stack {row['stack_bytes']} B, {row['spill_stores']} STL / {row['spill_loads']} LDL")
+    if not row["shared_ok"]:
+        out.append(f"shared {row['shared_bytes']} B > limit {row['shared_limit']} B")
+    if not row["tensor_core_ok"]:
+        out.append(f"no {row['tensor_core_expected']} in SASS (found {row['tensor_core_mnemonic']})")
+    return out

@@ -1,0 +1,100 @@
+"""Ahead-of-time compile checks of the frozen-linear Triton kernels for sm_80 (A100) and sm_90 (H100/H200).
+
+No GPU is needed: Triton compiles for the real targets on the CPU and the ``cuobjdump`` bundled
+with its NVIDIA backend reads the cubins (``offsite_kernels/ops/aot.py``). For each case:
+
+- it compiles;
+- the GEMM runs on tensor cores: ``HGMMA`` (warpgroup MMA) in the sm_90 SASS for tiles of 64 or
+  more rows, ``HMMA`` for the skinny 16- and 32-row tiles there (warpgroup MMA needs 64 rows; these
+  tiles serve M <= 32, where the weight bytes, not the math, set the time) and on sm_80;
+- no register spills (stack 0, no local stores);
+- shared memory (dynamic + static) fits one block: 163 KiB on A100, 227 KiB on H100/H200.
+
+Coverage: every configuration the autotuner may pick for each kernel and weight format
+(``candidate_configs``), on both architectures, with bf16 activations; fp16 compiles to the same
+resources, so it gets one configuration per (kernel, format), rotating through the list.
+``bench/aot_report.py`` writes the full matrix (both dtypes) to bench/results/.
+Under ``TRITON_INTERPRET=1`` (set by conftest on CPU machines) the compiles run in one worker
+process with the interpreter off.
+Skipped only where Triton's NVIDIA backend or its ``cuobjdump`` is missing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from offsite_kernels.ops import aot
+from offsite_kernels.ops.frozen_linear_triton import candidate_configs
+
+_AVAILABLE, _WHY = aot.availability()
+pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile check unavailable: {_WHY}")
+
+
+def _cases() -> list:
+    chosen = []
+    for kernel in aot.KERNELS:
+        for i, fmt in enumerate(aot.FORMATS):
+            configs = [aot.config_key(c) for c in candidate_configs(kernel, fmt)]
+            chosen += [(kernel, fmt, "bf16", cfg) for cfg in configs]
+            chosen.append((kernel, fmt, "fp16", configs[i % len(configs)]))
+    return [
+        pytest.param(
+            kernel, fmt, dtype, cfg, arch, id=f"sm{arch}-{kernel}-{fmt}-{dtype}-{aot.config_label(cfg).replace(' ', '_')}"
+        )
+        for arch in aot.ARCHS
+        for kernel, fmt, dtype, cfg in chosen
+    ]
+
+
+CASES = _cases()
+ARGS = "kernel,fmt,dtype,cfg,arch"
+
+
+def _report(kernel: str, fmt: str, dtype: str, cfg: tuple, arch: int) -> dict:
+    row = aot.compile_report(kernel, fmt, dtype, cfg, arch)  # cached: each variant compiles once per session
+    assert row["compiled"], f"sm_{arch}: {aot.problems(row)[0]}\n{row['error']}"
+    return row
+
+
+@pytest.mark.parametrize(ARGS, CASES)
+def test_compiles(kernel, fmt, dtype, cfg, arch):
+    row = _report(kernel, fmt, dtype, cfg, arch)
+    assert row["registers"] > 0
+
+
+@pytest.mark.parametrize(ARGS, CASES)
+def test_uses_tensor_cores(kernel, fmt, dtype, cfg, arch):
+    row = _report(kernel, fmt, dtype, cfg, arch)
+    want = aot.expected_tensor_core(arch, cfg[0])
+    assert row["tensor_core_ok"], f"no {want} in the sm_{arch} SASS (found: {row['tensor_core_mnemonic']})"
+
+
+@pytest.mark.parametrize(ARGS, CASES)
+def test_no_register_spills(kernel, fmt, dtype, cfg, arch):
+    row = _report(kernel, fmt, dtype, cfg, arch)
+    assert row["stack_bytes"] == 0 and row["local_bytes"] == 0 and row["spill_stores"] == 0, (
+        f"spills on sm_{arch}: {row['registers']} registers, stack {row['stack_bytes']} B, "
+        f"{row['spill_stores']} STL / {row['spill_loads']} LDL in the SASS"
+    )
+
+
+@pytest.mark.parametrize(ARGS, CASES)
+def test_shared_memory_fits(kernel, fmt, dtype, cfg, arch):
+    row = _report(kernel, fmt, dtype, cfg, arch)
+    assert row["shared_bytes"] <= aot.SHARED_LIMITS[arch], (
+        f"{row['shared_bytes']} B of shared memory (dynamic {row['dynamic_shared_bytes']} + static "
+        f"{row['static_shared_bytes']}) > {aot.SHARED_LIMITS[arch]} B per block on {aot.ARCH_NAMES[arch]}"
+    )
+
+
+def test_signature_matches_kernels():
+    """The AOT signature names every kernel parameter, in order, with the GPU's constexpr values."""
+    for kernel in aot.KERNELS:
+        for fmt in aot.FORMATS:
+            sig, constexprs, _ = aot.kernel_signature(kernel, fmt, "bf16", aot.config_key(candidate_configs(kernel, fmt)[0]))
+            assert list(sig) == list(aot.kernel_fn(kernel).arg_names)
+            assert all(sig[name] == "constexpr" for name in constexprs)
+            assert constexprs["DOT_PRECISION"] == "ieee"
+            assert not any(constexprs.get(flag, False) for flag in aot.INTERPRETER_FLAGS)
