@@ -46,6 +46,9 @@ def test_distill_finetune_eval_report(workdir, capsys):
     assert main([*args, "-o", str(w / "adapter"), "--checkpoint-every", "2", *TRAIN]) == 0
     assert (w / "adapter" / "adapter.safetensors").is_file() and (w / "adapter.ckpt" / "trainer_state.json").is_file()
     assert main([*args, "-o", str(w / "adapter_lora"), "--method", "lora", "--lora-rank", "2", *TRAIN]) == 0
+    assert main([*args, "-o", str(w / "adapter_bn"), "--method", "bottleneck", "--bottleneck-size", "8", *TRAIN]) == 0
+    full = ["finetune", str(w / "model"), "--full-model", "--train", str(w / "train.txt"), "-o", str(w / "full_ft"), *TRAIN]
+    assert main(full) == 0 and (w / "full_ft" / "config.json").is_file()
     capsys.readouterr()
 
     assert (
@@ -67,11 +70,18 @@ def test_distill_finetune_eval_report(workdir, capsys):
     assert row["perplexity"] > 1 and 0 <= row["accuracy"] <= 1
 
     report = ["report", "--model", str(w / "model"), "--emulator", str(w / "distilled"), "--adapter", str(w / "adapter")]
+    report += ["--full-finetuned", str(w / "full_ft")]
     assert main([*report, "--data", str(w / "valid.jsonl"), "--block-size", "32", "--json", str(w / "report.json")]) == 0
     out = capsys.readouterr().out
     assert "| plug-in |" in out and "paper's ordering" in out
     rows = json.loads((w / "report.json").read_text())
-    assert [r["setting"] for r in rows] == ["full zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in"]
+    assert [r["setting"] for r in rows] == [
+        "full zero-shot",
+        "emulator zero-shot",
+        "emulator fine-tuned",
+        "plug-in",
+        "full fine-tune",
+    ]
 
 
 def test_untouched_adapter_report_is_consistent(workdir, capsys):

@@ -118,7 +118,7 @@ def adapter_snapshot(emu):
     return {k: v.clone() for k, v in emu.adapter_state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
+@pytest.mark.parametrize("method", ["full", "lora", "bitfit", "bottleneck"])
 def test_finetune_methods_learn_and_touch_only_what_they_should(tokenizer, text_file, method):
     model = tiny_model("opt", seed=3)
     emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
@@ -133,18 +133,22 @@ def test_finetune_methods_learn_and_touch_only_what_they_should(tokenizer, text_
         lora=LoraSettings(rank=4),
     )
     after = perplexity(emu, data)["loss"]
-    needed = {"full": 0.5, "lora": 0.15, "bitfit": 0.15}[method]  # LoRA and BitFit train far fewer weights
+    needed = {"full": 0.5, "lora": 0.15, "bitfit": 0.15, "bottleneck": 0.15}[method]  # the others train far fewer weights
     assert after < before - needed, f"{method}: {before:.3f} -> {after:.3f}"
     assert result.steps == 25 and math.isfinite(result.final_loss)
     adapter_keys = set(emu.adapter_state_dict())
     prefix = {f"model.{emu.family.blocks}.{p}." for p in emu.layout.adapter_positions()}
     state = emu.state_dict()
+    if method == "bottleneck":
+        added = set(state) - set(frozen_before)
+        assert added and all(".offsite_bottleneck." in k for k in added)
+        state = {k: v for k, v in state.items() if k not in added}
     assert state.keys() == frozen_before.keys(), "LoRA must be merged away"
     for k, v in state.items():
         if not any(k.startswith(p) for p in prefix):
             assert torch.equal(v, frozen_before[k]), f"{method} changed frozen tensor {k}"
-        elif method == "bitfit" and not k.endswith("bias"):
-            assert torch.equal(v, frozen_before[k]), f"bitfit changed {k}"
+        elif (method == "bitfit" and not k.endswith("bias")) or method == "bottleneck":
+            assert torch.equal(v, frozen_before[k]), f"{method} changed {k}"
     assert adapter_keys
 
 
@@ -281,3 +285,30 @@ def test_multiple_choice_scores_by_log_likelihood(tokenizer):
     assert scores.accuracy == 1.0 and scores.accuracy_norm == float(best_norm == best_raw)
     wrong = ChoiceItem(context, tuple(choices), (best_raw + 1) % 3)
     assert multiple_choice(model, tokenizer, [wrong]).accuracy == 0.0
+
+
+def test_bottleneck_adapter_plugs_in_and_checks_before_changing(tokenizer, text_file, tmp_path):
+    model = tiny_model("gpt2", seed=21)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    from offsite_kernels.workflow.methods import prepare
+
+    zero_shot = emu(input_ids=ids).logits
+    prepare(emu, "bottleneck")
+    torch.testing.assert_close(emu(input_ids=ids).logits, zero_shot, rtol=0, atol=0)  # zero-initialised: identity
+    finetune(emu, load_blocks(text_file, tokenizer, 24), quiet(steps=5, batch_size=2, lr=1e-2), method="bottleneck")
+    emu.save_adapter(tmp_path / "adapter")
+
+    other = tiny_model("gpt2", seed=22)
+    with pytest.raises(ok.AdapterMismatchError):
+        ok.plug_in(other, tmp_path / "adapter")
+    assert not any("bottleneck" in k for k in other.state_dict())  # refused before anything was added
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plugged = ok.plug_in(model, tmp_path / "adapter", inplace=False)
+    state = plugged.state_dict()
+    assert {k for k in state if "offsite_bottleneck" in k} == {k for k in emu.adapter_state_dict() if "offsite_bottleneck" in k}
+    assert all(torch.equal(state[k], before[k]) for k in before)  # the block weights themselves untouched
+    assert not torch.equal(plugged(input_ids=ids).logits, model(input_ids=ids).logits)
+    reloaded = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2).load_adapter(tmp_path / "adapter")
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=0, atol=0)

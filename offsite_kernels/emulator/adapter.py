@@ -20,6 +20,9 @@ from .._version import __version__
 from ..errors import AdapterMismatchError, PackageError
 from ..io import atomic_output_dir, load_tensors, read_json, save_tensors, write_json
 from ..models import ModelFamily, get_family
+from .bottleneck import ATTR as BOTTLENECK_ATTR
+from .bottleneck import Bottleneck, bottleneck_size
+from .bottleneck import install as install_bottleneck
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -112,10 +115,24 @@ def _check_compatible(model: nn.Module, family: ModelFamily, manifest: dict[str,
     return layout
 
 
+def _expected_state(block: nn.Module, hidden: int, bottleneck: int | None) -> dict[str, torch.Tensor]:
+    """The block's state dict, plus the bottleneck's (on the meta device) if the adapter brings one."""
+    state = dict(block.state_dict())
+    if bottleneck is not None and not hasattr(block, BOTTLENECK_ATTR):
+        extra = Bottleneck(hidden, bottleneck, device="meta").state_dict()
+        state.update({f"{BOTTLENECK_ATTR}.{k}": v for k, v in extra.items()})
+    return state
+
+
 def _split_and_check(
-    tensors: dict[str, torch.Tensor], family: ModelFamily, layout: Layout, blocks: nn.ModuleList, positions: dict[int, int]
+    tensors: dict[str, torch.Tensor],
+    family: ModelFamily,
+    layout: Layout,
+    blocks: nn.ModuleList,
+    positions: dict[int, int],
+    hidden: int,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Group adapter tensors by block and check names and shapes against ``blocks``.
+    """Group adapter tensors by block and check names and shapes against ``blocks`` (nothing changes).
 
     ``positions`` maps a source block index to its position in ``blocks``.
     """
@@ -126,8 +143,9 @@ def _split_and_check(
         if not index_text.isdigit() or int(index_text) not in per_block:
             raise AdapterMismatchError(f"adapter tensor {name!r} does not belong to an adapter block of layout {layout}")
         per_block[int(index_text)][rest] = tensor
+    size = bottleneck_size(tensors)
     for index, sub in per_block.items():
-        target = blocks[positions[index]].state_dict()
+        target = _expected_state(blocks[positions[index]], hidden, size)
         if sorted(sub) != sorted(target):
             missing, extra = sorted(set(target) - set(sub)), sorted(set(sub) - set(target))
             raise AdapterMismatchError(
@@ -141,6 +159,19 @@ def _split_and_check(
     return per_block
 
 
+def _load_blocks(
+    per_block: dict[int, dict[str, torch.Tensor]], blocks: nn.ModuleList, positions: dict[int, int], hidden: int
+) -> None:
+    """Copy checked adapter tensors into ``blocks``, adding the bottleneck modules they bring."""
+    size = bottleneck_size({k: v for sub in per_block.values() for k, v in sub.items()})
+    with torch.no_grad():
+        for index, sub in per_block.items():
+            block = blocks[positions[index]]
+            if size is not None:
+                install_bottleneck(block, hidden, size)
+            block.load_state_dict(sub, strict=True)
+
+
 def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = True, check_weights: bool = True) -> nn.Module:
     """Put a trained adapter into the full Hugging Face model and return the model.
 
@@ -151,13 +182,10 @@ def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = T
     manifest, tensors = read_adapter(adapter_path)
     layout = _check_compatible(model, family, manifest, check_weights)
     identity = {i: i for i in layout.adapter_indices}
-    per_block = _split_and_check(tensors, family, layout, family.get_blocks(model), identity)
+    per_block = _split_and_check(tensors, family, layout, family.get_blocks(model), identity, model.config.hidden_size)
     if not inplace:
         model = copy.deepcopy(model)
-    blocks = family.get_blocks(model)
-    with torch.no_grad():
-        for index, sub in per_block.items():
-            blocks[index].load_state_dict(sub, strict=True)
+    _load_blocks(per_block, family.get_blocks(model), identity, model.config.hidden_size)
     return model
 
 
@@ -179,8 +207,6 @@ def load_adapter(emu: OffsiteModel, adapter_path: str | os.PathLike, check_weigh
         if probe.shape != mine.shape or (probe - mine).norm() > _PROBE_RTOL * mine.norm():
             raise AdapterMismatchError("adapter comes from an emulator of another model (embedding probe differs)")
     positions = dict(zip(layout.adapter_indices, layout.adapter_positions(), strict=True))
-    per_block = _split_and_check(tensors, emu.family, layout, emu.blocks, positions)
-    with torch.no_grad():
-        for index, sub in per_block.items():
-            emu.blocks[positions[index]].load_state_dict(sub, strict=True)
+    per_block = _split_and_check(tensors, emu.family, layout, emu.blocks, positions, emu.config.hidden_size)
+    _load_blocks(per_block, emu.blocks, positions, emu.config.hidden_size)
     return emu

@@ -82,23 +82,31 @@ def _data(args: argparse.Namespace, tokenizer: Any, model: Any) -> tuple[Any, An
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..emulator.offsite_model import OffsiteModel
+    from ..hf_io import load_local_model, save_model_dir
     from ..io import check_output_dir
     from .finetune import finetune
-    from .methods import LoraSettings
+    from .methods import BottleneckSettings, LoraSettings
 
     check_output_dir(args.output, args.overwrite)
     settings = settings_from(args)
-    emu = OffsiteModel.from_pretrained(args.emulator_dir)
+    if args.full_model and args.method != "full":
+        raise PackageError("--full-model fine-tunes every weight of a whole model: it takes --method full only")
+    model = load_local_model(args.emulator_dir) if args.full_model else OffsiteModel.from_pretrained(args.emulator_dir)
     tokenizer = load_tokenizer(args.emulator_dir)
-    train, valid = _data(args, tokenizer, emu)
+    train, valid = _data(args, tokenizer, model)
     lora = LoraSettings(
         args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")) if args.lora_targets else None
     )
-    result = finetune(emu, train, settings, valid=valid, method=args.method, lora=lora)
-    emu.save_adapter(args.output, overwrite=args.overwrite)
+    bottleneck = BottleneckSettings(args.bottleneck_size)
+    result = finetune(model, train, settings, valid=valid, method=args.method, lora=lora, bottleneck=bottleneck)
+    if args.full_model:
+        save_model_dir(model, args.output, tokenizer_from=args.emulator_dir, overwrite=args.overwrite)
+    else:
+        model.save_adapter(args.output, overwrite=args.overwrite)
     best = f", best valid loss {result.best_valid:.4f}" if result.best_valid is not None else ""
+    what = "full model" if args.full_model else f"adapter ({args.method})"
     print(
-        f"adapter ({args.method}) after {result.steps} steps: train loss {result.final_loss:.4f}{best}, {result.tokens_per_second:,.0f} tokens/s -> {args.output}"
+        f"{what} after {result.steps} steps: train loss {result.final_loss:.4f}{best}, {result.tokens_per_second:,.0f} tokens/s -> {args.output}"
     )
     return 0
 
@@ -192,11 +200,13 @@ def register(sub: Any, bits_type: Any) -> None:
     p.add_argument("--train", required=True, help="training text (.txt, or .jsonl with a 'text' field)")
     p.add_argument("--valid", help="validation text; the adapter with the best validation loss is kept")
     p.add_argument("-o", "--output", required=True, help="adapter directory to create")
-    p.add_argument("--method", choices=METHODS, default="full", help="full adapter blocks (default), lora, or bitfit")
+    p.add_argument("--method", choices=METHODS, default="full", help="full adapter blocks (default), lora, bitfit or bottleneck")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-targets", help="comma-separated module names inside a block (default: the family's q/v projections)")
+    p.add_argument("--bottleneck-size", type=int, default=64, help="width of the bottleneck adapter")
+    p.add_argument("--full-model", action="store_true", help="EMULATOR_DIR is a whole model: fine-tune all of it (the baseline)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_training_options(p, steps=200, lr=1e-4)
     p.set_defaults(func=cmd_finetune)

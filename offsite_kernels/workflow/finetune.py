@@ -8,7 +8,7 @@ from ..emulator.offsite_model import OffsiteModel
 from .data import TextBlocks
 from .evaluate import perplexity
 from .loop import TrainResult, TrainSettings, train
-from .methods import LoraSettings, export, prepare
+from .methods import BottleneckSettings, LoraSettings, export, prepare
 
 
 def finetune(
@@ -18,8 +18,9 @@ def finetune(
     valid: TextBlocks | None = None,
     method: str = "full",
     lora: LoraSettings | None = None,
+    bottleneck: BottleneckSettings | None = None,
 ) -> TrainResult:
-    """Fine-tune the adapter of an emulator with ``method`` ("full", "lora", "bitfit").
+    """Fine-tune the adapter of an emulator with ``method`` ("full", "lora", "bitfit", "bottleneck").
 
     The adapter weights with the best validation perplexity (when ``valid`` is given) are kept;
     LoRA updates are merged into the adapter blocks before returning, so ``save_adapter`` and
@@ -27,7 +28,7 @@ def finetune(
     parameter with method "full".
     """
     if isinstance(model, OffsiteModel):
-        trainable = prepare(model, method, lora)
+        trainable = prepare(model, method, lora, bottleneck)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -4,6 +4,8 @@
 - ``lora``: low-rank updates (PEFT) on the adapter blocks' attention projections only; merged into
   the blocks' weights on export, so the adapter file and ``plug_in`` stay the same.
 - ``bitfit``: the adapter blocks' biases only.
+- ``bottleneck``: a small residual MLP after each adapter block (Houlsby-style), the blocks frozen;
+  ``plug_in`` installs the same modules in the full model from the adapter file.
 """
 
 from __future__ import annotations
@@ -13,15 +15,21 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..emulator.bottleneck import install as install_bottleneck
 from ..emulator.build import freeze_all_but_adapter_
 from ..emulator.offsite_model import OffsiteModel
 from ..errors import OffsiteError
 
-METHODS = ("full", "lora", "bitfit")
+METHODS = ("full", "lora", "bitfit", "bottleneck")
 
 
 class MethodError(OffsiteError, ValueError):
     """A fine-tuning method that does not apply to this model."""
+
+
+@dataclass
+class BottleneckSettings:
+    size: int = 64
 
 
 @dataclass
@@ -32,13 +40,22 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = None  # None: the family's defaults
 
 
-def prepare(emu: OffsiteModel, method: str, lora: LoraSettings | None = None) -> dict[str, nn.Parameter]:
+def prepare(
+    emu: OffsiteModel, method: str, lora: LoraSettings | None = None, bottleneck: BottleneckSettings | None = None
+) -> dict[str, nn.Parameter]:
     """Set ``requires_grad`` for ``method`` and return the trainable parameters by name."""
     if method not in METHODS:
         raise MethodError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
     freeze_all_but_adapter_(emu.model, emu.family, emu.layout)
     if method == "lora":
         _inject_lora(emu, lora or LoraSettings())
+    elif method == "bottleneck":
+        size = (bottleneck or BottleneckSettings()).size
+        for p in emu.parameters():
+            p.requires_grad_(False)
+        for _, block in emu.adapter_blocks():
+            for p in install_bottleneck(block, emu.config.hidden_size, size).parameters():
+                p.requires_grad_(True)
     elif method == "bitfit":
         biases = {id(p) for _, block in emu.adapter_blocks() for n, p in block.named_parameters() if n.endswith("bias")}
         if not biases:
