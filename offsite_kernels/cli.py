@@ -70,9 +70,12 @@ def _cmd_plug_in(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoSettings, run_demo
 
-    run_demo(steps=args.steps, seed=args.seed)
+    settings = DemoSettings(
+        distill_steps=args.distill_steps, finetune_steps=args.finetune_steps, seed=args.seed, progress=not args.quiet
+    )
+    run_demo(settings, workdir=args.workdir, json_out=args.json)
     return 0
 
 
@@ -92,6 +95,8 @@ def _bits(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoSettings
+
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning with fast frozen emulators.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -122,9 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub, _bits)
 
-    p = sub.add_parser("demo", help="run the offsite-tuning loop end to end on a built-in tiny model")
-    p.add_argument("--steps", type=int, default=60, help="adapter training steps")
+    p = sub.add_parser("demo", help="the whole loop on the shipped small model and real text, with the four-setting table")
+    p.add_argument(
+        "--downstream",
+        choices=("debref", "kjv"),
+        default=DemoSettings.downstream,
+        help="downstream text (see demo_assets/README.md)",
+    )
+    p.add_argument("--layout", default=DemoSettings.layout, help="BOTTOM-EMULATOR-TOP of the 8-block model")
+    p.add_argument(
+        "--method", default="full", choices=("full", "lora", "bitfit", "bottleneck"), help="adapter fine-tuning method"
+    )
+    p.add_argument("--distill-steps", type=int, default=120)
+    p.add_argument("--finetune-steps", type=int, default=240)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="keep the emulator package and adapter in this directory")
+    p.add_argument("--json", help="write the table as JSON to this file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("env", help="print versions, GPU and available kernel backends")

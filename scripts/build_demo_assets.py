@@ -6,6 +6,8 @@ Pretraining corpus: the reStructuredText sources of the Python 3.11 documentatio
 
     apt-get install -y python3.11-doc bible-kjv
     python scripts/build_demo_assets.py downstream      # writes demo_assets/kjv/*.txt
+    python scripts/build_demo_assets.py debref          # writes demo_assets/debref/*.txt (needs debian-reference-en)
+    python scripts/build_demo_assets.py owner           # writes demo_assets/pydoc/distill.txt
     python scripts/build_demo_assets.py pretrain --minutes 35
 
 ``pretrain`` trains a byte-level BPE tokenizer and a small Llama-family model (RMSNorm, rotary,
@@ -52,6 +54,48 @@ def cmd_downstream(args: argparse.Namespace) -> None:
         print(f"{name}: {', '.join(books)}: {len(text):,} characters")
 
 
+def cmd_owner(args: argparse.Namespace) -> None:
+    """The owner's distillation text: whole documentation files from the pretraining split, ~400 KB."""
+    files = sorted(Path(args.docs).rglob("*.rst.txt"))
+    random.Random(0).shuffle(files)
+    train_files = files[max(1, len(files) // 50) :]  # the pretraining split of read_docs
+    picked, size = [], 0
+    for f in sorted(train_files, key=lambda f: str(f)):
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if "library/" in str(f) and 5_000 < len(text) < 40_000:
+            picked.append(text)
+            size += len(text)
+        if size > 400_000:
+            break
+    target = ASSETS / "pydoc"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "distill.txt").write_text("\n\n".join(picked), encoding="utf-8")
+    print(f"owner text: {len(picked)} files, {size:,} characters")
+
+
+DEBREF = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
+
+
+def cmd_debref(args: argparse.Namespace) -> None:
+    """Second downstream text: the Debian Reference, chapters 1, 2, 4, 5 to train on and 3 held out."""
+    import gzip
+
+    with gzip.open(args.source, "rt", encoding="utf-8") as f:
+        text = f.read()
+    parts = re.split(r"^(Chapter\s\d+\.\s.*)$", text, flags=re.MULTILINE)  # \s: the headings use a no-break space
+    chapters = {int(re.match(r"Chapter\s(\d+)", parts[i]).group(1)): parts[i] + parts[i + 1] for i in range(1, len(parts), 2)}
+
+    def clean(t: str) -> str:
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(line.strip() for line in t.splitlines())).strip() + "\n"
+
+    target = ASSETS / "debref"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, numbers in (("train", (1, 2, 4, 5)), ("valid", (3,))):
+        body = clean("".join(chapters[n] for n in numbers))
+        (target / f"{name}.txt").write_text(body, encoding="utf-8")
+        print(f"{name}: chapters {numbers}: {len(body):,} characters")
+
+
 def read_docs(root: Path) -> tuple[str, str]:
     files = sorted(root.rglob("*.rst.txt"))
     if not files:
@@ -72,14 +116,19 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     train_text, valid_text = read_docs(Path(args.docs))
     print(f"corpus: {len(train_text):,} train / {len(valid_text):,} valid characters")
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([train_text[i : i + 100_000] for i in range(0, len(train_text), 100_000)], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    if args.init:  # continue training a saved model with its tokenizer
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator([train_text[i : i + 100_000] for i in range(0, len(train_text), 100_000)], trainer)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     eos = tokenizer.eos_token_id
 
     def encode(text: str) -> torch.Tensor:
@@ -99,7 +148,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         eos_token_id=eos,
         **MODEL,
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32) if args.init else LlamaForCausalLM(config)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     est_steps = args.max_steps
@@ -123,7 +172,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     best, step = math.inf, 0
     start = time.time()
-    out = ASSETS / "pydoc-llama"
+    out = Path(args.out)
     model.train()
     while step < est_steps and time.time() - start < budget:
         for group in opt.param_groups:
@@ -142,11 +191,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             print(f"step {step} train {loss.item():.3f} valid {v:.3f} (ppl {math.exp(v):.1f}) {rate:,.0f} tok/s", flush=True)
             if v < best:
                 best = v
-                save(model, tokenizer, out, step, v)
+                save(model, tokenizer, out, step, v, args)
     print(f"best valid loss {best:.3f} (ppl {math.exp(best):.1f}) after {step} steps, {(time.time() - start) / 60:.1f} min")
 
 
-def save(model, tokenizer, out: Path, step: int, valid: float) -> None:
+def save(model, tokenizer, out: Path, step: int, valid: float, args: argparse.Namespace) -> None:
     import torch
 
     tmp = out.with_name(out.name + ".tmp")
@@ -171,6 +220,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("downstream").set_defaults(func=cmd_downstream)
+    p = sub.add_parser("debref")
+    p.add_argument("--source", default=str(DEBREF))
+    p.set_defaults(func=cmd_debref)
+    p = sub.add_parser("owner")
+    p.add_argument("--docs", default=str(DOCS))
+    p.set_defaults(func=cmd_owner)
     p = sub.add_parser("pretrain")
     p.add_argument("--docs", default=str(DOCS))
     p.add_argument("--minutes", type=float, default=35)
@@ -182,6 +237,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="continue from this saved model (and its tokenizer) instead of starting afresh")
+    p.add_argument("--out", default=str(ASSETS / "pydoc-llama"), help="where the best checkpoint goes")
     p.set_defaults(func=cmd_pretrain)
     args = parser.parse_args()
     args.func(args)
