@@ -231,6 +231,16 @@ def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.T
     return data, s, z, data.stride(0), stride_sn
 
 
+def _launch(kernel, tuned, args: tuple, meta: dict, rows: int, cols: int, col_block: str) -> None:
+    """One program per (BLOCK_M x ``col_block``) output tile: the fixed interpreter configuration on
+    the CPU, the autotuned one on a GPU."""
+    if triton_interpreter_enabled():
+        cfg = INTERPRETER_CONFIG
+        kernel[(triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg[col_block]),)](*args, **meta, **cfg)
+    else:
+        tuned[lambda c: (triton.cdiv(rows, c["BLOCK_M"]) * triton.cdiv(cols, c[col_block]),)](*args, **meta)
+
+
 def frozen_linear_fwd(
     x: torch.Tensor,
     data: torch.Tensor,
@@ -258,13 +268,7 @@ def frozen_linear_fwd(
         DOT_PRECISION=_dot_precision(x.dtype),
         INTERPRETER_BF16=_interpreter_bf16(x.dtype),
     )
-    if triton_interpreter_enabled():
-        cfg = INTERPRETER_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _frozen_linear_fwd_kernel[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
-        _tuned_fwd[grid](*args, **meta)
+    _launch(_frozen_linear_fwd_kernel, _tuned_fwd, args, meta, m, n, "BLOCK_N")
     return y
 
 
@@ -293,11 +297,5 @@ def frozen_linear_bwd(
         DOT_PRECISION=_dot_precision(grad_y.dtype),
         INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype),
     )
-    if triton_interpreter_enabled():
-        cfg = INTERPRETER_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_K"]),)
-        _frozen_linear_bwd_kernel[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(k, c["BLOCK_K"]),)  # noqa: E731
-        _tuned_bwd[grid](*args, **meta)
+    _launch(_frozen_linear_bwd_kernel, _tuned_bwd, args, meta, m, k, "BLOCK_K")
     return dx

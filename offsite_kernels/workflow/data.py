@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,24 @@ def _read_raw(path: Path) -> str:
     return raw
 
 
+def _jsonl_records(path: Path, raw: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` for each non-blank line."""
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+
+
 def read_texts(path: str | os.PathLike) -> list[str]:
     """Documents of a plain-text or JSONL (``text`` field) file."""
     path = Path(path)
     raw = _read_raw(path)
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        for number, record in _jsonl_records(path, raw):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{path}:{number}: each JSONL line needs a string field 'text'")
             texts.append(record["text"])
@@ -122,13 +128,7 @@ def load_choices(path: str | os.PathLike) -> list[ChoiceItem]:
         raise DataError(f"multiple-choice data must be a .jsonl file, got {str(path)!r}")
     raw = _read_raw(path)
     items = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    for number, record in _jsonl_records(path, raw):
         choices = record.get("choices") if isinstance(record, dict) else None
         gold = record.get("gold") if isinstance(record, dict) else None
         if (
