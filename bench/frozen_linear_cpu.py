@@ -42,6 +42,7 @@ TOKENS = (1, 16, 512)
 IMPLS = ("F.linear", "ok-dense", "ok-int8", "ok-int4")
 DIRECTIONS = ("fwd", "fwd+bwd")
 INT4_GROUP = 128
+NOISY = 0.3  # IQR / median above which the summary marks a case noisy
 _BITS = {"ok-dense": None, "ok-int8": 8, "ok-int4": 4}
 
 _weights: dict[tuple[str, str], tuple[torch.Tensor | ok.QuantizedWeight, torch.Tensor]] = {}
@@ -120,9 +121,12 @@ def summarize(json_path: str | Path) -> str:
     st = data["machine_info"].get("offsite_stamp", {})
     versions = st.get("versions", {})
     cases: dict[tuple, dict[str, float]] = {}
+    spread: dict[tuple, float] = {}  # the widest IQR / median among a case's implementations
     for b in data["benchmarks"]:
-        e = b["extra_info"]
-        cases.setdefault((e["shape"], e["N"], e["K"], e["M"], e["direction"]), {})[e["impl"]] = b["stats"]["median"]
+        e, s = b["extra_info"], b["stats"]
+        key = (e["shape"], e["N"], e["K"], e["M"], e["direction"])
+        cases.setdefault(key, {})[e["impl"]] = s["median"]
+        spread[key] = max(spread.get(key, 0.0), s["iqr"] / s["median"])
     lines = [
         "# Frozen linear on CPU (torch reference backend)",
         "",
@@ -133,16 +137,20 @@ def summarize(json_path: str | Path) -> str:
         f"- torch {versions.get('torch')}, triton {versions.get('triton')}, offsite-kernels {versions.get('offsite_kernels')}, "
         f"commit {str(st.get('git', {}).get('commit'))[:12]}",
         "- fp32 activations and weights; int4 group 128; `OFFSITE_BACKEND=torch` (dequantize the whole weight, then `F.linear`)",
-        "- every ratio below is two medians from this one run; ratio > 1 means slower than dense `F.linear`",
+        "- times are pytest-benchmark medians; every ratio is two medians of this one run; ratio > 1: slower than dense `F.linear`",
+        f"- spread: the largest IQR / median of the case's four implementations (> {NOISY:.1f}: a noisy case, read its ratios loosely)",
         "",
-        "| shape (N x K) | M | direction | F.linear ms | ok-dense ms | ok-int8 ms | ok-int4 ms | dense / F.linear | int8 / F.linear | int4 / F.linear |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape (N x K) | M | direction | F.linear ms | ok-dense ms | ok-int8 ms | ok-int4 ms | dense / F.linear "
+        "| int8 / F.linear | int4 / F.linear | spread |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (shape, n, k, m, direction), t in sorted(cases.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][3])):
+    for key, t in sorted(cases.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][3])):
+        shape, n, k, m, direction = key
         base = t.get("F.linear")
         ms = [f"{t[i] * 1e3:.3f}" if i in t else "-" for i in IMPLS]
         ratios = [f"{t[i] / base:.2f}x" if i in t and base else "-" for i in IMPLS[1:]]
-        lines.append(f"| {shape} ({n} x {k}) | {m} | {direction} | " + " | ".join(ms + ratios) + " |")
+        noisy = " (noisy)" if spread[key] > NOISY else ""
+        lines.append(f"| {shape} ({n} x {k}) | {m} | {direction} | " + " | ".join(ms + ratios) + f" | {spread[key]:.2f}{noisy} |")
     return "\n".join(lines) + "\n"
 
 

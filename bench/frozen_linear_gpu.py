@@ -24,7 +24,8 @@ M in {1, 16, 128, 1024, 4096, 16384} (``--quick``: three shapes, three M), in bf
 Timing: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (L2 flushed before each call).
 The first call of every (shape, M bucket, format, direction) is made, synchronised and timed
 outside the measurement: it includes Triton's compilation and autotuning, and is reported as
-``first_call_s`` (by default in a fresh, empty Triton cache, so this is the cold-start cost).
+``first_call_s`` (by default in a fresh, empty Triton cache, so this is the cold-start cost;
+``--keep-triton-cache`` measures the warm start, with compiled kernels and autotuning winners on disk).
 Each first-call output is checked against an fp32 matmul of the dequantized weight.
 
 Per row: shape, M, N, K, format, direction, median/p20/p80 ms, TFLOP/s (2MNK / t), GB/s over

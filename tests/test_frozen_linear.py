@@ -200,6 +200,8 @@ def test_bad_inputs_name_the_problem():
         ok.frozen_linear(torch.randn(2, 16, device="meta"), qw)
     with pytest.raises(FrozenLinearInputError, match="tensor or a QuantizedWeight"):
         ok.frozen_linear(torch.randn(2, 16), [[1.0]])
+    with pytest.raises(FrozenLinearInputError, match="2-D floating-point"):
+        ok.frozen_linear(torch.randn(2, 16), torch.ones(8, 16, dtype=torch.int8))
 
 
 def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..backends import requested_backend
 from ..errors import OffsiteError
-from ..quant.formats import dequantize_fields, quantize_weight
+from ..quant.formats import dequantize_fields
 from ..quant.weight import QuantizedWeight
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,7 +143,12 @@ def as_quantized(weight: torch.Tensor | QuantizedWeight) -> QuantizedWeight:
                 "frozen_linear's weight requires grad, but a frozen linear computes no weight gradient; "
                 "call weight.requires_grad_(False) (or use torch.nn.functional.linear for a trainable weight)"
             )
-        return quantize_weight(weight, bits=None)
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise FrozenLinearInputError(
+                f"a dense weight must be a 2-D floating-point tensor, got {weight.dtype} {tuple(weight.shape)}"
+            )
+        # wrapped as is: no per-call scan of the weight (quantize_weight checks values once, up front)
+        return QuantizedWeight("dense", weight, None, None, 0, (weight.shape[0], weight.shape[1]), weight.dtype)
     raise FrozenLinearInputError(f"weight must be a tensor or a QuantizedWeight, got {type(weight).__name__}")
 
 
