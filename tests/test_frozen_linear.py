@@ -75,7 +75,6 @@ def test_forward_and_input_gradient_match_float64(backend, bits, dtype, case, wi
 @pytest.mark.parametrize("m", [1, 37])
 def test_triton_kernels_write_every_output_element(bits, dtype, m, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1") if not torch.cuda.is_available() else None
     from offsite_kernels.ops.frozen_linear_triton import frozen_linear_bwd, frozen_linear_fwd
 
     qw = ok.quantize_weight(torch.randn(N, K, generator=gen(m)), bits=bits, group_size=64)
@@ -125,6 +124,15 @@ def test_autograd_saves_no_activation_and_no_weight_grad(bits):
     assert list(layer.parameters()) == []
 
 
+@pytest.mark.parametrize("bits", [None, 8])
+def test_non_contiguous_weights_are_read_correctly(backend, bits):
+    w = torch.randn(70, 24, generator=gen(40)).t()  # a transposed view, as HF Conv1D weights are
+    qw = ok.quantize_weight(w, bits=bits) if bits else w
+    x = torch.randn(5, 70, generator=gen(41))
+    reference = x.double() @ (ok.quantize_weight(w, bits=bits).dequantize() if bits else w).double().T
+    assert rel_error(ok.frozen_linear(x, qw), reference) < TOLERANCE[torch.float32]
+
+
 def test_dense_weight_that_requires_grad_is_refused():
     w = torch.randn(8, 16, requires_grad=True)
     with pytest.raises(FrozenLinearInputError, match="requires grad"):
@@ -155,7 +163,7 @@ def test_torch_compile_traces_without_graph_breaks():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
-def test_from_linear_and_conv1d():
+def test_from_linear_and_conv1d(backend):
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)

@@ -148,7 +148,7 @@ def as_quantized(weight: torch.Tensor | QuantizedWeight) -> QuantizedWeight:
                 f"a dense weight must be a 2-D floating-point tensor, got {weight.dtype} {tuple(weight.shape)}"
             )
         # wrapped as is: no per-call scan of the weight (quantize_weight checks values once, up front)
-        return QuantizedWeight("dense", weight, None, None, 0, (weight.shape[0], weight.shape[1]), weight.dtype)
+        return QuantizedWeight("dense", weight.contiguous(), None, None, 0, (weight.shape[0], weight.shape[1]), weight.dtype)
     raise FrozenLinearInputError(f"weight must be a tensor or a QuantizedWeight, got {type(weight).__name__}")
 
 

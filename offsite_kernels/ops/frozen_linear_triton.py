@@ -223,6 +223,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None) -> tuple:
+    # the kernels read rows with unit column stride: make sure of it (a no-op for stored weights)
+    data, scales, zeros = (None if t is None else t.contiguous() for t in (data, scales, zeros))
     if data.dtype == torch.float8_e4m3fn:
         data = data.view(torch.uint8)  # the kernel decodes the bytes itself
     s = scales if scales is not None else data  # placeholder pointers, never read for this format
@@ -259,6 +261,7 @@ def frozen_linear_fwd(
     if m == 0:
         return y
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
+    bias = None if bias is None else bias.contiguous()
     args = (x, w, s, z, bias if bias is not None else y, y, m, n, k, m_bucket(m))
     args += (x.stride(0), x.stride(1), stride_wn, stride_sn, y.stride(0), y.stride(1))
     meta = dict(

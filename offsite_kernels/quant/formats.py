@@ -106,7 +106,7 @@ def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int
     fmt = check_format(bits, group_size)
     _check_weight(w)
     if fmt == "dense":
-        return QuantizedWeight("dense", w.detach(), None, None, 0, tuple(w.shape), w.dtype)
+        return QuantizedWeight("dense", w.detach().contiguous(), None, None, 0, tuple(w.shape), w.dtype)
     if fmt == "int8":
         return quantize_int8(w)
     if fmt == "int4":
