@@ -45,13 +45,21 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     path = check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output gets the usual permissions
     try:
         yield tmp
         if path.exists():
             check_output_dir(path, overwrite)  # it may have appeared meanwhile
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, backup / path.name)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(backup / path.name, path)  # put the old output back
+                shutil.rmtree(backup, ignore_errors=True)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -133,3 +133,19 @@ def test_existing_output_is_refused_before_work(workdir, capsys):
     assert main(["finetune", str(w / "emu"), "--train", str(w / "train.txt"), "-o", str(w / "adapter"), *TRAIN]) == 2
     assert "already exists" in capsys.readouterr().err
     assert list((w / "adapter").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eval-every", "0"], "--eval-every must be at least 1"),
+        (["--checkpoint-every", "1", "--checkpoint-dir", "OUT/ckpt"], "must lie outside the output"),
+    ],
+)
+def test_bad_training_options_fail_before_work(workdir, capsys, extra, message):
+    w = workdir
+    extra = [e.replace("OUT", str(w / "out")) for e in extra]
+    args = ["finetune", str(w / "emu"), "--train", str(w / "train.txt"), "-o", str(w / "out"), *TRAIN, *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (w / "out").exists()

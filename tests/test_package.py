@@ -122,3 +122,31 @@ def test_source_state_is_untouched_by_saving(full_model, tmp_path):
     emu.save_adapter(tmp_path / "adapter")
     for k, v in full_model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_package_missing_a_tensor_is_refused(tmp_path, bits):
+    from safetensors.torch import load_file, save_file
+
+    from offsite_kernels.tiny import tiny_model
+
+    emu = ok.make_emulator(tiny_model("llama", seed=3), bottom=1, top=1, emulator_layers=2, bits=bits)
+    emu.save_pretrained(tmp_path / "emu")
+    weights = tmp_path / "emu" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["model.layers.0.self_attn.q_proj.weight"]  # an adapter tensor
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ok.PackageError, match=r"lacks tensors \['model.layers.0.self_attn.q_proj.weight'\]"):
+        ok.OffsiteModel.from_pretrained(tmp_path / "emu")
+
+
+def test_outputs_get_the_usual_permissions(full_model, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2).save_adapter(tmp_path / "adapter")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755

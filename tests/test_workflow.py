@@ -312,3 +312,55 @@ def test_bottleneck_adapter_plugs_in_and_checks_before_changing(tokenizer, text_
     assert not torch.equal(plugged(input_ids=ids).logits, model(input_ids=ids).logits)
     reloaded = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2).load_adapter(tmp_path / "adapter")
     torch.testing.assert_close(reloaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# --- review fixes: checkpoints never clobber, never resume another run ------------------------
+def test_foreign_checkpoint_dir_is_refused_and_left_alone(tokenizer, text_file, tmp_path):
+    from offsite_kernels.errors import PackageError
+
+    ckpt = tmp_path / "mine"
+    ckpt.mkdir()
+    (ckpt / "notes.txt").write_text("keep me")
+    emu = ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2)
+    data = load_blocks(text_file, tokenizer, 24)
+    with pytest.raises(PackageError, match="holds no training checkpoint"):
+        finetune(emu, data, quiet(steps=2, checkpoint_every=1, checkpoint_dir=str(ckpt)))
+    assert [p.name for p in ckpt.iterdir()] == ["notes.txt"]
+
+
+def test_checkpoint_of_another_run_is_refused(tokenizer, text_file, tmp_path):
+    from offsite_kernels.errors import PackageError
+
+    ckpt = str(tmp_path / "ckpt")
+    data = load_blocks(text_file, tokenizer, 24)
+    first = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
+    finetune(first, data, quiet(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=ckpt))
+    for changed in (dict(steps=2, lr=5e-4), dict(steps=3, lr=1e-3)):
+        again = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
+        with pytest.raises(PackageError, match="belongs to another run"):
+            finetune(again, data, quiet(checkpoint_every=1, checkpoint_dir=ckpt, **changed))
+    lora = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
+    with pytest.raises(PackageError, match=r"belongs to another run|incomplete or of another run"):
+        finetune(lora, data, quiet(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=ckpt), method="lora")
+
+
+def test_distill_restores_the_callers_teacher_and_refuses_pruned(tokenizer, text_file):
+    teacher = tiny_model("llama", seed=5).train()
+    teacher.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in teacher.parameters()]
+    emu = ok.make_emulator(teacher, bottom=1, top=1, emulator_layers=2)
+    distill(emu, teacher, load_blocks(text_file, tokenizer, 24), quiet(steps=1, batch_size=2))
+    assert teacher.training and [p.requires_grad for p in teacher.parameters()] == flags
+    pruned = ok.make_emulator(teacher, bottom=1, top=1, emulator_layers=2, prune=0.3)
+    with pytest.raises(DistillError, match="distill the unpruned emulator, then prune"):
+        distill(pruned, teacher, load_blocks(text_file, tokenizer, 24), quiet(steps=1))
+
+
+def test_seed_fixes_lora_initialisation(tokenizer, text_file):
+    def run():
+        emu = ok.make_emulator(tiny_model("opt", seed=3), bottom=1, top=1, emulator_layers=2)
+        finetune(emu, load_blocks(text_file, tokenizer, 24), quiet(steps=2, batch_size=2, seed=9), method="lora")
+        return emu.adapter_state_dict()
+
+    a, b = run(), run()
+    assert all(torch.equal(a[k], b[k]) for k in a)

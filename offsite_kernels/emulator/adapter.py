@@ -82,6 +82,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     manifest = read_json(path / MANIFEST_FILE, what)
     if manifest.get("format") != ADAPTER_FORMAT:
         raise PackageError(f"{what}: {str(path)!r} is not an adapter (format {manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PackageError(
+            f"{what}: {str(path)!r} has format version {version!r}; this library reads up to {FORMAT_VERSION} (upgrade offsite-kernels)"
+        )
     tensors = load_tensors(path / ADAPTER_FILE, what)
     if sorted(tensors) != sorted(manifest.get("tensors", [])):
         raise PackageError(f"{what}: tensors in {ADAPTER_FILE} do not match the manifest's list; the directory is corrupt")

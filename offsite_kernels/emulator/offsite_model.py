@@ -88,6 +88,11 @@ class OffsiteModel(nn.Module):
         check_format(bits, group_size)
         if self.quantized:
             raise LayoutError("the emulator is already quantized")
+        # all or nothing: the one data-dependent failure (a non-finite weight) is found before any swap
+        for _, block in self.emulator_blocks():
+            for name, p in block.named_parameters():
+                if p.dim() == 2 and not torch.isfinite(p).all():
+                    raise LayoutError(f"emulator weight {name} holds NaN or infinite values; it cannot be quantized")
         for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):
             self.quantized[str(position)] = quantize_linears_(block, bits, group_size)
         return self
@@ -180,7 +185,11 @@ def make_emulator(
             f"config.num_hidden_layers={model.config.num_hidden_layers} disagrees with the {n_layers} blocks "
             "the model holds; pass an unmodified model"
         )
-    if not 0.0 <= float(prune) < 1.0:
+    try:
+        prune = float(prune)
+    except (TypeError, ValueError) as exc:
+        raise LayoutError(f"prune must be a fraction in [0, 1), got {prune!r}") from exc
+    if not 0.0 <= prune < 1.0:
         raise LayoutError(f"prune must be a fraction in [0, 1), got {prune!r}")
     check_format(bits, group_size)  # reject a bad format before any copying
     layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)

@@ -74,7 +74,10 @@ def read_package_record(path: Path) -> dict[str, Any]:
     record = read_json(path / PACKAGE_FILE, what)
     if record.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{what}: {str(path)!r} is not an emulator package (format {record.get('format')!r})")
-    if int(record.get("format_version", -1)) > FORMAT_VERSION:
+    version = record.get("format_version")
+    if not isinstance(version, int):
+        raise PackageError(f"{what}: {str(path)!r} has no integer format_version in {PACKAGE_FILE}; the file is corrupt")
+    if version > FORMAT_VERSION:
         raise PackageError(
             f"{what}: format version {record['format_version']} is newer than this library reads; upgrade offsite-kernels"
         )
@@ -103,17 +106,41 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
     except Exception as exc:  # transformers raises many kinds; name the package in one message
         raise PackageError(f"emulator package {str(path)!r} could not be loaded: {exc}") from exc
     emu = OffsiteModel(model, layout, prune=float(record.get("prune", 0.0)), quantized=quantized)
+    files = check_safetensors_files(path, "emulator package")
     if quantized:
         tensors: dict = {}
-        for f in check_safetensors_files(path, "emulator package"):
+        for f in files:
             tensors.update(load_tensors(f, "emulator package"))
         blocks = emu.blocks
         for position, records in quantized.items():
-            prefix = f"{emu.family.blocks}.{position}."
-            restore_quantized_linears_(blocks[int(position)], records, tensors, prefix)
+            if not position.isdigit() or int(position) not in emu.emulator_positions():
+                raise PackageError(f"emulator package {str(path)!r}: quantized block {position!r} is not an emulator block")
+            restore_quantized_linears_(blocks[int(position)], records, tensors, f"{emu.family.blocks}.{position}.")
         emu.model.to(next(emu.model.parameters()).device)
+    _check_nothing_missing(emu.model, files, path)
     freeze_all_but_adapter_(model, emu.family, layout)
     return emu
+
+
+def _check_nothing_missing(model: Any, files: list[Path], path: Path) -> None:
+    """Every tensor of the loaded model must come from the package (transformers would quietly
+    initialise a missing one at random). Tied weights are stored once."""
+    from safetensors import safe_open
+
+    stored: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            stored.update(handle.keys())
+    seen: dict[int, str] = {}
+    missing = []
+    for name, tensor in model.state_dict().items():
+        alias = seen.setdefault(tensor.data_ptr(), name) != name
+        if name not in stored and not alias:
+            missing.append(name)
+    if missing:
+        raise PackageError(
+            f"emulator package {str(path)!r} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; the package is incomplete"
+        )
 
 
 @contextlib.contextmanager

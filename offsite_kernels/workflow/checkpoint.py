@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..errors import PackageError
 from ..io import atomic_output_dir, load_tensors, read_json, save_tensors, write_json
 
 STATE_FILE = "trainer_state.json"
@@ -42,6 +43,20 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         state.setdefault(int(index), {}).update(entries)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a checkpoint to resume; False if it is free. A directory that holds
+    anything else is refused: a checkpoint never replaces other files."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return True
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise PackageError(
+            f"checkpoint directory {str(path)!r} exists and holds no training checkpoint; "
+            "give an empty or new --checkpoint-dir (its contents would be replaced)"
+        )
+    return False
 
 
 def save_checkpoint(
@@ -75,10 +90,16 @@ def load_checkpoint(
     tensors = load_tensors(path / TENSOR_FILE, "training checkpoint")
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
-    torch.set_rng_state(tensors["rng.cpu"])
+    try:
+        _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        counters = meta["counters"]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PackageError(
+            f"training checkpoint {str(path)!r} is incomplete or of another run ({exc}); delete it or use a new --checkpoint-dir"
+        ) from exc
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
-    return params, best, meta["counters"]
+        cuda = sorted((int(k[len("rng.cuda") :]), v) for k, v in tensors.items() if k.startswith("rng.cuda"))
+        if cuda:
+            torch.cuda.set_rng_state_all([v for _, v in cuda])
+    return params, best, counters

@@ -29,12 +29,20 @@ def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> N
 
 
 def settings_from(args: argparse.Namespace):
+    from .checkpoint import check_checkpoint_dir
     from .loop import TrainSettings
 
-    for name in ("steps", "batch_size", "grad_accum", "block_size"):
+    for name in ("steps", "batch_size", "grad_accum", "block_size", "eval_every", "max_valid_blocks"):
         if getattr(args, name) < 1:
             raise PackageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.checkpoint_every < 0:
+        raise PackageError(f"--checkpoint-every must be 0 (off) or positive, got {args.checkpoint_every}")
     checkpoint_dir = args.checkpoint_dir or (f"{args.output}.ckpt" if args.checkpoint_every else None)
+    if checkpoint_dir:
+        out, ckpt = Path(args.output).resolve(), Path(checkpoint_dir).resolve()
+        if ckpt == out or out in ckpt.parents or ckpt in out.parents:
+            raise PackageError(f"--checkpoint-dir {checkpoint_dir!r} must lie outside the output {args.output!r}")
+        check_checkpoint_dir(ckpt)
     return TrainSettings(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -136,9 +144,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..io import check_output_dir
     from .data import check_tokenizer, load_blocks, load_choices
     from .report import evaluate_setting
 
+    if args.json:
+        check_output_dir(args.json, args.overwrite)
     model = load_model_or_emulator(args.path)
     tokenizer = load_tokenizer(args.path)
     check_tokenizer(tokenizer, model)
@@ -155,10 +166,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..emulator.adapter import read_adapter
     from ..emulator.offsite_model import OffsiteModel
     from ..hf_io import load_local_model
+    from ..io import check_output_dir
     from .data import check_tokenizer, load_blocks, load_choices
     from .report import format_table, four_settings, ordering_holds
 
     read_adapter(args.adapter)  # a bad adapter fails before any model is loaded
+    if args.json:
+        check_output_dir(args.json, args.overwrite)
     model = load_local_model(args.model)
     emu = OffsiteModel.from_pretrained(args.emulator)
     tokenizer = load_tokenizer(args.model)
@@ -185,10 +199,14 @@ def _write_json(path: str, rows: list[dict[str, Any]], overwrite: bool) -> None:
     target = check_output_dir(path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def register(sub: Any, bits_type: Any) -> None:

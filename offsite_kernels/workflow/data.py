@@ -96,6 +96,8 @@ def load_blocks(path: str | os.PathLike, tokenizer: Any, block_size: int, max_bl
     """Read ``path``, tokenize, and cut into blocks; at least one whole block is required."""
     if block_size < 2:
         raise DataError(f"block_size must be at least 2, got {block_size}")
+    if max_blocks is not None and max_blocks < 1:
+        raise DataError(f"max_blocks must be at least 1, got {max_blocks}")
     ids: list[int] = []
     for text in read_texts(path):
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -46,7 +46,8 @@ def distill(
 ) -> TrainResult:
     """Train ``emu``'s emulator blocks against ``teacher`` (the full model); adapters stay frozen.
 
-    The emulator with the best validation perplexity (on ``valid``, else the training loss) is kept.
+    With ``valid``, the emulator with the best validation perplexity is kept; without, the last.
+    The teacher is left as it was given (dtype, device, mode, ``requires_grad``).
     """
     if len(emu.family.get_blocks(teacher)) != emu.layout.n_layers or teacher.config.model_type != emu.config.model_type:
         raise DistillError(
@@ -55,7 +56,15 @@ def distill(
         )
     if any(isinstance(m, FrozenLinear) for _, b in emu.emulator_blocks() for m in b.modules()):
         raise DistillError("the emulator's blocks are already low-bit; distill the dense emulator, then quantize it")
+    if emu.prune > 0:
+        raise DistillError(
+            f"the emulator is pruned ({emu.prune:.0%}); distillation would refill the pruned weights: "
+            "distill the unpruned emulator, then prune it"
+        )
     device = next(emu.parameters()).device
+    # the caller's teacher is restored afterwards: its dtype, device, mode and requires_grad
+    teacher_state = (next(teacher.parameters()).dtype, next(teacher.parameters()).device, teacher.training)
+    teacher_grad = [p.requires_grad for p in teacher.parameters()]
     teacher.eval()
     if device.type == "cuda":
         teacher.to(device=device, dtype=torch.bfloat16)
@@ -85,3 +94,7 @@ def distill(
     finally:
         emu.eval()
         freeze_all_but_adapter_(emu.model, emu.family, emu.layout)
+        teacher.to(device=teacher_state[1], dtype=teacher_state[0])
+        teacher.train(teacher_state[2])
+        for p, flag in zip(teacher.parameters(), teacher_grad, strict=True):
+            p.requires_grad_(flag)

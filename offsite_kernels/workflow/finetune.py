@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..emulator.offsite_model import OffsiteModel
@@ -27,6 +28,7 @@ def finetune(
     ``plug_in`` work unchanged. A plain HF model (the "full fine-tune" baseline) trains every
     parameter with method "full".
     """
+    torch.manual_seed(settings.seed)  # LoRA and bottleneck weights are initialised from the seed
     if isinstance(model, OffsiteModel):
         trainable = prepare(model, method, lora, bottleneck)
     else:

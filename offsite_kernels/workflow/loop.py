@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..errors import PackageError
+from .checkpoint import check_checkpoint_dir, load_checkpoint, save_checkpoint
 from .data import TextBlocks
 
 
@@ -69,6 +70,16 @@ def batch_indices(step: int, micro: int, n_blocks: int, settings: TrainSettings)
     return torch.tensor(out, dtype=torch.long)
 
 
+def run_fingerprint(trainable: dict[str, nn.Parameter], data: TextBlocks, settings: TrainSettings) -> dict:
+    """What must match for a checkpoint to be resumed: the trainable weights, the data and the settings."""
+    keep = ("steps", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "seed", "eval_every")
+    return {
+        "params": {n: list(p.shape) for n, p in trainable.items()},
+        "data": {"shape": list(data.ids.shape), "checksum": int(data.ids.sum())},
+        "settings": {k: getattr(settings, k) for k in keep},
+    }
+
+
 def train(
     trainable: dict[str, nn.Parameter],
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -95,8 +106,14 @@ def train(
     )
     start_step, best_valid, best_state, history = 0, None, None, []
     ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
-    if ckpt is not None and (ckpt / "trainer_state.json").is_file():
+    fingerprint = run_fingerprint(trainable, data, settings)
+    if ckpt is not None and check_checkpoint_dir(ckpt):
         params, best_state, counters = load_checkpoint(ckpt, optimizer)
+        if counters.get("fingerprint") != fingerprint:
+            raise PackageError(
+                f"the checkpoint in {str(ckpt)!r} belongs to another run (other settings, data or trainable weights); "
+                "delete it or give a new --checkpoint-dir"
+            )
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(params[name])
@@ -135,7 +152,7 @@ def train(
                 best_valid = valid
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
         if ckpt is not None and settings.checkpoint_every and (done % settings.checkpoint_every == 0 or done == settings.steps):
-            counters = {"step": done, "best_valid": best_valid, "history": history}
+            counters = {"step": done, "best_valid": best_valid, "history": history, "fingerprint": fingerprint}
             save_checkpoint(ckpt, {n: p.detach() for n, p in trainable.items()}, best_state, optimizer, counters)
     bar.close()
     if best_state is not None:
