@@ -67,7 +67,12 @@ def test_distill_finetune_eval_report(workdir, capsys):
         == 0
     )
     row = json.loads(capsys.readouterr().out)
-    assert row["perplexity"] > 1 and 0 <= row["accuracy"] <= 1
+    from offsite_kernels.workflow import load_blocks, load_choices, multiple_choice, perplexity
+
+    tokenizer = tiny_tokenizer()
+    direct = perplexity(distilled, load_blocks(w / "valid.jsonl", tokenizer, 32))
+    assert row["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6) and row["tokens"] == direct["tokens"]
+    assert row["accuracy"] == multiple_choice(distilled, tokenizer, load_choices(w / "mc.jsonl")).accuracy
 
     report = ["report", "--model", str(w / "model"), "--emulator", str(w / "distilled"), "--adapter", str(w / "adapter")]
     report += ["--full-finetuned", str(w / "full_ft")]

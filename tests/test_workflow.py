@@ -149,6 +149,8 @@ def test_finetune_methods_learn_and_touch_only_what_they_should(tokenizer, text_
             assert torch.equal(v, frozen_before[k]), f"{method} changed frozen tensor {k}"
         elif (method == "bitfit" and not k.endswith("bias")) or method == "bottleneck":
             assert torch.equal(v, frozen_before[k]), f"{method} changed {k}"
+        elif method == "lora" and not any(t in k for t in emu.family.lora_targets):
+            assert torch.equal(v, frozen_before[k]), f"lora changed {k}, which is not a LoRA target"
     assert adapter_keys
 
 
