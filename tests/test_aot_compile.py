@@ -98,3 +98,41 @@ def test_signature_matches_kernels():
             assert all(sig[name] == "constexpr" for name in constexprs)
             assert constexprs["DOT_PRECISION"] == "ieee"
             assert not any(constexprs.get(flag, False) for flag in aot.INTERPRETER_FLAGS)
+
+
+def _described(kernel: str, fmt: str, cfg: tuple) -> aot.KernelCase:
+    """The frozen-linear variant written as a generic :class:`aot.KernelCase` (how other ops describe theirs)."""
+    sig, constexprs, attrs = aot.kernel_signature(kernel, fmt, "bf16", cfg)
+    names = list(sig)
+    types = {n: t for n, t in sig.items() if t != "constexpr"}
+    consts = {n: v for n, v in constexprs.items() if n not in types}
+    unit = {n: v for n, v in consts.items() if isinstance(v, int) and not isinstance(v, bool) and n.startswith("stride")}
+    for n in unit:
+        consts.pop(n)
+    return aot.KernelCase(
+        module="offsite_kernels.ops.frozen_linear_triton",
+        fn=aot.kernel_fn(kernel).__name__,
+        types={**types, **unit},
+        constexprs=consts,
+        div16=tuple(names[i] for (i,) in attrs),
+        num_warps=cfg[4],
+        num_stages=cfg[5],
+        tensor_core=True,
+    )
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS)
+def test_described_case_compiles_like_the_builtin_report(arch):
+    cfg = aot.config_key(candidate_configs("fwd", "int4")[0])
+    case = _described("fwd", "int4", cfg)
+    row, builtin = aot.compile_case(case, arch), aot.compile_report("fwd", "int4", "bf16", cfg, arch)
+    assert row["ok"], aot.case_problems(row)
+    assert (row["registers"], row["shared_bytes"]) == (builtin["registers"], builtin["shared_bytes"])
+
+
+def test_described_case_missing_an_argument_is_reported():
+    cfg = aot.config_key(candidate_configs("bwd", "int8")[0])
+    case = _described("bwd", "int8", cfg)
+    broken = aot.KernelCase(**{**case.__dict__, "types": {k: v for k, v in case.types.items() if k != "M"}})
+    row = aot.compile_case(broken, 90)
+    assert not row["compiled"] and "'M'" in aot.case_problems(row)[0]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
+import importlib
 import json
 import os
 import re
@@ -263,6 +265,138 @@ def _compile_here(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) 
     return row
 
 
+# --- any other kernel: a described case ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    """One launch configuration of a Triton kernel, described for an AOT compile.
+
+    ``types`` maps each runtime argument to a Triton type string (``"*bf16"``, ``"i32"``,
+    ``"fp32"``) or to an int constant the JIT would specialise (a unit stride: ``1``);
+    ``constexprs`` holds the ``tl.constexpr`` values; ``div16`` names the arguments the JIT
+    would mark divisible by 16 (aligned pointers, strides and sizes that are multiples of 16).
+    ``tensor_core``: the kernel's main loop is a GEMM whose SASS must show tensor-core MMAs.
+    """
+
+    module: str
+    fn: str
+    types: dict[str, str | int]
+    constexprs: dict[str, Any]
+    div16: tuple[str, ...] = ()
+    num_warps: int = 4
+    num_stages: int = 1
+    label: str = ""
+    tensor_core: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def case_signature(case: KernelCase) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` of ``case`` for ``triton.compiler.ASTSource`` (see :func:`kernel_signature`)."""
+    fn = getattr(importlib.import_module(case.module), case.fn)
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int], list] = {}
+    unknown = set(case.div16) - set(case.types)
+    if unknown:
+        raise ValueError(f"{case.fn}: div16 names {sorted(unknown)} that are not runtime arguments")
+    for i, name in enumerate(fn.arg_names):
+        if name in case.constexprs:
+            signature[name], constexprs[name] = "constexpr", case.constexprs[name]
+        elif name in case.types:
+            ty = case.types[name]
+            if isinstance(ty, str):
+                signature[name] = ty
+                if name in case.div16:
+                    attrs[(i,)] = _DIVISIBILITY_16
+            else:
+                signature[name], constexprs[name] = "constexpr", ty
+        else:
+            raise ValueError(f"{case.fn}: the case gives no type or value for argument {name!r}")
+    return signature, constexprs, attrs
+
+
+def _compile_case_here(case: KernelCase, arch: int) -> dict[str, Any]:
+    row: dict[str, Any] = dict(
+        module=case.module,
+        kernel=case.fn,
+        label=case.label,
+        num_warps=case.num_warps,
+        num_stages=case.num_stages,
+        arch=arch,
+        shared_limit=SHARED_LIMITS[arch],
+        tensor_core_expected=("HGMMA" if arch >= 90 else "HMMA") if case.tensor_core else None,
+    )
+    try:
+        from triton.backends.compiler import GPUTarget
+
+        signature, constexprs, attrs = case_signature(case)
+        fn = getattr(importlib.import_module(case.module), case.fn)
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = dict(num_warps=case.num_warps, num_stages=case.num_stages)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        usage, sass = _cuobjdump(compiled.asm["cubin"], f"{case.fn}_sm{arch}")
+    except Exception as e:  # recorded, never raised
+        row.update(compiled=False, error=f"{type(e).__name__}: {e}"[:4000], ok=False)
+        return row
+    dynamic = int(compiled.metadata.shared)
+    total = dynamic + usage["static_shared_bytes"]
+    mma = {m: _count(sass, m) for m in ("HGMMA", "HMMA")}
+    row.update(
+        compiled=True,
+        error=None,
+        **usage,
+        dynamic_shared_bytes=dynamic,
+        shared_bytes=total,
+        shared_ok=total <= SHARED_LIMITS[arch],
+        spill_stores=_count(sass, "STL"),
+        spill_loads=_count(sass, "LDL"),
+        tensor_core_instructions=sum(mma.values()),
+        tensor_core_ok=(not case.tensor_core) or sum(mma.values()) > 0,
+    )
+    row["spills"] = row["stack_bytes"] > 0 or row["local_bytes"] > 0 or row["spill_stores"] > 0
+    row["ok"] = row["shared_ok"] and row["tensor_core_ok"] and not row["spills"]
+    return row
+
+
+@functools.cache
+def _compile_case_report(case_json: str, arch: int) -> tuple[tuple[str, Any], ...]:
+    global _WORKER
+    if compiles_in_process():
+        row = _compile_case_here(KernelCase(**json.loads(case_json)), arch)
+    else:
+        if _WORKER is None:
+            _WORKER = _Worker()
+        row = _WORKER.request({"case": json.loads(case_json)}, arch)
+    return tuple(row.items())
+
+
+def compile_case(case: KernelCase, arch: int) -> dict[str, Any]:
+    """Compile ``case`` for ``sm_<arch>`` and describe the cubin (keys as :func:`compile_report`;
+    ``ok``: compiled, no spills, shared memory within the limit, tensor cores where asked).
+    Cached per process; under ``TRITON_INTERPRET=1`` the compile runs in the worker process."""
+    if arch not in SHARED_LIMITS:
+        raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {arch}")
+    return dict(_compile_case_report(case.to_json(), arch))
+
+
+def case_problems(row: dict[str, Any]) -> list[str]:
+    """Failed checks of one :func:`compile_case` row, in words (empty when it passes)."""
+    if not row["compiled"]:
+        lines = [line.strip() for line in (row["error"] or "").splitlines() if line.strip()]
+        return ["does not compile: " + (lines[-1] if lines else "unknown error")]
+    out = []
+    if row["spills"]:
+        out.append(f"spills: stack {row['stack_bytes']} B, {row['spill_stores']} STL / {row['spill_loads']} LDL")
+    if not row["shared_ok"]:
+        out.append(f"shared {row['shared_bytes']} B > limit {row['shared_limit']} B")
+    if not row["tensor_core_ok"]:
+        out.append(f"no {row['tensor_core_expected']} in SASS")
+    return out
+
+
 class _Worker:
     """A child process with the Triton interpreter off that compiles on request (JSON lines)."""
 
@@ -317,8 +451,13 @@ def _serve() -> None:
     if not compiles_in_process():
         raise SystemExit("the AOT worker was started with the Triton interpreter on")
     for line in sys.stdin:
-        kernel, fmt, act_dtype, key, arch = json.loads(line)
-        out.write(json.dumps(_compile_here(kernel, fmt, act_dtype, tuple(key), arch)) + "\n")
+        request = json.loads(line)
+        if isinstance(request[0], dict):  # a described KernelCase
+            row = _compile_case_here(KernelCase(**request[0]["case"]), request[1])
+        else:
+            kernel, fmt, act_dtype, key, arch = request
+            row = _compile_here(kernel, fmt, act_dtype, tuple(key), arch)
+        out.write(json.dumps(row) + "\n")
         out.flush()
 
 
