@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import LayoutError, OffsiteError
 from ..models import ModelFamily, get_family
+from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
 from .layout import Layout, resolve_layout
@@ -97,6 +98,30 @@ class OffsiteModel(nn.Module):
             self.quantized[str(position)] = quantize_linears_(block, bits, group_size)
         return self
 
+    @property
+    def recompute(self) -> str | None:
+        """How the emulator blocks recompute activations in the backward: "full", "selective" or None."""
+        blocks = self.emulator_blocks()
+        return recompute_mode(blocks[0][1]) if blocks else None
+
+    def set_recompute(self, mode: str | bool | None) -> OffsiteModel:
+        """Recompute the emulator's activations in the backward instead of saving them.
+
+        ``"full"`` (or True): the emulator saves only its input and reruns its blocks in the
+        backward, one at a time. ``"selective"``: each emulator block keeps its GEMM and attention
+        outputs and recomputes norms and activations. None (or False): save as usual.
+        """
+        mode = "full" if mode is True else (None if mode is False else mode)
+        if mode is not None and mode not in RECOMPUTE_MODES:
+            raise RecomputeError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, True, False or None; got {mode!r}")
+        if mode is not None and getattr(self.config, "layerdrop", 0.0):
+            raise RecomputeError("recomputation needs every emulator block to run; set config.layerdrop = 0")
+        blocks = [block for _, block in self.emulator_blocks()]
+        remove_recompute(blocks)
+        if mode is not None and blocks:
+            apply_recompute(blocks, mode)
+        return self
+
     def emulator_positions(self) -> list[int]:
         """Positions of the emulator blocks inside the block list."""
         return [self.layout.bottom + j for j in range(len(self.layout.emulator))]
@@ -121,7 +146,8 @@ class OffsiteModel(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = next((rec["format"] for recs in self.quantized.values() for rec in recs.values()), "dense")
-        return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}, weights={fmt}"
+        extra = f", recompute={self.recompute}" if self.recompute else ""
+        return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}, weights={fmt}{extra}"
 
     # --- files ---------------------------------------------------------------------------
     def save_pretrained(
@@ -165,6 +191,7 @@ def make_emulator(
     prune: float = 0.0,
     bits: int | str | None = None,
     group_size: int = 128,
+    recompute: str | bool | None = None,
 ) -> OffsiteModel:
     """Split a Hugging Face causal LM into adapter + compressed emulator (Offsite-Tuning).
 
@@ -177,6 +204,8 @@ def make_emulator(
         bits: store every linear of the emulator blocks as a frozen low-bit ``FrozenLinear``:
             8 (int8), 4 (int4, groups of ``group_size``), "fp8", or None to keep them dense.
             Pruning, if any, happens first.
+        recompute: "full" (or True) to save only the emulator's input and rerun its blocks in the
+            backward; "selective" to keep GEMM and attention outputs and rerun the rest; None.
     """
     family = get_family(model)
     n_layers = len(family.get_blocks(model))
@@ -192,6 +221,8 @@ def make_emulator(
     if not 0.0 <= prune < 1.0:
         raise LayoutError(f"prune must be a fraction in [0, 1), got {prune!r}")
     check_format(bits, group_size)  # reject a bad format before any copying
+    if recompute not in (None, False, True, *RECOMPUTE_MODES):
+        raise RecomputeError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, True, False or None; got {recompute!r}")
     layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)
     reduced = copy_with_blocks(model, family, layout.kept_indices)
     freeze_all_but_adapter_(reduced, family, layout)
@@ -201,4 +232,6 @@ def make_emulator(
             magnitude_prune_(block, float(prune))
     if bits is not None:
         emulator.quantize_(bits, group_size)
+    if recompute:
+        emulator.set_recompute(recompute)
     return emulator

@@ -1,0 +1,269 @@
+"""Activation recomputation for a stack of frozen blocks.
+
+Two modes, set on a run of consecutive blocks (any ``nn.Module`` called as
+``block(hidden_states, ...)`` that returns the new hidden states, or a tuple that starts with them,
+which is every Hugging Face decoder block):
+
+- ``"full"``: the stack saves only its input. Its blocks run without autograd in the forward; one
+  autograd node stands for the whole stack and, in the backward, reruns the blocks from the saved
+  input (with the same RNG state) and backpropagates through them, one stack at a time. Peak
+  activation memory: the stack's input plus the working set of the recomputed blocks.
+- ``"selective"``: each block is checkpointed on its own with PyTorch's selective activation
+  checkpointing: the outputs of the GEMMs and of attention are saved, norms, activations and
+  other cheap elementwise work are recomputed.
+
+Both keep the block's own ``forward`` and its parameter names: the block's class is swapped for
+a subclass whose ``forward`` wraps the original (undone by :func:`remove_recompute`). Nothing is
+copied from Hugging Face. The blocks are expected frozen (no parameter needs grad); only the
+gradient of the hidden states flows through them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+from ..errors import OffsiteError
+
+RECOMPUTE_MODES = ("full", "selective")
+_STATE = "_offsite_recompute"  # attribute of a wrapped block: its _Stack
+
+
+class RecomputeError(OffsiteError, ValueError):
+    """Recomputation asked for where it cannot work."""
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _output_hidden(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _replace_output_hidden(out: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(out, torch.Tensor):
+        return hidden
+    return type(out)((hidden, *out[1:])) if isinstance(out, tuple) else [hidden, *out[1:]]
+
+
+def _is_cache(obj: Any) -> bool:
+    return hasattr(obj, "get_seq_length") and hasattr(obj, "update")
+
+
+def _without_caches(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with any KV cache object replaced by None (a recompute must not append to it)."""
+    return tuple(None if _is_cache(a) else a for a in args), {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+
+
+def _layer_index(block: nn.Module) -> int:
+    for module in block.modules():
+        if isinstance(getattr(module, "layer_idx", None), int):
+            return module.layer_idx
+    return 0
+
+
+def _check_no_cached_keys(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A block rerun in the backward gets no cache: refuse a pass whose cache already holds keys for it."""
+    for obj in (*args, *kwargs.values()):
+        if _is_cache(obj):
+            try:
+                cached = obj.get_seq_length(_layer_index(block))
+            except (IndexError, KeyError, TypeError):
+                cached = 0
+            if cached > 0:
+                raise RecomputeError(
+                    "recomputation with a filled KV cache: the backward would rerun attention without the "
+                    "cached keys; call the model with use_cache=False when training"
+                )
+
+
+class _StackFunction(torch.autograd.Function):
+    """The whole stack as one autograd node: saves the stack's input, reruns the blocks in backward."""
+
+    @staticmethod
+    def forward(ctx, stack_input: torch.Tensor, stack: _Stack) -> torch.Tensor:  # type: ignore[override]
+        ctx.calls = stack.calls
+        ctx.save_for_backward(stack_input)
+        output = stack.output
+        stack.output = None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        """Rerun the blocks without grad to get each one's input, then one block at a time, last
+        first: rerun it with grad and backpropagate (peak: the block inputs plus one block's work)."""
+        (stack_input,) = ctx.saved_tensors
+        calls, ctx.calls = ctx.calls, None
+        devices = [stack_input.device] if stack_input.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            inputs = [stack_input.detach()]
+            with torch.no_grad():
+                for run, args, kwargs, rng in calls[:-1]:
+                    _set_rng(rng)
+                    inputs.append(
+                        _output_hidden(
+                            run(*_with_hidden(args, kwargs, inputs[-1])[0], **_with_hidden(args, kwargs, inputs[-1])[1])
+                        )
+                    )
+            grad = grad_output
+            for index in reversed(range(len(calls))):
+                run, args, kwargs, rng = calls[index]
+                _set_rng(rng)
+                with torch.enable_grad():
+                    x = inputs[index].requires_grad_(True)
+                    call_args, call_kwargs = _with_hidden(args, kwargs, x)
+                    torch.autograd.backward(_output_hidden(run(*call_args, **call_kwargs)), grad)
+                grad, inputs[index] = x.grad, None
+        return grad, None
+
+
+def _get_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+class _Stack:
+    """Shared state of one recomputed run of blocks during one forward pass."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.calls: list[tuple[Callable, tuple, dict, tuple]] = []
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.expected = 0  # index of the block that must run next in a recorded pass
+
+    def __deepcopy__(self, memo: dict) -> _Stack:
+        return _Stack(self.size)  # a copy never shares a pass in flight
+
+    def call(self, block: nn.Module, index: int, run: Callable, args: tuple, kwargs: dict) -> Any:
+        hidden = _hidden_of(args, kwargs)
+        if index == 0:
+            self.calls, self.expected = [], 0
+            if not (torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad):
+                self.expected = -1  # nothing to differentiate: the blocks just run
+            else:
+                self.input = hidden
+        if self.expected == -1 or not torch.is_grad_enabled():
+            return run(*args, **kwargs)
+        if index != self.expected:
+            raise RecomputeError(
+                f"recomputed block {index} ran out of order (expected block {self.expected}); a recomputed stack "
+                "must run all its blocks in order in every forward pass (no layer drop inside it)"
+            )
+        self.expected += 1
+        _check_no_cached_keys(block, args, kwargs)
+        self.calls.append((run, *_without_caches(args, kwargs), _get_rng(hidden.device)))
+        with torch.no_grad():
+            out = run(*args, **kwargs)
+        if index < self.size - 1:
+            return out
+        self.output = _output_hidden(out)
+        stack_input, self.input = self.input, None
+        new_hidden = _StackFunction.apply(stack_input, self)
+        self.calls, self.expected = [], 0
+        return _replace_output_hidden(out, new_hidden)
+
+
+# Ops whose outputs selective recomputation keeps: the GEMMs and attention. Everything else in
+# the block (norms, activations, residual adds, rotary) is rerun in the backward.
+def _saved_ops() -> list[Any]:
+    ops = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default]
+    ops += [torch.ops.aten.baddbmm.default, torch.ops.aten.linear.default]
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            ops.append(op.default)
+    from ..ops import frozen_linear as _frozen_linear  # noqa: F401 - registers the custom op
+
+    ops.append(torch.ops.offsite_kernels.frozen_linear.default)
+    return ops
+
+
+def _selective_context() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_saved_ops())
+
+
+@functools.cache
+def _wrapped_class(base: type, mode: str) -> type:
+    """``base`` with a ``forward`` that recomputes (one subclass per block class and mode)."""
+
+    if mode == "full":
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            stack, index = getattr(self, _STATE)
+            return stack.call(self, index, functools.partial(base.forward, self), args, kwargs)
+
+    else:
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            hidden = _hidden_of(args, kwargs)
+            if not (torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad):
+                return base.forward(self, *args, **kwargs)
+            _check_no_cached_keys(self, args, kwargs)
+            args, kwargs = _without_caches(args, kwargs)  # the rerun must not append to a cache a second time
+            return checkpoint(base.forward, self, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)
+
+    attrs = {"forward": forward, "__module__": base.__module__, "_offsite_base": base, "_offsite_mode": mode}
+    return type(base.__name__, (base,), attrs)
+
+
+def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
+    """Make a run of consecutive, frozen ``blocks`` recompute their activations in the backward.
+
+    ``mode="full"`` saves only the input of the first block; ``"selective"`` checkpoints each block
+    and keeps its GEMM and attention outputs. In eval mode (no grad needed) the blocks run as before.
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise RecomputeError(f"recompute mode must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
+    blocks = list(blocks)
+    for block in blocks:
+        if recompute_mode(block) is not None:
+            raise RecomputeError("these blocks already recompute; call remove_recompute first")
+        trainable = [name for name, p in block.named_parameters() if p.requires_grad]
+        if trainable:
+            raise RecomputeError(
+                f"recomputation is for frozen blocks, but {type(block).__name__} has trainable parameters "
+                f"({', '.join(trainable[:3])}...): freeze them (requires_grad_(False)) first"
+            )
+    stack = _Stack(len(blocks))
+    for index, block in enumerate(blocks):
+        block.__class__ = _wrapped_class(type(block), mode)
+        if mode == "full":
+            object.__setattr__(block, _STATE, (stack, index))
+
+
+def remove_recompute(blocks: Sequence[nn.Module]) -> None:
+    """Undo :func:`apply_recompute` on these blocks."""
+    for block in blocks:
+        base = getattr(type(block), "_offsite_base", None)
+        if base is not None:
+            block.__class__ = base
+        block.__dict__.pop(_STATE, None)
+
+
+def recompute_mode(block: nn.Module) -> str | None:
+    """``"full"``, ``"selective"`` or None for a block."""
+    return getattr(type(block), "_offsite_mode", None)

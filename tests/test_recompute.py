@@ -1,0 +1,157 @@
+"""Recomputation of the frozen emulator: same loss and adapter gradients, far fewer saved activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import padded_mask, random_ids
+
+import offsite_kernels as ok
+from offsite_kernels.nn.recompute import RecomputeError, apply_recompute, recompute_mode
+from offsite_kernels.tiny import tiny_model
+
+
+def _loss_and_grads(emu, ids, mask=None):
+    emu.train()
+    emu.zero_grad(set_to_none=True)
+    out = emu(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in emu.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads
+
+
+def _assert_same(reference, other, rtol):
+    loss, grads = reference
+    loss2, grads2 = other
+    torch.testing.assert_close(loss2, loss, rtol=rtol, atol=0)
+    assert grads.keys() == grads2.keys() and grads
+    for name in grads:
+        scale = grads[name].abs().max().clamp_min(1e-12)
+        err = float((grads2[name] - grads[name]).abs().max() / scale)
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_every_family_same_loss_and_adapter_grads(full_model, mode):
+    ids, mask = random_ids(2, 11, seed=3), padded_mask(2, 11)
+    plain = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=3)
+    recomputed = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=3, recompute=mode)
+    assert recomputed.recompute == mode and plain.recompute is None
+    _assert_same(_loss_and_grads(plain, ids, mask), _loss_and_grads(recomputed, ids, mask), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_low_bit_emulator_recomputes_to_the_same_gradients(bits, mode):
+    model = tiny_model("llama", n_layers=6, seed=5)
+    ids = random_ids(2, 9, seed=4)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, bits=bits, group_size=32)
+    recomputed = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, bits=bits, group_size=32, recompute=mode)
+    _assert_same(_loss_and_grads(plain, ids), _loss_and_grads(recomputed, ids), rtol=1e-5)
+
+
+def test_dropout_masks_are_replayed_in_the_backward():
+    model = tiny_model("gpt2", n_layers=6, seed=2, resid_pdrop=0.3, attn_pdrop=0.2)
+    ids = random_ids(2, 10, seed=6)
+    runs = []
+    for mode in (None, "full", "selective"):
+        emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=4, recompute=mode)
+        torch.manual_seed(11)
+        runs.append(_loss_and_grads(emu, ids))
+    _assert_same(runs[0], runs[1], rtol=1e-5)
+    _assert_same(runs[0], runs[2], rtol=1e-5)
+
+
+class _SavedBytes:
+    """Bytes that autograd saves while the emulator blocks run (saved-tensor hooks + block hooks)."""
+
+    def __init__(self, emu):
+        blocks = [b for _, b in emu.emulator_blocks()]
+        self.inside, self.bytes, self.tensors = False, 0, 0
+        self.handles = [
+            blocks[0].register_forward_pre_hook(lambda *_: self._set(True)),
+            blocks[-1].register_forward_hook(lambda *_: self._set(False)),
+        ]
+
+    def _set(self, value):
+        self.inside = value
+
+    def pack(self, t):
+        if self.inside and isinstance(t, torch.Tensor):
+            self.bytes += t.numel() * t.element_size()
+            self.tensors += 1
+        return t
+
+    def measure(self, emu, ids):
+        emu.train()
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+            loss = emu(input_ids=ids, labels=ids).loss
+        for h in self.handles:
+            h.remove()
+        loss.backward()
+        return self.bytes
+
+
+def test_saved_activation_bytes_on_a_2_8_2_model():
+    model = tiny_model("llama", n_layers=12, seed=0)
+    ids = random_ids(4, 33, seed=1)
+    hidden_bytes = ids.numel() * model.config.hidden_size * 4  # the emulator's input, fp32
+    saved = {}
+    for mode in (None, "selective", "full"):
+        emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, recompute=mode)
+        saved[mode] = _SavedBytes(emu).measure(emu, ids)
+    assert saved["full"] == hidden_bytes  # exactly the emulator's input
+    assert 0 < saved["selective"] < saved[None]
+    assert saved[None] > 8 * hidden_bytes  # each plain block saves several activations
+
+
+def test_only_the_bottom_adapter_upstream_needs_grad():
+    """The setting where Hugging Face gradient checkpointing breaks: embeddings frozen, only the
+    bottom adapter below the emulator trains. The bottom adapter still gets its gradient."""
+    model = tiny_model("opt", n_layers=6, seed=3)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, recompute="full")
+    assert not any(p.requires_grad for p in emu.family.get(emu.model, emu.family.token_embedding).parameters())
+    _, grads = _loss_and_grads(emu, random_ids(2, 8, seed=2))
+    bottom = [n for n in grads if ".layers.0." in n]
+    assert bottom and all(grads[n].abs().sum() > 0 for n in bottom)
+
+
+def test_no_adapter_below_means_nothing_to_recompute():
+    model = tiny_model("llama", n_layers=4, seed=3)
+    emu = ok.make_emulator(model, bottom=0, top=2, emulator_layers=2, recompute="full")
+    plain = ok.make_emulator(model, bottom=0, top=2, emulator_layers=2)
+    ids = random_ids(2, 8, seed=5)
+    _assert_same(_loss_and_grads(plain, ids), _loss_and_grads(emu, ids), rtol=1e-6)
+
+
+def test_eval_generation_and_files_are_unchanged(tmp_path):
+    model = tiny_model("llama", n_layers=6, seed=4)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, recompute="full").eval()
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2).eval()
+    ids = random_ids(1, 5, seed=7)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=2)
+    assert torch.equal(emu.generate(ids, **gen), plain.generate(ids, **gen))
+    assert emu.state_dict().keys() == plain.state_dict().keys()
+    emu.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, plain(input_ids=ids).logits)
+    emu.set_recompute(None)
+    assert emu.recompute is None and type(emu.emulator_blocks()[0][1]) is type(plain.emulator_blocks()[0][1])
+
+
+def test_switching_modes_and_bad_requests():
+    model = tiny_model("bloom", n_layers=6, seed=4)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    emu.set_recompute(True)
+    assert emu.recompute == "full"
+    emu.set_recompute("selective")
+    assert {recompute_mode(b) for _, b in emu.emulator_blocks()} == {"selective"}
+    with pytest.raises(RecomputeError, match="one of full, selective"):
+        emu.set_recompute("everything")
+    with pytest.raises(RecomputeError, match="one of full, selective"):
+        ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, recompute="sometimes")
+    with pytest.raises(RecomputeError, match="already recompute"):
+        apply_recompute([b for _, b in emu.emulator_blocks()])
+    adapter = [b for _, b in emu.adapter_blocks()]
+    with pytest.raises(RecomputeError, match="trainable parameters"):
+        apply_recompute(adapter)
