@@ -95,7 +95,7 @@ def _bits(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoSettings
+    from .demo import DOWNSTREAM, DemoSettings
 
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning with fast frozen emulators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole loop on the shipped small model and real text, with the four-setting table")
     p.add_argument(
         "--downstream",
-        choices=("debref", "kjv"),
+        choices=tuple(DOWNSTREAM),
         default=DemoSettings.downstream,
         help="downstream text (see demo_assets/README.md)",
     )

@@ -1,9 +1,10 @@
 """``offsite demo``: the whole offsite-tuning loop on a small real model and real text, on a CPU.
 
 The shipped model (``demo_assets/pydoc-llama``) is a small Llama-family causal LM pretrained by
-``scripts/build_demo_assets.py`` on the Python documentation. The downstream task is another
-domain: system administration (the Debian Reference, chapter 3 held out), or the King James
-Gospels (Acts held out). The loop, as the paper runs it:
+``scripts/build_demo_assets.py`` on the prose of the Python documentation. The downstream task
+is another domain (:data:`DOWNSTREAM`): by default Python source code (whole standard-library
+modules, three held out); also system administration prose (the Debian Reference, chapter 3 held
+out) and the King James Gospels (Acts held out). The loop, as the paper runs it:
 
 1. model owner: emulate (uniform layer drop of the middle), distill the emulator briefly on
    the owner's own text, send the emulator package;
@@ -25,12 +26,18 @@ import torch
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 MODEL_DIR = ASSETS / "pydoc-llama"
+# downstream text folder -> (what it is, what is held out)
+DOWNSTREAM = {
+    "pycode": ("Python standard-library source code, 22 modules", "textwrap, shlex, fractions"),
+    "debref": ("Debian Reference, chapters 1, 2, 4, 5", "chapter 3"),
+    "kjv": ("King James Gospels", "Acts"),
+}
 
 
 @dataclass
 class DemoSettings:
-    layout: str = "2-2-2"
-    downstream: str = "debref"
+    layout: str = "1-2-1"
+    downstream: str = "pycode"
     block_size: int = 128
     distill_steps: int = 120
     finetune_steps: int = 240
@@ -57,6 +64,8 @@ def run_demo(
     from .workflow.report import format_table, four_settings, ordering_holds
 
     s = settings or DemoSettings()
+    if s.downstream not in DOWNSTREAM:
+        raise ValueError(f"unknown downstream text {s.downstream!r}; choose one of {', '.join(DOWNSTREAM)}")
     torch.manual_seed(s.seed)
     started = time.perf_counter()
     model = load_local_model(MODEL_DIR, dtype=torch.float32)
@@ -69,7 +78,8 @@ def run_demo(
     print(
         f"model: {n_params / 1e6:.1f}M-parameter {model.config.model_type} of {model.config.num_hidden_layers} blocks, pretrained on the Python docs"
     )
-    print(f"downstream: KJV Gospels, {train.n_tokens:,} training tokens; held out: Acts, {valid.n_tokens:,} tokens")
+    what, held_out = DOWNSTREAM[s.downstream]
+    print(f"downstream: {what}, {train.n_tokens:,} training tokens; held out: {held_out}, {valid.n_tokens:,} tokens")
 
     def training(steps: int, lr: float) -> TrainSettings:
         return TrainSettings(

@@ -1,10 +1,12 @@
 """Build the assets that ``offsite demo`` ships: a tiny pretrained causal LM and a downstream text.
 
 Pretraining corpus: the reStructuredText sources of the Python 3.11 documentation (Debian's
-``python3.11-doc``, PSF license). Downstream text, another domain: books of the King James Bible
-(public domain), printed by Debian's ``bible-kjv``. Both come from the package registry:
+``python3.11-doc``, PSF license). Downstream texts, other domains: Python source code (modules of
+the 3.11 standard library, PSF license; the default), books of the King James Bible (public
+domain, Debian's ``bible-kjv``) and the Debian Reference (GPL-2+). All come from the package registry:
 
-    apt-get install -y python3.11-doc bible-kjv
+    apt-get install -y python3.11-doc libpython3.11-stdlib bible-kjv debian-reference-en
+    python scripts/build_demo_assets.py code            # writes demo_assets/pycode/*.txt
     python scripts/build_demo_assets.py downstream      # writes demo_assets/kjv/*.txt
     python scripts/build_demo_assets.py debref          # writes demo_assets/debref/*.txt (needs debian-reference-en)
     python scripts/build_demo_assets.py owner           # writes demo_assets/pydoc/distill.txt
@@ -71,6 +73,31 @@ def cmd_owner(args: argparse.Namespace) -> None:
     target.mkdir(parents=True, exist_ok=True)
     (target / "distill.txt").write_text("\n\n".join(picked), encoding="utf-8")
     print(f"owner text: {len(picked)} files, {size:,} characters")
+
+
+STDLIB = Path("/usr/lib/python3.11")
+# the default downstream task: Python source code (the model was pretrained on prose about it)
+CODE_TRAIN = (
+    "argparse", "calendar", "configparser", "csv", "difflib", "fnmatch", "ftplib", "gettext", "heapq", "imaplib",
+    "ipaddress", "netrc", "optparse", "pprint", "queue", "sched", "smtplib", "string", "tabnanny", "tokenize", "uuid",
+    "zipfile",
+)  # fmt: skip
+CODE_VALID = ("textwrap", "shlex", "fractions")
+
+
+def cmd_code(args: argparse.Namespace) -> None:
+    """Default downstream text: whole modules of the Python 3.11 standard library (Debian
+    ``libpython3.11-minimal`` / ``libpython3.11-stdlib``, PSF license), verbatim; held-out modules apart."""
+    root = Path(args.stdlib)
+    target = ASSETS / "pycode"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, modules in (("train", CODE_TRAIN), ("valid", CODE_VALID)):
+        missing = [m for m in modules if not (root / f"{m}.py").is_file()]
+        if missing:
+            raise SystemExit(f"{root} lacks {', '.join(missing)}.py; apt-get install libpython3.11-stdlib")
+        text = "\n\n".join((root / f"{m}.py").read_text(encoding="utf-8") for m in modules)
+        (target / f"{name}.txt").write_text(text, encoding="utf-8")
+        print(f"{name}: {len(modules)} modules: {len(text):,} characters")
 
 
 DEBREF = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
@@ -207,7 +234,15 @@ def save(model, tokenizer, out: Path, step: int, valid: float, args: argparse.Na
     model.to(torch.float32)
     tokenizer.save_pretrained(tmp)
     (tmp / "training.json").write_text(
-        json.dumps({"step": step, "valid_loss": valid, "corpus": "python3.11-doc _sources"}, indent=2)
+        json.dumps(
+            {
+                "step": step,
+                "valid_loss": valid,
+                "corpus": "python3.11-doc _sources",
+                "args": {k: v for k, v in vars(args).items() if k != "func"},
+            },
+            indent=2,
+        )
     )
     if out.exists():
         import shutil
@@ -220,6 +255,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("downstream").set_defaults(func=cmd_downstream)
+    p = sub.add_parser("code")
+    p.add_argument("--stdlib", default=str(STDLIB))
+    p.set_defaults(func=cmd_code)
     p = sub.add_parser("debref")
     p.add_argument("--source", default=str(DEBREF))
     p.set_defaults(func=cmd_debref)
