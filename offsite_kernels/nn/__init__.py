@@ -1,5 +1,6 @@
 """Frozen building blocks for trainers: modules built from the library's ops."""
 
 from .frozen_linear import FrozenLinear
+from .norm import FrozenLayerNorm, FrozenRMSNorm
 
-__all__ = ["FrozenLinear"]
+__all__ = ["FrozenLayerNorm", "FrozenLinear", "FrozenRMSNorm"]

@@ -1,0 +1,364 @@
+"""Fused activations of the emulator's frozen MLPs, differentiable in their inputs only.
+
+- :func:`bias_gelu`: ``gelu(x + b)``, exact (erf) or tanh form (Hugging Face's ``gelu_new`` /
+  ``gelu_pytorch_tanh``); :func:`bias_relu` (OPT) and :func:`bias_silu` follow the same pattern.
+- :func:`swiglu`: ``silu(gate) * up``, the Llama family's ``act_fn(gate_proj(x)) * up_proj(x)``.
+- :func:`activation_by_name`: a Hugging Face activation name (``config.hidden_act`` /
+  ``activation_function``) resolved to the fused op, or a clear error.
+
+Layers of this file, from the bottom up: the pure-PyTorch references, backend dispatch to the
+Triton kernels (``activation_triton.py``), ``torch.library`` custom ops with fake (meta)
+implementations (``offsite_kernels::bias_gelu``, ``::bias_relu``, ``::bias_silu``, ``::swiglu``,
+each with a ``*_backward`` op) joined by ``register_autograd``, and the public functionals.
+
+Autograd saves the inputs only (``x`` before the bias, and the frozen bias itself; ``gate`` and
+``up``): the backward recomputes ``x + b`` and the derivative. The bias gets no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import requested_backend
+from ..errors import OffsiteError
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GELU_APPROXIMATIONS = ("none", "tanh")
+_GELU_ACTS = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+class ActivationInputError(OffsiteError, ValueError):
+    """Inputs of a fused activation that do not fit together, or an activation name without a fused op."""
+
+
+# --- reference --------------------------------------------------------------------------------
+def _pre_activation(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias.to(x.dtype)
+
+
+def bias_act_torch(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """Reference forward in plain PyTorch, in ``x.dtype``: ``act(x + bias)``; ``act`` one of
+    ``gelu``, ``gelu_tanh``, ``relu``, ``silu``."""
+    z = _pre_activation(x, bias)
+    if act == "gelu":
+        return F.gelu(z)
+    if act == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if act == "relu":
+        return F.relu(z)
+    if act == "silu":
+        return F.silu(z)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def bias_act_input_grad_torch(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """Reference input gradient: ``grad_y * act'(x + bias)`` (PyTorch's own backward formulas)."""
+    z = _pre_activation(x, bias)
+    if act in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(grad_y, z, approximate="none" if act == "gelu" else "tanh")
+    if act == "relu":
+        return torch.where(z > 0, grad_y, torch.zeros_like(grad_y))
+    if act == "silu":
+        return torch.ops.aten.silu_backward(grad_y, z)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def bias_gelu_torch(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "none") -> torch.Tensor:
+    """Reference: ``F.gelu(x + bias, approximate=approximate)``."""
+    return bias_act_torch(x, bias, _GELU_ACTS[approximate])
+
+
+def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Reference forward: ``F.silu(gate) * up``."""
+    return F.silu(gate) * up
+
+
+def swiglu_input_grad_torch(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference gradients: ``(grad_y * up * silu'(gate), grad_y * silu(gate))``."""
+    return torch.ops.aten.silu_backward(grad_y * up, gate), grad_y * F.silu(gate)
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+def _use_triton(t: torch.Tensor) -> bool:
+    forced = requested_backend()
+    if forced == "triton":
+        return True
+    if forced is not None:  # "torch" (and "native", until it has these ops, runs the reference)
+        return False
+    return t.is_cuda
+
+
+def _bias_for(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.to(x.dtype)
+
+
+def _bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    if _use_triton(x):
+        from .activation_triton import bias_act_fwd
+
+        return bias_act_fwd(x, _bias_for(x, bias), act)
+    return bias_act_torch(x, bias, act).contiguous()  # the fake's layout, whatever x's strides
+
+
+def _bias_act_input_grad(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    if _use_triton(x):
+        from .activation_triton import bias_act_bwd
+
+        return bias_act_bwd(grad_y, x, _bias_for(x, bias), act)
+    return bias_act_input_grad_torch(grad_y, x, bias, act).contiguous()
+
+
+# --- custom ops: bias + GELU ------------------------------------------------------------------
+@torch.library.custom_op("offsite_kernels::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    return _bias_act(x, bias, _GELU_ACTS[approximate])
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("offsite_kernels::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    return _bias_act_input_grad(grad_y, x, bias, _GELU_ACTS[approximate])
+
+
+@_bias_gelu_backward_op.register_fake
+def _(grad_y, x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+def _bias_gelu_setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)  # the inputs only: x + b and the derivative are recomputed
+    ctx.approximate = approximate
+
+
+def _bias_gelu_backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    grad_x = _bias_gelu_backward_op(grad_y, x, bias, ctx.approximate) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None  # the bias is frozen
+
+
+_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
+
+
+# --- custom ops: bias + ReLU, bias + SiLU (one pattern, no option) -----------------------------
+def _define_bias_act_ops(op: str, act: str):
+    """``offsite_kernels::<op>(x, bias)`` and ``offsite_kernels::<op>_backward(grad_y, x, bias)`` for ``act``."""
+
+    def forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _bias_act(x, bias, act)
+
+    def backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _bias_act_input_grad(grad_y, x, bias, act)
+
+    fwd = torch.library.custom_op(f"offsite_kernels::{op}", forward, mutates_args=())
+    bwd = torch.library.custom_op(f"offsite_kernels::{op}_backward", backward_op, mutates_args=())
+    fwd.register_fake(lambda x, bias: x.new_empty(x.shape))
+    bwd.register_fake(lambda grad_y, x, bias: x.new_empty(x.shape))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)  # x and the frozen bias
+
+    def backward(ctx, grad_y):
+        x, bias = ctx.saved_tensors
+        return (bwd(grad_y, x, bias) if ctx.needs_input_grad[0] else None), None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd, bwd
+
+
+_bias_relu_op, _bias_relu_backward_op = _define_bias_act_ops("bias_relu", "relu")
+_bias_silu_op, _bias_silu_backward_op = _define_bias_act_ops("bias_silu", "silu")
+
+
+# --- custom ops: SwiGLU -----------------------------------------------------------------------
+@torch.library.custom_op("offsite_kernels::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if _use_triton(gate):
+        from .activation_triton import swiglu_fwd
+
+        return swiglu_fwd(gate, up)
+    return swiglu_torch(gate, up).contiguous()
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("offsite_kernels::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(gate):
+        from .activation_triton import swiglu_bwd
+
+        return swiglu_bwd(grad_y, gate, up)
+    d_gate, d_up = swiglu_input_grad_torch(grad_y, gate, up)
+    return d_gate.contiguous(), d_up.contiguous()
+
+
+@_swiglu_backward_op.register_fake
+def _(grad_y, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # gate and up only: silu(gate) and its derivative are recomputed
+
+
+def _swiglu_backward(ctx, grad_y):
+    gate, up = ctx.saved_tensors
+    if not any(ctx.needs_input_grad):
+        return None, None
+    d_gate, d_up = _swiglu_backward_op(grad_y, gate, up)
+    return (d_gate if ctx.needs_input_grad[0] else None), (d_up if ctx.needs_input_grad[1] else None)
+
+
+_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+
+
+# --- input checks -----------------------------------------------------------------------------
+def _check_activation(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPES:
+        raise ActivationInputError(f"{name} must be a float32, float16 or bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
+
+
+def _check_bias(x: torch.Tensor, bias: object) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or bias.dtype not in _DTYPES:
+        raise ActivationInputError(
+            f"bias must be a float32, float16 or bfloat16 tensor, got {getattr(bias, 'dtype', type(bias))}"
+        )
+    if x.dim() == 0:
+        raise ActivationInputError("a 0-d x has no feature dimension for a bias; pass bias=None (or add the scalar to x)")
+    if bias.shape != (x.shape[-1],):
+        raise ActivationInputError(
+            f"bias must have shape ({x.shape[-1]},), one value per feature of x's last dimension; "
+            f"got bias {tuple(bias.shape)} for x {tuple(x.shape)}"
+        )
+    if bias.device != x.device:
+        raise ActivationInputError(f"bias is on {bias.device} but x is on {x.device}; move one of them (.to(device))")
+    if bias.requires_grad:
+        raise ActivationInputError(
+            "the bias requires grad, but a fused activation's bias is frozen and gets no gradient; "
+            "call bias.requires_grad_(False) (or add a trainable bias before the activation yourself)"
+        )
+
+
+# --- public functionals -----------------------------------------------------------------------
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "none") -> torch.Tensor:
+    """``gelu(x + bias)``, differentiable in ``x`` only (the bias is frozen).
+
+    ``approximate="none"`` is the exact erf form (HF ``gelu``), ``"tanh"`` the tanh form (HF
+    ``gelu_new`` / ``gelu_pytorch_tanh``). ``x`` has any shape; ``bias`` (optional) has one value
+    per feature of the last dimension. The output is contiguous, in ``x``'s dtype (math in fp32
+    on the Triton path). On a GPU the Triton kernels run, elsewhere the PyTorch reference,
+    unless ``OFFSITE_BACKEND`` forces a backend.
+    """
+    _check_activation("x", x)
+    _check_bias(x, bias)
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ActivationInputError(f"approximate must be 'none' (erf form) or 'tanh' (tanh form), got {approximate!r}")
+    return _bias_gelu_op(x, bias, approximate)
+
+
+def bias_relu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(x + bias)`` (OPT's activation), differentiable in ``x`` only; as :func:`bias_gelu`."""
+    _check_activation("x", x)
+    _check_bias(x, bias)
+    return _bias_relu_op(x, bias)
+
+
+def bias_silu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x + bias)`` (HF ``silu`` / ``swish`` in an ungated MLP), differentiable in ``x`` only; as :func:`bias_gelu`."""
+    _check_activation("x", x)
+    _check_bias(x, bias)
+    return _bias_silu_op(x, bias)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the gated MLP activation of the Llama family, differentiable in both.
+
+    ``gate`` and ``up`` have one shape (no broadcasting), dtype and device; rows may be strided
+    (e.g. the two halves of one fused ``gate_up`` projection). The output is contiguous.
+    Autograd saves ``gate`` and ``up`` only.
+    """
+    _check_activation("gate", gate)
+    _check_activation("up", up)
+    if gate.shape != up.shape:
+        raise ActivationInputError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise ActivationInputError(f"gate and up must have the same dtype, got {gate.dtype} and {up.dtype}; cast one of them")
+    if gate.device != up.device:
+        raise ActivationInputError(f"gate is on {gate.device} but up is on {up.device}; move one of them (.to(device))")
+    return _swiglu_op(gate, up)
+
+
+# --- Hugging Face activation names -------------------------------------------------------------
+# Each name maps to a function equal to transformers.activations.ACT2FN[name] (tests check it):
+# gelu_fast, gelu_accurate and gelu_python_tanh are the tanh form written out (gelu_fast's rounded
+# constant 0.7978845608 is sqrt(2/pi) to fp32 precision), gelu_python the erf form.
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+_FUNCTIONALS = {
+    "gelu": lambda x, bias: bias_gelu(x, bias, "none"),
+    "gelu_tanh": lambda x, bias: bias_gelu(x, bias, "tanh"),
+    "relu": bias_relu,
+    "silu": bias_silu,
+}
+
+
+@dataclass(frozen=True)
+class FusedActivation:
+    """A Hugging Face activation resolved to the library's fused ops.
+
+    ``act(x, bias=None)`` is ``ACT2FN[name](x + bias)``; ``act.gated(gate, up)`` is
+    ``ACT2FN[name](gate) * up`` (a fused kernel exists for the SiLU family only: SwiGLU).
+    """
+
+    name: str  # the Hugging Face name, as given
+    kind: str  # "gelu", "gelu_tanh", "relu" or "silu"
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _FUNCTIONALS[self.kind](x, bias)
+
+    @property
+    def has_gated(self) -> bool:
+        """Whether :meth:`gated` has a fused kernel for this activation."""
+        return self.kind == "silu"
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` through the fused SwiGLU op (SiLU only)."""
+        if not self.has_gated:
+            raise ActivationInputError(
+                f"no fused gated kernel for activation {self.name!r}: only silu/swish (SwiGLU) has one; "
+                f"compute act(gate) * up with the ungated op instead"
+            )
+        return swiglu(gate, up)
+
+
+def activation_by_name(name: str) -> FusedActivation:
+    """The fused activation for a Hugging Face activation name (``config.hidden_act``,
+    ``config.activation_function``); :class:`ActivationInputError` for a name without one."""
+    if not isinstance(name, str) or name not in HF_ACTIVATIONS:
+        raise ActivationInputError(
+            f"activation {name!r} has no fused op; supported: {', '.join(sorted(HF_ACTIVATIONS))} "
+            "(use transformers.activations.ACT2FN for the others)"
+        )
+    return FusedActivation(name, HF_ACTIVATIONS[name])

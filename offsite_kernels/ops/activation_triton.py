@@ -1,0 +1,303 @@
+"""Triton kernels of the fused activations of the emulator's frozen MLPs.
+
+- ``_bias_act_fwd_kernel``: ``y = act(x + b)``; ``act`` one of GELU (exact erf form), GELU (tanh
+  form), ReLU, SiLU, chosen by the constexpr ``ACT`` (codes in :data:`ACT_CODES`).
+- ``_bias_act_bwd_kernel``: ``dx = dy * act'(x + b)``, recomputing ``x + b`` and the derivative
+  from the saved input (no intermediate is stored between forward and backward).
+- ``_swiglu_fwd_kernel``: ``y = silu(gate) * up``.
+- ``_swiglu_bwd_kernel``: ``d_gate = dy * up * silu'(gate)``, ``d_up = dy * silu(gate)``.
+
+Every kernel is elementwise over rows ``[M, N]`` (``N`` the last dimension): one program per
+``BLOCK_M x BLOCK_N`` tile, masked at both edges, math in fp32, one rounding to the output dtype.
+Rows may have any stride (a ``gate``/``up`` pair chunked out of one fused projection is read in
+place); within a row elements are contiguous, which the launchers ensure (copying only when the
+last dimension is strided).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreter_enabled
+
+ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+TILE = 2048  # elements per program: 16 per thread at 4 warps (two 16-byte vectors of bf16)
+NUM_WARPS = 4
+BLOCK_NS = (64, 256, 1024)  # row-tile widths: few, so that every variant is compile-checked ahead of time
+
+# Constants, written as literals in the kernels (the interpreter mishandles constexpr * tensor):
+# 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi),
+# 1.5957691216057308 = 2 sqrt(2/pi); 2u = z (1.5957691216057308 + 0.07135481627260025 z^2) with
+# 0.07135481627260025 = 2 sqrt(2/pi) 0.044715, and d(2u)/dz = 1.5957691216057308 + 0.21406444881780076 z^2 (3 x it).
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """``v.to(dtype)`` with round-to-nearest-even. GPUs round so; Triton's CPU interpreter
+    truncates fp32 to bf16, so there the rounding is done on the bits first (then exact)."""
+    if INTERPRETER_BF16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _sigmoid(z):
+    """``1 / (1 + exp(-z))`` in fp32: exact 0 and 1 at the far ends, never NaN for finite ``z``."""
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """``act(z)`` for fp32 ``z``."""
+    if ACT == 0:  # GELU, exact: z * Phi(z)
+        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 1:  # GELU, tanh form: 0.5 z (1 + tanh(u)) = z * sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+        y = z * _sigmoid(z * (1.5957691216057308 + 0.07135481627260025 * z * z))
+    elif ACT == 2:  # ReLU (a NaN stays NaN)
+        y = tl.where(z < 0.0, 0.0, z)
+    else:  # SiLU
+        y = z * _sigmoid(z)
+    return y
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """``act'(z)`` for fp32 ``z``."""
+    if ACT == 0:  # Phi(z) + z * phi(z)
+        d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 1:  # s + z s (1 - s) d(2u)/dz with s = sigmoid(2u), since 1 - tanh(u)^2 = 4 s (1 - s)
+        s = _sigmoid(z * (1.5957691216057308 + 0.07135481627260025 * z * z))
+        d = s + z * s * (1.0 - s) * (1.5957691216057308 + 0.21406444881780076 * z * z)
+    elif ACT == 2:  # 1 where z > 0 (PyTorch's threshold_backward: 0 at z == 0)
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    else:  # s (1 + z (1 - s)) with s = sigmoid(z)
+        s = _sigmoid(z)
+        d = s * (1.0 + z * (1.0 - s))
+    return d
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row indices (int64, against overflow of ``row * stride``), column indices and the mask of this program's tile."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    return rows.to(tl.int64)[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _bias_act_fwd_kernel(
+    x_ptr, b_ptr, y_ptr,
+    M, N, stride_xm, stride_ym,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``Y[M, N] = act(X[M, N] + b[N])``."""
+    rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    z = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows * stride_ym + cols, _cast(_act(z, ACT), y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+@triton.jit
+def _bias_act_bwd_kernel(
+    dy_ptr, x_ptr, b_ptr, dx_ptr,
+    M, N, stride_dym, stride_xm, stride_dxm,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``dX[M, N] = dY[M, N] * act'(X[M, N] + b[N])``, ``X + b`` recomputed from the saved input."""
+    rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    z = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
+    dx = dy * _act_grad(z, ACT)
+    tl.store(dx_ptr + rows * stride_dxm + cols, _cast(dx, dx_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    g_ptr, u_ptr, y_ptr,
+    M, N, stride_gm, stride_um, stride_ym,
+    INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``Y[M, N] = silu(G[M, N]) * U[M, N]``."""
+    rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    g = tl.load(g_ptr + rows * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * _sigmoid(g) * u
+    tl.store(y_ptr + rows * stride_ym + cols, _cast(y, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
+    M, N, stride_dym, stride_gm, stride_um, stride_dgm, stride_dum,
+    INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``dG = dY * U * silu'(G)`` and ``dU = dY * silu(G)``, both from the saved inputs."""
+    rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    g = tl.load(g_ptr + rows * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
+    s = _sigmoid(g)
+    dg = dy * u * (s * (1.0 + g * (1.0 - s)))
+    du = dy * (g * s)
+    tl.store(dg_ptr + rows * stride_dgm + cols, _cast(dg, dg_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+    tl.store(du_ptr + rows * stride_dum + cols, _cast(du, du_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+# --- launch configuration ------------------------------------------------------------------
+def block_sizes(n_cols: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` for rows of ``n_cols`` elements: ``BLOCK_N`` the narrowest of
+    :data:`BLOCK_NS` that holds a row (the widest for longer rows: MLP widths are >= 1024, where
+    the last tile of a row is the only partial one), ``BLOCK_M`` filling a tile of :data:`TILE` elements."""
+    block_n = next((b for b in BLOCK_NS if n_cols <= b), BLOCK_NS[-1])
+    return TILE // block_n, block_n
+
+
+def all_block_sizes() -> list[tuple[int, int]]:
+    """Every ``(BLOCK_M, BLOCK_N)`` :func:`block_sizes` can return."""
+    return [block_sizes(b) for b in BLOCK_NS]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, last dim]`` tensor whose rows are contiguous (a view where possible)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+    return t2 if t2.stride(1) == 1 or t2.shape[1] <= 1 else t2.contiguous()
+
+
+def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(like.shape)}")
+    return out
+
+
+def _launch(kernel, args: tuple, m: int, n: int, **meta) -> None:
+    block_m, block_n = block_sizes(n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+
+
+def _interpreter_bf16(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(x + bias)`` for ``x`` of any shape (bias over the last dimension, in ``x.dtype``);
+    returns a contiguous tensor of ``x``'s shape and dtype (``out`` if given)."""
+    y = _output(x, out)
+    if x.numel() == 0:
+        return y
+    x2, y2 = _rows(x), y.view(-1, x.shape[-1] if x.dim() else 1)
+    m, n = x2.shape
+    b = bias.contiguous() if bias is not None else x2  # placeholder pointer, never read without a bias
+    args = (x2, b, y2, m, n, x2.stride(0), y2.stride(0))
+    meta = dict(ACT=ACT_CODES[act], HAS_BIAS=bias is not None, INTERPRETER_BF16=_interpreter_bf16(x.dtype))
+    _launch(_bias_act_fwd_kernel, args, m, n, **meta)
+    return y
+
+
+def bias_act_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``grad_y * act'(x + bias)``: the input gradient, of ``x``'s shape and dtype (``out`` if given)."""
+    dx = _output(x, out)
+    if x.numel() == 0:
+        return dx
+    dy2, x2, dx2 = _rows(grad_y), _rows(x), dx.view(-1, x.shape[-1] if x.dim() else 1)
+    m, n = x2.shape
+    b = bias.contiguous() if bias is not None else x2
+    args = (dy2, x2, b, dx2, m, n, dy2.stride(0), x2.stride(0), dx2.stride(0))
+    meta = dict(ACT=ACT_CODES[act], HAS_BIAS=bias is not None, INTERPRETER_BF16=_interpreter_bf16(x.dtype))
+    _launch(_bias_act_bwd_kernel, args, m, n, **meta)
+    return dx
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` for tensors of one shape and dtype; contiguous, of that shape (``out`` if given)."""
+    y = _output(gate, out)
+    if gate.numel() == 0:
+        return y
+    g2, u2, y2 = _rows(gate), _rows(up), y.view(-1, gate.shape[-1] if gate.dim() else 1)
+    m, n = g2.shape
+    args = (g2, u2, y2, m, n, g2.stride(0), u2.stride(0), y2.stride(0))
+    _launch(_swiglu_fwd_kernel, args, m, n, INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
+    return y
+
+
+def swiglu_bwd(
+    grad_y: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    out_gate: torch.Tensor | None = None,
+    out_up: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d_gate, d_up)`` of ``silu(gate) * up`` for the output gradient ``grad_y``."""
+    dg, du = _output(gate, out_gate), _output(up, out_up)
+    if gate.numel() == 0:
+        return dg, du
+    n_last = gate.shape[-1] if gate.dim() else 1
+    dy2, g2, u2 = _rows(grad_y), _rows(gate), _rows(up)
+    dg2, du2 = dg.view(-1, n_last), du.view(-1, n_last)
+    m, n = g2.shape
+    args = (dy2, g2, u2, dg2, du2, m, n, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0))
+    _launch(_swiglu_bwd_kernel, args, m, n, INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
+    return dg, du
+
+
+# --- ahead-of-time compile cases -----------------------------------------------------------
+# runtime arguments of each kernel: (pointers, i32 scalars), as the launchers pass them
+_AOT_ARGS = {
+    "_bias_act_fwd_kernel": (("x_ptr", "b_ptr", "y_ptr"), ("M", "N", "stride_xm", "stride_ym")),
+    "_bias_act_bwd_kernel": (("dy_ptr", "x_ptr", "b_ptr", "dx_ptr"), ("M", "N", "stride_dym", "stride_xm", "stride_dxm")),
+    "_swiglu_fwd_kernel": (("g_ptr", "u_ptr", "y_ptr"), ("M", "N", "stride_gm", "stride_um", "stride_ym")),
+    "_swiglu_bwd_kernel": (
+        ("dy_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr"),
+        ("M", "N", "stride_dym", "stride_gm", "stride_um", "stride_dgm", "stride_dum"),
+    ),
+}
+
+
+def _case(fn: str, dtype: str, block: tuple[int, int], label: str, **meta):
+    """One kernel variant as the JIT specialises a typical launch: 16-byte-aligned pointers, ``N``
+    and the row strides multiples of 16, ``M`` arbitrary, the interpreter-only switch off."""
+    from .aot import KernelCase
+
+    pointers, ints = _AOT_ARGS[fn]
+    types: dict[str, str | int] = {**{p: "*" + dtype for p in pointers}, **dict.fromkeys(ints, "i32")}
+    return KernelCase(
+        module=__name__,
+        fn=fn,
+        types=types,
+        constexprs=dict(meta, INTERPRETER_BF16=False, BLOCK_M=block[0], BLOCK_N=block[1]),
+        div16=tuple(n for n in types if n != "M"),
+        num_warps=NUM_WARPS,
+        num_stages=1,
+        label=f"{label} {dtype} {block[0]}x{block[1]}",
+    )
+
+
+def aot_cases() -> list:
+    """An :class:`~offsite_kernels.ops.aot.KernelCase` for every kernel variant the launchers can pick
+    for bf16 and fp16 (each activation with and without a bias, forward and backward, SwiGLU forward
+    and backward, at every block size of :func:`all_block_sizes`), and for fp32 at the widest block."""
+    cases = []
+    for dtype, blocks in (("bf16", all_block_sizes()), ("fp16", all_block_sizes()), ("fp32", all_block_sizes()[-1:])):
+        for block in blocks:
+            for act, code in ACT_CODES.items():
+                for has_bias in (True, False):
+                    tag = f"{act}{' +bias' if has_bias else ''}"
+                    for direction in ("fwd", "bwd"):
+                        label = f"bias_act {direction} {tag}"
+                        cases.append(_case(f"_bias_act_{direction}_kernel", dtype, block, label, ACT=code, HAS_BIAS=has_bias))
+            cases += [_case(f"_swiglu_{d}_kernel", dtype, block, f"swiglu {d}") for d in ("fwd", "bwd")]
+    return cases
