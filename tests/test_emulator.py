@@ -39,8 +39,11 @@ def test_keep_all_reproduces_hf_logits_and_input_gradients(full_model):
     x = embed(ids).detach()
     x_ref, x_emu = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out_ref = full_model(inputs_embeds=x_ref, attention_mask=mask, labels=ids)
-    out_emu = emu(inputs_embeds=x_emu, attention_mask=mask, labels=ids)
-    torch.testing.assert_close(out_emu.logits, out_ref.logits, rtol=1e-6, atol=1e-6)
+    out_emu = emu(inputs_embeds=x_emu, attention_mask=mask, labels=ids)  # loss through the fused frozen head
+    assert out_emu.logits is None
+    with_logits = emu(inputs_embeds=x.clone(), attention_mask=mask, labels=ids, return_logits=True)
+    torch.testing.assert_close(with_logits.logits, out_ref.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(with_logits.loss, out_ref.loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out_emu.loss, out_ref.loss, rtol=1e-6, atol=1e-6)
     out_ref.loss.backward()
     out_emu.loss.backward()

@@ -15,6 +15,7 @@ from ..models import ModelFamily, get_family
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
+from .fused_loss import fused_head_loss, fused_head_supported
 from .layout import Layout, resolve_layout
 from .prune import magnitude_prune_
 from .quantize import quantize_linears_
@@ -42,6 +43,8 @@ class OffsiteModel(nn.Module):
         self.prune = prune
         # per emulator block position: {module name inside the block: FrozenLinear record}
         self.quantized: dict[str, dict[str, Any]] = quantized or {}
+        self.fused_head = True  # the loss from labels through the fused frozen head (see forward)
+        self.fused_head_chunk_size: int | None = None  # tokens per chunk there; None: a fixed logits budget
         n_blocks = len(self.family.get_blocks(model))
         if n_blocks != len(layout.kept_indices):
             raise LayoutError(f"model has {n_blocks} blocks but layout {layout} keeps {len(layout.kept_indices)}")
@@ -52,13 +55,24 @@ class OffsiteModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        return_logits: bool = False,
         **kwargs: Any,
     ) -> Any:
         """The wrapped model's forward; returns its output (``.loss`` when labels are given, ``.logits``).
 
-        The dataset columns are named so that HF Trainer keeps them; every other argument
-        (``inputs_embeds``, caches, ...) goes through to the wrapped model as given.
+        With ``labels`` and without ``return_logits`` the loss comes from the fused frozen head
+        (:func:`~offsite_kernels.ops.fused_linear_cross_entropy`: the ``[tokens, vocab]`` logits are
+        never built) and ``.logits`` is None; ``return_logits=True`` (or ``fused_head = False``)
+        runs the wrapped model's own head and loss. The dataset columns are named so that HF
+        Trainer keeps them; every other argument (``inputs_embeds``, caches, ...) goes through
+        to the wrapped model as given.
         """
+        if self.recompute is not None and torch.is_grad_enabled() and "use_cache" not in kwargs:
+            kwargs["use_cache"] = False  # a recomputed emulator must not fill a KV cache while training
+        if labels is not None and not return_logits and self.fused_head and fused_head_supported(self.model, self.family, kwargs):
+            return fused_head_loss(
+                self.model, self.family, input_ids, attention_mask, labels, chunk_size=self.fused_head_chunk_size, **kwargs
+            )
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

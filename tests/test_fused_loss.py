@@ -1,0 +1,78 @@
+"""OffsiteModel's loss through the fused frozen head: the model's own loss, without its logits."""
+
+from __future__ import annotations
+
+import torch
+from conftest import padded_mask, random_ids
+
+import offsite_kernels as ok
+from offsite_kernels.memtrack import MemoryTracker
+from offsite_kernels.tiny import tiny_model
+
+
+def _run(emu, ids, mask, labels, **kwargs):
+    emu.train()
+    emu.zero_grad(set_to_none=True)
+    out = emu(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in emu.named_parameters() if p.requires_grad}
+
+
+def test_every_family_fused_loss_and_adapter_grads_match_its_own_head(full_model):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2)
+    ids, mask = random_ids(3, 12, seed=8), padded_mask(3, 12)
+    labels = ids.masked_fill(mask == 0, -100)
+    fused, fused_grads = _run(emu, ids, mask, labels)
+    own, own_grads = _run(emu, ids, mask, labels, return_logits=True)
+    assert fused.logits is None and own.logits is not None
+    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == own_grads.keys() and fused_grads
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_num_items_in_batch_divides_the_summed_loss_as_hf_trainer_expects():
+    emu = ok.make_emulator(tiny_model("llama", n_layers=4, seed=1), bottom=1, top=1, emulator_layers=1)
+    ids = random_ids(2, 9, seed=3)
+    fused, _ = _run(emu, ids, None, ids, num_items_in_batch=torch.tensor(40))
+    own, _ = _run(emu, ids, None, ids, num_items_in_batch=torch.tensor(40), return_logits=True)
+    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-6, atol=1e-7)
+    assert abs(float(fused.loss.detach()) - float(_run(emu, ids, None, ids)[0].loss.detach()) * 16 / 40) < 1e-5
+
+
+def test_switched_off_or_trainable_head_uses_the_models_own_head():
+    emu = ok.make_emulator(tiny_model("gpt2", n_layers=4, seed=1), bottom=1, top=1, emulator_layers=1)
+    ids = random_ids(2, 7, seed=4)
+    emu.fused_head = False
+    assert emu(input_ids=ids, labels=ids).logits is not None
+    emu.fused_head = True
+    assert emu(input_ids=ids, labels=ids).logits is None
+    emu.model.lm_head.weight.requires_grad_(True)  # tied to the embeddings in GPT-2: now trainable
+    out = emu(input_ids=ids, labels=ids)
+    assert out.logits is not None
+    out.loss.backward()
+    assert emu.model.lm_head.weight.grad is not None
+
+
+def test_bf16_autocast_loss_close_to_the_models_own():
+    emu = ok.make_emulator(tiny_model("qwen2", n_layers=4, seed=2), bottom=1, top=1, emulator_layers=1)
+    ids = random_ids(2, 10, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = emu(input_ids=ids, labels=ids).loss
+        own = emu(input_ids=ids, labels=ids, return_logits=True).loss
+    assert torch.isfinite(fused) and abs(float(fused) - float(own)) <= 2e-2 * abs(float(own))
+
+
+def test_peak_memory_of_a_training_step_drops_without_the_logits():
+    model = tiny_model("llama", n_layers=4, seed=0, vocab_size=8192)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=1)
+    emu.fused_head_chunk_size = 32  # 8 chunks of the 256 tokens
+    ids = random_ids(4, 64, seed=1, vocab=8192)
+    peaks = {}
+    for name, kwargs in (("fused", {}), ("own", {"return_logits": True})):
+        emu.zero_grad(set_to_none=True)
+        with MemoryTracker() as tracker:
+            emu(input_ids=ids, labels=ids, **kwargs).loss.backward()
+        peaks[name] = tracker.peak_bytes
+    logits_bytes = ids.numel() * 8192 * 4
+    assert peaks["own"] - peaks["fused"] >= logits_bytes  # at least one full fp32 logits tensor never exists
