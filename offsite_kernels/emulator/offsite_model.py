@@ -45,6 +45,7 @@ class OffsiteModel(nn.Module):
         self.quantized: dict[str, dict[str, Any]] = quantized or {}
         self.fused_head = True  # the loss from labels through the fused frozen head (see forward)
         self.fused_head_chunk_size: int | None = None  # tokens per chunk there; None: a fixed logits budget
+        self.fast_blocks: list[str] = []  # the fused frozen modules swapped into the emulator blocks
         n_blocks = len(self.family.get_blocks(model))
         if n_blocks != len(layout.kept_indices):
             raise LayoutError(f"model has {n_blocks} blocks but layout {layout} keeps {len(layout.kept_indices)}")
@@ -112,6 +113,24 @@ class OffsiteModel(nn.Module):
             self.quantized[str(position)] = quantize_linears_(block, bits, group_size)
         return self
 
+    def use_fast_blocks(self) -> OffsiteModel:
+        """Swap the library's fused frozen ops into the emulator blocks (norms, MLP activation,
+        SwiGLU) and run attention through SDPA; see :mod:`offsite_kernels.emulator.fast`. In place,
+        one way (build the emulator again to go back); the emulator must be distilled already."""
+        from .fast import fast_block_, use_sdpa_attention_
+
+        if self.fast_blocks:
+            return self
+        mode = self.recompute
+        self.set_recompute(None)  # swap inside the plain blocks, then wrap them again
+        swapped = []
+        for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):
+            swapped += [f"{position}.{entry}" for entry in fast_block_(block, self.family, self.config)]
+        if self.family.sdpa_attention:
+            use_sdpa_attention_(self.model)
+        self.fast_blocks = swapped
+        return self.set_recompute(mode)
+
     @property
     def recompute(self) -> str | None:
         """How the emulator blocks recompute activations in the backward: "full", "selective" or None."""
@@ -161,6 +180,7 @@ class OffsiteModel(nn.Module):
     def extra_repr(self) -> str:
         fmt = next((rec["format"] for recs in self.quantized.values() for rec in recs.values()), "dense")
         extra = f", recompute={self.recompute}" if self.recompute else ""
+        extra += ", fast blocks" if self.fast_blocks else ""
         return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}, weights={fmt}{extra}"
 
     # --- files ---------------------------------------------------------------------------
@@ -206,6 +226,7 @@ def make_emulator(
     bits: int | str | None = None,
     group_size: int = 128,
     recompute: str | bool | None = None,
+    fast: bool = False,
 ) -> OffsiteModel:
     """Split a Hugging Face causal LM into adapter + compressed emulator (Offsite-Tuning).
 
@@ -220,6 +241,7 @@ def make_emulator(
             Pruning, if any, happens first.
         recompute: "full" (or True) to save only the emulator's input and rerun its blocks in the
             backward; "selective" to keep GEMM and attention outputs and rerun the rest; None.
+        fast: swap the fused frozen ops into the emulator blocks (:meth:`OffsiteModel.use_fast_blocks`).
     """
     family = get_family(model)
     n_layers = len(family.get_blocks(model))
@@ -246,6 +268,8 @@ def make_emulator(
             magnitude_prune_(block, float(prune))
     if bits is not None:
         emulator.quantize_(bits, group_size)
+    if fast:
+        emulator.use_fast_blocks()
     if recompute:
         emulator.set_recompute(recompute)
     return emulator

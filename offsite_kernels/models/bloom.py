@@ -12,5 +12,10 @@ BLOOM = register_family(
         position_embedding=None,
         lora_targets=("query_key_value",),
         final_norm="transformer.ln_f",
+        activation_modules=("mlp.gelu_impl",),
+        activation_default="gelu_pytorch_tanh",  # BloomGelu: the tanh form
+        # Hugging Face's "sdpa" BLOOM attention gives other input gradients than its eager one with
+        # the same loss (transformers 5.24, CPU, every SDPA backend); unresolved: keep eager
+        sdpa_attention=False,
     )
 )

@@ -27,6 +27,18 @@ class ModelFamily:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     # config attributes that hold one entry per block and must follow a layer selection
     per_block_config_lists: tuple[str, ...] = ("layer_types",)
+    # fast frozen blocks: a gated MLP (gate_proj, up_proj, down_proj) at this path inside a block,
+    # activation modules at these paths, and where the activation's Hugging Face name is found
+    gated_mlp: str | None = None
+    activation_modules: tuple[str, ...] = ()
+    activation_config: str | None = None  # config attribute holding the name, e.g. "hidden_act"
+    activation_default: str | None = None  # the name when the config holds none (BLOOM)
+    sdpa_attention: bool = True  # fast blocks may switch the attention to Hugging Face's "sdpa"
+
+    def activation_name(self, config: object) -> str | None:
+        """The Hugging Face name of the blocks' MLP activation."""
+        name = getattr(config, self.activation_config, None) if self.activation_config else None
+        return name if isinstance(name, str) else self.activation_default
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
         """Return the submodule of ``model`` at the dotted ``path``."""

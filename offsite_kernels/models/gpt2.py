@@ -12,5 +12,7 @@ GPT2 = register_family(
         position_embedding="transformer.wpe",
         lora_targets=("c_attn",),
         final_norm="transformer.ln_f",
+        activation_modules=("mlp.act",),
+        activation_config="activation_function",
     )
 )

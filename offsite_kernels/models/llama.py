@@ -14,5 +14,7 @@ LLAMA = register_family(
         token_embedding="model.embed_tokens",
         position_embedding=None,
         final_norm="model.norm",
+        gated_mlp="mlp",
+        activation_config="hidden_act",
     )
 )

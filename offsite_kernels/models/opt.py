@@ -11,5 +11,7 @@ OPT = register_family(
         token_embedding="model.decoder.embed_tokens",
         position_embedding="model.decoder.embed_positions",
         final_norm="model.decoder.final_layer_norm",
+        activation_modules=("activation_fn",),
+        activation_config="activation_function",
     )
 )

@@ -56,6 +56,8 @@ def distill(
         )
     if any(isinstance(m, FrozenLinear) for _, b in emu.emulator_blocks() for m in b.modules()):
         raise DistillError("the emulator's blocks are already low-bit; distill the dense emulator, then quantize it")
+    if emu.fast_blocks:
+        raise DistillError("the emulator's blocks are fast frozen blocks (fixed weights); distill first, then use_fast_blocks()")
     if emu.prune > 0:
         raise DistillError(
             f"the emulator is pruned ({emu.prune:.0%}); distillation would refill the pruned weights: "

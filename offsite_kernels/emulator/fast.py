@@ -1,0 +1,82 @@
+"""Fast frozen emulator blocks: the library's fused ops swapped into the Hugging Face blocks.
+
+Inside each (frozen) emulator block, without touching the block's own forward:
+
+- every RMSNorm / LayerNorm becomes a :class:`~offsite_kernels.nn.FrozenRMSNorm` /
+  :class:`~offsite_kernels.nn.FrozenLayerNorm` (input gradient only, saves the input and the row
+  statistics);
+- a gated MLP (Llama family) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP`: SiLU and the
+  product fused into one SwiGLU op that saves only its two inputs;
+- the MLP activation module of the other families becomes a
+  :class:`~offsite_kernels.nn.FrozenActivation` (one op, saves only its input);
+- attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's
+  ``"sdpa"`` implementation: flash or memory-efficient kernels on a GPU), except for BLOOM
+  (``ModelFamily.sdpa_attention``), whose SDPA path did not reproduce its eager gradients.
+
+Linear layers stay as they are: dense ``nn.Linear`` (PyTorch saves no input for a frozen weight)
+or the low-bit ``FrozenLinear`` of a quantized emulator. Parameter names do not change (the
+frozen modules hold buffers of the same names), so packages and adapters are unaffected.
+Which modules to swap is per-family data (``ModelFamily.gated_mlp``, ``activation_modules``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import OffsiteError
+from ..models import ModelFamily
+from ..nn.mlp import FrozenActivation, FrozenGatedMLP
+from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm
+
+
+class FastBlocksError(OffsiteError, ValueError):
+    """Fast blocks asked for where they cannot apply."""
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, attr, module)
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.RMSNorm) or (
+        hasattr(module, "variance_epsilon") and getattr(getattr(module, "weight", None), "dim", lambda: 0)() == 1
+    )
+
+
+def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[str]:
+    """Swap the fused frozen modules into one frozen ``block``, in place; returns what was swapped."""
+    trainable = [name for name, p in block.named_parameters() if p.requires_grad]
+    if trainable:
+        raise FastBlocksError(
+            f"fast blocks are frozen, but this block has trainable parameters ({', '.join(trainable[:3])}...): "
+            "distil first, then switch the fast blocks on"
+        )
+    swapped: list[str] = []
+    for name, module in list(block.named_modules()):
+        if not name:
+            continue
+        if isinstance(module, nn.LayerNorm):
+            _replace(block, name, FrozenLayerNorm.from_module(module))
+            swapped.append(f"{name}: LayerNorm")
+        elif _is_rms_norm(module):
+            _replace(block, name, FrozenRMSNorm.from_module(module))
+            swapped.append(f"{name}: RMSNorm")
+    activation = family.activation_name(config)
+    if family.gated_mlp is not None:
+        mlp = block.get_submodule(family.gated_mlp)
+        _replace(block, family.gated_mlp, FrozenGatedMLP.from_module(mlp, activation or "silu"))
+        swapped.append(f"{family.gated_mlp}: SwiGLU MLP")
+    for path in family.activation_modules:
+        if activation is None:
+            raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")
+        _replace(block, path, FrozenActivation(activation))
+        swapped.append(f"{path}: {activation}")
+    return swapped
+
+
+def use_sdpa_attention_(model: nn.Module) -> None:
+    """Route the model's attention through PyTorch's scaled-dot-product attention (exact)."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+        config._attn_implementation = "sdpa"

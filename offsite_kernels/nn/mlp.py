@@ -1,0 +1,45 @@
+"""Frozen MLP pieces built from the fused activation ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.activation import FusedActivation, activation_by_name
+
+
+class FrozenActivation(nn.Module):
+    """``act(x)`` for a Hugging Face activation name through the fused op (saves only ``x``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.act: FusedActivation = activation_by_name(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.act.name!r} ({self.act.kind})"
+
+
+class FrozenGatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with the gate's activation and the product fused (SwiGLU).
+
+    The three projections are kept as given (``nn.Linear`` or ``FrozenLinear``), under the
+    names Hugging Face uses, so the state dict of the block does not change.
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.act: FusedActivation = activation_by_name(activation)
+        if not self.act.has_gated:
+            raise ValueError(f"no fused gated kernel for activation {activation!r}; only silu/swish (SwiGLU) has one")
+
+    @classmethod
+    def from_module(cls, mlp: nn.Module, activation: str) -> FrozenGatedMLP:
+        """From a Hugging Face gated MLP (``gate_proj``, ``up_proj``, ``down_proj``: Llama, Mistral, Qwen)."""
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act.gated(self.gate_proj(x), self.up_proj(x)))

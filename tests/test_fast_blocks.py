@@ -1,0 +1,127 @@
+"""Fast frozen emulator blocks: the fused ops inside every family, same loss and adapter gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import padded_mask, random_ids
+
+import offsite_kernels as ok
+from offsite_kernels.emulator.fast import FastBlocksError
+from offsite_kernels.nn import FrozenLayerNorm, FrozenRMSNorm
+from offsite_kernels.nn.mlp import FrozenActivation, FrozenGatedMLP
+from offsite_kernels.tiny import tiny_model
+
+
+def _loss_and_grads(emu, ids, mask):
+    emu.train()
+    emu.zero_grad(set_to_none=True)
+    # no loss on padding, nor on a token predicted from a padding position (eager and SDPA
+    # attention differ there: a padding query attends to nothing, and each fills it its own way)
+    pad = mask == 0
+    after_pad = torch.nn.functional.pad(pad, (1, 0))[:, :-1]
+    out = emu(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(pad | after_pad, -100))
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in emu.named_parameters() if p.requires_grad}
+
+
+def _assert_close(reference, other, rtol):
+    (loss, grads), (loss2, grads2) = reference, other
+    assert abs(float(loss2) - float(loss)) <= rtol * abs(float(loss))
+    assert grads.keys() == grads2.keys() and grads
+    # a gradient that is zero in exact arithmetic (a key projection's bias: softmax ignores it) is
+    # rounding noise in both: measure each against a floor of the largest gradient of the model
+    floor = 1e-3 * max(float(g.abs().max()) for g in grads.values())
+    for name, grad in grads.items():
+        err = float((grads2[name] - grad).abs().max() / max(float(grad.abs().max()), floor))
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("recompute", [None, "full", "selective"])
+def test_every_family_matches_the_plain_emulator(full_model, recompute):
+    ids, mask = random_ids(2, 11, seed=2), padded_mask(2, 11)
+    plain = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=3)
+    fast = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=3, fast=True, recompute=recompute)
+    assert fast.fast_blocks and fast.recompute == recompute
+    kinds = {type(m) for _, b in fast.emulator_blocks() for m in b.modules()}
+    assert kinds & {FrozenLayerNorm, FrozenRMSNorm}
+    assert kinds & {FrozenActivation, FrozenGatedMLP}
+    assert not any(isinstance(m, (FrozenLayerNorm, FrozenRMSNorm)) for _, b in fast.adapter_blocks() for m in b.modules())
+    _assert_close(_loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=1e-5)
+    fast.eval()
+    plain.eval()
+    with torch.no_grad():
+        real = mask.bool()  # logits at padding positions differ between eager and SDPA attention (see above)
+        torch.testing.assert_close(
+            fast(input_ids=ids, attention_mask=mask).logits[real], plain(input_ids=ids, attention_mask=mask).logits[real]
+        )
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "bloom"])
+def test_low_bit_fast_blocks_match_the_low_bit_plain_emulator(model_type, bits):
+    model = tiny_model(model_type, n_layers=5, seed=3)
+    ids, mask = random_ids(2, 9, seed=4), padded_mask(2, 9)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
+    fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32, fast=True, recompute="full")
+    _assert_close(_loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=1e-5)
+
+
+def test_bf16_fast_blocks_close_to_plain():
+    model = tiny_model("llama", n_layers=5, seed=3, dtype=torch.bfloat16)
+    ids, mask = random_ids(2, 9, seed=4), padded_mask(2, 9)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+    _assert_close(_loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=5e-2)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_fast_blocks_save_fewer_activation_bytes(model_type):
+    model = tiny_model(model_type, n_layers=12, seed=0)
+    ids = random_ids(2, 33, seed=1)
+    saved = {}
+    for fast in (False, True):
+        emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, fast=fast).train()
+        blocks = [b for _, b in emu.emulator_blocks()]
+        state = {"inside": False, "bytes": 0}
+
+        def pack(t, state=state):
+            if state["inside"]:
+                state["bytes"] += t.numel() * t.element_size()
+            return t
+
+        handles = [
+            blocks[0].register_forward_pre_hook(lambda *_, state=state: state.update(inside=True)),
+            blocks[-1].register_forward_hook(lambda *_, state=state: state.update(inside=False)),
+        ]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = emu(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for h in handles:
+            h.remove()
+        saved[fast] = state["bytes"]
+    assert 0 < saved[True] < saved[False]
+
+
+def test_files_unchanged_and_distillation_refused(tmp_path):
+    model = tiny_model("qwen3", n_layers=5, seed=1)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    fast.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu").eval()
+    ids = random_ids(1, 6, seed=2)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
+    from offsite_kernels.workflow.distill import DistillError, distill
+
+    with pytest.raises(DistillError, match="fast frozen blocks"):
+        distill(fast, model, None, None)
+
+
+def test_fast_blocks_need_frozen_blocks():
+    from offsite_kernels.emulator.fast import fast_block_
+
+    emu = ok.make_emulator(tiny_model("opt", n_layers=4, seed=1), bottom=1, top=1, emulator_layers=2)
+    _, adapter_block = emu.adapter_blocks()[0]
+    with pytest.raises(FastBlocksError, match="trainable parameters"):
+        fast_block_(adapter_block, emu.family, emu.config)
