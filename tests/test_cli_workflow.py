@@ -154,3 +154,19 @@ def test_bad_training_options_fail_before_work(workdir, capsys, extra, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (w / "out").exists()
+
+
+def test_finetune_with_fast_recomputed_blocks_reaches_the_plain_adapter(workdir):
+    w = workdir
+    args = ["finetune", str(w / "emu"), "--train", str(w / "train.txt"), *TRAIN]
+    assert main([*args, "-o", str(w / "plain")]) == 0
+    assert main([*args, "-o", str(w / "fast"), "--fast", "--recompute", "full"]) == 0
+    from safetensors.torch import load_file
+
+    plain, fast = load_file(w / "plain" / "adapter.safetensors"), load_file(w / "fast" / "adapter.safetensors")
+    assert plain.keys() == fast.keys()
+    for name in plain:
+        scale = float(plain[name].abs().max().clamp_min(1e-6))
+        assert float((plain[name] - fast[name]).abs().max()) <= 1e-4 * scale, name
+    full = ["finetune", str(w / "model"), "--full-model", "--fast", "--train", str(w / "train.txt"), "-o", str(w / "x"), *TRAIN]
+    assert main(full) == 2 and not (w / "x").exists()

@@ -99,7 +99,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.full_model and args.method != "full":
         raise PackageError("--full-model fine-tunes every weight of a whole model: it takes --method full only")
+    if args.full_model and (args.fast or args.recompute):
+        raise PackageError("--fast and --recompute act on an emulator's frozen blocks; a --full-model run has none")
     model = load_local_model(args.emulator_dir) if args.full_model else OffsiteModel.from_pretrained(args.emulator_dir)
+    if args.fast:
+        model.use_fast_blocks()
+    if args.recompute:
+        model.set_recompute(args.recompute)
     tokenizer = load_tokenizer(args.emulator_dir)
     train, valid = _data(args, tokenizer, model)
     lora = LoraSettings(
@@ -225,6 +231,12 @@ def register(sub: Any, bits_type: Any) -> None:
     p.add_argument("--lora-targets", help="comma-separated module names inside a block (default: the family's q/v projections)")
     p.add_argument("--bottleneck-size", type=int, default=64, help="width of the bottleneck adapter")
     p.add_argument("--full-model", action="store_true", help="EMULATOR_DIR is a whole model: fine-tune all of it (the baseline)")
+    p.add_argument("--fast", action="store_true", help="fused frozen emulator blocks (norms, activations, SwiGLU, SDPA)")
+    p.add_argument(
+        "--recompute",
+        choices=("full", "selective"),
+        help="recompute the emulator's activations in the backward: full (save only its input) or selective",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_training_options(p, steps=200, lr=1e-4)
     p.set_defaults(func=cmd_finetune)
