@@ -27,6 +27,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["torch", "triton"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each kernel test twice: the PyTorch reference and the Triton kernels (interpreter on CPU)."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("OFFSITE_BACKEND", request.param)
+    return request.param
+
+
+def gen(seed: int) -> torch.Generator:
+    """A seeded CPU generator: fresh random inputs, the same in every process."""
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.fixture(params=MODEL_TYPES)
 def model_type(request: pytest.FixtureRequest) -> str:
     return request.param

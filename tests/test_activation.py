@@ -6,6 +6,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gen
 
 from offsite_kernels.ops.activation import (
     HF_ACTIVATIONS,
@@ -37,18 +38,6 @@ FUSED = {
     "relu": bias_relu,
     "silu": bias_silu,
 }
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("OFFSITE_BACKEND", request.param)
-    return request.param
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def seed_of(*parts) -> int:

@@ -5,6 +5,7 @@ import zlib
 
 import pytest
 import torch
+from conftest import gen
 from torch import nn
 
 import offsite_kernels as ok
@@ -16,18 +17,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # max |error| / max |reference|; bf16 and fp16 include rounding the output and the weight tile
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 M, N, K = 37, 53, 203  # none a multiple of a block, a group (32) or two
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("OFFSITE_BACKEND", request.param)
-    return request.param
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def make_input(case, dtype, seed):

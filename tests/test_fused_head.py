@@ -8,6 +8,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gen
 
 from offsite_kernels.memtrack import MemoryTracker
 from offsite_kernels.ops.fused_head import (
@@ -27,18 +28,6 @@ LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 V, H, T = 1001, 67, 37  # odd: no multiple of a block, a chunk or two
 IGNORE = -100
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("OFFSITE_BACKEND", request.param)
-    return request.param
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def make_head(dtype: torch.dtype, seed: int, vocab: int = V, hidden: int = H, with_bias: bool = False):

@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 import torch
+from conftest import gen
 from torch import nn
 
 import offsite_kernels as ok
@@ -18,18 +19,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 M, N, N_LARGE = 37, 203, 1000  # odd rows and features: partial row blocks, masked columns (BLOCK_N 256 / 1024)
 RMS_EPS, LN_EPS = 1e-6, 1e-5
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("OFFSITE_BACKEND", request.param)
-    return request.param
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def seed_of(*parts) -> int:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
+from .triton_common import _cast
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 TILE = 2048  # elements per program: 16 per thread at 4 warps (two 16-byte vectors of bf16)
@@ -31,17 +32,6 @@ BLOCK_NS = (64, 256, 1024)  # row-tile widths: few, so that every variant is com
 # 0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi),
 # 1.5957691216057308 = 2 sqrt(2/pi); 2u = z (1.5957691216057308 + 0.07135481627260025 z^2) with
 # 0.07135481627260025 = 2 sqrt(2/pi) 0.044715, and d(2u)/dz = 1.5957691216057308 + 0.21406444881780076 z^2 (3 x it).
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """``v.to(dtype)`` with round-to-nearest-even. GPUs round so; Triton's CPU interpreter
-    truncates fp32 to bf16, so there the rounding is done on the bits first (then exact)."""
-    if INTERPRETER_BF16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit

@@ -233,20 +233,31 @@ def _compile_here(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) 
         tensor_core_expected=expected_tensor_core(arch, bm),
     )
     try:
-        from triton.backends.compiler import GPUTarget
-
         signature, constexprs, attrs = kernel_signature(kernel, fmt, act_dtype, key)
-        src = triton.compiler.ASTSource(fn=kernel_fn(kernel), signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
-        usage, sass = _cuobjdump(compiled.asm["cubin"], f"{kernel}_{fmt}_{act_dtype}_{'_'.join(map(str, key))}_sm{arch}")
+        name = f"{kernel}_{fmt}_{act_dtype}_{'_'.join(map(str, key))}_sm{arch}"
+        row.update(_compile_and_inspect(kernel_fn(kernel), signature, constexprs, attrs, warps, stages, arch, name))
     except Exception as e:  # recorded, never raised: one bad combination must not hide the others
         row.update(compiled=False, error=f"{type(e).__name__}: {e}"[:4000])
         return row
+    row["tensor_core_ok"] = row["mma_counts"][expected_tensor_core(arch, bm)] > 0
+    row["ok"] = row["shared_ok"] and row["tensor_core_ok"] and not row["spills"]
+    return row
+
+
+def _compile_and_inspect(
+    fn: Any, signature: dict, constexprs: dict, attrs: dict, warps: int, stages: int, arch: int, name: str
+) -> dict[str, Any]:
+    """Compile ``fn`` for ``sm_<arch>`` and read registers, stack, shared memory, spills and MMAs from the cubin."""
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    usage, sass = _cuobjdump(compiled.asm["cubin"], name)
     dynamic = int(compiled.metadata.shared)
     total = dynamic + usage["static_shared_bytes"]
     mma = {m: _count(sass, m) for m in ("HGMMA", "HMMA")}
     found = [m for m, n in mma.items() if n]
-    row.update(
+    out: dict[str, Any] = dict(
         compiled=True,
         error=None,
         **usage,
@@ -258,11 +269,10 @@ def _compile_here(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) 
         tensor_core=bool(found),
         tensor_core_mnemonic=found[0] if found else None,
         tensor_core_instructions=sum(mma.values()),
-        tensor_core_ok=mma[expected_tensor_core(arch, bm)] > 0,
+        mma_counts=mma,
     )
-    row["spills"] = row["stack_bytes"] > 0 or row["local_bytes"] > 0 or row["spill_stores"] > 0
-    row["ok"] = row["shared_ok"] and row["tensor_core_ok"] and not row["spills"]
-    return row
+    out["spills"] = out["stack_bytes"] > 0 or out["local_bytes"] > 0 or out["spill_stores"] > 0
+    return out
 
 
 # --- any other kernel: a described case ----------------------------------------------------
@@ -330,33 +340,15 @@ def _compile_case_here(case: KernelCase, arch: int) -> dict[str, Any]:
         tensor_core_expected=("HGMMA" if arch >= 90 else "HMMA") if case.tensor_core else None,
     )
     try:
-        from triton.backends.compiler import GPUTarget
-
         signature, constexprs, attrs = case_signature(case)
         fn = getattr(importlib.import_module(case.module), case.fn)
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = dict(num_warps=case.num_warps, num_stages=case.num_stages)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-        usage, sass = _cuobjdump(compiled.asm["cubin"], f"{case.fn}_sm{arch}")
+        row.update(
+            _compile_and_inspect(fn, signature, constexprs, attrs, case.num_warps, case.num_stages, arch, f"{case.fn}_sm{arch}")
+        )
     except Exception as e:  # recorded, never raised
         row.update(compiled=False, error=f"{type(e).__name__}: {e}"[:4000], ok=False)
         return row
-    dynamic = int(compiled.metadata.shared)
-    total = dynamic + usage["static_shared_bytes"]
-    mma = {m: _count(sass, m) for m in ("HGMMA", "HMMA")}
-    row.update(
-        compiled=True,
-        error=None,
-        **usage,
-        dynamic_shared_bytes=dynamic,
-        shared_bytes=total,
-        shared_ok=total <= SHARED_LIMITS[arch],
-        spill_stores=_count(sass, "STL"),
-        spill_loads=_count(sass, "LDL"),
-        tensor_core_instructions=sum(mma.values()),
-        tensor_core_ok=(not case.tensor_core) or sum(mma.values()) > 0,
-    )
-    row["spills"] = row["stack_bytes"] > 0 or row["local_bytes"] > 0 or row["spill_stores"] > 0
+    row["tensor_core_ok"] = (not case.tensor_core) or row["tensor_core_instructions"] > 0
     row["ok"] = row["shared_ok"] and row["tensor_core_ok"] and not row["spills"]
     return row
 
@@ -384,17 +376,7 @@ def compile_case(case: KernelCase, arch: int) -> dict[str, Any]:
 
 def case_problems(row: dict[str, Any]) -> list[str]:
     """Failed checks of one :func:`compile_case` row, in words (empty when it passes)."""
-    if not row["compiled"]:
-        lines = [line.strip() for line in (row["error"] or "").splitlines() if line.strip()]
-        return ["does not compile: " + (lines[-1] if lines else "unknown error")]
-    out = []
-    if row["spills"]:
-        out.append(f"spills: stack {row['stack_bytes']} B, {row['spill_stores']} STL / {row['spill_loads']} LDL")
-    if not row["shared_ok"]:
-        out.append(f"shared {row['shared_bytes']} B > limit {row['shared_limit']} B")
-    if not row["tensor_core_ok"]:
-        out.append(f"no {row['tensor_core_expected']} in SASS")
-    return out
+    return problems(row)
 
 
 class _Worker:

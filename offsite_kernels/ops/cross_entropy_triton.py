@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
-from .frozen_linear_triton import _cast
+from .triton_common import _cast
 
 
 @triton.jit

@@ -19,6 +19,7 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
+from .triton_common import _cast
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
 
@@ -53,17 +54,6 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr)
     if INTERPRETER_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """``v.to(dtype)`` with round-to-nearest-even. GPUs round so; Triton's CPU interpreter
-    truncates fp32 to bf16, so there the rounding is done on the bits first (then exact)."""
-    if INTERPRETER_BF16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit

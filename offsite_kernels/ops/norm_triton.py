@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
 from ..errors import OffsiteError
+from .triton_common import _cast
 
 # Longest row the one-tile kernels take: a 16384-wide row (the hidden size of the largest released
 # transformers) is 16 fp32 values per thread at 32 warps. Longer rows run the PyTorch reference
@@ -29,17 +30,6 @@ MAX_N = 16384
 
 class NormKernelError(OffsiteError, ValueError):
     """A row too long for the one-tile Triton norm kernels."""
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """``v.to(dtype)`` with round-to-nearest-even. GPUs round so; Triton's CPU interpreter
-    truncates fp32 to bf16, so there the rounding is done on the bits first (then exact)."""
-    if INTERPRETER_BF16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit
