@@ -1,7 +1,8 @@
 """Saved activation bytes of the emulator and peak memory of a training step, per recompute mode.
 
 For a 2-8-2 emulator (12-block Llama-family and GPT-2 models, random weights from a config) this
-measures, on whatever device runs it:
+measures, on whatever device runs it, with the plain Hugging Face blocks and with the fast frozen
+blocks (``fast=True``):
 
 - ``emulator_saved_bytes``: bytes autograd saves while the emulator blocks run (saved-tensor
   hooks switched on by hooks on the first and last emulator block);
@@ -56,10 +57,10 @@ class _EmulatorSaved:
             h.remove()
 
 
-def measure(model_type: str, mode: str | None) -> dict:
+def measure(model_type: str, mode: str | None, fast: bool = False) -> dict:
     model = tiny_model(model_type, n_layers=12, seed=0, **MODELS[model_type])
     model.config._attn_implementation = "sdpa"  # Hugging Face's default attention
-    emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, recompute=mode).train()
+    emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, recompute=mode, fast=fast).train()
     ids = torch.randint(0, model.config.vocab_size, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
     saved = _EmulatorSaved(emu)
     with MemoryTracker() as tracker, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
@@ -75,6 +76,7 @@ def measure(model_type: str, mode: str | None) -> dict:
         tokens=TOKENS,
         dtype="float32",
         recompute=mode or "none",
+        fast_blocks=fast,
         emulator_saved_bytes=saved.bytes,
         emulator_input_bytes=BATCH * TOKENS * hidden * 4,
         step_peak_bytes=tracker.peak_bytes,
@@ -87,12 +89,12 @@ def measure(model_type: str, mode: str | None) -> dict:
 
 
 def main() -> None:
-    rows = [measure(m, mode) for m in MODELS for mode in (None, "selective", "full")]
-    print("| model | recompute | emulator saved | emulator input | step peak |")
-    print("|---|---|---|---|---|")
+    rows = [measure(m, mode, fast) for m in MODELS for fast in (False, True) for mode in (None, "selective", "full")]
+    print("| model | fast blocks | recompute | emulator saved | emulator input | step peak |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['recompute']} | {r['emulator_saved_bytes'] / 2**20:.2f} MiB | "
+            f"| {r['model']} | {'yes' if r['fast_blocks'] else 'no'} | {r['recompute']} | {r['emulator_saved_bytes'] / 2**20:.2f} MiB | "
             f"{r['emulator_input_bytes'] / 2**20:.2f} MiB | {r['step_peak_bytes'] / 2**20:.2f} MiB |"
         )
     out = append_rows(Path(__file__).resolve().parent / "results" / "saved_activations.jsonl", rows)
