@@ -77,3 +77,12 @@ def test_peak_memory_of_a_training_step_drops_without_the_logits():
         peaks[name] = tracker.peak_bytes
     logits_bytes = ids.numel() * 8192 * 4
     assert peaks["own"] - peaks["fused"] >= logits_bytes  # at least one full fp32 logits tensor never exists
+
+
+def test_evaluation_and_tuple_callers_get_the_models_own_output():
+    emu = ok.make_emulator(tiny_model("llama", n_layers=4, seed=1), bottom=1, top=1, emulator_layers=1)
+    ids = random_ids(2, 7, seed=4)
+    with torch.no_grad():  # HF Trainer's evaluate/predict: compute_metrics needs the logits
+        assert emu(input_ids=ids, labels=ids).logits is not None
+    out = emu(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(out, tuple) and out[1].shape == (2, 7, emu.config.vocab_size)

@@ -160,3 +160,101 @@ def test_switching_modes_and_bad_requests():
     adapter = [b for _, b in emu.adapter_blocks()]
     with pytest.raises(RecomputeError, match="trainable parameters"):
         apply_recompute(adapter)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_bf16_autocast_is_replayed_in_the_backward(mode):
+    model = tiny_model("llama", n_layers=6, seed=7)
+    ids = random_ids(2, 10, seed=8)
+    runs = []
+    for recompute in (None, mode):
+        emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, recompute=recompute).train()
+        emu.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = emu(input_ids=ids, labels=ids).loss
+        loss.backward()  # outside the autocast region, as training loops do
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in emu.named_parameters() if p.requires_grad}))
+    _assert_same(runs[0], runs[1], rtol=1e-6)
+
+
+def test_full_recompute_keeps_only_the_stack_input_until_the_backward():
+    """Between forward and backward, a deeper emulator holds no more memory: no block input is kept."""
+    model = tiny_model("llama", n_layers=12, seed=0)
+    ids = random_ids(2, 17, seed=1)
+    alive = {}
+    for k in (2, 8):
+        emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=k, recompute="full").train()
+        with MemoryTracker() as tracker:
+            loss = emu(input_ids=ids, labels=ids).loss
+            alive[k] = tracker.current_bytes
+            loss.backward()
+    hidden_bytes = ids.numel() * model.config.hidden_size * 4
+    assert abs(alive[8] - alive[2]) < hidden_bytes
+
+
+def test_two_forwards_one_backward_and_retain_graph():
+    model = tiny_model("gpt2", n_layers=6, seed=3)
+    a, b = random_ids(2, 8, seed=1), random_ids(2, 8, seed=2)
+    grads = []
+    for mode in (None, "full"):
+        emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, recompute=mode).train()
+        loss = emu(input_ids=a, labels=a).loss + 0.5 * emu(input_ids=b, labels=b).loss  # gradient accumulation
+        loss.backward(retain_graph=True)
+        loss.backward()  # a second backward through the same graph
+        grads.append({n: p.grad.clone() for n, p in emu.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-8)
+
+
+class _ToyBlock(torch.nn.Module):
+    """A block called with ``hidden_states=`` as a keyword, returning a tuple (as some HF blocks do)."""
+
+    def __init__(self, width: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(width, width).requires_grad_(False)
+
+    def forward(self, hidden_states, scale=1.0):
+        return (torch.tanh(self.lin(hidden_states)) * scale + hidden_states, None)
+
+
+def _toy_stack(mode):
+    blocks = torch.nn.ModuleList(_ToyBlock(13, seed=i) for i in range(4))
+    if mode:
+        apply_recompute(blocks, mode)
+    return blocks
+
+
+def _toy_grad(blocks, x):
+    x = x.clone().requires_grad_(True)
+    h = x * 2
+    for block in blocks:
+        h = block(hidden_states=h, scale=0.5)[0]
+    h.square().sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_keyword_hidden_states_and_tuple_outputs(mode):
+    x = torch.randn(3, 13, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_toy_grad(_toy_stack(mode), x), _toy_grad(_toy_stack(None), x))
+
+
+def test_threads_sharing_one_stack_do_not_mix_their_passes():
+    """DataParallel replicas share the blocks' stack and run in threads of their own."""
+    import threading
+
+    blocks, plain = _toy_stack("full"), _toy_stack(None)
+    inputs = [torch.randn(5, 13, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i):
+        results[i] = _toy_grad(blocks, inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(inputs):
+        torch.testing.assert_close(results[i], _toy_grad(plain, x))

@@ -10,7 +10,9 @@ Inside each (frozen) emulator block, without touching the block's own forward:
 - the MLP activation module of the other families becomes a
   :class:`~offsite_kernels.nn.FrozenActivation` (one op, saves only its input);
 - attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's
-  ``"sdpa"`` implementation: flash or memory-efficient kernels on a GPU), except for BLOOM
+  ``"sdpa"`` implementation: flash or memory-efficient kernels on a GPU). This is a setting of the
+  whole emulator model (its config), adapters included; an implementation already chosen among
+  "sdpa" and flash attention is kept, eager (or another one) is replaced. Not for BLOOM
   (``ModelFamily.sdpa_attention``), whose SDPA path did not reproduce its eager gradients.
 
 Linear layers stay as they are: dense ``nn.Linear`` (PyTorch saves no input for a frozen weight)

@@ -36,7 +36,8 @@ def fused_head_supported(model: nn.Module, family: ModelFamily, kwargs: dict[str
         return False
     if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return False
-    return set(kwargs) <= _PASSED_THROUGH | _HANDLED and kwargs.get("return_dict", True) is not False
+    return_dict = kwargs.get("return_dict", getattr(model.config, "use_return_dict", True))
+    return set(kwargs) <= _PASSED_THROUGH | _HANDLED and return_dict is not False
 
 
 def fused_head_loss(
@@ -62,6 +63,8 @@ def fused_head_loss(
     if torch.is_autocast_enabled(device_type):  # the head's matmul in the autocast dtype, as nn.Linear would run it
         dtype = torch.get_autocast_dtype(device_type)
         hidden = hidden.to(dtype)
+    if hidden.device != weight.device:  # a head placed on another device (device_map): go to it, as HF does
+        hidden = hidden.to(weight.device)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     if bias is not None and bias.dtype != hidden.dtype:

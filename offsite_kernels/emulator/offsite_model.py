@@ -55,22 +55,32 @@ class OffsiteModel(nn.Module):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
         **kwargs: Any,
     ) -> Any:
         """The wrapped model's forward; returns its output (``.loss`` when labels are given, ``.logits``).
 
-        With ``labels`` and without ``return_logits`` the loss comes from the fused frozen head
-        (:func:`~offsite_kernels.ops.fused_linear_cross_entropy`: the ``[tokens, vocab]`` logits are
-        never built) and ``.logits`` is None; ``return_logits=True`` (or ``fused_head = False``)
-        runs the wrapped model's own head and loss. The dataset columns are named so that HF
+        When training (grad enabled) with ``labels`` and without ``return_logits``, the loss comes
+        from the fused frozen head (:func:`~offsite_kernels.ops.fused_linear_cross_entropy`: the
+        ``[tokens, vocab]`` logits are never built) and ``.logits`` is None; ``return_logits=True``
+        (or ``fused_head = False``), or evaluation under ``torch.no_grad()`` (HF Trainer's
+        ``evaluate`` and ``predict`` want the logits), runs the wrapped model's own head and loss.
+        ``labels`` and ``return_logits`` are keyword-only (HF models differ in their third
+        positional argument). The dataset columns are named so that HF
         Trainer keeps them; every other argument (``inputs_embeds``, caches, ...) goes through
         to the wrapped model as given.
         """
         if self.recompute is not None and torch.is_grad_enabled() and "use_cache" not in kwargs:
             kwargs["use_cache"] = False  # a recomputed emulator must not fill a KV cache while training
-        if labels is not None and not return_logits and self.fused_head and fused_head_supported(self.model, self.family, kwargs):
+        if (
+            labels is not None
+            and not return_logits
+            and self.fused_head
+            and torch.is_grad_enabled()
+            and fused_head_supported(self.model, self.family, kwargs)
+        ):
             return fused_head_loss(
                 self.model, self.family, input_ids, attention_mask, labels, chunk_size=self.fused_head_chunk_size, **kwargs
             )

@@ -6,8 +6,11 @@ which is every Hugging Face decoder block):
 
 - ``"full"``: the stack saves only its input. Its blocks run without autograd in the forward; one
   autograd node stands for the whole stack and, in the backward, reruns the blocks from the saved
-  input (with the same RNG state) and backpropagates through them, one stack at a time. Peak
-  activation memory: the stack's input plus the working set of the recomputed blocks.
+  input (with the forward's RNG and autocast state) to get each block's input, then reruns one block
+  at a time with grad and backpropagates through it. Between forward and backward only the input
+  is kept; in the backward the blocks' inputs plus one block's working set. Hidden states or
+  attentions that the blocks output before the last one (``output_hidden_states``) carry no
+  gradient in this mode.
 - ``"selective"``: each block is checkpointed on its own with PyTorch's selective activation
   checkpointing: the outputs of the GEMMs and of attention are saved, norms, activations and
   other cheap elementwise work are recomputed.
@@ -20,7 +23,9 @@ gradient of the hidden states flows through them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,30 +98,26 @@ class _StackFunction(torch.autograd.Function):
     """The whole stack as one autograd node: saves the stack's input, reruns the blocks in backward."""
 
     @staticmethod
-    def forward(ctx, stack_input: torch.Tensor, stack: _Stack) -> torch.Tensor:  # type: ignore[override]
-        ctx.calls = stack.calls
+    def forward(ctx, stack_input: torch.Tensor, record: _Pass) -> torch.Tensor:  # type: ignore[override]
+        ctx.calls, ctx.autocast = record.calls, record.autocast  # freed with the graph (retain_graph works)
         ctx.save_for_backward(stack_input)
-        output = stack.output
-        stack.output = None
-        return output
+        return record.output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
         """Rerun the blocks without grad to get each one's input, then one block at a time, last
-        first: rerun it with grad and backpropagate (peak: the block inputs plus one block's work)."""
+        first: rerun it with grad and backpropagate. Peak: the blocks' inputs plus one block's work.
+        Each rerun sees the RNG state and the autocast state of its forward."""
         (stack_input,) = ctx.saved_tensors
-        calls, ctx.calls = ctx.calls, None
+        calls = ctx.calls
         devices = [stack_input.device] if stack_input.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), _Autocast(ctx.autocast):
             inputs = [stack_input.detach()]
             with torch.no_grad():
                 for run, args, kwargs, rng in calls[:-1]:
                     _set_rng(rng)
-                    inputs.append(
-                        _output_hidden(
-                            run(*_with_hidden(args, kwargs, inputs[-1])[0], **_with_hidden(args, kwargs, inputs[-1])[1])
-                        )
-                    )
+                    call_args, call_kwargs = _with_hidden(args, kwargs, inputs[-1])
+                    inputs.append(_output_hidden(run(*call_args, **call_kwargs)))
             grad = grad_output
             for index in reversed(range(len(calls))):
                 run, args, kwargs, rng = calls[index]
@@ -129,57 +130,97 @@ class _StackFunction(torch.autograd.Function):
         return grad, None
 
 
-def _get_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def _get_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.device]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None, device
 
 
-def _set_rng(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-    cpu, cuda = state
+def _set_rng(state: tuple[torch.Tensor, torch.Tensor | None, torch.device]) -> None:
+    cpu, cuda, device = state
     torch.set_rng_state(cpu)
     if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
+        torch.cuda.set_rng_state(cuda, device)
 
 
-class _Stack:
-    """Shared state of one recomputed run of blocks during one forward pass."""
+def _autocast_state(device: torch.device) -> list[tuple[str, bool, torch.dtype]]:
+    """The autocast state of the forward, for the device's type and for the CPU."""
+    kinds = {device.type, "cpu"}
+    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in sorted(kinds)]
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+
+class _Autocast(contextlib.ExitStack):
+    """Re-enter a recorded autocast state (enabled or disabled, per device type)."""
+
+    def __init__(self, state: list[tuple[str, bool, torch.dtype]]) -> None:
+        super().__init__()
+        for kind, enabled, dtype in state:
+            self.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+
+
+class _Pass:
+    """What one forward pass through the stack records (one per thread: DataParallel replicas
+    share the blocks' stack but run in threads of their own)."""
+
+    def __init__(self) -> None:
         self.calls: list[tuple[Callable, tuple, dict, tuple]] = []
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
-        self.expected = 0  # index of the block that must run next in a recorded pass
+        self.autocast: list = []
+        self.expected = 0  # index of the block that must run next; -1: nothing to record
+
+
+class _Stack:
+    """A recomputed run of ``size`` blocks."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._local = threading.local()
 
     def __deepcopy__(self, memo: dict) -> _Stack:
         return _Stack(self.size)  # a copy never shares a pass in flight
 
+    def _pass(self) -> _Pass:
+        record = getattr(self._local, "record", None)
+        if record is None:
+            record = self._local.record = _Pass()
+        return record
+
     def call(self, block: nn.Module, index: int, run: Callable, args: tuple, kwargs: dict) -> Any:
         hidden = _hidden_of(args, kwargs)
         if index == 0:
-            self.calls, self.expected = [], 0
+            self._local.record = _Pass()
+            record = self._local.record
             if not (torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad):
-                self.expected = -1  # nothing to differentiate: the blocks just run
+                record.expected = -1  # nothing to differentiate: the blocks just run
             else:
-                self.input = hidden
-        if self.expected == -1 or not torch.is_grad_enabled():
+                record.input, record.autocast = hidden, _autocast_state(hidden.device)
+        record = self._pass()
+        if record.expected == -1 or not torch.is_grad_enabled():
             return run(*args, **kwargs)
-        if index != self.expected:
+        if index != record.expected:
+            self._local.record = None
             raise RecomputeError(
-                f"recomputed block {index} ran out of order (expected block {self.expected}); a recomputed stack "
+                f"recomputed block {index} ran out of order (expected block {record.expected}); a recomputed stack "
                 "must run all its blocks in order in every forward pass (no layer drop inside it)"
             )
-        self.expected += 1
-        _check_no_cached_keys(block, args, kwargs)
-        self.calls.append((run, *_without_caches(args, kwargs), _get_rng(hidden.device)))
-        with torch.no_grad():
-            out = run(*args, **kwargs)
-        if index < self.size - 1:
-            return out
-        self.output = _output_hidden(out)
-        stack_input, self.input = self.input, None
-        new_hidden = _StackFunction.apply(stack_input, self)
-        self.calls, self.expected = [], 0
-        return _replace_output_hidden(out, new_hidden)
+        try:
+            record.expected += 1
+            _check_no_cached_keys(block, args, kwargs)
+            # the hidden states are not kept: the backward recomputes them from the stack's input
+            call_args, call_kwargs = _with_hidden(*_without_caches(args, kwargs), None)
+            record.calls.append((run, call_args, call_kwargs, _get_rng(hidden.device)))
+            with torch.no_grad():
+                out = run(*args, **kwargs)
+            if index < self.size - 1:
+                return out
+            record.output = _output_hidden(out)
+            new_hidden = _StackFunction.apply(record.input, record)
+            return _replace_output_hidden(out, new_hidden)
+        except BaseException:
+            self._local.record = None  # nothing of a failed pass stays alive
+            raise
+        finally:
+            if index == self.size - 1:
+                self._local.record = None
 
 
 # Ops whose outputs selective recomputation keeps: the GEMMs and attention. Everything else in
