@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import append_rows
 
 import offsite_kernels as ok
-from offsite_kernels.memtrack import MemoryTracker
+from offsite_kernels.memtrack import MemoryTracker, SavedBytesBetween
 from offsite_kernels.tiny import tiny_model
 
 MODELS = {
@@ -38,34 +38,16 @@ MODELS = {
 BATCH, TOKENS = 4, 128
 
 
-class _EmulatorSaved:
-    def __init__(self, emu: ok.OffsiteModel) -> None:
-        blocks = [b for _, b in emu.emulator_blocks()]
-        self.inside, self.bytes = False, 0
-        self.handles = [
-            blocks[0].register_forward_pre_hook(lambda *_: setattr(self, "inside", True)),
-            blocks[-1].register_forward_hook(lambda *_: setattr(self, "inside", False)),
-        ]
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        if self.inside:
-            self.bytes += t.numel() * t.element_size()
-        return t
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def measure(model_type: str, mode: str | None, fast: bool = False) -> dict:
     model = tiny_model(model_type, n_layers=12, seed=0, **MODELS[model_type])
     model.config._attn_implementation = "sdpa"  # Hugging Face's default attention
     emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, recompute=mode, fast=fast).train()
     ids = torch.randint(0, model.config.vocab_size, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
-    saved = _EmulatorSaved(emu)
-    with MemoryTracker() as tracker, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        emu(input_ids=ids, labels=ids).loss.backward()
-    saved.close()
+    blocks = [b for _, b in emu.emulator_blocks()]
+    with MemoryTracker() as tracker:
+        with SavedBytesBetween(blocks[0], blocks[-1]) as saved:
+            loss = emu(input_ids=ids, labels=ids).loss
+        loss.backward()
     hidden = model.config.hidden_size
     return dict(
         bench="saved_activations",

@@ -207,3 +207,43 @@ class MemoryTracker(TorchDispatchMode):
         return (
             f"MemoryTracker(current_bytes={self.current_bytes}, peak_bytes={self.peak_bytes}, live_storages={self.live_storages})"
         )
+
+
+class SavedBytesBetween:
+    """Bytes autograd saves for the backward while a run of modules executes.
+
+    Counting starts when ``first`` is called and stops when ``last`` returns (forward hooks), under
+    saved-tensor hooks: ``with SavedBytesBetween(first, last) as saved: loss = model(...)``, then
+    ``saved.bytes``. Tensors that PyTorch's checkpoint caches keep outside autograd's saved tensors
+    (selective activation checkpointing) are not seen: compare peaks with :class:`MemoryTracker` there.
+    """
+
+    def __init__(self, first: torch.nn.Module, last: torch.nn.Module) -> None:
+        self.first, self.last = first, last
+        self.bytes = 0
+        self.tensors = 0
+        self._inside = False
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self._inside:
+            self.bytes += t.numel() * t.element_size()
+            self.tensors += 1
+        return t
+
+    def _set(self, inside: bool) -> None:
+        self._inside = inside
+
+    def __enter__(self) -> SavedBytesBetween:
+        self._handles = [
+            self.first.register_forward_pre_hook(lambda *_: self._set(True)),
+            self.last.register_forward_hook(lambda *_: self._set(False)),
+        ]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._inside = False

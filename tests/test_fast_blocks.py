@@ -8,6 +8,7 @@ from conftest import padded_mask, random_ids
 
 import offsite_kernels as ok
 from offsite_kernels.emulator.fast import FastBlocksError
+from offsite_kernels.memtrack import SavedBytesBetween
 from offsite_kernels.nn import FrozenLayerNorm, FrozenRMSNorm
 from offsite_kernels.nn.mlp import FrozenActivation, FrozenGatedMLP
 from offsite_kernels.tiny import tiny_model
@@ -83,23 +84,10 @@ def test_fast_blocks_save_fewer_activation_bytes(model_type):
     for fast in (False, True):
         emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, fast=fast).train()
         blocks = [b for _, b in emu.emulator_blocks()]
-        state = {"inside": False, "bytes": 0}
-
-        def pack(t, state=state):
-            if state["inside"]:
-                state["bytes"] += t.numel() * t.element_size()
-            return t
-
-        handles = [
-            blocks[0].register_forward_pre_hook(lambda *_, state=state: state.update(inside=True)),
-            blocks[-1].register_forward_hook(lambda *_, state=state: state.update(inside=False)),
-        ]
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytesBetween(blocks[0], blocks[-1]) as counter:
             loss = emu(input_ids=ids, labels=ids).loss
         loss.backward()
-        for h in handles:
-            h.remove()
-        saved[fast] = state["bytes"]
+        saved[fast] = counter.bytes
     assert 0 < saved[True] < saved[False]
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import padded_mask, random_ids
 
 import offsite_kernels as ok
-from offsite_kernels.memtrack import MemoryTracker
+from offsite_kernels.memtrack import MemoryTracker, SavedBytesBetween
 from offsite_kernels.nn.recompute import RecomputeError, apply_recompute, recompute_mode
 from offsite_kernels.tiny import tiny_model
 
@@ -63,34 +63,14 @@ def test_dropout_masks_are_replayed_in_the_backward():
     _assert_same(runs[0], runs[2], rtol=1e-5)
 
 
-class _SavedBytes:
-    """Bytes that autograd saves while the emulator blocks run (saved-tensor hooks + block hooks)."""
-
-    def __init__(self, emu):
-        blocks = [b for _, b in emu.emulator_blocks()]
-        self.inside, self.bytes, self.tensors = False, 0, 0
-        self.handles = [
-            blocks[0].register_forward_pre_hook(lambda *_: self._set(True)),
-            blocks[-1].register_forward_hook(lambda *_: self._set(False)),
-        ]
-
-    def _set(self, value):
-        self.inside = value
-
-    def pack(self, t):
-        if self.inside and isinstance(t, torch.Tensor):
-            self.bytes += t.numel() * t.element_size()
-            self.tensors += 1
-        return t
-
-    def measure(self, emu, ids):
-        emu.train()
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
-            loss = emu(input_ids=ids, labels=ids).loss
-        for h in self.handles:
-            h.remove()
-        loss.backward()
-        return self.bytes
+def _saved_in_emulator(emu, ids):
+    """Bytes autograd saves while the emulator blocks run, in one training step."""
+    blocks = [b for _, b in emu.emulator_blocks()]
+    emu.train()
+    with SavedBytesBetween(blocks[0], blocks[-1]) as saved:
+        loss = emu(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return saved.bytes
 
 
 def test_saved_activation_bytes_on_a_2_8_2_model():
@@ -102,7 +82,7 @@ def test_saved_activation_bytes_on_a_2_8_2_model():
     for mode in (None, "selective", "full"):
         emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, recompute=mode)
         with MemoryTracker() as tracker:
-            saved[mode] = _SavedBytes(emu).measure(emu, ids)
+            saved[mode] = _saved_in_emulator(emu, ids)
         peak[mode] = tracker.peak_bytes
     assert saved["full"] == hidden_bytes  # exactly the emulator's input
     assert saved[None] > 8 * hidden_bytes  # each plain block saves several activations

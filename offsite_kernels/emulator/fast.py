@@ -23,6 +23,7 @@ Which modules to swap is per-family data (``ModelFamily.gated_mlp``, ``activatio
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import OffsiteError
@@ -41,8 +42,10 @@ def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
+    """``torch.nn.RMSNorm`` or a Hugging Face Llama-style RMSNorm (a 1-D weight and ``variance_epsilon``)."""
+    weight = getattr(module, "weight", None)
     return isinstance(module, nn.RMSNorm) or (
-        hasattr(module, "variance_epsilon") and getattr(getattr(module, "weight", None), "dim", lambda: 0)() == 1
+        hasattr(module, "variance_epsilon") and isinstance(weight, torch.Tensor) and weight.dim() == 1
     )
 
 
