@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub, _bits)
 
+    from .benchmark.command import register as register_bench
+
+    register_bench(sub)
+
     p = sub.add_parser("demo", help="the whole loop on the shipped small model and real text, with the four-setting table")
     p.add_argument(
         "--downstream",

@@ -22,7 +22,8 @@ Python custom ops (``torch.library.custom_op``) are opaque to a dispatch mode: o
 outputs would be seen. On real tensors the tracker therefore runs such an op's Python
 implementation itself, with the tracker active, so the allocations made inside the op (chunk
 buffers, temporaries) count too (``inside_custom_ops=False`` turns this off). On fake and meta
-tensors the op's fake implementation runs and only its outputs count.
+tensors the op's fake implementation runs and only its outputs count, plus the scratch memory the
+op declares with :func:`register_workspace` (alive together with its outputs, then freed).
 
 Counts are exact storage bytes (no rounding to the CUDA caching allocator's 512-byte blocks).
 After the region, storages it allocated are still released from ``current_bytes`` when they
@@ -34,6 +35,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +43,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["MemoryTracker"]
+__all__ = ["MemoryTracker", "SavedBytesBetween", "register_workspace"]
 
 _NON_CUSTOM_NAMESPACES = frozenset({"aten", "prim", "prims", "_c10d_functional", "c10d"})
+
+
+_WORKSPACES: dict[Any, Callable[..., int]] = {}
+
+
+def register_workspace(op: Any, nbytes: Callable[..., int]) -> None:
+    """Declare the scratch memory a custom op allocates and frees inside itself.
+
+    ``op`` is the op packet (``torch.ops.ns.name``); ``nbytes(*args, **kwargs)`` gets the op's
+    arguments and returns the scratch bytes. Used where the op's own implementation does not run
+    under the tracker (fake and meta tensors).
+    """
+    _WORKSPACES[op] = nbytes
 
 
 @dataclass
@@ -188,7 +203,22 @@ class MemoryTracker(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         self._account(func, args, kwargs, out)
+        if kernel is None:
+            self._workspace(func, args, kwargs)
         return out
+
+    def _workspace(self, func: Any, args: tuple, kwargs: dict) -> None:
+        declared = _WORKSPACES.get(getattr(func, "overloadpacket", None))
+        if declared is None:
+            return
+        tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        if not tensors or not any(_is_fake_or_meta(t) for t in tensors):
+            return
+        nbytes = int(declared(*args, **kwargs))
+        if nbytes > 0:
+            with self._lock:
+                self._change(tensors[0].device, nbytes, str(func))
+                self._change(tensors[0].device, -nbytes, None)
 
     # --- public -----------------------------------------------------------------------------
     def reset_peak(self) -> None:

@@ -12,8 +12,11 @@ weight gradient and returns ``None`` for the weight and the bias: both are froze
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from ..backends import requested_backend
 from ..errors import OffsiteError
@@ -130,6 +133,17 @@ def _backward(ctx, grad_y):
 
 
 _frozen_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOP counts for torch.utils.flop_counter.FlopCounterMode (MFU in the benchmarks): one GEMM each
+@register_flop_formula(torch.ops.offsite_kernels.frozen_linear)
+def _frozen_linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * out_shape[-1]
+
+
+@register_flop_formula(torch.ops.offsite_kernels.frozen_linear_input_grad)
+def _frozen_linear_input_grad_flops(grad_y_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(grad_y_shape) * out_shape[-1]
 
 
 # --- public functional ------------------------------------------------------------------------

@@ -31,11 +31,15 @@ gradient) with a fake implementation and ``register_autograd``, and the public f
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from ..backends import requested_backend
 from ..errors import OffsiteError
+from ..memtrack import register_workspace
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum")
@@ -205,6 +209,23 @@ def _backward(ctx, grad_loss, _grad_of_grad_hidden):
 
 
 _fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# accounting: the chunk of logits is the op's only large scratch; its GEMMs (logits, and the input
+# gradient computed in the forward) are hidden from FlopCounterMode by the custom op
+def _workspace_bytes(hidden, weight, labels, bias, ignore_index, shift_labels, reduction, chunk_size, compute_grad) -> int:
+    rows = hidden.numel() // hidden.shape[-1]
+    return min(chunk_size, rows) * weight.shape[0] * hidden.element_size()
+
+
+@register_flop_formula(torch.ops.offsite_kernels.fused_linear_cross_entropy)
+def _flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    compute_grad = args[-1] if len(args) == 7 else kwargs.get("compute_grad", True)
+    gemm = 2 * math.prod(hidden_shape) * weight_shape[0]
+    return gemm * (2 if compute_grad else 1)
+
+
+register_workspace(torch.ops.offsite_kernels.fused_linear_cross_entropy, _workspace_bytes)
 
 
 # --- public functional ------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""Memory and FLOPs of a training step, accounted on fake tensors: no hardware, no weights.
+
+The model is built inside ``FakeTensorMode`` (tensors with shapes, dtypes and devices but no
+data), so a 7B model costs nothing to create. Two training steps run under
+:class:`~offsite_kernels.memtrack.MemoryTracker` (the second one, with the optimizer state
+already there, is the steady state); the peak is the weights plus the tracker's peak. The step is
+the same code as on a GPU; two things differ from a CUDA run and are said in every row:
+
+- fake tensors live on the CPU here (a CPU build of PyTorch cannot make fake CUDA tensors), so
+  autocast follows the CPU's bf16 policy (which ops run in bf16) rather than CUDA's;
+- the library's custom ops count their outputs only, as their Triton kernels allocate nothing
+  else; the CUDA caching allocator's rounding and cuBLAS workspaces are not counted.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over forward and backward (matmuls
+and attention; the library registers its frozen linear's formulas). For MFU the count is the
+method's *model* FLOPs: recomputation is switched off while counting, so work done twice is
+not counted as useful work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..memtrack import MemoryTracker
+from .methods import BenchMethod, Trainee, build_trainee
+from .models import BenchModel
+from .step import forward_loss, grad_bytes, optimizer_state_bytes, train_step, weight_bytes
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes of one training step. ``activations``: what the forward leaves alive for the backward
+    (saved tensors, autocast weight copies, the loss); ``peak``: the most alive at once, in total.
+    The parts need not sum to the peak (gradients and activations are not all alive together)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    peak: int
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=False)
+
+
+def _fakify_(module: nn.Module, mode, device: torch.device) -> None:
+    """Replace every meta parameter, buffer and tensor attribute of ``module`` by a fake tensor
+    of ``mode`` on ``device`` (tied tensors stay tied)."""
+    converted: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in converted:
+            converted[id(t)] = mode.fake_tensor_converter.from_meta_and_device(mode, t, device)
+        return converted[id(t)]
+
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                if id(p) not in converted:
+                    converted[id(p)] = nn.Parameter(fake(p), requires_grad=p.requires_grad)
+                sub._parameters[name] = converted[id(p)]
+        for name, b in sub._buffers.items():
+            if b is not None:
+                sub._buffers[name] = fake(b)
+        for name, value in vars(sub).items():  # plain tensor attributes (rotary embeddings keep some)
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                setattr(sub, name, fake(value))
+
+
+def _fake_trainee(bench_model: BenchModel, method: BenchMethod, scaled: bool, amp_dtype: torch.dtype | None, mode) -> Trainee:
+    """The trainee of ``method``, built on the meta device outside ``mode`` (a deep copy of a fake
+    tensor would leave its fake mode), then turned into fake CPU tensors of ``mode``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(bench_model.hf_config(scaled))
+        trainee = build_trainee(model, bench_model.layout, method, amp_dtype)
+    _fakify_(trainee.module, mode, torch.device("cpu"))
+    return Trainee(trainee.module, [p for p in trainee.module.parameters() if p.requires_grad], trainee.loss)
+
+
+def account_memory(
+    bench_model: BenchModel,
+    method: BenchMethod,
+    batch: int,
+    seq: int,
+    amp_dtype: torch.dtype | None = torch.bfloat16,
+    scaled: bool = False,
+) -> MemoryBreakdown:
+    """Peak memory of a training step of ``method`` on ``bench_model``, on fake tensors."""
+    mode = _fake_mode()
+    trainee = _fake_trainee(bench_model, method, scaled, amp_dtype, mode)
+    with mode:
+        ids = torch.zeros((batch, seq), dtype=torch.long)
+        optimizer = torch.optim.AdamW(trainee.params, lr=1e-5, fused=True)  # as on a GPU: no for-each temporaries
+        weights = weight_bytes(trainee.module)
+        with MemoryTracker() as tracker:
+            train_step(trainee, ids, optimizer, amp_dtype)  # creates the optimizer state
+            before = tracker.current_bytes
+            loss = forward_loss(trainee, ids, amp_dtype)
+            activations = tracker.current_bytes - before
+            loss.backward()
+            del loss
+            gradients = grad_bytes(trainee.params)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return MemoryBreakdown(
+            weights=weights,
+            gradients=gradients,
+            optimizer=optimizer_state_bytes(optimizer),
+            activations=activations,
+            peak=weights + tracker.peak_bytes,
+        )
+
+
+def count_model_flops(
+    bench_model: BenchModel,
+    method: BenchMethod,
+    batch: int,
+    seq: int,
+    amp_dtype: torch.dtype | None = torch.bfloat16,
+    scaled: bool = False,
+) -> int:
+    """Matmul and attention FLOPs of one forward + backward of ``method``, recomputation not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = dataclasses.replace(method, recompute=False)
+    mode = _fake_mode()
+    trainee = _fake_trainee(bench_model, counted, scaled, amp_dtype, mode)
+    with mode:
+        ids = torch.zeros((batch, seq), dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            forward_loss(trainee, ids, amp_dtype).backward()
+        return int(counter.get_total_flops())

@@ -1,0 +1,100 @@
+"""The ``offsite bench`` command: options, defaults per device, and what it prints."""
+
+from __future__ import annotations
+
+import argparse
+
+from .methods import ALL_METHODS, DEFAULT_METHODS, BenchError
+from .models import BENCH_MODELS, PAPER_MODELS
+
+
+def _list(text: str, every: tuple[str, ...], default: tuple[str, ...]) -> list[str]:
+    text = text.strip().lower()
+    if text == "all":
+        return list(every)
+    if text == "default":
+        return list(default)
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BenchError(f"--batch takes comma-separated positive integers (e.g. 1,8), got {text!r}") from None
+    if not values or min(values) < 1:
+        raise BenchError(f"--batch takes comma-separated positive integers (e.g. 1,8), got {text!r}")
+    return values
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import check_rows, format_markdown, write_outputs
+    from .runner import BenchSettings, run_bench
+
+    sources = {"both": ("measured", "accounted"), "measured": ("measured",), "accounted": ("accounted",)}[args.source]
+    settings = BenchSettings(
+        models=_list(args.models, tuple(BENCH_MODELS), PAPER_MODELS),
+        methods=_list(args.methods, ALL_METHODS, DEFAULT_METHODS),
+        batches=_batches(args.batch),
+        seq=args.seq,
+        device=args.device,
+        sources=sources,
+        scaled=True if args.scaled else (False if args.full_size else None),
+        amp_dtype=None if args.fp32 else torch.bfloat16,
+        warmup=args.warmup,
+        steps=args.steps,
+        progress=None if args.quiet else (lambda msg: print(f"[bench] {msg}", flush=True)),
+    )
+    result = run_bench(settings)
+    print(format_markdown(result.rows))
+    paths = write_outputs(result.rows, args.output, plot=not args.no_plot)
+    print(f"rows appended to {paths['rows']}; table {paths['table']}", end="")
+    if paths["plot"] is not None:
+        print(f"; plot {paths['plot']}")
+    else:
+        print("" if args.no_plot else "; no plot (matplotlib is not installed: pip install 'offsite-kernels[bench]')")
+    print(f"({result.seconds:.0f} s)")
+    failures = check_rows(result.rows)
+    for line in failures:
+        print(f"offsite bench: failed: {line}")
+    return 1 if failures else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="FT, LoRA, OT and the library's fast paths side by side: tokens/s, peak memory, MFU (table, JSON rows, PNG)",
+        description=(
+            "With no options: on a CUDA GPU, the paper's models measured at full size; on a CPU, the paper's models "
+            "accounted at full size on fake tensors (peak memory, exact) and measured at a scaled-down size (speed)."
+        ),
+    )
+    p.add_argument(
+        "--models",
+        default="default",
+        help=f"comma-separated, 'default' ({','.join(PAPER_MODELS)}) or 'all' ({','.join(BENCH_MODELS)})",
+    )
+    p.add_argument(
+        "--methods", default="default", help="comma-separated (e.g. ft,ot+lora+int4), 'default' or 'all'; see the README"
+    )
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1, the paper's)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512, the paper's block)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where measured rows run (default: cuda if present)")
+    p.add_argument(
+        "--source",
+        choices=("both", "measured", "accounted"),
+        default="both",
+        help="measured steps, fake-tensor accounting, or both",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--scaled", action="store_true", help="measure the scaled-down configs (the default on a CPU)")
+    size.add_argument("--full-size", action="store_true", help="measure the full-size configs (the default on a GPU)")
+    p.add_argument("--fp32", action="store_true", help="no autocast (the default is bf16 mixed precision, as the paper)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument("-o", "--output", default="offsite-bench", help="directory for rows (appended), table and plot (new files)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_bench)

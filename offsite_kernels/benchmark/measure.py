@@ -1,0 +1,140 @@
+"""Training steps measured on a real device: time per step, peak memory and its parts, and the
+matmul ceiling that MFU is taken against.
+
+Time: the median (with p20 and p80) of ``steps`` training steps after ``warmup`` steps, each
+bracketed by a device synchronisation. Memory on CUDA: ``torch.cuda.max_memory_allocated`` over
+the timed steps (weights included), and allocated-bytes deltas in one more, untimed step for the
+parts. On the CPU (no allocator statistics): that untimed step runs under
+:class:`~offsite_kernels.memtrack.MemoryTracker`, and the peak is the weights plus its peak.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..memtrack import MemoryTracker
+from .account import MemoryBreakdown
+from .methods import BenchMethod, build_trainee
+from .models import BenchModel
+from .step import forward_loss, grad_bytes, make_optimizer, optimizer_state_bytes, train_step, weight_bytes
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    steps: int
+
+
+@dataclass
+class Measurement:
+    timing: Timing
+    memory: MemoryBreakdown
+    loss: float
+    trainable_params: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _instrumented_step(trainee, ids, optimizer, amp_dtype, allocated: Callable[[], int]) -> tuple[int, int, int]:
+    """One step with the allocated bytes read around its phases: (activations, gradients, optimizer)."""
+    before = allocated()
+    loss = forward_loss(trainee, ids, amp_dtype)
+    activations = allocated() - before
+    loss.backward()
+    del loss
+    gradients = grad_bytes(trainee.params)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return activations, gradients, optimizer_state_bytes(optimizer)
+
+
+def measure_training(
+    bench_model: BenchModel,
+    method: BenchMethod,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    scaled: bool,
+    warmup: int = 2,
+    steps: int = 5,
+    seed: int = 0,
+) -> Measurement:
+    """Build ``method`` on ``bench_model`` (random weights) on ``device`` and time its training step."""
+    from transformers import AutoModelForCausalLM
+
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"need at least one warm-up and one timed step, got warmup={warmup}, steps={steps}")
+    torch.manual_seed(seed)
+    config = bench_model.hf_config(scaled)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    trainee = build_trainee(model, bench_model.layout, method, amp_dtype)
+    del model  # the emulator is a copy: the dropped blocks go now
+    gc.collect()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=generator)
+    optimizer = make_optimizer(trainee.params, device)
+    weights = weight_bytes(trainee.module)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    times, loss = [], float("nan")
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss_t = train_step(trainee, ids, optimizer, amp_dtype)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        loss = float(loss_t)
+    timing = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        parts = _instrumented_step(trainee, ids, optimizer, amp_dtype, lambda: torch.cuda.memory_allocated(device))
+    else:
+        with MemoryTracker() as tracker:
+            parts = _instrumented_step(trainee, ids, optimizer, amp_dtype, lambda: tracker.current_bytes)
+        peak = weights + optimizer_state_bytes(optimizer) + tracker.peak_bytes  # the state predates the tracker
+    activations, gradients, optimizer_bytes = parts
+    memory = MemoryBreakdown(weights, gradients, optimizer_bytes, activations, peak)
+    return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params))
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured FLOP/s of a large square matmul in ``dtype``: the MFU denominator."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    if device.type == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(lambda: torch.mm(a, b), warmup=50, rep=300)
+        return 2 * n**3 / (ms * 1e-3)
+    times = []
+    for i in range(6):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if i:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)

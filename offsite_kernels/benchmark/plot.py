@@ -1,0 +1,97 @@
+"""Throughput and peak memory per method, as a PNG (matplotlib, the ``bench`` extra).
+
+One row of panels per (model, batch, source) group of benchmark rows: tokens/s on the left
+(measured rows only), peak memory on the right, FT first, each bar labelled with its ratio to FT.
+
+    python -m offsite_kernels.benchmark.plot ROWS.jsonl OUT.png   # redraw from saved rows
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from typing import Any
+
+MiB = 2**20
+
+
+def matplotlib_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    return (row["model"], row["batch"], row["seq"], row["source"], row.get("hardware"), row.get("scaled"))
+
+
+def render_png(rows: list[dict[str, Any]]) -> bytes:
+    """The figure as PNG bytes (rows with an error are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault(_group_key(row), []).append(row)
+    if not groups:
+        raise ValueError("no benchmark row without an error to plot")
+    fig, axes = plt.subplots(
+        len(groups), 2, figsize=(13, 1.2 + 0.45 * max(len(g) for g in groups.values()) * len(groups)), squeeze=False
+    )
+    for (model, batch, seq, source, hardware, scaled), (ax_speed, ax_mem) in zip(groups, axes, strict=True):
+        group = groups[(model, batch, seq, source, hardware, scaled)]
+        labels = [r["method"] for r in group][::-1]
+        ft = next((r for r in group if r["method"] == "ft"), None)
+        device = "CPU" if group[0]["device"] == "cpu" else hardware
+        where = (
+            "accounted on fake tensors" if source == "accounted" else f"measured on {device}{', scaled down' if scaled else ''}"
+        )
+        title = f"{model} {group[0]['layout']}, batch {batch}x{seq}: {where}"
+        mem = [r["peak_bytes"] / MiB for r in group][::-1]
+        bars = ax_mem.barh(labels, mem, color="#c44e52")
+        ax_mem.set_xlabel("peak memory (MiB)")
+        if ft:
+            ax_mem.bar_label(bars, [f"{ft['peak_bytes'] / MiB / m:.1f}x less" if m else "" for m in mem], fontsize=7, padding=2)
+        if source == "measured":
+            speed = [r["tokens_per_s"] for r in group][::-1]
+            bars = ax_speed.barh(labels, speed, color="#4c72b0")
+            ax_speed.set_xlabel("tokens/s")
+            if ft:
+                ax_speed.bar_label(bars, [f"{s / ft['tokens_per_s']:.1f}x" for s in speed], fontsize=7, padding=2)
+        else:
+            ax_speed.set_xticks([])
+            ax_speed.set_yticks([])
+            ax_speed.text(
+                0.5, 0.5, "accounted: no time, memory only", ha="center", va="center", fontsize=9, transform=ax_speed.transAxes
+            )
+        ax_speed.set_title(title, fontsize=9, loc="left")
+        for ax in (ax_speed, ax_mem):
+            ax.tick_params(axis="y", labelsize=7)
+            ax.margins(x=0.25)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pathlib import Path
+
+    from .report import _write_new
+    from .stamp import read_rows
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m offsite_kernels.benchmark.plot ROWS.jsonl OUT.png", file=sys.stderr)
+        return 2
+    rows = [r for r in read_rows(args[0]) if r.get("bench") == "offsite_bench"]
+    _write_new(Path(args[1]), render_png(rows))
+    print(f"wrote {args[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The benchmark's outputs: a markdown table like the paper's, JSON-lines rows, new files only.
+
+Ratios are always to FT of the same model, batch and source, from the same run; the paper's own
+figures and ratios sit beside ours. Files are written whole to a temporary name and linked into
+place, so an existing file is never replaced and a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+MiB = 2**20
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["model"], row["layout"], row["batch"], row["seq"], row["source"], row.get("hardware"), row.get("scaled"))
+        groups.setdefault(key, []).append(row)
+    return groups
+
+
+def _ft(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((r for r in rows if r["method"] == "ft" and "error" not in r), None)
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    if not num or not den:
+        return ""
+    return f"{num / den:.1f}x"
+
+
+def _mib(value: int | None) -> str:
+    return "" if value is None else f"{value / MiB:,.0f}"
+
+
+def _paper(row: dict[str, Any], ft_row: dict[str, Any] | None) -> tuple[str, str, str]:
+    tps, mb = row.get("paper_tokens_per_s"), row.get("paper_memory_mb")
+    if tps is None:
+        return "", "", ""
+    ft_tps, ft_mb = (ft_row or {}).get("paper_tokens_per_s"), (ft_row or {}).get("paper_memory_mb")
+    return f"{tps:,.0f}", f"{mb:,.0f}", f"{_ratio(tps, ft_tps)} / {_ratio(ft_mb, mb)}" if ft_tps else ""
+
+
+def _title(key: tuple, rows: list[dict[str, Any]]) -> str:
+    model, layout, batch, seq, source, hardware, scaled = key
+    config = rows[0].get("config", {})
+    size = (
+        f"scaled down to hidden {config.get('hidden')}, vocab {config.get('vocab')}, {config.get('layers')} blocks"
+        if scaled
+        else "full size"
+    )
+    where = "accounted on fake tensors (no device)" if source == "accounted" else f"measured on {hardware}"
+    return f"### {model} (OT layout {layout}), batch {batch} x {seq} tokens, {rows[0]['amp_dtype']} autocast: {where}, {size}"
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """Markdown tables, one per (model, batch, source, hardware), with the paper's figures beside ours."""
+    out: list[str] = []
+    for key, group in _groups(rows).items():
+        source = key[4]
+        ft_row = _ft(group)
+        out += [_title(key, group), ""]
+        if source == "measured":
+            out += [
+                "| method | tokens/s | vs FT | step ms (p20-p80) | peak MiB | less than FT | MFU | paper tokens/s | paper MB | paper vs FT (speed / memory) |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+        else:
+            out += [
+                "| method | peak MiB | less than FT | weights | gradients | optimizer | activations | GFLOP/step | paper MB | paper vs FT (speed / memory) |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+        for row in group:
+            p_tps, p_mb, p_ratio = _paper(row, ft_row)
+            if "error" in row:
+                out.append(f"| {row['label']} | failed: {row['error'][:120]} |" + " |" * 8)
+                continue
+            less = _ratio((ft_row or {}).get("peak_bytes"), row["peak_bytes"])
+            if source == "measured":
+                mfu = "" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
+                out.append(
+                    f"| {row['label']} | {row['tokens_per_s']:,.0f} | {_ratio(row['tokens_per_s'], (ft_row or {}).get('tokens_per_s'))} | "
+                    f"{row['step_ms_median']:.1f} ({row['step_ms_p20']:.1f}-{row['step_ms_p80']:.1f}) | {_mib(row['peak_bytes'])} | "
+                    f"{less} | {mfu} | {p_tps} | {p_mb} | {p_ratio} |"
+                )
+            else:
+                out.append(
+                    f"| {row['label']} | {_mib(row['peak_bytes'])} | {less} | {_mib(row['weights_bytes'])} | "
+                    f"{_mib(row['gradients_bytes'])} | {_mib(row['optimizer_bytes'])} | {_mib(row['activations_bytes'])} | "
+                    f"{row['model_flops_per_step'] / 1e9:,.0f} | {p_mb} | {p_ratio} |"
+                )
+        out.append("")
+    return "\n".join(out)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data``, atomically; an existing file is an error, never replaced."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # fails if path exists
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def new_output_path(directory: Path, stem: str, suffix: str) -> Path:
+    """``directory/stem-<UTC time>.suffix``, with a counter if that name is taken."""
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1000):
+        path = directory / f"{stem}-{when}{'' if n == 0 else f'-{n}'}{suffix}"
+        if not path.exists():
+            return path
+    raise FileExistsError(f"no free file name for {stem} in {directory}")
+
+
+def write_outputs(rows: list[dict[str, Any]], directory: str | os.PathLike, plot: bool = True) -> dict[str, Path | None]:
+    """Append ``rows`` (stamped) to ``offsite_bench.jsonl`` and write a new markdown table and PNG plot.
+
+    Returns the paths written; ``"plot"`` is None when matplotlib is not installed.
+    """
+    from .stamp import append_rows
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path | None] = {"rows": append_rows(directory / "offsite_bench.jsonl", rows)}
+    markdown = new_output_path(directory, "offsite_bench", ".md")
+    _write_new(markdown, format_markdown(rows).encode())
+    paths["table"] = markdown
+    paths["plot"] = None
+    if plot:
+        from .plot import matplotlib_available, render_png
+
+        if matplotlib_available():
+            png = new_output_path(directory, "offsite_bench", ".png")
+            _write_new(png, render_png(rows))
+            paths["plot"] = png
+    return paths
+
+
+def check_rows(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The failed rows, as one line each (empty when every row ran)."""
+    return [f"{r['model']} {r['method']} batch {r['batch']} ({r['source']}): {r['error']}" for r in rows if "error" in r]

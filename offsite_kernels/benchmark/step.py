@@ -1,0 +1,62 @@
+"""One training step as every method runs it, and the byte counts of its parts.
+
+The step is the paper's: forward under autocast (bf16 mixed precision; none when
+``amp_dtype`` is None), backward, AdamW on the trainable fp32 parameters, gradients set to None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .methods import Trainee
+
+
+def make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as a user would run it: fused on CUDA, the for-each implementation elsewhere."""
+    if device.type == "cuda":
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    return torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+
+def forward_loss(trainee: Trainee, ids: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The training loss of ``ids`` (labels = inputs) under autocast in ``amp_dtype``."""
+    with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return trainee.loss(ids)
+
+
+def train_step(
+    trainee: Trainee, ids: torch.Tensor, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Forward, backward, optimizer step, gradients released; returns the (detached) loss."""
+    loss = forward_loss(trainee, ids, amp_dtype)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a storage shared by several counts once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()  # one Python object per live storage: its id names the storage
+        seen[id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Parameters and buffers of ``module`` (tied weights once)."""
+    return storage_bytes([*module.parameters(), *module.buffers()])
+
+
+def grad_bytes(params: Iterable[nn.Parameter]) -> int:
+    return storage_bytes(p.grad for p in params)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return storage_bytes(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
