@@ -28,7 +28,7 @@ from torch import nn
 from ..memtrack import MemoryTracker
 from .methods import BenchMethod, Trainee, build_trainee
 from .models import BenchModel
-from .step import forward_loss, grad_bytes, optimizer_state_bytes, train_step, weight_bytes
+from .step import forward_loss, grad_bytes, make_optimizer, optimizer_state_bytes, train_step, weight_bytes
 
 
 @dataclass
@@ -99,7 +99,7 @@ def account_memory(
     trainee = _fake_trainee(bench_model, method, scaled, amp_dtype, mode)
     with mode:
         ids = torch.zeros((batch, seq), dtype=torch.long)
-        optimizer = torch.optim.AdamW(trainee.params, lr=1e-5, fused=True)  # as on a GPU: no for-each temporaries
+        optimizer = make_optimizer(trainee.params)
         weights = weight_bytes(trainee.module)
         with MemoryTracker() as tracker:
             train_step(trainee, ids, optimizer, amp_dtype)  # creates the optimizer state

@@ -92,7 +92,7 @@ def measure_training(
     gc.collect()
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=generator)
-    optimizer = make_optimizer(trainee.params, device)
+    optimizer = make_optimizer(trainee.params)
     weights = weight_bytes(trainee.module)
     if device.type == "cuda":
         torch.cuda.empty_cache()

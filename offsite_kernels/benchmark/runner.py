@@ -29,7 +29,7 @@ SOURCES = ("measured", "accounted")
 
 @dataclass
 class BenchSettings:
-    models: Sequence[str] = PAPER_MODELS
+    models: Sequence[str | BenchModel] = PAPER_MODELS
     methods: Sequence[str] = DEFAULT_METHODS
     batches: Sequence[int] = (1,)
     seq: int = 512
@@ -106,7 +106,7 @@ def run_bench(settings: BenchSettings) -> BenchResult:
     """Run every (model, batch, method) of ``settings`` for each requested source; rows in order."""
     device = settings.resolved_device()
     methods = [BenchMethod.parse(m) for m in settings.methods]
-    models = [get_bench_model(m) for m in settings.models]
+    models = [m if isinstance(m, BenchModel) else get_bench_model(m) for m in settings.models]
     unknown = set(settings.sources) - set(SOURCES)
     if unknown or not settings.sources:
         raise BenchError(f"sources must be among {SOURCES}, got {list(settings.sources)}")

@@ -1,0 +1,295 @@
+"""`offsite bench`: method names, fake-tensor accounting checked against real runs, FLOPs, outputs, CLI.
+
+The paper-size check the issue asks CI to hold (accounted on CPU: FT versus the best OT path on
+GPT2-XL, at least 10x less peak memory) is ``test_gpt2_xl_best_path_needs_ten_times_less_memory``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import offsite_kernels as ok
+from offsite_kernels.benchmark import BEST_METHOD, BenchError, BenchMethod, BenchModel, BenchSettings, get_bench_model, run_bench
+from offsite_kernels.benchmark.account import account_memory, count_model_flops
+from offsite_kernels.benchmark.measure import measure_training
+from offsite_kernels.benchmark.report import format_markdown, write_outputs
+from offsite_kernels.cli import main
+from offsite_kernels.memtrack import MemoryTracker
+
+TINY = BenchModel(
+    name="tiny-gpt2",
+    model_type="gpt2",
+    config=dict(n_embd=64, n_layer=6, n_head=4, n_positions=64, vocab_size=211, bos_token_id=0, eos_token_id=1),
+    layout="1-2-1",
+    scaled=dict(n_embd=32, n_head=2),
+)
+TINY_LLAMA = BenchModel(
+    name="tiny-llama",
+    model_type="llama",
+    config=dict(
+        hidden_size=128,  # int4 groups of 128 fit the linears
+        intermediate_size=256,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=173,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    ),
+    layout="1-2-1",
+    scaled={},
+)
+
+
+# --- method names -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("ft", "ft"),
+        ("FT+LoRA", "ft+lora"),
+        ("ot+head+int4+fast", "ot+fast+int4+head"),
+        (" ot + recompute + lora ", "ot+lora+recompute"),
+        (BEST_METHOD, BEST_METHOD),
+    ],
+)
+def test_method_names_parse_to_a_canonical_form(text, name):
+    method = BenchMethod.parse(text)
+    assert method.name == name
+    assert BenchMethod.parse(method.name) == method
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "must start with"),
+        ("lora", "must start with"),
+        ("ot+turbo", "unknown modifier"),
+        ("ot+int4+int8", "more than one weight format"),
+        ("ot+lora+lora", "repeats"),
+        ("ft+int4", r"full fine-tuning takes only \+lora"),
+    ],
+)
+def test_bad_method_names_say_what_is_wrong(text, words):
+    with pytest.raises(BenchError, match=words):
+        BenchMethod.parse(text)
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(BenchError, match="gpt2-xl"):
+        get_bench_model("gpt5")
+
+
+# --- accounting on fake tensors = what a real step allocates --------------------------------------
+@pytest.mark.parametrize("model", [TINY, TINY_LLAMA], ids=lambda m: m.name)
+@pytest.mark.parametrize("method", ["ft", "ft+lora", "ot", "ot+lora"])
+def test_accounting_matches_a_real_step_byte_for_byte(model, method):
+    """Plain PyTorch methods: every part and the peak, fake versus a real CPU step, are equal."""
+    m = BenchMethod.parse(method)
+    accounted = account_memory(model, m, batch=3, seq=37)
+    measured = measure_training(model, m, 3, 37, torch.device("cpu"), torch.bfloat16, scaled=False, warmup=1, steps=1).memory
+    assert accounted == measured
+    assert accounted.peak > accounted.weights + accounted.optimizer
+
+
+@pytest.mark.parametrize("method", ["ot+recompute", "ot+fast", "ot+fast+int4", "ot+fast+int8+head", BEST_METHOD])
+def test_accounting_of_the_fast_paths(method):
+    """The library's custom ops count their outputs (their GPU kernels allocate nothing else) while
+    the CPU run executes the reference inside them; and on fake tensors Hugging Face cannot see that
+    the attention mask is all ones, so it builds one (5 bytes per entry) that recomputation keeps for
+    the backward. Weights, gradients and optimizer state are equal, activations agree within a few
+    percent, and the accounted peak is not above the CPU's by more than that mask."""
+    m = BenchMethod.parse(method)
+    accounted = account_memory(TINY, m, batch=3, seq=37)
+    measured = measure_training(TINY, m, 3, 37, torch.device("cpu"), torch.bfloat16, scaled=False, warmup=1, steps=1).memory
+    assert (accounted.weights, accounted.gradients, accounted.optimizer) == (
+        measured.weights,
+        measured.gradients,
+        measured.optimizer,
+    )
+    assert accounted.activations == pytest.approx(measured.activations, rel=0.05)
+    assert accounted.peak <= measured.peak + 5 * 3 * 37 * 37  # the mask: bool and fp32, batch x seq x seq
+
+
+def test_each_fast_option_lowers_accounted_memory():
+    def peak(method):
+        return account_memory(TINY_LLAMA, BenchMethod.parse(method), batch=2, seq=33).peak
+
+    ot, fast = peak("ot"), peak("ot+fast")
+    assert fast < ot  # frozen weights in bf16, fewer saved activations
+    assert peak("ot+fast+int8") < fast and peak("ot+fast+int4") < peak("ot+fast+int8")
+    assert peak("ot+fast+recompute") < fast
+    assert peak("ot+lora+fast") < fast
+
+
+def test_gpt2_xl_best_path_needs_ten_times_less_memory():
+    """The issue's CPU-checked target, on the real GPT2-XL shape (2-16-2, batch 1, block 512)."""
+    gpt2_xl = get_bench_model("gpt2-xl")
+    ft = account_memory(gpt2_xl, BenchMethod.parse("ft"), batch=1, seq=512)
+    best = account_memory(gpt2_xl, BenchMethod.parse(BEST_METHOD), batch=1, seq=512)
+    params = 1_557_611_200
+    assert ft.weights == params * 4 and ft.gradients == params * 4 and ft.optimizer >= params * 8
+    assert ft.peak >= 10 * best.peak, (ft, best)
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------
+def test_frozen_linear_flops_are_counted():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    qw = ok.quantize_weight(torch.randn(30, 64), bits=4, group_size=32)
+    x = torch.randn(5, 7, 64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        ok.frozen_linear(x, qw).sum().backward()
+    assert counter.get_total_flops() == 2 * (2 * 35 * 64 * 30)  # forward and input gradient, no weight gradient
+
+
+def test_model_flops_follow_the_method():
+    def flops(method):
+        return count_model_flops(TINY, BenchMethod.parse(method), batch=2, seq=16)
+
+    ft, ot = flops("ft"), flops("ot")
+    assert 0 < ot < ft
+    assert flops("ot+recompute") == ot  # model FLOPs: recomputed work is not useful work
+    assert flops("ot+fast+int4") == ot  # same math, through the library's ops
+    assert flops("ot+head") == ot  # the fused head's two GEMMs are counted by its formula
+
+
+def test_fused_head_workspace_is_accounted_on_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from offsite_kernels.ops import fused_linear_cross_entropy
+
+    n, h, vocab, chunk = 64, 16, 1000, 32
+    with FakeTensorMode():
+        hidden = torch.empty(1, n, h, requires_grad=True)
+        weight = torch.empty(vocab, h)
+        labels = torch.zeros(1, n, dtype=torch.long)
+        with MemoryTracker() as tracker:
+            fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+    assert tracker.peak_bytes >= chunk * vocab * 4
+
+
+# --- the runner, outputs and the command --------------------------------------------------------------
+def test_run_bench_measures_and_accounts(tmp_path):
+    settings = BenchSettings(models=[TINY], methods=["ft", "ot+lora"], batches=[2], seq=24, device="cpu", warmup=1, steps=2)
+    rows = run_bench(settings).rows
+    assert [(r["source"], r["method"]) for r in rows] == [
+        ("accounted", "ft"),
+        ("measured", "ft"),
+        ("accounted", "ot+lora"),
+        ("measured", "ot+lora"),
+    ]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["peak_bytes"] > row["weights_bytes"] > 0
+    measured = [r for r in rows if r["source"] == "measured"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["scaled"] for r in measured)
+    assert measured[0]["config"]["hidden"] == 32  # the scaled config on the CPU
+
+    paths = write_outputs(rows, tmp_path, plot=True)
+    again = write_outputs(rows, tmp_path, plot=False)
+    assert paths["table"] != again["table"] and paths["table"].read_text() == again["table"].read_text()  # never clobbered
+    lines = (tmp_path / "offsite_bench.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * len(rows)
+    assert json.loads(lines[0])["stamp"]["versions"]["torch"] == torch.__version__
+    if paths["plot"] is not None:
+        assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_puts_the_paper_beside_our_figures():
+    rows = [
+        dict(
+            bench="offsite_bench",
+            model="gpt2-xl",
+            layout="2-16-2",
+            method=m,
+            label=m.upper(),
+            batch=1,
+            seq=512,
+            amp_dtype="bfloat16",
+            source="accounted",
+            hardware="none",
+            scaled=False,
+            config={},
+            peak_bytes=peak,
+            weights_bytes=1,
+            gradients_bytes=1,
+            optimizer_bytes=1,
+            activations_bytes=1,
+            model_flops_per_step=10**12,
+            paper_tokens_per_s=tps,
+            paper_memory_mb=mb,
+        )
+        for m, peak, tps, mb in [("ft", 40 * 2**20, 957, 39922), ("ot", 8 * 2**20, 4905, 8966)]
+    ]
+    text = format_markdown(rows)
+    assert "| OT | 8 | 5.0x |" in text
+    assert "8,966 | 5.1x / 4.5x |" in text
+
+
+def test_failed_method_is_a_row_not_a_crash(monkeypatch):
+    import offsite_kernels.benchmark.runner as runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(runner, "account_memory", broken)
+    rows = run_bench(BenchSettings(models=[TINY], methods=["ot"], seq=8, sources=["accounted"])).rows
+    assert rows[0]["error"] == "RuntimeError: kernel exploded"
+
+
+def test_cli_bench_accounted(tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--models",
+            "gpt2-xl",
+            "--methods",
+            "ft,ot+lora",
+            "--source",
+            "accounted",
+            "-o",
+            str(tmp_path),
+            "--no-plot",
+            "-q",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "gpt2-xl (OT layout 2-16-2)" in out and "| FT + LoRA |" not in out and "| OT + LoRA |" in out
+    assert len(list(tmp_path.glob("offsite_bench-*.md"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--methods", "ot+warp"], "unknown modifier"),
+        (["--models", "bert"], "unknown benchmark model"),
+        (["--batch", "0"], "--batch"),
+        (["--batch", "one"], "--batch"),
+        (["--steps", "0"], "at least one"),
+    ],
+)
+def test_cli_bench_bad_input(args, words, tmp_path, capsys):
+    assert main(["bench", *args, "-o", str(tmp_path), "-q"]) == 2
+    assert words in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written before the input was checked
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default")
+@pytest.mark.slow
+def test_default_bench_on_cpu(tmp_path, capsys):
+    """`offsite bench` with no options: the paper's two models, accounted at full size and measured scaled."""
+    assert main(["bench", "-o", str(tmp_path), "-q"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "offsite_bench.jsonl").read_text().splitlines()]
+    assert {(r["model"], r["source"]) for r in rows} == {
+        (m, s) for m in ("opt-1.3b", "gpt2-xl") for s in ("accounted", "measured")
+    }
+    accounted = {(r["model"], r["method"]): r["peak_bytes"] for r in rows if r["source"] == "accounted"}
+    for model in ("opt-1.3b", "gpt2-xl"):
+        assert accounted[(model, "ft")] > accounted[(model, "ot")] > accounted[(model, BEST_METHOD)]
+    assert accounted[("gpt2-xl", "ft")] >= 10 * accounted[("gpt2-xl", BEST_METHOD)]
