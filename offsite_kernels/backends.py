@@ -2,7 +2,7 @@
 
 ``torch`` (pure PyTorch, the reference) always runs. ``triton`` runs on a CUDA GPU, or on the
 CPU in Triton's interpreter when ``TRITON_INTERPRET=1``. ``native`` needs the compiled
-extension from ``csrc/``. ``OFFSITE_BACKEND=torch|triton|native`` forces one; forcing one
+extension from ``csrc/`` (``offsite_kernels.native`` loads it; see csrc/README.md). ``OFFSITE_BACKEND=torch|triton|native`` forces one; forcing one
 that cannot run is an error, never a silent fallback.
 """
 
@@ -49,13 +49,11 @@ def backend_status(name: str) -> BackendStatus:
             return BackendStatus(name, True, "Triton interpreter on CPU (TRITON_INTERPRET=1)")
         return BackendStatus(name, False, "no CUDA GPU; set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
     if name == "native":
-        if importlib.util.find_spec("offsite_kernels._C") is None:
-            return BackendStatus(
-                name,
-                False,
-                "the native extension is not built (reinstall with a C++ compiler: pip install --no-build-isolation -e .)",
-            )
-        return BackendStatus(name, True, "compiled extension")
+        from . import native  # loads the extension (or, with OFFSITE_NATIVE_JIT=1, builds it) on first use
+
+        if not native.available():
+            return BackendStatus(name, False, native.unavailable_reason())
+        return BackendStatus(name, True, "compiled extension" + (" with CUDA kernels" if native.has_cuda() else " (CPU kernels)"))
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -1,7 +1,8 @@
 """Frozen linear: ``y = x @ deq(W)^T + b``, differentiable in ``x`` only.
 
 Layers of this file, from the bottom up: the pure-PyTorch reference (``frozen_linear_torch``),
-backend dispatch to the Triton kernels, two ``torch.library`` custom ops with fake (meta)
+backend dispatch to the Triton kernels or the native extension (``offsite_kernels.native``: tiled C++ on
+the CPU, a skinny CUDA GEMM for M <= 16), two ``torch.library`` custom ops with fake (meta)
 implementations (``offsite_kernels::frozen_linear`` and its input gradient
 ``offsite_kernels::frozen_linear_input_grad``) joined by ``register_autograd``, and the public
 functional :func:`frozen_linear`.
@@ -57,13 +58,31 @@ def _from_op_storage(fmt: str, data: torch.Tensor) -> torch.Tensor:
 
 
 # --- dispatch ---------------------------------------------------------------------------------
-def _use_triton(t: torch.Tensor) -> bool:
+def _pick(t: torch.Tensor, fmt: str, direction: str) -> str:
+    """The backend of one call: "triton", "native" or "torch".
+
+    Forced (``OFFSITE_BACKEND``): that backend; "native" runs the C++ tiled kernels on the CPU for int8/int4/fp8
+    weights, the CUDA skinny GEMM for an int8/int4 forward with M <= 16, and the reference elsewhere (a dense weight
+    needs no dequantization; the extension has no general GPU GEMM). Default: the Triton kernels on a GPU, except
+    the M buckets where ``offsite_kernels.native.dispatch`` (measured on a GPU, kept in the repo) picks another;
+    on the CPU the native kernels for low-bit weights where the extension is built, else the reference.
+    """
     forced = requested_backend()
-    if forced == "triton":
-        return True
-    if forced is not None:  # "torch" (and "native", until it has a frozen linear, runs the reference)
-        return False
-    return t.is_cuda
+    if forced in ("triton", "torch"):
+        return forced
+    from .. import native
+
+    m = t.numel() // max(t.shape[-1], 1)
+    if not t.is_cuda:
+        return "native" if fmt != "dense" and native.supports_device(t.device) else "torch"
+    skinny = direction == "fwd" and fmt in ("int8", "int4")
+    if forced == "native":
+        return "native" if skinny and m <= 16 else "torch"
+    if skinny:
+        from ..native.dispatch import choose
+
+        return choose(fmt, m, native_ok=native.supports_device(t.device))
+    return "triton"
 
 
 # --- custom ops -------------------------------------------------------------------------------
@@ -79,10 +98,16 @@ def _frozen_linear_op(
     out_features: int,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    if _use_triton(x):
+    backend = _pick(x, fmt, "fwd")
+    if backend == "triton":
         from .frozen_linear_triton import frozen_linear_fwd
 
         y = frozen_linear_fwd(x2, data, scales, zeros, bias, fmt, group_size, out_features)
+    elif backend == "native":
+        from .. import native
+
+        run = native.skinny_gemm if x.is_cuda else native.frozen_linear_fwd
+        y = run(x2, data, scales, zeros, bias, fmt, group_size, out_features)
     else:
         y = frozen_linear_torch(x2, _from_op_storage(fmt, data), scales, zeros, bias, fmt, group_size, out_features)
     return y.reshape(*x.shape[:-1], out_features)
@@ -104,10 +129,15 @@ def _frozen_linear_input_grad_op(
     in_features: int,
 ) -> torch.Tensor:
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    if _use_triton(grad_y):
+    backend = _pick(grad_y, fmt, "bwd")
+    if backend == "triton":
         from .frozen_linear_triton import frozen_linear_bwd
 
         dx = frozen_linear_bwd(g2, data, scales, zeros, fmt, group_size, in_features)
+    elif backend == "native":
+        from .. import native
+
+        dx = native.frozen_linear_bwd(g2, data, scales, zeros, fmt, group_size, in_features)
     else:
         dx = frozen_linear_input_grad_torch(g2, _from_op_storage(fmt, data), scales, zeros, fmt, group_size, in_features)
     return dx.reshape(*grad_y.shape[:-1], in_features)

@@ -97,13 +97,47 @@ def quantize_fp8(w: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight("fp8", q, scales, None, 0, tuple(w.shape), w.dtype)
 
 
+# --- native kernels (csrc/): bit-exact with the functions above, used where the extension is built --------------
+def _native_module(t: torch.Tensor):
+    """The native extension if it should quantize/dequantize ``t``: forced by OFFSITE_BACKEND=native, or by default
+    where it is built and has kernels for ``t``'s device; None means the PyTorch reference above."""
+    from .. import native
+    from ..backends import requested_backend
+
+    forced = requested_backend()
+    if forced == "native":
+        return native.require()
+    if forced is not None or t.numel() == 0:
+        return None
+    return native.get() if native.supports_device(t.device) else None
+
+
+def _quantize_native(module, w: torch.Tensor, fmt: str, group_size: int) -> QuantizedWeight:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        _check_weight(w)  # raises the reference's error
+    w = w.detach().contiguous()
+    try:
+        if fmt == "int8":
+            q, scales = module.quantize_int8(w)
+            return QuantizedWeight("int8", q, scales, None, 0, tuple(w.shape), w.dtype)
+        data, scales, zeros = module.quantize_int4(w, group_size)
+    except ValueError as exc:  # NaN or infinite values, found by the kernel itself (no separate scan)
+        raise QuantizationError(str(exc).splitlines()[0]) from None
+    return QuantizedWeight("int4", data, scales, zeros, group_size, tuple(w.shape), w.dtype)
+
+
 def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int = 128) -> QuantizedWeight:
     """Store a frozen ``[out_features, in_features]`` weight in a low-bit format.
 
     ``bits``: 8 (int8 per channel), 4 (int4 group-wise, ``group_size`` 32, 64 or 128), "fp8"
-    (e4m3 per channel) or None (dense, kept as it is).
+    (e4m3 per channel) or None (dense, kept as it is). int8 and int4 run in the native extension
+    where it is built (bit-exact with the PyTorch reference, which runs otherwise).
     """
     fmt = check_format(bits, group_size)
+    if fmt in ("int8", "int4") and isinstance(w, torch.Tensor):
+        module = _native_module(w)
+        if module is not None:
+            return _quantize_native(module, w, fmt, group_size)
     _check_weight(w)
     if fmt == "dense":
         return QuantizedWeight("dense", w.detach().contiguous(), None, None, 0, tuple(w.shape), w.dtype)
@@ -137,7 +171,13 @@ def dequantize_fields(
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
-    """The dense ``[out_features, in_features]`` weight of ``qw`` in its original dtype."""
+    """The dense ``[out_features, in_features]`` weight of ``qw`` in its original dtype (native kernels where built)."""
+    if qw.format != "dense" and qw.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        module = _native_module(qw.data)
+        if module is not None:
+            from .. import native
+
+            return native.dequantize(qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, qw.dtype)
     return dequantize_fields(qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, qw.dtype)
 
 
