@@ -293,3 +293,24 @@ def test_default_bench_on_cpu(tmp_path, capsys):
     for model in ("opt-1.3b", "gpt2-xl"):
         assert accounted[(model, "ft")] > accounted[(model, "ot")] > accounted[(model, BEST_METHOD)]
     assert accounted[("gpt2-xl", "ft")] >= 10 * accounted[("gpt2-xl", BEST_METHOD)]
+
+
+def test_gpu_suite_runs_its_stages_and_summarises(tmp_path):
+    """bench/gpu_suite.py on this machine: the env stage runs, a missing script is skipped, the summary is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--only", "env", "--budget-s", "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "| env | ok | 0 |" in summary
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert suite["stamp"]["versions"]["torch"] == torch.__version__ and suite["stages"][0]["status"] == "ok"
+    assert "torch" in (tmp_path / "env.log").read_text()

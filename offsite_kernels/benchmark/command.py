@@ -28,28 +28,34 @@ def _batches(text: str) -> list[int]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
-    from .report import check_rows, format_markdown, write_outputs
+    from .report import ROWS_FILE, check_rows, format_markdown, write_outputs
     from .runner import BenchSettings, run_bench
+    from .stamp import append_rows, stamp
 
-    sources = {"both": ("measured", "accounted"), "measured": ("measured",), "accounted": ("accounted",)}[args.source]
+    sources = {"auto": None, "both": ("measured", "accounted"), "measured": ("measured",), "accounted": ("accounted",)}
+    output = Path(args.output)
+    provenance = stamp()
     settings = BenchSettings(
         models=_list(args.models, tuple(BENCH_MODELS), PAPER_MODELS),
         methods=_list(args.methods, ALL_METHODS, DEFAULT_METHODS),
-        batches=_batches(args.batch),
+        batches=None if args.batch is None else _batches(args.batch),
         seq=args.seq,
         device=args.device,
-        sources=sources,
+        sources=sources[args.source],
         scaled=True if args.scaled else (False if args.full_size else None),
         amp_dtype=None if args.fp32 else torch.bfloat16,
         warmup=args.warmup,
         steps=args.steps,
         progress=None if args.quiet else (lambda msg: print(f"[bench] {msg}", flush=True)),
+        on_row=lambda row: append_rows(output / ROWS_FILE, [row], provenance),  # kept even if a later row crashes
     )
     result = run_bench(settings)
     print(format_markdown(result.rows))
-    paths = write_outputs(result.rows, args.output, plot=not args.no_plot)
+    paths = write_outputs(result.rows, output, plot=not args.no_plot, append=False)
     print(f"rows appended to {paths['rows']}; table {paths['table']}", end="")
     if paths["plot"] is not None:
         print(f"; plot {paths['plot']}")
@@ -79,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods", default="default", help="comma-separated (e.g. ft,ot+lora+int4), 'default' or 'all'; see the README"
     )
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1, the paper's)")
+    p.add_argument("--batch", help="comma-separated batch sizes (default: the paper's 1; on a GPU also a GPU-filling 16)")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512, the paper's block)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="where measured rows run (default: cuda if present)")
     p.add_argument(

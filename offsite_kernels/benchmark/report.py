@@ -124,8 +124,14 @@ def new_output_path(directory: Path, stem: str, suffix: str) -> Path:
     raise FileExistsError(f"no free file name for {stem} in {directory}")
 
 
-def write_outputs(rows: list[dict[str, Any]], directory: str | os.PathLike, plot: bool = True) -> dict[str, Path | None]:
-    """Append ``rows`` (stamped) to ``offsite_bench.jsonl`` and write a new markdown table and PNG plot.
+ROWS_FILE = "offsite_bench.jsonl"
+
+
+def write_outputs(
+    rows: list[dict[str, Any]], directory: str | os.PathLike, plot: bool = True, append: bool = True
+) -> dict[str, Path | None]:
+    """Append ``rows`` (stamped) to ``offsite_bench.jsonl`` (unless ``append`` is False: already
+    appended one by one as they came) and write a new markdown table and PNG plot.
 
     Returns the paths written; ``"plot"`` is None when matplotlib is not installed.
     """
@@ -133,7 +139,7 @@ def write_outputs(rows: list[dict[str, Any]], directory: str | os.PathLike, plot
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path | None] = {"rows": append_rows(directory / "offsite_bench.jsonl", rows)}
+    paths: dict[str, Path | None] = {"rows": append_rows(directory / ROWS_FILE, rows) if append else directory / ROWS_FILE}
     markdown = new_output_path(directory, "offsite_bench", ".md")
     _write_new(markdown, format_markdown(rows).encode())
     paths["table"] = markdown

@@ -31,16 +31,17 @@ SOURCES = ("measured", "accounted")
 class BenchSettings:
     models: Sequence[str | BenchModel] = PAPER_MODELS
     methods: Sequence[str] = DEFAULT_METHODS
-    batches: Sequence[int] = (1,)
+    batches: Sequence[int] | None = None  # None: the paper's 1, plus a GPU-filling 16 on a GPU
     seq: int = 512
     device: str | None = None  # None: cuda if available, else cpu
-    sources: Sequence[str] = SOURCES
+    sources: Sequence[str] | None = None  # None: measured on a GPU; measured (scaled) and accounted on a CPU
     scaled: bool | None = None  # measure the scaled-down configs; None: on the CPU only
     amp_dtype: torch.dtype | None = torch.bfloat16
     warmup: int = 2
     steps: int = 5
     seed: int = 0
     progress: Callable[[str], None] | None = None
+    on_row: Callable[[dict[str, Any]], None] | None = None  # called with each row as soon as it exists
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
@@ -107,25 +108,36 @@ def run_bench(settings: BenchSettings) -> BenchResult:
     device = settings.resolved_device()
     methods = [BenchMethod.parse(m) for m in settings.methods]
     models = [m if isinstance(m, BenchModel) else get_bench_model(m) for m in settings.models]
-    unknown = set(settings.sources) - set(SOURCES)
-    if unknown or not settings.sources:
-        raise BenchError(f"sources must be among {SOURCES}, got {list(settings.sources)}")
-    if any(b < 1 for b in settings.batches) or settings.seq < 2:
-        raise BenchError(f"batch sizes must be >= 1 and seq >= 2; got batches={list(settings.batches)}, seq={settings.seq}")
+    on_gpu = device.type == "cuda"
+    sources = list(settings.sources if settings.sources is not None else (("measured",) if on_gpu else SOURCES))
+    batches = list(settings.batches if settings.batches is not None else ((1, 16) if on_gpu else (1,)))
+    if set(sources) - set(SOURCES) or not sources:
+        raise BenchError(f"sources must be among {SOURCES}, got {sources}")
+    if not batches or any(b < 1 for b in batches) or settings.seq < 2:
+        raise BenchError(f"batch sizes must be >= 1 and seq >= 2; got batches={batches}, seq={settings.seq}")
     if settings.warmup < 1 or settings.steps < 1:
         raise BenchError(f"need at least one warm-up and one timed step, got warmup={settings.warmup}, steps={settings.steps}")
-    scaled = settings.scaled if settings.scaled is not None else device.type != "cuda"
+    scaled = settings.scaled if settings.scaled is not None else not on_gpu
     say = settings.progress or (lambda _msg: None)
     start = time.perf_counter()
     result = BenchResult()
     ceiling = None
+    flops = _FlopsCache(settings)
+
+    def add(row: dict[str, Any]) -> None:
+        result.rows.append(row)
+        if settings.on_row is not None:
+            settings.on_row(row)
+
     with _quiet_transformers():
-        if "measured" in settings.sources:
+        if "measured" in sources:
             ceiling = matmul_ceiling(device, settings.amp_dtype or torch.float32)
             say(f"matmul ceiling on {device.type}: {ceiling / 1e12:.2f} TFLOP/s ({_dtype_name(settings.amp_dtype)})")
         for bench_model in models:
-            for batch in settings.batches:
+            for batch in batches:
                 for method in methods:
+                    paper_setting = settings.seq == 512 and batch == 1
+                    paper = bench_model.paper.get(method.name, (None, None)) if paper_setting else (None, None)
                     common = {
                         "bench": "offsite_bench",
                         "model": bench_model.name,
@@ -135,26 +147,38 @@ def run_bench(settings: BenchSettings) -> BenchResult:
                         "batch": batch,
                         "seq": settings.seq,
                         "amp_dtype": _dtype_name(settings.amp_dtype),
-                        "paper_tokens_per_s": bench_model.paper.get(method.name, (None, None))[0]
-                        if settings.seq == 512 and batch == 1
-                        else None,
-                        "paper_memory_mb": bench_model.paper.get(method.name, (None, None))[1]
-                        if settings.seq == 512 and batch == 1
-                        else None,
+                        "paper_tokens_per_s": paper[0],
+                        "paper_memory_mb": paper[1],
                     }
-                    if "accounted" in settings.sources:
+                    if "accounted" in sources:
                         say(f"accounting {bench_model.name} {method.name} batch {batch}")
-                        result.rows.append(_accounted_row(bench_model, method, batch, settings, common))
-                    if "measured" in settings.sources:
-                        say(
-                            f"measuring {bench_model.name}{' (scaled)' if scaled else ''} {method.name} batch {batch} on {device}"
-                        )
-                        result.rows.append(_measured_row(bench_model, method, batch, settings, device, scaled, ceiling, common))
+                        add(_accounted_row(bench_model, method, batch, settings, common, flops))
+                    if "measured" in sources:
+                        size = " (scaled)" if scaled else ""
+                        say(f"measuring {bench_model.name}{size} {method.name} batch {batch} on {device}")
+                        add(_measured_row(bench_model, method, batch, settings, device, scaled, ceiling, common, flops))
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _accounted_row(bench_model, method, batch, settings, common) -> dict[str, Any]:
+class _FlopsCache:
+    """Model FLOPs per (model, size, batch, what is trained): the same math whatever the weight format,
+    fused ops or recomputation, so it is counted once per group, not once per method."""
+
+    def __init__(self, settings: BenchSettings) -> None:
+        self.settings = settings
+        self._done: dict[tuple, int] = {}
+
+    def __call__(self, bench_model: BenchModel, method: BenchMethod, batch: int, scaled: bool) -> int:
+        key = (bench_model.name, scaled, batch, method.base, method.lora, method.fused_head)
+        if key not in self._done:
+            self._done[key] = count_model_flops(
+                bench_model, method, batch, self.settings.seq, self.settings.amp_dtype, scaled=scaled
+            )
+        return self._done[key]
+
+
+def _accounted_row(bench_model, method, batch, settings, common, flops: _FlopsCache) -> dict[str, Any]:
     row = {
         **common,
         "source": "accounted",
@@ -165,13 +189,13 @@ def _accounted_row(bench_model, method, batch, settings, common) -> dict[str, An
     }
     try:
         memory = account_memory(bench_model, method, batch, settings.seq, settings.amp_dtype)
-        flops = count_model_flops(bench_model, method, batch, settings.seq, settings.amp_dtype)
+        model_flops = flops(bench_model, method, batch, False)
     except Exception as exc:  # one failing method must not lose the others' rows
         return {**row, "error": f"{type(exc).__name__}: {exc}"}
-    return {**row, **_memory_fields(memory), "model_flops_per_step": flops}
+    return {**row, **_memory_fields(memory), "model_flops_per_step": model_flops}
 
 
-def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling, common) -> dict[str, Any]:
+def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling, common, flops: _FlopsCache) -> dict[str, Any]:
     row = {
         **common,
         "source": "measured",
@@ -193,7 +217,7 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
             steps=settings.steps,
             seed=settings.seed,
         )
-        flops = count_model_flops(bench_model, method, batch, settings.seq, settings.amp_dtype, scaled=scaled)
+        model_flops = flops(bench_model, method, batch, scaled)
     except torch.OutOfMemoryError as exc:
         return {**row, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     except Exception as exc:  # one failing method must not lose the others' rows
@@ -211,9 +235,9 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
         "step_ms_p80": timing.p80_s * 1e3,
         "timed_steps": timing.steps,
         **_memory_fields(measured.memory),
-        "model_flops_per_step": flops,
+        "model_flops_per_step": model_flops,
         "matmul_ceiling_flops": ceiling,
-        "mfu": flops / timing.median_s / ceiling if ceiling else None,
+        "mfu": model_flops / timing.median_s / ceiling if ceiling else None,
         "loss": measured.loss,
         "trainable_params": measured.trainable_params,
     }

@@ -1,0 +1,186 @@
+"""The whole GPU suite in one call: environment, GPU tests, kernel benchmarks, end-to-end table.
+
+Run from the repository root on a machine with an NVIDIA GPU (the package need not be installed:
+the checkout is put on ``PYTHONPATH``)::
+
+    python3 bench/gpu_suite.py --out DIR          # about 10 minutes on an H200 by default
+    python3 bench/gpu_suite.py --out DIR --quick  # about 4 minutes: --quick kernel benchmarks, fewer methods
+
+Each stage runs in its own process with its own time limit, writes its log to ``DIR/<stage>.log``
+and its results under ``DIR``; a stage that fails or runs out of time is recorded and the next one
+runs. ``DIR/SUMMARY.md`` lists every stage (exit code, seconds) with the tail of its table, and
+``DIR/suite.json`` the same as data, stamped with the GPU, driver, torch and triton versions.
+
+Stages: ``env`` (nvidia-smi, ``offsite env``, the stamp), ``tests`` (``pytest -m gpu``: every
+Triton kernel against float64 on CUDA), ``frozen_linear`` (bench/frozen_linear_gpu.py),
+``fused_ops`` (bench/fused_ops_gpu.py), ``native`` (bench/native_gpu.py, where present), ``e2e``
+(``offsite bench`` on the paper's models, measured on the GPU, batch 1 and 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# the paper's four and the best path first: rows are written as they come, so a stage cut short keeps them
+SUITE_METHODS = (
+    "ft,ft+lora,ot,ot+lora,ot+lora+fast+int4+recompute+head,ot+fast,ot+fast+int8,ot+fast+int4,ot+fast+fp8,"
+    "ot+fast+recompute,ot+fast+head,ot+fast+int4+recompute+head,ot+lora+fast,ot+lora+fast+int8+recompute+head"
+)
+QUICK_METHODS = "ft,ft+lora,ot,ot+lora,ot+lora+fast+int4+recompute+head,ot+fast,ot+fast+int4"
+BUDGET_S = 570  # the device machine allows 600 s per command
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    timeout_s: int
+    table: str | None = None  # a markdown file (relative to the output folder) whose tail goes in the summary
+    needs: str | None = None  # a file (relative to the repo) that must exist, else the stage is skipped
+
+
+@dataclass
+class StageResult:
+    name: str
+    returncode: int | None
+    seconds: float
+    status: str  # ok, failed, timeout, skipped
+
+
+def stages(out: Path, quick: bool) -> list[Stage]:
+    py = sys.executable
+    q = ["--quick"] if quick else []
+    return [
+        Stage(
+            "env",
+            [
+                py,
+                "-c",
+                "import json, offsite_kernels.cli as c, offsite_kernels.benchmark.stamp as s; "
+                "c.main(['env']); print(json.dumps(s.stamp(), indent=2))",
+            ],
+            30,
+        ),
+        Stage("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 100 if quick else 140),
+        Stage(
+            "frozen_linear",
+            [py, "bench/frozen_linear_gpu.py", "--out", str(out / "frozen_linear"), *q],
+            70 if quick else 120,
+            table="frozen_linear/frozen_linear_gpu.md",
+        ),
+        Stage(
+            "fused_ops",
+            [py, "bench/fused_ops_gpu.py", "--out", str(out / "fused_ops"), *q],
+            50 if quick else 90,
+            table="fused_ops/fused_ops_gpu.md",
+            needs="bench/fused_ops_gpu.py",
+        ),
+        Stage("native", [py, "bench/native_gpu.py", "--out", str(out / "native")], 40, needs="bench/native_gpu.py"),
+        Stage(
+            "e2e",
+            [
+                py,
+                "-m",
+                "offsite_kernels.cli",
+                "bench",
+                "--device",
+                "cuda",
+                "--models",
+                "gpt2-xl,opt-1.3b",
+                "--methods",
+                QUICK_METHODS if quick else SUITE_METHODS,
+                "--batch",
+                "1,16",
+                "-o",
+                str(out / "e2e"),
+                "--warmup",
+                "2",
+                "--steps",
+                "5",
+            ],
+            100 if quick else 170,
+        ),
+    ]
+
+
+def run_stage(stage: Stage, out: Path, env: dict[str, str], left_s: float) -> StageResult:
+    if stage.needs and not (REPO / stage.needs).exists():
+        return StageResult(stage.name, None, 0.0, f"skipped ({stage.needs} is not in this checkout)")
+    timeout = int(min(stage.timeout_s, left_s))
+    if timeout < 10:
+        return StageResult(stage.name, None, 0.0, "skipped (the suite's time budget is spent)")
+    log = out / f"{stage.name}.log"
+    start = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            proc = subprocess.run(stage.argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            code = proc.returncode
+            status = "ok" if code == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            code, status = None, f"timeout after {timeout} s"
+    return StageResult(stage.name, code, time.perf_counter() - start, status)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return "(no table)"
+
+
+def latest(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern))
+    return found[-1] if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (created; $OUT on the device machine)")
+    p.add_argument("--quick", action="store_true", help="shorter kernel benchmarks and fewer end-to-end methods")
+    p.add_argument("--only", help="comma-separated stage names to run (default: all)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"time for the whole suite (default {BUDGET_S} s)")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("TRITON_INTERPRET", None)
+    chosen = set(args.only.split(",")) if args.only else None
+    results = []
+    suite_start = time.perf_counter()
+    for stage in stages(out, args.quick):
+        if chosen is not None and stage.name not in chosen:
+            continue
+        print(f"[suite] {stage.name} ...", flush=True)
+        result = run_stage(stage, out, env, args.budget_s - (time.perf_counter() - suite_start))
+        results.append((stage, result))
+        print(f"[suite] {stage.name}: {result.status} ({result.seconds:.0f} s)", flush=True)
+
+    summary = ["# GPU suite", "", "| stage | status | exit | seconds |", "|---|---|---|---|"]
+    summary += [f"| {r.name} | {r.status} | {r.returncode} | {r.seconds:.0f} |" for _, r in results]
+    for stage, _result in results:
+        table = out / stage.table if stage.table else None
+        if stage.name == "e2e":
+            table = latest(out / "e2e", "offsite_bench-*.md")
+        if stage.name == "tests":
+            table = out / "tests.log"
+        if table is not None:
+            summary += ["", f"## {stage.name}", "", _tail(table)]
+    (out / "SUMMARY.md").write_text("\n".join(summary) + "\n")
+    sys.path.insert(0, str(REPO))
+    from offsite_kernels.benchmark.stamp import stamp
+
+    (out / "suite.json").write_text(json.dumps({"stamp": stamp(), "stages": [asdict(r) for _, r in results]}, indent=2) + "\n")
+    print("\n".join(summary[: 4 + len(results)]))
+    return 0 if all(r.status == "ok" or r.status.startswith("skipped") for _, r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

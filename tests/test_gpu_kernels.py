@@ -1,0 +1,155 @@
+"""Every Triton kernel on a real CUDA GPU, against a float64 reference of the same math.
+
+CI runs these kernels in Triton's interpreter (the other test files); the compiler on a GPU is
+stricter and its arithmetic differs (tf32, fused multiply-adds, bf16 tensor cores), so the same
+checks run here on CUDA tensors: fresh random inputs, odd shapes, 3-D and non-contiguous inputs,
+outputs poisoned before the run, per-dtype tolerances, and one emulator end to end. Marked ``gpu``:
+skipped where there is none (bench/gpu_suite.py runs them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offsite_kernels as ok
+from offsite_kernels.ops import bias_gelu, fused_linear_cross_entropy, layer_norm, rms_norm, swiglu
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative (Frobenius) error bounds
+DTYPES = list(TOL)
+
+
+@pytest.fixture(autouse=True)
+def _triton_and_poison(monkeypatch):
+    """Force the Triton kernels, and fill the caching allocator's free blocks with NaN, so an
+    output element a kernel forgets to write shows up as NaN (rel_err rejects it)."""
+    monkeypatch.setenv("OFFSITE_BACKEND", "triton")
+    poison = [torch.full((n,), float("nan"), device="cuda") for n in (2**26, 2**24, 2**22, 2**20, 2**16, 2**12)]
+    del poison  # the blocks go back to the cache, NaN-filled, and the kernels' outputs are carved from them
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "NaN or inf in the output"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def rand(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [8, 4, "fp8", None])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 257, 384), (37, 130, 640), (1029, 515, 1152)])
+def test_frozen_linear_forward_and_input_grad(fmt, m, n, k, dtype):
+    w = rand(n, k, seed=1) * 0.05
+    qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w.to(dtype)
+    w_hat = (qw.dequantize() if fmt is not None else qw).double()
+    bias = rand(n, seed=2)
+    x = rand(3, m, k, seed=3, dtype=dtype)[:, :, :]  # 3-D
+    x = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # non-contiguous
+    y = ok.frozen_linear(x, qw, bias)
+    ref = x.detach().double() @ w_hat.t() + bias.double()
+    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
+    grad_y = rand(*y.shape, seed=4, dtype=dtype)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    assert rel_err(grad_x, grad_y.double() @ w_hat) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 4096), (333, 1600), (2049, 2048)])
+def test_norms(rows, hidden, residual, dtype):
+    x = rand(rows, hidden, seed=5, dtype=dtype).requires_grad_(True)
+    res = rand(rows, hidden, seed=6, dtype=dtype).requires_grad_(True) if residual else None
+    w, b = 1 + 0.1 * rand(hidden, seed=7), 0.1 * rand(hidden, seed=8)
+    h64 = x.detach().double() + (res.detach().double() if residual else 0)
+    for name in ("rms", "layer"):
+        if name == "rms":
+            out = rms_norm(x, w, 1e-6, residual=res)
+            ref = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        else:
+            out = layer_norm(x, w, b, 1e-5, residual=res)
+            ref = torch.nn.functional.layer_norm(h64, (hidden,), w.double(), b.double(), 1e-5)
+        y = out[0] if residual else out
+        assert rel_err(y, ref) < TOL[dtype], name
+        grad_y = rand(rows, hidden, seed=9, dtype=dtype)
+        (grad_x,) = torch.autograd.grad(y, x, grad_y)
+        h_ref = h64.clone().requires_grad_(True)
+        if name == "rms":
+            y_ref = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        else:
+            y_ref = torch.nn.functional.layer_norm(h_ref, (hidden,), w.double(), b.double(), 1e-5)
+        (grad_ref,) = torch.autograd.grad(y_ref, h_ref, grad_y.double())
+        assert rel_err(grad_x, grad_ref) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 3, 1000), (4097, 11008)])
+def test_activations(shape, dtype):
+    x = rand(*shape, seed=10, dtype=dtype).requires_grad_(True)
+    up = rand(*shape, seed=11, dtype=dtype).requires_grad_(True)
+    bias = rand(shape[-1], seed=12, dtype=dtype)
+    x64, up64 = x.detach().double().requires_grad_(True), up.detach().double().requires_grad_(True)
+    cases = [
+        (bias_gelu(x, bias), torch.nn.functional.gelu(x64 + bias.double())),
+        (bias_gelu(x, bias, approximate="tanh"), torch.nn.functional.gelu(x64 + bias.double(), approximate="tanh")),
+        (swiglu(x, up), torch.nn.functional.silu(x64) * up64),
+    ]
+    for out, ref in cases:
+        assert rel_err(out, ref) < TOL[dtype]
+        grad = rand(*shape, seed=13, dtype=dtype)
+        got = torch.autograd.grad(out, [x, up], grad, allow_unused=True)
+        want = torch.autograd.grad(ref, [x64, up64], grad.double(), allow_unused=True)
+        for g, r in zip(got, want, strict=True):
+            if r is not None:
+                assert rel_err(g, r) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "hidden", "vocab", "chunk"), [(333, 256, 50272, None), (1025, 128, 32000, 96)])
+def test_fused_head(tokens, hidden, vocab, chunk, dtype):
+    h = (rand(1, tokens, hidden, seed=14) * 0.5).to(dtype).requires_grad_(True)
+    w = (rand(vocab, hidden, seed=15) * 0.05).to(dtype)
+    labels = torch.randint(0, vocab, (1, tokens), device="cuda", generator=torch.Generator(device="cuda").manual_seed(16))
+    labels[0, ::7] = -100
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_size=chunk)
+    h64 = h.detach().double().requires_grad_(True)
+    logits = h64[:, :-1] @ w.double().t()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(float(loss) - float(ref)) / float(ref) < TOL[dtype]
+    (grad,) = torch.autograd.grad(loss, h)
+    (grad_ref,) = torch.autograd.grad(ref, h64)
+    assert rel_err(grad, grad_ref) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_fast_emulator_matches_the_plain_one_on_the_gpu(model_type, bits):
+    """Same loss and adapter gradients through the fast frozen blocks (Triton) as through the plain ones."""
+    from offsite_kernels.tiny import tiny_model
+
+    overrides = {
+        "llama": dict(hidden_size=256, intermediate_size=640),
+        "gpt2": dict(n_embd=256),
+        "opt": dict(hidden_size=256, ffn_dim=640),
+    }
+    model = tiny_model(model_type, n_layers=6, seed=3, **overrides[model_type]).cuda()
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 67), device="cuda", generator=torch.Generator(device="cuda").manual_seed(17)
+    )
+    results = []
+    for fast in (False, True):
+        emu = ok.make_emulator(
+            model, bottom=1, top=1, emulator_layers=2, bits=bits, fast=fast, recompute="full" if fast else None
+        )
+        emu.train()
+        loss = emu(input_ids=ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, list(emu.adapter_parameters()))
+        results.append((loss.detach(), grads))
+    (loss_plain, grads_plain), (loss_fast, grads_fast) = results
+    assert abs(float(loss_fast) - float(loss_plain)) < 1e-3 * float(loss_plain)
+    for g_fast, g_plain in zip(grads_fast, grads_plain, strict=True):
+        assert rel_err(g_fast, g_plain) < 1e-2
