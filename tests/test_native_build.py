@@ -86,7 +86,7 @@ def test_failed_jit_build_leaves_other_backends(without_extension, monkeypatch):
 
 def test_build_config_lists_existing_sources():
     root = build_config.repo_root()
-    for source in build_config.CPU_SOURCES:
+    for source in (*build_config.CPU_SOURCES, *build_config.CUDA_KERNEL_SOURCES, *build_config.CUDA_BINDING_SOURCES):
         assert (root / source).is_file(), source
     assert build_config.parse_archs("8.0;9.0+PTX") == ["80", "90"]
     assert build_config.parse_archs(build_config.DEFAULT_CUDA_ARCHS) == ["80", "90"]

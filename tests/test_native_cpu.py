@@ -334,3 +334,16 @@ def test_build_info(C):
     info = C.build_info()
     assert info["openmp"] is True and info["torch"].startswith(torch.__version__.split("+")[0][:4])
     assert set(info) >= {"cuda", "openmp", "torch", "external_blas"}
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+def test_weights_quantized_from_a_transposed_view(monkeypatch, bits):
+    monkeypatch.delenv("OFFSITE_BACKEND", raising=False)
+    w = torch.randn(70, 24, generator=gen(40)).t()  # as HF Conv1D weights are
+    qw = ok.quantize_weight(w, bits=bits, group_size=32)
+    x = torch.randn(5, 70, generator=gen(41), requires_grad=True)
+    y = ok.frozen_linear(x, qw)
+    w64 = ref.dequantize_fields(qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, qw.dtype).double()
+    assert rel_error(y.detach(), x.detach().double() @ w64.T) < 1e-5
+    y.backward(torch.ones_like(y))
+    assert rel_error(x.grad, torch.ones(5, 24).double() @ w64) < 1e-5

@@ -161,29 +161,34 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _u8(fmt: str, data: torch.Tensor) -> torch.Tensor:
+    data = data.contiguous()  # stored weights are (a no-op); a weight quantized from a transposed view may not be
     return data.view(torch.uint8) if fmt == "fp8" and data.dtype == torch.float8_e4m3fn else data
+
+
+def _c(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 def dequantize(fmt, data, scales, zeros, group_size, shape, dtype) -> torch.Tensor:
     """The dense ``shape`` weight in ``dtype`` from the stored fields, bit-exact with ``dequantize_fields``."""
     out = torch.empty(shape, dtype=dtype, device=data.device)
-    return require().dequantize(fmt, _u8(fmt, data), scales, zeros, group_size, out)
+    return require().dequantize(fmt, _u8(fmt, data), _c(scales), _c(zeros), group_size, out)
 
 
 def frozen_linear_fwd(x, data, scales, zeros, bias, fmt, group_size, out_features) -> torch.Tensor:
     """CPU, 2-D ``x [M, K]``: ``x @ deq(W)^T (+ bias)`` in ``x.dtype``, the weight dequantized tile by tile."""
     out = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
-    return require().frozen_linear_fwd(x.contiguous(), fmt, _u8(fmt, data), scales, zeros, bias, group_size, out)
+    return require().frozen_linear_fwd(x.contiguous(), fmt, _u8(fmt, data), _c(scales), _c(zeros), bias, group_size, out)
 
 
 def frozen_linear_bwd(grad_y, data, scales, zeros, fmt, group_size, in_features) -> torch.Tensor:
     """CPU, 2-D ``grad_y [M, N]``: ``grad_y @ deq(W)`` in ``grad_y.dtype``, tile by tile."""
     out = torch.empty((grad_y.shape[0], in_features), dtype=grad_y.dtype, device=grad_y.device)
-    return require().frozen_linear_bwd(grad_y.contiguous(), fmt, _u8(fmt, data), scales, zeros, group_size, out)
+    return require().frozen_linear_bwd(grad_y.contiguous(), fmt, _u8(fmt, data), _c(scales), _c(zeros), group_size, out)
 
 
 def skinny_gemm(x, data, scales, zeros, bias, fmt, group_size, out_features) -> torch.Tensor:
     """CUDA, ``x [M, K]`` with M <= 16, int4 or int8 weight: ``x @ deq(W)^T (+ bias)`` in ``x.dtype``."""
     out = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
     bias = None if bias is None else bias.to(x.dtype).contiguous()
-    return require().skinny_gemm(x.contiguous(), fmt, data, scales, zeros, bias, group_size, out)
+    return require().skinny_gemm(x.contiguous(), fmt, _u8(fmt, data), _c(scales), _c(zeros), bias, group_size, out)

@@ -16,7 +16,7 @@ CUDA_BINDING_SOURCES = ("csrc/cuda/bindings.cpp",)
 # no FMA contraction anywhere: quantization and dequantization are bit-exact with the float32 reference (the GEMMs
 # call fmaf themselves); at::parallel_for needs OpenMP
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas")
-NVCC_FLAGS = ("-O3", "--fmad=false", "-lineinfo", "-std=c++17")
+NVCC_FLAGS = ("-O3", "--fmad=false", "-lineinfo")  # torch adds -std (c++17 or c++20) itself
 LINK_FLAGS = ("-fopenmp",)
 
 
