@@ -26,10 +26,38 @@ def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> N
     g.add_argument("--checkpoint-dir", help="checkpoint directory (default: OUTPUT.ckpt); an existing one is resumed")
     g.add_argument("--max-valid-blocks", type=int, default=64, help="validation blocks used (keeps evaluation quick)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--loss-log", help="append the loss curve to this JSONL file: one line per optimizer step")
+    g = p.add_argument_group("distributed (run under torchrun, accelerate launch or deepspeed; see examples/README.md)")
+    g.add_argument(
+        "--deepspeed",
+        metavar="CONFIG",
+        help='train on DeepSpeed\'s engine with this JSON config (ZeRO, bf16, offload; batch keys may be "auto")',
+    )
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def settings_from(args: argparse.Namespace):
+def deepspeed_config_of(args: argparse.Namespace) -> str | None:
+    """``--deepspeed``, or the config that ``accelerate launch`` with a DeepSpeed plugin hands over."""
+    import os
+
+    if args.deepspeed:
+        return args.deepspeed
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not config:
+            raise PackageError(
+                "accelerate launch asks for DeepSpeed but gives no deepspeed_config_file: set deepspeed_config_file in "
+                "the accelerate config (see examples/accelerate/) or pass --deepspeed CONFIG"
+            )
+        return config
+    return None
+
+
+def settings_from(args: argparse.Namespace, allow_stage3: bool = False):
+    """Training settings from the command line, checked (with the launch) before any model is loaded."""
     from .checkpoint import check_checkpoint_dir
+    from .distributed import check_batch, launch_world
     from .loop import TrainSettings
 
     for name in ("steps", "batch_size", "grad_accum", "block_size", "eval_every", "max_valid_blocks"):
@@ -37,13 +65,21 @@ def settings_from(args: argparse.Namespace):
             raise PackageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.checkpoint_every < 0:
         raise PackageError(f"--checkpoint-every must be 0 (off) or positive, got {args.checkpoint_every}")
+    world = launch_world()
+    check_batch(args.batch_size, world)
+    deepspeed = deepspeed_config_of(args)
     checkpoint_dir = args.checkpoint_dir or (f"{args.output}.ckpt" if args.checkpoint_every else None)
     if checkpoint_dir:
         out, ckpt = Path(args.output).resolve(), Path(checkpoint_dir).resolve()
         if ckpt == out or out in ckpt.parents or ckpt in out.parents:
             raise PackageError(f"--checkpoint-dir {checkpoint_dir!r} must lie outside the output {args.output!r}")
-        check_checkpoint_dir(ckpt)
-    return TrainSettings(
+        if deepspeed:
+            from .deepspeed_engine import check_deepspeed_checkpoint_dir
+
+            check_deepspeed_checkpoint_dir(ckpt)
+        else:
+            check_checkpoint_dir(ckpt)
+    settings = TrainSettings(
         steps=args.steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
@@ -56,7 +92,20 @@ def settings_from(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every,
         checkpoint_dir=checkpoint_dir,
         progress=not args.quiet,
+        deepspeed=deepspeed,
+        loss_log=args.loss_log,
     )
+    if deepspeed:
+        from .deepspeed_engine import check_config
+
+        check_config(deepspeed, settings, world, allow_stage3=allow_stage3)
+    return settings
+
+
+def is_main_process() -> bool:
+    from .distributed import launch_world
+
+    return launch_world().is_main
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -113,6 +162,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     bottleneck = BottleneckSettings(args.bottleneck_size)
     result = finetune(model, train, settings, valid=valid, method=args.method, lora=lora, bottleneck=bottleneck)
+    if not is_main_process():  # data parallel: every process holds the same weights; rank 0 writes them
+        return 0
     if args.full_model:
         save_model_dir(model, args.output, tokenizer_from=args.emulator_dir, overwrite=args.overwrite)
     else:
@@ -135,12 +186,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     if args.bits is not None:
         check_format(args.bits, args.group_size)
-    settings = settings_from(args)
+    settings = settings_from(args, allow_stage3=True)
     emu = OffsiteModel.from_pretrained(args.emulator_dir)
     teacher = load_local_model(args.teacher)
     tokenizer = load_tokenizer(args.emulator_dir)
     train, valid = _data(args, tokenizer, emu)
     result = distill(emu, teacher, train, settings, valid=valid, lm_weight=args.lm_weight, kd_weight=args.kd_weight)
+    if not is_main_process():
+        return 0
     if args.bits is not None:
         emu.quantize_(args.bits, args.group_size)
     emu.save_pretrained(args.output, overwrite=args.overwrite, tokenizer=tokenizer)

@@ -4,9 +4,17 @@ loss = lm_weight * LM + kd_weight * KD, KD = mean(((T - S) / sqrt(mean(T^2)))^2)
 the hidden state the original middle blocks hand to the top adapter and S the emulator's
 (paper defaults: lm_weight 1.0, kd_weight 30.0). The bottom blocks are shared and frozen, so
 both sides see the same input. The teacher runs without grad (in bf16 on a GPU).
+
+Under ``--deepspeed`` with a ZeRO stage-3 config the teacher is partitioned across the processes
+by an inference-only ZeRO-3 engine (each rank holds 1/world of it, a block's weights gathered as
+it runs) and the emulator blocks train at stage 2: see
+:mod:`offsite_kernels.workflow.deepspeed_engine`. The teacher is then consumed (partitioned) and
+not restored.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -63,15 +71,30 @@ def distill(
             f"the emulator is pruned ({emu.prune:.0%}); distillation would refill the pruned weights: "
             "distill the unpruned emulator, then prune it"
         )
-    device = next(emu.parameters()).device
+    from .distributed import move_to_device, training_device
+
+    device = training_device(settings, emu)
+    move_to_device(emu, device)
+    teacher_zero3 = None
+    if settings.deepspeed is not None:
+        from .deepspeed_engine import split_teacher_config
+
+        student_config, teacher_zero3 = split_teacher_config(settings)
+        settings = replace(settings, deepspeed=student_config)
     # the caller's teacher is restored afterwards: its dtype, device, mode and requires_grad
     teacher_state = (next(teacher.parameters()).dtype, next(teacher.parameters()).device, teacher.training)
     teacher_grad = [p.requires_grad for p in teacher.parameters()]
     teacher.eval()
-    if device.type == "cuda":
-        teacher.to(device=device, dtype=torch.bfloat16)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if teacher_zero3 is not None:
+        from .deepspeed_engine import teacher_engine
+
+        teacher_call: nn.Module = teacher_engine(teacher, teacher_zero3)
+    else:
+        if device.type == "cuda":
+            teacher.to(device=device, dtype=torch.bfloat16)
+        teacher_call = teacher
     for p in emu.parameters():
         p.requires_grad_(False)
     trainable = {}
@@ -83,20 +106,20 @@ def distill(
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            t_hidden = teacher(input_ids=ids.to(next(teacher.parameters()).device), output_hidden_states=True).hidden_states[
-                t_index
-            ]
+            t_ids = ids if teacher_zero3 is not None else ids.to(next(teacher.parameters()).device)
+            t_hidden = teacher_call(input_ids=t_ids, output_hidden_states=True).hidden_states[t_index]
         out = emu(input_ids=ids, labels=ids, output_hidden_states=True)
         return lm_weight * out.loss + kd_weight * kd_loss(t_hidden.to(device), out.hidden_states[s_index])
 
     validate = (lambda: perplexity(emu, valid)["loss"]) if valid is not None else None
     emu.train()
     try:
-        return train(trainable, loss_fn, data, settings, validate=validate, desc="distill")
+        return train(trainable, loss_fn, data, settings, validate=validate, desc="distill", module=emu)
     finally:
         emu.eval()
         freeze_all_but_adapter_(emu.model, emu.family, emu.layout)
-        teacher.to(device=teacher_state[1], dtype=teacher_state[0])
+        if teacher_zero3 is None:
+            teacher.to(device=teacher_state[1], dtype=teacher_state[0])
         teacher.train(teacher_state[2])
         for p, flag in zip(teacher.parameters(), teacher_grad, strict=True):
             p.requires_grad_(flag)

@@ -28,6 +28,9 @@ def finetune(
     ``plug_in`` work unchanged. A plain HF model (the "full fine-tune" baseline) trains every
     parameter with method "full".
     """
+    from .distributed import move_to_device, training_device
+
+    move_to_device(model, training_device(settings, model))  # under a launcher: this process's GPU
     torch.manual_seed(settings.seed)  # LoRA and bottleneck weights are initialised from the seed
     if isinstance(model, OffsiteModel):
         trainable = prepare(model, method, lora, bottleneck)
@@ -42,7 +45,7 @@ def finetune(
     validate = (lambda: perplexity(model, valid)["loss"]) if valid is not None else None
     model.train()
     try:
-        return train(trainable, loss_fn, data, settings, validate=validate, desc=f"finetune ({method})")
+        return train(trainable, loss_fn, data, settings, validate=validate, desc=f"finetune ({method})", module=model)
     finally:
         model.eval()
         if isinstance(model, OffsiteModel):

@@ -3,10 +3,16 @@
 AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping, bf16
 autocast on GPU, seeded and deterministic batch order, periodic validation that keeps the best
 weights, checkpoints every N steps, and exact resumption from the last checkpoint.
+
+The same loop runs in one process, data parallel under ``torchrun`` / ``accelerate launch``, and
+on DeepSpeed's engine (``settings.deepspeed``): the engine (see :mod:`.distributed`) owns the
+optimizer, the gradient averaging and the checkpoint format; the loop owns the data order, the
+schedule, validation and the counters, so every engine follows the same curve.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -17,7 +23,6 @@ import torch
 from torch import nn
 
 from ..errors import PackageError
-from .checkpoint import check_checkpoint_dir, load_checkpoint, save_checkpoint
 from .data import TextBlocks
 
 
@@ -38,6 +43,8 @@ class TrainSettings:
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     progress: bool = True
+    deepspeed: str | dict | None = None  # a DeepSpeed config (JSON path or dict): train on DeepSpeed's engine
+    loss_log: str | None = None  # append one JSON line per optimizer step (step, loss, lr): the loss curve
 
 
 @dataclass
@@ -47,6 +54,7 @@ class TrainResult:
     best_valid: float | None
     history: list[dict[str, float]] = field(default_factory=list)
     tokens_per_second: float = 0.0
+    losses: list[float] = field(default_factory=list)  # the (global) training loss of each step run here
 
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
@@ -88,76 +96,89 @@ def train(
     validate: Callable[[], float] | None = None,
     device: torch.device | None = None,
     desc: str = "train",
+    module: nn.Module | None = None,
 ) -> TrainResult:
     """Optimize ``trainable`` on ``loss_fn(batch_ids)``; keeps the weights with the best ``validate()``.
 
     With ``settings.checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every``
-    steps and an existing one is resumed from.
+    steps and an existing one is resumed from. ``module`` is the model holding ``trainable``
+    (DeepSpeed wraps it; data parallel moves it to this process's device).
     """
     from tqdm.auto import tqdm
 
-    device = device or next(iter(trainable.values())).device
+    from .distributed import make_engine
+
     torch.manual_seed(settings.seed)
-    decay = [p for n, p in trainable.items() if p.dim() >= 2]
-    no_decay = [p for n, p in trainable.items() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-    )
+    engine = make_engine(trainable, settings, device, module)
+    device = engine.device
+    world = engine.world
     start_step, best_valid, best_state, history = 0, None, None, []
     ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
     fingerprint = run_fingerprint(trainable, data, settings)
-    if ckpt is not None and check_checkpoint_dir(ckpt):
-        params, best_state, counters = load_checkpoint(ckpt, optimizer)
+    if ckpt is not None and engine.has_checkpoint(ckpt):
+        counters, best_state = engine.load(ckpt)
         if counters.get("fingerprint") != fingerprint:
             raise PackageError(
                 f"the checkpoint in {str(ckpt)!r} belongs to another run (other settings, data or trainable weights); "
                 "delete it or give a new --checkpoint-dir"
             )
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(params[name])
         start_step, best_valid, history = counters["step"], counters["best_valid"], counters["history"]
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     tokens = 0
+    losses: list[float] = []
     started = time.perf_counter()
     loss_value = float("nan")
+    log = open(settings.loss_log, "a", encoding="utf-8") if settings.loss_log and world.is_main else None  # noqa: SIM115
     bar = tqdm(
-        range(start_step, settings.steps), desc=desc, initial=start_step, total=settings.steps, disable=not settings.progress
+        range(start_step, settings.steps),
+        desc=desc,
+        initial=start_step,
+        total=settings.steps,
+        disable=not settings.progress or not world.is_main,
     )
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, settings)
-        total = 0.0
-        for micro in range(settings.grad_accum):
-            ids = data.ids[batch_indices(step, micro, len(data), settings)].to(device)
-            with autocast:
-                loss = loss_fn(ids) / settings.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-            tokens += ids.numel()
-        if settings.clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), settings.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = total
-        rate = tokens / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
-        done = step + 1
-        if validate is not None and (done % settings.eval_every == 0 or done == settings.steps):
-            valid = validate()
-            history.append({"step": done, "train_loss": loss_value, "valid_loss": valid})
-            if best_valid is None or valid < best_valid:
-                best_valid = valid
-                best_state = {n: p.detach().clone() for n, p in trainable.items()}
-        if ckpt is not None and settings.checkpoint_every and (done % settings.checkpoint_every == 0 or done == settings.steps):
-            counters = {"step": done, "best_valid": best_valid, "history": history, "fingerprint": fingerprint}
-            save_checkpoint(ckpt, {n: p.detach() for n, p in trainable.items()}, best_state, optimizer, counters)
-    bar.close()
+    try:
+        for step in bar:
+            lr = settings.lr * lr_factor(step, settings)
+            engine.set_lr(lr)
+            total = 0.0
+            for micro in range(settings.grad_accum):
+                ids = engine.shard(data.ids[batch_indices(step, micro, len(data), settings)]).to(device)
+                with autocast:
+                    loss = engine.forward(loss_fn, ids) / settings.grad_accum
+                engine.backward(loss)
+                total += float(loss.detach())
+                tokens += ids.numel() * world.size
+            engine.step()
+            loss_value = engine.global_loss(total)
+            losses.append(loss_value)
+            if log is not None:
+                log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr}) + "\n")
+                log.flush()
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+            done = step + 1
+            if validate is not None and (done % settings.eval_every == 0 or done == settings.steps):
+                valid = engine.agree(validate())
+                history.append({"step": done, "train_loss": loss_value, "valid_loss": valid})
+                if best_valid is None or valid < best_valid:
+                    best_valid = valid
+                    best_state = {n: p.detach().clone() for n, p in trainable.items()}
+            if (
+                ckpt is not None
+                and settings.checkpoint_every
+                and (done % settings.checkpoint_every == 0 or done == settings.steps)
+            ):
+                counters = {"step": done, "best_valid": best_valid, "history": history, "fingerprint": fingerprint}
+                engine.save(ckpt, counters, best_state)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     if best_state is not None:
         with torch.no_grad():
             for name, p in trainable.items():
-                p.copy_(best_state[name])
+                p.copy_(best_state[name].to(device=p.device, dtype=p.dtype))
+    engine.close()
     rate = tokens / max(time.perf_counter() - started, 1e-9)
-    return TrainResult(settings.steps, loss_value, best_valid, history, rate)
+    return TrainResult(settings.steps, loss_value, best_valid, history, rate, losses)
