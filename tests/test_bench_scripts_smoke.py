@@ -1,0 +1,84 @@
+"""The GPU benchmark scripts of bench/ run end to end in their CPU smoke mode (tiny shapes, Triton's interpreter).
+
+Each runs in a subprocess, as a user would start it, and must exit 0 and write its JSON lines and
+markdown without an ``error`` row. The numbers of a smoke run mean nothing; only the code paths are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, out: Path, *extra: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCH / script), "--device", "cpu", "--interpret", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(BENCH.parent))
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert rows, f"{path} holds no rows"
+    return rows
+
+
+def _env(**overrides: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OFFSITE_BACKEND", "TRITON_INTERPRET")}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    env.update({k: v for k, v in overrides.items() if v is not None})
+    return env
+
+
+@pytest.mark.slow
+def test_fused_ops_gpu_cpu_smoke(tmp_path):
+    # no TRITON_INTERPRET in the environment: --interpret must set it before triton is imported
+    proc = _run("fused_ops_gpu.py", tmp_path, "--quick", env=_env())
+    rows = _rows(tmp_path / "fused_ops_gpu.jsonl")
+    failed = [r for r in rows if r.get("error")]
+    assert not failed, f"rows with an error: {failed[:3]}"
+    kinds = {r.get("kind") for r in rows}
+    assert {"run", "ceiling", "op", "head", "block", "target", "run_end", "skip"} <= kinds
+    ops = [r for r in rows if r.get("kind") == "op"]
+    assert {(r["op"], r["direction"]) for r in ops} >= {
+        (op, d) for op in ("rms_norm", "layer_norm", "bias_gelu", "swiglu") for d in ("fwd", "bwd")
+    }
+    assert {r["impl"] for r in ops} >= {"offsite", "offsite_op", "eager", "eager_dgamma"}
+    ours = [r for r in rows if r.get("impl") in ("offsite", "offsite_op", "fused")]
+    assert ours and all(r["correct"] and r["max_rel_err"] is not None for r in ours)
+    assert all(r["median_ms"] > 0 for r in ops)
+    heads = {r["impl"]: r for r in rows if r.get("kind") == "head"}
+    assert {"fused", "unfused"} <= heads.keys() and heads["fused"]["time_ratio"] is not None
+    blocks = {(r["model"], r["variant"]): r for r in rows if r.get("kind") == "block"}
+    assert {v for _, v in blocks} >= {"plain", "fast", "fast_int4", "plain_full", "fast_full"}
+    for key, r in blocks.items():
+        assert r["step_ms"] > 0 and r["emu_ms"] is not None, key
+        assert r.get("correct", True), key
+    assert all(r["recompute_overhead_pct"] is not None for (_, v), r in blocks.items() if v.endswith("_full"))
+    skips = " ".join(r["what"] for r in rows if r.get("kind") == "skip")
+    assert "torch.compile" in skips and "Liger" in skips  # both skipped on a CPU, with a note
+    md = (tmp_path / "fused_ops_gpu.md").read_text()
+    assert md.startswith("# Fused frozen-block ops") and "## Targets of the issue" in md
+    assert "## Fused LM head" in md and "## Emulator blocks" in md
+    assert proc.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the markdown is printed last
+
+
+@pytest.mark.slow
+def test_frozen_linear_gpu_cpu_smoke(tmp_path):
+    # TRITON_INTERPRET=1 set before the process starts: frozen_linear_gpu.py imports stamp (and with
+    # it offsite_kernels and torch, which imports triton) at module level, before its main() sets
+    # TRITON_INTERPRET, so --interpret alone does not reach the kernels there.
+    _run("frozen_linear_gpu.py", tmp_path, "--tokens", "1,40", env=_env(TRITON_INTERPRET="1"))
+    rows = _rows(tmp_path / "frozen_linear_gpu.jsonl")
+    cases = [r for r in rows if r.get("kind") == "case"]
+    assert cases and not [r for r in rows if r.get("error")]
+    assert {r["format"] for r in cases if r["impl"] == "offsite"} == {"int4", "int8", "fp8", "dense"}
+    assert all(r["correct"] for r in cases if r["impl"] == "offsite")
+    assert (tmp_path / "frozen_linear_gpu.md").read_text().startswith("# Frozen linear")
