@@ -62,8 +62,6 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # bench/ is not a package
     sys.path.insert(0, str(_HERE))
 
-from stamp import append_rows, stamp  # noqa: E402
-
 # model -> [(projection, out_features N, in_features K)]
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
     "opt-1.3b": [("q/k/v/out_proj", 2048, 2048), ("fc1", 8192, 2048), ("fc2", 2048, 8192)],
@@ -528,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir: str | None) -> int:
+    from stamp import append_rows, stamp  # imports offsite_kernels: only after main() has set the environment
+
     t_start = time.perf_counter()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cuda = args.device == "cuda"

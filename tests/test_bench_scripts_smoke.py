@@ -72,10 +72,8 @@ def test_fused_ops_gpu_cpu_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_frozen_linear_gpu_cpu_smoke(tmp_path):
-    # TRITON_INTERPRET=1 set before the process starts: frozen_linear_gpu.py imports stamp (and with
-    # it offsite_kernels and torch, which imports triton) at module level, before its main() sets
-    # TRITON_INTERPRET, so --interpret alone does not reach the kernels there.
-    _run("frozen_linear_gpu.py", tmp_path, "--tokens", "1,40", env=_env(TRITON_INTERPRET="1"))
+    # no TRITON_INTERPRET in the environment: --interpret must set it before triton is imported
+    _run("frozen_linear_gpu.py", tmp_path, "--tokens", "1,40", env=_env())
     rows = _rows(tmp_path / "frozen_linear_gpu.jsonl")
     cases = [r for r in rows if r.get("kind") == "case"]
     assert cases and not [r for r in rows if r.get("error")]
