@@ -3,8 +3,9 @@
 Run from the repository root on a machine with an NVIDIA GPU (the package need not be installed:
 the checkout is put on ``PYTHONPATH``)::
 
-    python3 bench/gpu_suite.py --out DIR          # about 10 minutes on an H200 by default
-    python3 bench/gpu_suite.py --out DIR --quick  # about 4 minutes: --quick kernel benchmarks, fewer methods
+    python3 bench/gpu_suite.py --out DIR          # at most 570 s: quick kernel sweeps, every end-to-end method
+    python3 bench/gpu_suite.py --out DIR --quick  # fewer end-to-end methods
+    python3 bench/gpu_suite.py --out DIR --only frozen_linear,fused_ops --full-kernels   # a second call: full sweeps
 
 Each stage runs in its own process with its own time limit, writes its log to ``DIR/<stage>.log``
 and its results under ``DIR``; a stage that fails or runs out of time is recorded and the next one
@@ -55,9 +56,9 @@ class StageResult:
     status: str  # ok, failed, timeout, skipped
 
 
-def stages(out: Path, quick: bool) -> list[Stage]:
+def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
     py = sys.executable
-    q = ["--quick"] if quick else []
+    q = [] if full_kernels else ["--quick"]  # the kernel benchmarks' full sweeps take longer than the whole suite
     return [
         Stage(
             "env",
@@ -69,17 +70,17 @@ def stages(out: Path, quick: bool) -> list[Stage]:
             ],
             30,
         ),
-        Stage("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 100 if quick else 140),
+        Stage("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 130),
         Stage(
             "frozen_linear",
             [py, "bench/frozen_linear_gpu.py", "--out", str(out / "frozen_linear"), *q],
-            70 if quick else 120,
+            400 if full_kernels else 110,
             table="frozen_linear/frozen_linear_gpu.md",
         ),
         Stage(
             "fused_ops",
             [py, "bench/fused_ops_gpu.py", "--out", str(out / "fused_ops"), *q],
-            50 if quick else 90,
+            400 if full_kernels else 100,
             table="fused_ops/fused_ops_gpu.md",
             needs="bench/fused_ops_gpu.py",
         ),
@@ -144,7 +145,12 @@ def latest(folder: Path, pattern: str) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (created; $OUT on the device machine)")
-    p.add_argument("--quick", action="store_true", help="shorter kernel benchmarks and fewer end-to-end methods")
+    p.add_argument("--quick", action="store_true", help="fewer end-to-end methods")
+    p.add_argument(
+        "--full-kernels",
+        action="store_true",
+        help="the kernel benchmarks' full sweeps (longer: run with --only and a larger budget)",
+    )
     p.add_argument("--only", help="comma-separated stage names to run (default: all)")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"time for the whole suite (default {BUDGET_S} s)")
     args = p.parse_args(argv)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = set(args.only.split(",")) if args.only else None
     results = []
     suite_start = time.perf_counter()
-    for stage in stages(out, args.quick):
+    for stage in stages(out, args.quick, args.full_kernels):
         if chosen is not None and stage.name not in chosen:
             continue
         print(f"[suite] {stage.name} ...", flush=True)
