@@ -106,3 +106,31 @@ def test_dispatch_table_is_well_formed():
         mp.setattr(dispatch, "TABLE", monkey)
         assert dispatch.choose("int4", 5) == "native"
         assert dispatch.choose("int4", 5, native_ok=False) == "triton"
+
+
+def test_gpu_bench_derives_and_writes_the_dispatch_table(tmp_path):
+    """bench/native_gpu.py's table logic on synthetic rows (the measurements themselves need a GPU)."""
+    import importlib.util
+    import runpy
+
+    spec = importlib.util.spec_from_file_location("native_gpu", build_config.repo_root() / "bench" / "native_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = []
+    for shape in ("a", "b"):
+        for fmt in bench.FORMATS:
+            for m in bench.BUCKETS:
+                times = {
+                    "native": 1.0 if m <= 4 else 3.0,
+                    "triton": 2.0,
+                    "torch": 5.0 if fmt == "int4" else 1.5,
+                    "cublas_bf16": 0.5,
+                }
+                rows += [{"shape": shape, "format": fmt, "M": m, "impl": i, "median_ms": t} for i, t in times.items()]
+    table = bench.derive_table(rows)
+    assert table["int4"] == {1: "native", 2: "native", 4: "native", 8: "triton", 16: "triton"}
+    assert table["int8"] == {1: "native", 2: "native", 4: "native", 8: "torch", 16: "torch"}  # cuBLAS bf16 needs a dense weight
+    path = tmp_path / "dispatch_table.py"
+    bench.write_table(table, "synthetic", path)
+    written = runpy.run_path(str(path))
+    assert written["MEASURED"] is True and written["SOURCE"] == "synthetic" and written["TABLE"] == table

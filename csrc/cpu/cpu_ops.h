@@ -36,11 +36,13 @@ void frozen_linear_fwd(const at::Tensor& x, Format fmt, const at::Tensor& data, 
 void frozen_linear_bwd(const at::Tensor& dy, Format fmt, const at::Tensor& data, const at::Tensor& scales,
                        const std::optional<at::Tensor>& zeros, int64_t group_size, at::Tensor& dx);
 
-// Tile sizes of the frozen linear (elements), exposed for tests and benchmarks.
+// Tile sizes of the frozen linear (elements), exposed for tests and benchmarks. A forward task dequantizes up to
+// fwd_n x fwd_k weights into its fp32 buffer (2 MiB: this machine's L2 per core) and runs one sgemm on it; wide
+// tiles matter because each sgemm call re-packs its slice of x (cost ~ 1 / (2 * tile width) per flop).
 struct TileConfig {
-  int64_t fwd_n = 128;    // output columns per forward task (upper bound)
+  int64_t fwd_n = 512;    // output columns per forward task (upper bound; at least one task per thread)
   int64_t fwd_k = 1024;   // reduction chunk of the forward
-  int64_t bwd_k = 256;    // output columns (of dx) per backward task (upper bound)
+  int64_t bwd_k = 512;    // output columns (of dx) per backward task (upper bound)
   int64_t bwd_n = 1024;   // reduction chunk of the backward
 };
 TileConfig& tile_config();

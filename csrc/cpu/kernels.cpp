@@ -426,7 +426,7 @@ void dequantize(Format fmt, const at::Tensor& data, const at::Tensor& scales, co
 //
 // Forward: the output columns are split into tasks of `nb` columns (about `fwd_n`, as many tasks as threads or a
 // multiple); a task walks the reduction in chunks of `fwd_k`, dequantizes W[n0:n0+nb, k0:k0+kc] into its buffer
-// (nb * kc floats, ~512 KiB: fits the L2) and accumulates y[:, n0:n0+nb] += x[:, k0:k0+kc] @ buffer^T with one
+// (nb * kc floats, at most 2 MiB with the default tiles) and accumulates y[:, n0:n0+nb] += x[:, k0:k0+kc] @ buffer^T with one
 // single-threaded sgemm. Backward: the same with the roles of N and K exchanged:
 // dx[:, k0:k0+kb] += dy[:, n0:n0+nc] @ W[n0:n0+nc, k0:k0+kb].
 
