@@ -495,14 +495,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    # environment before triton and the kernels are imported (the interpreter is chosen at decoration time)
+def run_gpu_script(args: argparse.Namespace, run: Callable[..., int]) -> int:
+    """What every GPU benchmark script's ``main`` does before its own ``run(args, torch, ok, backend, cache_dir)``:
+    the backend environment set before Triton is imported (its interpreter is chosen when a kernel is
+    decorated), a clear exit 1 without a GPU, and a fresh Triton cache unless ``--keep-triton-cache``."""
     backend = "triton" if args.device == "cuda" or args.interpret else "torch"
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     os.environ["OFFSITE_BACKEND"] = backend
-    import torch  # does not import triton: TRITON_CACHE_DIR below still takes effect
+    import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -519,10 +520,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import offsite_kernels as ok
 
-        return _run(args, torch, ok, backend, cache_dir)
+        return run(args, torch, ok, backend, cache_dir)
     finally:
         if cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_gpu_script(parse_args(argv), _run)
 
 
 def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir: str | None) -> int:

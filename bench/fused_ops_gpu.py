@@ -89,9 +89,7 @@ import argparse
 import gc
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -1194,33 +1192,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    # environment before triton and the kernels are imported (the interpreter is chosen at decoration time)
-    backend = "triton" if args.device == "cuda" or args.interpret else "torch"
-    if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["OFFSITE_BACKEND"] = backend
-    import torch
+    from frozen_linear_gpu import run_gpu_script  # sets the environment before offsite_kernels and triton load
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            f"error: no CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda or 'none'}). This benchmark needs a CUDA GPU; "
-            "for a CPU smoke run of its code use --device cpu --interpret.",
-            file=sys.stderr,
-        )
-        return 1
-    cache_dir = None
-    if not args.keep_triton_cache and not args.interpret:  # a cold cache: first calls pay compilation too
-        cache_dir = tempfile.mkdtemp(prefix="offsite-bench-triton-cache-")
-        os.environ["TRITON_CACHE_DIR"] = cache_dir
-    try:
-        import offsite_kernels as ok
-
-        return _run(args, torch, ok, backend, cache_dir)
-    finally:
-        if cache_dir:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+    return run_gpu_script(parse_args(argv), _run)
 
 
 def _liger_functional(cuda: bool) -> tuple[Any, str]:
