@@ -33,8 +33,6 @@ def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> N
         metavar="CONFIG",
         help='train on DeepSpeed\'s engine with this JSON config (ZeRO, bf16, offload; batch keys may be "auto")',
     )
-    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment
-    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def deepspeed_config_of(args: argparse.Namespace) -> str | None:

@@ -32,10 +32,21 @@ class DistillError(OffsiteError, ValueError):
     """An emulator and teacher that cannot be distilled together."""
 
 
-def kd_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """The paper's normalized distance: mean(((T - S) / sqrt(mean(T^2)))^2), in fp32."""
+def kd_loss(teacher: torch.Tensor, student: torch.Tensor, global_batch: bool = False) -> torch.Tensor:
+    """The paper's normalized distance: mean(((T - S) / sqrt(mean(T^2)))^2), in fp32.
+
+    ``global_batch``: under data parallelism each process holds a slice of the batch; mean(T^2)
+    is then averaged over the processes (equal slices), so the normaliser, and the loss, are
+    those of the whole batch as one process would compute them.
+    """
     t, s = teacher.float(), student.float()
-    return ((t - s) / t.pow(2).mean().sqrt()).pow(2).mean()
+    mean_sq = t.pow(2).mean()
+    if global_batch:
+        from .distributed import all_reduce_mean_
+
+        mean_sq = mean_sq.detach().clone()
+        all_reduce_mean_([mean_sq])
+    return ((t - s) / mean_sq.sqrt()).pow(2).mean()
 
 
 def middle_output_index(emu: OffsiteModel) -> tuple[int, int]:
@@ -71,7 +82,7 @@ def distill(
             f"the emulator is pruned ({emu.prune:.0%}); distillation would refill the pruned weights: "
             "distill the unpruned emulator, then prune it"
         )
-    from .distributed import move_to_device, training_device
+    from .distributed import launch_world, move_to_device, training_device
 
     device = training_device(settings, emu)
     move_to_device(emu, device)
@@ -103,13 +114,14 @@ def distill(
             p.requires_grad_(True)
             trainable[f"blocks.{position}.{name}"] = p
     s_index, t_index = middle_output_index(emu)
+    data_parallel = launch_world().distributed
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t_ids = ids if teacher_zero3 is not None else ids.to(next(teacher.parameters()).device)
             t_hidden = teacher_call(input_ids=t_ids, output_hidden_states=True).hidden_states[t_index]
         out = emu(input_ids=ids, labels=ids, output_hidden_states=True)
-        return lm_weight * out.loss + kd_weight * kd_loss(t_hidden.to(device), out.hidden_states[s_index])
+        return lm_weight * out.loss + kd_weight * kd_loss(t_hidden.to(device), out.hidden_states[s_index], data_parallel)
 
     validate = (lambda: perplexity(emu, valid)["loss"]) if valid is not None else None
     emu.train()
