@@ -41,6 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUANT_SHAPE = (11008, 4096)  # Llama-2-7B mlp.up_proj [out, in]
 GPT2_XL = {"attn.c_attn": (4800, 1600), "attn.c_proj": (1600, 1600), "mlp.c_fc": (6400, 1600), "mlp.c_proj": (1600, 6400)}
 TOKENS = 512
+SMALL_M = (1, 16)  # context: evaluation-sized calls on one shape
 GROUP = 128
 
 
@@ -94,21 +95,22 @@ def bench_quantize(shape: tuple[int, int], reps: int, threads: int) -> list[dict
     return rows
 
 
-def bench_linear(reps: int, threads: int) -> list[dict]:
+def bench_linear(reps: int, threads: int, tokens: int = TOKENS, layers: tuple[str, ...] = tuple(GPT2_XL)) -> list[dict]:
     torch.set_num_threads(threads)
     C = native.get()
     rows = []
     g = torch.Generator().manual_seed(1)
-    for name, (n, k) in GPT2_XL.items():
+    for name in layers:
+        n, k = GPT2_XL[name]
         w = torch.randn(n, k, generator=g) * 0.02
-        x = torch.randn(TOKENS, k, generator=g)
-        dy = torch.randn(TOKENS, n, generator=g)
+        x = torch.randn(tokens, k, generator=g)
+        dy = torch.randn(tokens, n, generator=g)
         qws = {fmt: ok.quantize_weight(w, bits=bits, group_size=GROUP) for fmt, bits in (("int8", 8), ("int4", 4))}
         for direction in ("fwd", "bwd"):
             fns = _linear_fns(C, direction, x, w, dy, qws)
             res = interleaved(fns, reps)
             base = res["dense fp32"]["median_ms"]
-            flop = 2 * TOKENS * n * k
+            flop = 2 * tokens * n * k
             for impl, r in res.items():
                 fmt = impl.split()[-1] if impl != "dense fp32" else "dense"
                 weight_bytes = w.numel() * 4 if fmt == "dense" else qws[fmt].nbytes()
@@ -118,7 +120,7 @@ def bench_linear(reps: int, threads: int) -> list[dict]:
                         "layer": f"gpt2-xl {name}",
                         "direction": direction,
                         "impl": impl,
-                        "M": TOKENS,
+                        "M": tokens,
                         "N": n,
                         "K": k,
                         "threads": threads,
@@ -199,6 +201,15 @@ def markdown(result: dict) -> str:
             f"| {r['layer']} ({r['N']} x {r['K']}) | {r['direction']} | {r['impl']} | {r['median_ms']:.1f} "
             f"[{r['p20_ms']:.1f}-{r['p80_ms']:.1f}] | {r['vs_dense']:.2f} | {r['gflop_per_s']:.0f} | {r['weight_bytes'] / 2**20:.2f} |"
         )
+    lines += [
+        "",
+        "Context, small M (gpt2-xl mlp.c_fc 6400 x 1600):",
+        "",
+        "| M | direction | impl | ms | vs dense |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["frozen_linear_small_m"]:
+        lines.append(f"| {r['M']} | {r['direction']} | {r['impl']} | {r['median_ms']:.2f} | {r['vs_dense']:.2f} |")
     worst = {}
     for r in result["frozen_linear"]:
         if r["impl"].startswith("native"):
@@ -229,6 +240,7 @@ def main() -> None:
         "threads": threads,
         "quantize": bench_quantize(shape, reps, threads) + (bench_quantize(shape, reps, 1) if threads > 1 else []),
         "frozen_linear": bench_linear(reps, threads),
+        "frozen_linear_small_m": [r for m in SMALL_M for r in bench_linear(reps, threads, m, ("mlp.c_fc",))],
         "buffers": tile_buffer_bytes(threads),
         "native_build": native.get().build_info(),
         "stamp": st,
