@@ -168,24 +168,37 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
-    """The run as markdown: provenance, ceilings, one line per timed call, first-call times."""
+def provenance_lines(rows: list[dict[str, Any]], st: dict[str, Any], settings: str) -> list[str]:
+    """The head of a GPU script's markdown: run, GPU, versions, the script's ``settings``, the ceilings."""
     gpu = st.get("gpu") or {}
     v = st.get("versions", {})
+    git = st.get("git") or {}
     run = next((r for r in rows if r.get("kind") == "run"), {})
     ceil = next((r for r in rows if r.get("kind") == "ceiling"), {})
-    lines = [
-        "# Frozen linear: fused-dequant Triton kernels vs cuBLAS and dequantize-then-matmul",
-        "",
+    return [
         f"- run `{run.get('run_id')}`, {st.get('date')}, host `{st.get('hostname')}`, device {run.get('device')}",
         f"- GPU: {gpu.get('name', 'none')} (cc {gpu.get('compute_capability', '-')}), driver {gpu.get('driver', '-')}, "
         f"CUDA {gpu.get('cuda_runtime', '-')}; CPU: {st.get('cpu')}",
         f"- torch {v.get('torch')}, triton {v.get('triton')}, offsite-kernels {v.get('offsite_kernels')}, "
-        f"commit {str((st.get('git') or {}).get('commit'))[:12]}{' (dirty)' if (st.get('git') or {}).get('dirty') else ''}",
-        f"- activations {run.get('dtype')}, int4 group {run.get('group_size')}, backend {run.get('backend')}, "
-        f"timer {run.get('timer')}, Triton cache {run.get('triton_cache')}",
+        f"commit {str(git.get('commit'))[:12]}{' (dirty)' if git.get('dirty') else ''}",
+        f"- {settings}",
         f"- ceilings: bf16 GEMM {ceil.get('gemm_size')}^3 {_fmt(ceil.get('tflops'), '.1f')} TFLOP/s; "
         f"copy {_fmt(ceil.get('copy_bytes', 0) / 2**20, '.0f')} MiB {_fmt(ceil.get('gbps'), '.0f')} GB/s (read + write)",
+    ]
+
+
+def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
+    """The run as markdown: provenance, ceilings, one line per timed call, first-call times."""
+    run = next((r for r in rows if r.get("kind") == "run"), {})
+    lines = [
+        "# Frozen linear: fused-dequant Triton kernels vs cuBLAS and dequantize-then-matmul",
+        "",
+        *provenance_lines(
+            rows,
+            st,
+            f"activations {run.get('dtype')}, int4 group {run.get('group_size')}, backend {run.get('backend')}, "
+            f"timer {run.get('timer')}, Triton cache {run.get('triton_cache')}",
+        ),
         "- speedups are time ratios against baselines measured in this same run (> 1: faster than the baseline)",
         "",
         "| shape | M | N | K | dir | impl | format | median ms | p20 ms | p80 ms | TFLOP/s | GB/s | % peak TFLOP/s | % peak GB/s "

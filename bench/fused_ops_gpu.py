@@ -311,22 +311,18 @@ def _note(r: dict[str, Any]) -> str:
 
 def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
     """The run as markdown: provenance, ceilings, one table per section, skips, targets."""
-    gpu = st.get("gpu") or {}
-    v = st.get("versions", {})
+    from frozen_linear_gpu import provenance_lines
+
     run = next((r for r in rows if r.get("kind") == "run"), {})
-    ceil = next((r for r in rows if r.get("kind") == "ceiling"), {})
     lines = [
         "# Fused frozen-block ops: norms, activations, fused head, emulator blocks",
         "",
-        f"- run `{run.get('run_id')}`, {st.get('date')}, host `{st.get('hostname')}`, device {run.get('device')}",
-        f"- GPU: {gpu.get('name', 'none')} (cc {gpu.get('compute_capability', '-')}), driver {gpu.get('driver', '-')}, "
-        f"CUDA {gpu.get('cuda_runtime', '-')}; CPU: {st.get('cpu')}",
-        f"- torch {v.get('torch')}, triton {v.get('triton')}, offsite-kernels {v.get('offsite_kernels')}, "
-        f"commit {str((st.get('git') or {}).get('commit'))[:12]}{' (dirty)' if (st.get('git') or {}).get('dirty') else ''}",
-        f"- bf16, backend {run.get('backend')}, timer {run.get('timer')}, Triton cache {run.get('triton_cache')}, "
-        f"torch.compile {run.get('compile')}, Liger {run.get('liger')}",
-        f"- ceilings: bf16 GEMM {ceil.get('gemm_size')}^3 {_fmt(ceil.get('tflops'), '.1f')} TFLOP/s; "
-        f"copy {_fmt(ceil.get('copy_bytes', 0) / 2**20, '.0f')} MiB {_fmt(ceil.get('gbps'), '.0f')} GB/s (read + write)",
+        *provenance_lines(
+            rows,
+            st,
+            f"bf16, backend {run.get('backend')}, timer {run.get('timer')}, Triton cache {run.get('triton_cache')}, "
+            f"torch.compile {run.get('compile')}, Liger {run.get('liger')}",
+        ),
         "- speedups and ratios are against baselines measured in this same run",
     ]
     ops = [r for r in rows if r.get("kind") == "op"]
