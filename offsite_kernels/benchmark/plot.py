@@ -20,10 +20,6 @@ def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _group_key(row: dict[str, Any]) -> tuple:
-    return (row["model"], row["batch"], row["seq"], row["source"], row.get("hardware"), row.get("scaled"))
-
-
 def render_png(rows: list[dict[str, Any]]) -> bytes:
     """The figure as PNG bytes (rows with an error are left out)."""
     import matplotlib
@@ -31,24 +27,23 @@ def render_png(rows: list[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        if "error" not in row:
-            groups.setdefault(_group_key(row), []).append(row)
+    from .report import group_rows
+
+    groups = group_rows([row for row in rows if "error" not in row])
     if not groups:
         raise ValueError("no benchmark row without an error to plot")
     fig, axes = plt.subplots(
         len(groups), 2, figsize=(13, 1.2 + 0.45 * max(len(g) for g in groups.values()) * len(groups)), squeeze=False
     )
-    for (model, batch, seq, source, hardware, scaled), (ax_speed, ax_mem) in zip(groups, axes, strict=True):
-        group = groups[(model, batch, seq, source, hardware, scaled)]
+    for (model, layout, batch, seq, source, hardware, scaled), (ax_speed, ax_mem) in zip(groups, axes, strict=True):
+        group = groups[(model, layout, batch, seq, source, hardware, scaled)]
         labels = [r["method"] for r in group][::-1]
         ft = next((r for r in group if r["method"] == "ft"), None)
         device = "CPU" if group[0]["device"] == "cpu" else hardware
         where = (
             "accounted on fake tensors" if source == "accounted" else f"measured on {device}{', scaled down' if scaled else ''}"
         )
-        title = f"{model} {group[0]['layout']}, batch {batch}x{seq}: {where}"
+        title = f"{model} {layout}, batch {batch}x{seq}: {where}"
         mem = [r["peak_bytes"] / MiB for r in group][::-1]
         bars = ax_mem.barh(labels, mem, color="#c44e52")
         ax_mem.set_xlabel("peak memory (MiB)")

@@ -18,7 +18,8 @@ from typing import Any
 MiB = 2**20
 
 
-def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+def group_rows(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Rows by (model, layout, batch, seq, source, hardware, scaled): one table (and one plot row) each, in order."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         key = (row["model"], row["layout"], row["batch"], row["seq"], row["source"], row.get("hardware"), row.get("scaled"))
@@ -63,7 +64,7 @@ def _title(key: tuple, rows: list[dict[str, Any]]) -> str:
 def format_markdown(rows: list[dict[str, Any]]) -> str:
     """Markdown tables, one per (model, batch, source, hardware), with the paper's figures beside ours."""
     out: list[str] = []
-    for key, group in _groups(rows).items():
+    for key, group in group_rows(rows).items():
         source = key[4]
         ft_row = _ft(group)
         out += [_title(key, group), ""]
