@@ -7,6 +7,9 @@ implementations (``offsite_kernels::frozen_linear`` and its input gradient
 ``offsite_kernels::frozen_linear_input_grad``) joined by ``register_autograd``, and the public
 functional :func:`frozen_linear`.
 
+An fp8 weight runs the fp8 tensor-core GEMM (activations quantized per row) on GPUs with fp8 tensor
+cores and weight-only fp8 elsewhere: ``offsite_kernels/ops/fp8_linear.py`` decides, per device and dtype.
+
 The autograd node saves the stored weight tensors only (never the activation), computes no
 weight gradient and returns ``None`` for the weight and the bias: both are frozen.
 """
@@ -23,6 +26,7 @@ from ..backends import requested_backend
 from ..errors import OffsiteError
 from ..quant.formats import dequantize_fields
 from ..quant.weight import QuantizedWeight
+from .fp8_linear import fp8_linear_bwd, fp8_linear_fwd, uses_fp8_gemm
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,7 +103,9 @@ def _frozen_linear_op(
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     backend = _pick(x, fmt, "fwd")
-    if backend == "triton":
+    if fmt == "fp8" and uses_fp8_gemm(x):  # activations quantized too: the fp8 tensor-core path (ops/fp8_linear.py)
+        y = fp8_linear_fwd(x2, data, scales, bias, backend)
+    elif backend == "triton":
         from .frozen_linear_triton import frozen_linear_fwd
 
         y = frozen_linear_fwd(x2, data, scales, zeros, bias, fmt, group_size, out_features)
@@ -130,7 +136,9 @@ def _frozen_linear_input_grad_op(
 ) -> torch.Tensor:
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
     backend = _pick(grad_y, fmt, "bwd")
-    if backend == "triton":
+    if fmt == "fp8" and uses_fp8_gemm(grad_y):
+        dx = fp8_linear_bwd(g2, data, scales, backend)
+    elif backend == "triton":
         from .frozen_linear_triton import frozen_linear_bwd
 
         dx = frozen_linear_bwd(g2, data, scales, zeros, fmt, group_size, in_features)
