@@ -42,6 +42,7 @@ class MemoryBreakdown:
     optimizer: int
     activations: int
     peak: int
+    host: int = 0  # training state offloaded to host memory (``ft+zero``), not part of the peak
 
 
 def _fake_mode():
@@ -74,14 +75,24 @@ def _fakify_(module: nn.Module, mode, device: torch.device) -> None:
                 setattr(sub, name, fake(value))
 
 
-def _fake_trainee(bench_model: BenchModel, method: BenchMethod, scaled: bool, amp_dtype: torch.dtype | None, mode) -> Trainee:
+def _fake_trainee(
+    bench_model: BenchModel,
+    method: BenchMethod,
+    scaled: bool,
+    amp_dtype: torch.dtype | None,
+    mode,
+    weights_dtype: torch.dtype | None = None,
+) -> Trainee:
     """The trainee of ``method``, built on the meta device outside ``mode`` (a deep copy of a fake
-    tensor would leave its fake mode), then turned into fake CPU tensors of ``mode``."""
+    tensor would leave its fake mode), cast to ``weights_dtype`` if given, then turned into fake
+    CPU tensors of ``mode``."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(bench_model.hf_config(scaled))
         trainee = build_trainee(model, bench_model.layout, method, amp_dtype)
+        if weights_dtype is not None:
+            trainee.module.to(weights_dtype)
     _fakify_(trainee.module, mode, torch.device("cpu"))
     return Trainee(trainee.module, [p for p in trainee.module.parameters() if p.requires_grad], trainee.loss)
 
@@ -117,6 +128,45 @@ def account_memory(
             optimizer=optimizer_state_bytes(optimizer),
             activations=activations,
             peak=weights + tracker.peak_bytes,
+        )
+
+
+def account_zero_memory(bench_model: BenchModel, batch: int, seq: int, scaled: bool = False) -> MemoryBreakdown:
+    """Device memory of a ``ft+zero`` step (DeepSpeed ZeRO-2, optimizer offloaded), modelled.
+
+    Unlike :func:`account_memory` this is a model of DeepSpeed's allocations, not a run of them
+    (DeepSpeed cannot run on fake tensors): the bf16 model's forward and backward run on fake
+    tensors with each gradient dropped as soon as it is produced (DeepSpeed copies it to the
+    host through its buckets); the buckets and the largest parameter's staging buffer are added
+    from the config of :mod:`offsite_kernels.benchmark.zero`, and the offloaded state is counted
+    in ``host`` (18 bytes per parameter, see ``HOST_BYTES_PER_PARAM``)."""
+    from .zero import HOST_BYTES_PER_PARAM, device_gradient_bytes
+
+    mode = _fake_mode()
+    trainee = _fake_trainee(bench_model, BenchMethod("ft"), scaled, None, mode, weights_dtype=torch.bfloat16)
+    model = trainee.module
+    with mode:
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        ids = torch.zeros((batch, seq), dtype=torch.long)
+        weights = weight_bytes(model)
+        largest = max(p.numel() for p in params)
+        staging = 2 * largest  # bf16 staging buffer of the largest parameter, on the device
+        with MemoryTracker() as tracker:
+            loss = trainee.loss(ids)
+            activations = tracker.current_bytes
+            loss.backward()
+            del loss
+        buckets = device_gradient_bytes()
+        host = HOST_BYTES_PER_PARAM * sum(p.numel() for p in params) + 2 * largest
+        return MemoryBreakdown(
+            weights=weights,
+            gradients=buckets,
+            optimizer=staging,
+            activations=activations,
+            peak=weights + staging + buckets + tracker.peak_bytes,
+            host=host,
         )
 
 

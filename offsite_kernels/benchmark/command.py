@@ -50,6 +50,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         amp_dtype=None if args.fp32 else torch.bfloat16,
         warmup=args.warmup,
         steps=args.steps,
+        ft_fallback=not args.no_ft_fallback,
         progress=None if args.quiet else (lambda msg: print(f"[bench] {msg}", flush=True)),
         on_row=lambda row: append_rows(output / ROWS_FILE, [row], provenance),  # kept even if a later row crashes
     )
@@ -100,6 +101,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp32", action="store_true", help="no autocast (the default is bf16 mixed precision, as the paper)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument(
+        "--no-ft-fallback",
+        action="store_true",
+        help="on a GPU, run plain FT even where it does not fit (default: such FT runs on DeepSpeed ZeRO-2 with CPU offload)",
+    )
     p.add_argument("-o", "--output", default="offsite-bench", help="directory for rows (appended), table and plot (new files)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

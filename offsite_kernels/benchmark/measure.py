@@ -13,16 +13,15 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..memtrack import MemoryTracker
 from .account import MemoryBreakdown
-from .methods import BenchMethod, build_trainee
+from .methods import BenchMethod, Trainee, build_trainee
 from .models import BenchModel
-from .step import forward_loss, grad_bytes, make_optimizer, optimizer_state_bytes, train_step, weight_bytes
+from .step import Step, TorchStep, weight_bytes
 
 
 @dataclass
@@ -53,19 +52,6 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _instrumented_step(trainee, ids, optimizer, amp_dtype, allocated: Callable[[], int]) -> tuple[int, int, int]:
-    """One step with the allocated bytes read around its phases: (activations, gradients, optimizer)."""
-    before = allocated()
-    loss = forward_loss(trainee, ids, amp_dtype)
-    activations = allocated() - before
-    loss.backward()
-    del loss
-    gradients = grad_bytes(trainee.params)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return activations, gradients, optimizer_state_bytes(optimizer)
-
-
 def measure_training(
     bench_model: BenchModel,
     method: BenchMethod,
@@ -92,7 +78,7 @@ def measure_training(
     gc.collect()
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=generator)
-    optimizer = make_optimizer(trainee.params)
+    step = make_step(trainee, method, batch, amp_dtype)
     weights = weight_bytes(trainee.module)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -102,7 +88,7 @@ def measure_training(
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        loss_t = train_step(trainee, ids, optimizer, amp_dtype)
+        loss_t = step(ids)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -111,14 +97,22 @@ def measure_training(
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        parts = _instrumented_step(trainee, ids, optimizer, amp_dtype, lambda: torch.cuda.memory_allocated(device))
-    else:
+        activations, gradients = step.phases(ids, lambda: torch.cuda.memory_allocated(device))
+    else:  # the optimizer state (and an offloaded one, in the same memory here) predates the tracker
         with MemoryTracker() as tracker:
-            parts = _instrumented_step(trainee, ids, optimizer, amp_dtype, lambda: tracker.current_bytes)
-        peak = weights + optimizer_state_bytes(optimizer) + tracker.peak_bytes  # the state predates the tracker
-    activations, gradients, optimizer_bytes = parts
-    memory = MemoryBreakdown(weights, gradients, optimizer_bytes, activations, peak)
+            activations, gradients = step.phases(ids, lambda: tracker.current_bytes)
+        peak = weights + step.optimizer_bytes() + step.host_bytes() + tracker.peak_bytes
+    memory = MemoryBreakdown(weights, gradients, step.optimizer_bytes(), activations, peak, host=step.host_bytes())
     return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params))
+
+
+def make_step(trainee: Trainee, method: BenchMethod, batch: int, amp_dtype: torch.dtype | None) -> Step:
+    """The training step of ``method``: DeepSpeed's for ``ft+zero``, PyTorch's for the others."""
+    if method.zero:
+        from .zero import ZeroStep
+
+        return ZeroStep(trainee, batch)
+    return TorchStep(trainee, amp_dtype)
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:

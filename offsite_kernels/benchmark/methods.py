@@ -6,6 +6,11 @@ A method is written as its base and modifiers joined by ``+``, in any order:
   trained through a layer-dropped frozen emulator (uniform drop, as in the paper).
 - ``lora``: LoRA (rank 8, PEFT) on the attention projections instead of whole blocks: of every
   block for ``ft``, of the adapter blocks for ``ot``.
+- ``zero`` (``ft`` only): full fine-tuning on DeepSpeed, the way a model too large for one GPU
+  is fine-tuned there: ZeRO stage 2, bf16 weights and gradients on the device, fp32 master
+  weights, gradients and AdamW state offloaded to host memory and stepped by DeepSpeed's CPU
+  Adam (:mod:`offsite_kernels.benchmark.zero`). On a GPU, ``ft`` itself runs this way when plain
+  FT does not fit (see :mod:`offsite_kernels.benchmark.runner`).
 - ``fast`` (``ot`` only): the library's fused frozen emulator blocks, and every frozen tensor kept in
   the compute dtype (bf16 under bf16 autocast) instead of an fp32 copy.
 - ``int8`` / ``int4`` / ``fp8`` (``ot`` only): the emulator's linears stored in that format
@@ -31,7 +36,7 @@ from torch import nn
 from ..errors import OffsiteError
 
 BASES = ("ft", "ot")
-MODIFIERS = ("lora", "fast", "int8", "int4", "fp8", "recompute", "head")
+MODIFIERS = ("lora", "zero", "fast", "int8", "int4", "fp8", "recompute", "head")
 _FORMATS = {"int8": 8, "int4": 4, "fp8": "fp8"}
 INT4_GROUP_SIZE = 128
 LORA_RANK = 8
@@ -45,6 +50,7 @@ class BenchError(OffsiteError, ValueError):
 class BenchMethod:
     base: str
     lora: bool = False
+    zero: bool = False
     fast: bool = False
     bits: int | str | None = None
     recompute: bool = False
@@ -55,6 +61,7 @@ class BenchMethod:
         """Canonical name: base, then modifiers in :data:`MODIFIERS` order."""
         parts = [self.base]
         parts += ["lora"] if self.lora else []
+        parts += ["zero"] if self.zero else []
         parts += ["fast"] if self.fast else []
         parts += [k for k, v in _FORMATS.items() if v == self.bits]
         parts += ["recompute"] if self.recompute else []
@@ -65,6 +72,8 @@ class BenchMethod:
     def label(self) -> str:
         """The name as the paper's table writes it (FT, OT + LoRA, ...)."""
         head, *rest = self.name.split("+")
+        if self.zero:
+            return "FT (DeepSpeed ZeRO-2, optimizer on CPU)"
         words = {"lora": "LoRA", "fast": "fused", "recompute": "recompute", "head": "fused head"}
         return " + ".join([head.upper(), *(words.get(w, w) for w in rest)])
 
@@ -83,13 +92,17 @@ class BenchMethod:
         formats = [m for m in mods if m in _FORMATS]
         if len(formats) > 1:
             raise BenchError(f"method {text!r} names more than one weight format ({', '.join(formats)}); pick one")
-        if base == "ft" and set(mods) - {"lora"}:
+        if base == "ft" and set(mods) - {"lora", "zero"}:
             raise BenchError(
-                f"method {text!r}: full fine-tuning takes only +lora; {sorted(set(mods) - {'lora'})} are emulator options (ot+...)"
+                f"method {text!r}: full fine-tuning takes only +lora or +zero; {sorted(set(mods) - {'lora', 'zero'})} "
+                "are emulator options (ot+...)"
             )
+        if "zero" in mods and (base != "ft" or "lora" in mods):
+            raise BenchError(f"method {text!r}: +zero is full fine-tuning on DeepSpeed: write it as ft+zero")
         return cls(
             base=base,
             lora="lora" in mods,
+            zero="zero" in mods,
             fast="fast" in mods,
             bits=_FORMATS[formats[0]] if formats else None,
             recompute="recompute" in mods,
@@ -101,6 +114,7 @@ BEST_METHOD = "ot+lora+fast+int4+recompute+head"
 DEFAULT_METHODS = ("ft", "ft+lora", "ot", "ot+lora", BEST_METHOD)
 ALL_METHODS = (
     "ft",
+    "ft+zero",
     "ft+lora",
     "ot",
     "ot+lora",

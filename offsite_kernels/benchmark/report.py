@@ -84,21 +84,31 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
                 out.append(f"| {row['label']} | failed: {row['error'][:120]} |" + " |" * 8)
                 continue
             less = _ratio((ft_row or {}).get("peak_bytes"), row["peak_bytes"])
+            host = f" (+{_mib(row['host_bytes'])} on the host)" if row.get("host_bytes") else ""
             if source == "measured":
                 mfu = "" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
+                peak_host = host if row.get("device") == "cuda" else ""  # on a CPU the host memory is the peak's
                 out.append(
                     f"| {row['label']} | {row['tokens_per_s']:,.0f} | {_ratio(row['tokens_per_s'], (ft_row or {}).get('tokens_per_s'))} | "
-                    f"{row['step_ms_median']:.1f} ({row['step_ms_p20']:.1f}-{row['step_ms_p80']:.1f}) | {_mib(row['peak_bytes'])} | "
+                    f"{row['step_ms_median']:.1f} ({row['step_ms_p20']:.1f}-{row['step_ms_p80']:.1f}) | {_mib(row['peak_bytes'])}{peak_host} | "
                     f"{less} | {mfu} | {p_tps} | {p_mb} | {p_ratio} |"
                 )
             else:
                 out.append(
                     f"| {row['label']} | {_mib(row['peak_bytes'])} | {less} | {_mib(row['weights_bytes'])} | "
-                    f"{_mib(row['gradients_bytes'])} | {_mib(row['optimizer_bytes'])} | {_mib(row['activations_bytes'])} | "
+                    f"{_mib(row['gradients_bytes'])} | {_mib(row['optimizer_bytes'])}{host} | {_mib(row['activations_bytes'])} | "
                     f"{row['model_flops_per_step'] / 1e9:,.0f} | {p_mb} | {p_ratio} |"
                 )
+        out += _notes(group)
         out.append("")
     return "\n".join(out)
+
+
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines under a table for rows that ran or were counted differently from the others."""
+    notes = [f"- {r['label']}: run on DeepSpeed because {r['ft_fallback']}." for r in rows if r.get("ft_fallback")]
+    notes += [f"- {r['label']}: modelled ({r['modelled']})." for r in rows if r.get("modelled")]
+    return ["", *notes] if notes else []
 
 
 def _write_new(path: Path, data: bytes) -> None:

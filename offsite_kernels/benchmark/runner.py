@@ -6,12 +6,20 @@ Two kinds of rows, and every row says which it is (``source``) and where it was 
   unless ``scaled=False``): tokens/s, peak memory and its parts, MFU.
 - ``accounted``: the paper's models at full size, their training step run on fake tensors:
   peak memory and its parts, exact to the byte for what the step allocates (see
-  :mod:`offsite_kernels.benchmark.account`), and the step's FLOPs. No time.
+  :mod:`offsite_kernels.benchmark.account`), and the step's FLOPs. No time. ``ft+zero`` is
+  modelled there (DeepSpeed cannot run on fake tensors); its rows say so.
+
+The FT baseline on a GPU is what a user would really run: plain FT where it fits, else FT on
+DeepSpeed with ZeRO-2 and the optimizer offloaded to the CPU (``ft+zero``). Whether it fits is
+decided before building the model, from the accounted peak against the GPU's memory
+(``FIT_FRACTION``), and a plain FT that still runs out of memory is run again that way. The
+row keeps the method ``ft`` (the ratios are to it) and says how it ran (``ran_as``, ``ft_fallback``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,12 +27,14 @@ from typing import Any
 
 import torch
 
-from .account import MemoryBreakdown, account_memory, count_model_flops
+from .account import MemoryBreakdown, account_memory, account_zero_memory, count_model_flops
 from .measure import Measurement, matmul_ceiling, measure_training
 from .methods import DEFAULT_METHODS, BenchError, BenchMethod
 from .models import PAPER_MODELS, BenchModel, get_bench_model
 
 SOURCES = ("measured", "accounted")
+FIT_FRACTION = 0.92  # plain FT runs if its accounted peak is at most this share of the GPU's memory
+GiB = 2**30
 
 
 @dataclass
@@ -40,6 +50,7 @@ class BenchSettings:
     warmup: int = 2
     steps: int = 5
     seed: int = 0
+    ft_fallback: bool = True  # on a GPU, FT that does not fit runs on DeepSpeed ZeRO-2 + CPU offload
     progress: Callable[[str], None] | None = None
     on_row: Callable[[dict[str, Any]], None] | None = None  # called with each row as soon as it exists
 
@@ -76,13 +87,14 @@ def _config_summary(bench_model: BenchModel, scaled: bool) -> dict[str, Any]:
 
 
 def _memory_fields(memory: MemoryBreakdown) -> dict[str, int]:
-    return {
+    fields = {
         "peak_bytes": memory.peak,
         "weights_bytes": memory.weights,
         "gradients_bytes": memory.gradients,
         "optimizer_bytes": memory.optimizer,
         "activations_bytes": memory.activations,
     }
+    return {**fields, "host_bytes": memory.host} if memory.host else fields
 
 
 @contextlib.contextmanager
@@ -187,12 +199,32 @@ def _accounted_row(bench_model, method, batch, settings, common, flops: _FlopsCa
         "scaled": False,
         "config": _config_summary(bench_model, False),
     }
+    if method.zero:
+        row["modelled"] = "DeepSpeed's buffers and offloaded state from its config; the bf16 step on fake tensors"
     try:
-        memory = account_memory(bench_model, method, batch, settings.seq, settings.amp_dtype)
+        if method.zero:
+            memory = account_zero_memory(bench_model, batch, settings.seq)
+        else:
+            memory = account_memory(bench_model, method, batch, settings.seq, settings.amp_dtype)
         model_flops = flops(bench_model, method, batch, False)
     except Exception as exc:  # one failing method must not lose the others' rows
         return {**row, "error": f"{type(exc).__name__}: {exc}"}
     return {**row, **_memory_fields(memory), "model_flops_per_step": model_flops}
+
+
+def ft_fallback_reason(need: int, capacity: int) -> str | None:
+    """Why plain FT that needs ``need`` bytes does not fit a GPU of ``capacity`` bytes, or None if it fits."""
+    if need <= FIT_FRACTION * capacity:
+        return None
+    return f"plain FT needs {need / GiB:.1f} GiB (accounted), more than {FIT_FRACTION:.0%} of the GPU's {capacity / GiB:.1f} GiB"
+
+
+def _ft_fallback(bench_model, method, batch, settings, device, scaled) -> str | None:
+    """For plain FT on a GPU: why it cannot run there (from its accounted peak), or None."""
+    if not (settings.ft_fallback and device.type == "cuda" and method == BenchMethod("ft")):
+        return None
+    need = account_memory(bench_model, method, batch, settings.seq, settings.amp_dtype, scaled=scaled).peak
+    return ft_fallback_reason(need, torch.cuda.get_device_properties(device).total_memory)
 
 
 def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling, common, flops: _FlopsCache) -> dict[str, Any]:
@@ -204,10 +236,11 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
         "scaled": scaled,
         "config": _config_summary(bench_model, scaled),
     }
-    try:
-        measured: Measurement = measure_training(
+
+    def measure(run: BenchMethod) -> Measurement:
+        return measure_training(
             bench_model,
-            method,
+            run,
             batch,
             settings.seq,
             device,
@@ -217,6 +250,23 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
             steps=settings.steps,
             seed=settings.seed,
         )
+
+    zero = BenchMethod("ft", zero=True)
+    try:
+        reason = _ft_fallback(bench_model, method, batch, settings, device, scaled)
+        if reason is None:
+            try:
+                measured = measure(method)
+            except torch.OutOfMemoryError as exc:
+                if not (settings.ft_fallback and method == BenchMethod("ft")):
+                    raise
+                reason = f"plain FT ran out of memory ({str(exc).splitlines()[0]})"
+        if reason is not None:
+            if device.type == "cuda":  # what the failed attempt held died with its exception
+                gc.collect()
+                torch.cuda.empty_cache()
+            row.update(label=zero.label, ran_as=zero.name, ft_fallback=reason)
+            measured = measure(zero)
         model_flops = flops(bench_model, method, batch, scaled)
     except torch.OutOfMemoryError as exc:
         return {**row, "error": f"out of memory: {str(exc).splitlines()[0]}"}

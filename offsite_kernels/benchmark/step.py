@@ -2,11 +2,14 @@
 
 The step is the paper's: forward under autocast (bf16 mixed precision; none when
 ``amp_dtype`` is None), backward, AdamW on the trainable fp32 parameters, gradients set to None.
+:class:`TorchStep` runs it for every method but ``ft+zero``, whose step is DeepSpeed's
+(:mod:`offsite_kernels.benchmark.zero`); both answer the same calls (:class:`Step`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -59,3 +62,51 @@ def grad_bytes(params: Iterable[nn.Parameter]) -> int:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return storage_bytes(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class Step(Protocol):
+    """A method's training step, as the benchmark times and measures it."""
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, optimizer step, gradients released; returns the (detached) loss."""
+        ...
+
+    def phases(self, ids: torch.Tensor, allocated: Callable[[], int]) -> tuple[int, int]:
+        """One step with ``allocated()`` read around its phases: (activation bytes, gradient bytes)."""
+        ...
+
+    def optimizer_bytes(self) -> int:
+        """Optimizer state held on the device."""
+        ...
+
+    def host_bytes(self) -> int:
+        """Training state kept in host memory instead (0 unless offloaded)."""
+        ...
+
+
+class TorchStep:
+    """The step of every method run by PyTorch alone: autocast forward, backward, fused AdamW."""
+
+    def __init__(self, trainee: Trainee, amp_dtype: torch.dtype | None) -> None:
+        self.trainee, self.amp_dtype = trainee, amp_dtype
+        self.optimizer = make_optimizer(trainee.params)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return train_step(self.trainee, ids, self.optimizer, self.amp_dtype)
+
+    def phases(self, ids: torch.Tensor, allocated: Callable[[], int]) -> tuple[int, int]:
+        before = allocated()
+        loss = forward_loss(self.trainee, ids, self.amp_dtype)
+        activations = allocated() - before
+        loss.backward()
+        del loss
+        gradients = grad_bytes(self.trainee.params)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return activations, gradients
+
+    def optimizer_bytes(self) -> int:
+        return optimizer_state_bytes(self.optimizer)
+
+    def host_bytes(self) -> int:
+        return 0
