@@ -16,7 +16,9 @@ Stages: ``env`` (nvidia-smi, ``offsite env``, the stamp), ``tests`` (``pytest -m
 Triton kernel against float64 on CUDA), ``frozen_linear`` (bench/frozen_linear_gpu.py),
 ``fused_ops`` (bench/fused_ops_gpu.py), ``e2e`` (``offsite bench`` on the paper's models, measured
 on the GPU, batch 1 and 16), ``native`` (bench/native_gpu.py; the extension's CUDA part compiled
-on first use).
+on first use), and, opt-in, ``e2e_7b`` (``--only e2e_7b``: OPT-6.7B, where FT at batch 16 runs on
+DeepSpeed ZeRO-2 with the optimizer offloaded; DeepSpeed is carried as wheels, see
+bench/gpu_wheels.sh).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Stage:
     table: str | None = None  # a markdown file (relative to the output folder) whose tail goes in the summary
     needs: str | None = None  # a file (relative to the repo) that must exist, else the stage is skipped
     env: dict[str, str] | None = None  # extra environment variables
+    opt_in: bool = False  # runs only when named in --only
 
 
 @dataclass
@@ -119,6 +122,35 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             needs="bench/native_gpu.py",
             env={"OFFSITE_NATIVE_JIT": "1"},
         ),
+        # opt-in (--only e2e_7b): 6.7B-parameter models, FT at batch 16 runs on DeepSpeed ZeRO-2 with CPU
+        # offload (it does not fit otherwise); DeepSpeed travels as wheels (bench/gpu_wheels.sh)
+        Stage(
+            "e2e_7b",
+            [
+                py,
+                "-m",
+                "offsite_kernels.cli",
+                "bench",
+                "--device",
+                "cuda",
+                "--models",
+                "opt-6.7b",
+                "--methods",
+                "ft,ot+lora,ot+lora+fast+int4+recompute+head",
+                "--batch",
+                "1,16",
+                "--source",
+                "measured",
+                "-o",
+                str(out / "e2e_7b"),
+                "--warmup",
+                "1",
+                "--steps",
+                "3",
+            ],
+            330,
+            opt_in=True,
+        ),
     ]
 
 
@@ -164,17 +196,24 @@ def main(argv: list[str] | None = None) -> int:
         help="the kernel benchmarks' full sweeps (longer: run with --only and a larger budget)",
     )
     p.add_argument("--only", help="comma-separated stage names to run (default: all)")
+    p.add_argument(
+        "--host-memory-gib",
+        type=float,
+        help="the host's memory, for machines whose OS reports less at first (guards DeepSpeed's CPU offload)",
+    )
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"time for the whole suite (default {BUDGET_S} s)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)
+    if args.host_memory_gib:
+        env["OFFSITE_HOST_MEMORY_GIB"] = str(args.host_memory_gib)
     chosen = set(args.only.split(",")) if args.only else None
     results = []
     suite_start = time.perf_counter()
     for stage in stages(out, args.quick, args.full_kernels):
-        if chosen is not None and stage.name not in chosen:
+        if (stage.name not in chosen) if chosen is not None else stage.opt_in:
             continue
         print(f"[suite] {stage.name} ...", flush=True)
         result = run_stage(stage, out, env, args.budget_s - (time.perf_counter() - suite_start))
@@ -185,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     summary += [f"| {r.name} | {r.status} | {r.returncode} | {r.seconds:.0f} |" for _, r in results]
     for stage, _result in results:
         table = out / stage.table if stage.table else None
-        if stage.name == "e2e":
-            table = latest(out / "e2e", "offsite_bench-*.md")
+        if stage.name in ("e2e", "e2e_7b"):
+            table = latest(out / stage.name, "offsite_bench-*.md")
         if stage.name == "tests":
             table = out / "tests.log"
         if table is not None:

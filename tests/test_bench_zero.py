@@ -109,3 +109,18 @@ def test_accounted_zero_row_says_it_is_modelled():
     assert zero["host_bytes"] > 0 and ft.get("host_bytes") is None
     assert zero["peak_bytes"] > zero["weights_bytes"] + zero["gradients_bytes"]  # buckets and activations on top
     assert "modelled" in format_markdown([ft, zero])
+
+
+def test_an_offload_the_host_cannot_hold_is_refused_before_it_starts(monkeypatch):
+    from offsite_kernels.benchmark import zero
+
+    monkeypatch.setenv(zero.HOST_MEMORY_VARIABLE, "0.001")  # 1 MiB of host memory
+    with pytest.raises(BenchError, match=r"bytes per parameter in host memory.*OFFSITE_HOST_MEMORY_GIB"):
+        measure_training(TINY, BenchMethod("ft", zero=True), 1, 8, CPU, torch.bfloat16, False, warmup=1, steps=1)
+    monkeypatch.setenv(zero.HOST_MEMORY_VARIABLE, "lots")
+    with pytest.raises(BenchError, match="not a number of GiB"):
+        zero.check_host_memory(10)
+    monkeypatch.setenv(zero.HOST_MEMORY_VARIABLE, "128")
+    zero.check_host_memory(5_000_000_000)  # GPT2-XL-sized and more: 84 GiB of 128
+    with pytest.raises(BenchError, match=r"6\.70B parameters"):
+        zero.check_host_memory(6_700_000_000)  # OPT-6.7B: 112 GiB, more than 80% of 128

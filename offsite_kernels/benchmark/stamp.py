@@ -116,6 +116,7 @@ def stamp() -> dict[str, Any]:
             "torch": torch.__version__ if torch is not None else None,
             "triton": _package_version("triton", "triton"),
             "transformers": _package_version("transformers", "transformers"),
+            "deepspeed": _package_version("deepspeed"),  # metadata only: importing it starts its accelerator
             "offsite_kernels": _package_version("offsite-kernels", "offsite_kernels"),
         },
         "git": _git(),

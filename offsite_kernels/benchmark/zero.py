@@ -62,6 +62,36 @@ def zero_offload_config(batch: int) -> dict[str, Any]:
     }
 
 
+HOST_FRACTION = 0.8  # the offloaded state may take at most this share of the host's memory
+HOST_MEMORY_VARIABLE = "OFFSITE_HOST_MEMORY_GIB"
+
+
+def host_memory_bytes() -> int | None:
+    """The host's memory: ``$OFFSITE_HOST_MEMORY_GIB`` if set (for machines whose reported memory
+    grows as it is used), else the total the OS reports; None if unknown."""
+    value = os.environ.get(HOST_MEMORY_VARIABLE)
+    if value:
+        try:
+            return int(float(value) * 2**30)
+        except ValueError:
+            raise BenchError(f"{HOST_MEMORY_VARIABLE}={value!r} is not a number of GiB") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_memory(params: int) -> None:
+    """Refuse, before anything is allocated, an offload the host cannot hold (it would be killed)."""
+    need, have = HOST_BYTES_PER_PARAM * params, host_memory_bytes()
+    if have is not None and need > HOST_FRACTION * have:
+        raise BenchError(
+            f"ft+zero keeps {HOST_BYTES_PER_PARAM} bytes per parameter in host memory: {need / 2**30:.1f} GiB for "
+            f"{params / 1e9:.2f}B parameters, more than {HOST_FRACTION:.0%} of this host's {have / 2**30:.1f} GiB "
+            f"(set {HOST_MEMORY_VARIABLE} if the OS under-reports it)"
+        )
+
+
 def device_gradient_bytes() -> int:
     """Bytes of the device's gradient buckets (bf16) while the backward runs."""
     return REDUCE_BUCKET * (2 if OVERLAP_COMM else 1) * 2
@@ -117,6 +147,7 @@ class ZeroStep:
     model to bf16 in place, so ``trainee.module`` holds the device weights afterwards."""
 
     def __init__(self, trainee: Trainee, batch: int) -> None:
+        check_host_memory(sum(p.numel() for p in trainee.params))
         deepspeed = _require_deepspeed()
         _one_process_group(deepspeed)
         self.trainee = trainee
