@@ -10,6 +10,10 @@ with its NVIDIA backend reads the cubins (``offsite_kernels/ops/aot.py``). For e
 - no register spills (stack 0, no local stores);
 - shared memory (dynamic + static) fits one block: 163 KiB on A100, 227 KiB on H100/H200.
 
+The fp8 tensor-core path (``fp8_gemm_triton.aot_cases``) compiles for sm_90 and sm_89 only (sm_80
+has no fp8 tensor cores and runs weight-only fp8): its GEMM must show e4m3 x e4m3 -> fp32 MMAs
+(``QGMMA`` on sm_90, ``QMMA`` on sm_89) and its quantizer the hardware's saturating e4m3 cast.
+
 Coverage: every configuration the autotuner may pick for each kernel and weight format
 (``candidate_configs``), on both architectures, with bf16 activations; fp16 compiles to the same
 resources, so it gets one configuration per (kernel, format), rotating through the list.
@@ -26,6 +30,7 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed")
 
 from offsite_kernels.ops import aot
+from offsite_kernels.ops import fp8_gemm_triton as fp8k
 from offsite_kernels.ops.frozen_linear_triton import candidate_configs
 
 _AVAILABLE, _WHY = aot.availability()
@@ -136,3 +141,47 @@ def test_described_case_missing_an_argument_is_reported():
     broken = aot.KernelCase(**{**case.__dict__, "types": {k: v for k, v in case.types.items() if k != "M"}})
     row = aot.compile_case(broken, 90)
     assert not row["compiled"] and "'M'" in aot.case_problems(row)[0]
+
+
+# --- the fp8 tensor-core path (offsite_kernels/ops/fp8_gemm_triton.py): sm_90 and sm_89, never sm_80 ---------
+FP8_CASES = [
+    pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}")
+    for arch in fp8k.AOT_TARGETS
+    for case in fp8k.aot_cases(arch)
+]
+
+
+@pytest.mark.parametrize("case,arch", FP8_CASES)
+def test_fp8_kernels_compile_on_fp8_tensor_cores_without_spills(case, arch):
+    """Every fp8 launch: compiles; the GEMM on e4m3 x e4m3 -> fp32 MMAs (QGMMA on sm_90, QMMA on sm_89), K-major
+    layouts without byte-wise shared stores; the quantizer on the hardware's saturating e4m3 cast; no spills;
+    shared memory within the target's limit."""
+    row = aot.compile_case(case, arch)
+    assert row["compiled"], f"sm_{arch} {case.label}: {aot.case_problems(row)}\n{row['error']}"
+    assert row["ok"], f"sm_{arch} {case.label}: {aot.case_problems(row)}"
+    if case.tensor_core:
+        assert row["mma_instruction"].endswith(".F32.E4M3.E4M3"), row["mma_instruction"]
+
+
+def test_fp8_candidates_are_all_covered_and_sm80_is_no_target():
+    assert 80 not in fp8k.AOT_TARGETS and set(fp8k.GEMM_CANDIDATES) == set(fp8k.AOT_TARGETS)
+    for arch in fp8k.AOT_TARGETS:
+        covered = {
+            (c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"], c.constexprs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in fp8k.aot_cases(arch)
+            if c.fn == "_fp8_gemm_kernel" and c.types["c_ptr"] == "*bf16"
+        }
+        assert covered == set(fp8k.GEMM_CANDIDATES[arch])
+        assert all(c.constexprs["BLOCK_M"] >= aot.WGMMA_MIN_BLOCK_M for c in fp8k.aot_cases(90) if "BLOCK_M" in c.constexprs)
+
+
+def test_fp8_backward_layout_choice_is_backed_by_the_sass():
+    """The backward reads a K-major ``Wq^T`` (fp8_gemm_triton's docs): on sm_90 that gives it the forward's
+    pipeline (every operand by async copy, no byte-wise shared stores), which reading ``Wq`` in place does not."""
+    by_label = {case.label: case for case in fp8k.aot_cases(90)}
+    for cfg in fp8k.GEMM_CANDIDATES[90]:
+        tile = "{}x{}x{} w{} s{}".format(*cfg)
+        fwd, cached, strided = (aot.compile_case(by_label[f"fp8 gemm {lay} bf16 {tile}"], 90) for lay in fp8k.GEMM_LAYOUTS)
+        assert cached["byte_shared_stores"] == fwd["byte_shared_stores"] == 0
+        assert cached["async_copies"] == fwd["async_copies"] >= strided["async_copies"]
+        assert cached["shared_bytes"] == fwd["shared_bytes"] >= strided["shared_bytes"]

@@ -5,7 +5,8 @@ Triton compiles for any NVIDIA target on a CPU-only machine (``triton.compile`` 
 resource usage and its SASS. For every kernel x weight format x activation dtype x autotune
 configuration x architecture this module reports registers, stack bytes (register spills),
 shared memory against the device limit, and whether the GEMM runs on tensor cores (``HGMMA``,
-Hopper's warpgroup MMA, on sm_90; ``HMMA`` on sm_80).
+Hopper's warpgroup MMA, on sm_90; ``HMMA`` on sm_80). Other kernels describe their launches as
+:class:`KernelCase` objects (the fp8 GEMM: ``QGMMA ... E4M3`` on sm_90, ``QMMA`` on sm_89).
 
 Arguments are specialised the way the JIT specialises a typical launch: contiguous row-major
 tensors (unit inner strides become the constant 1), 16-byte-aligned pointers, ``N``, ``K`` and
@@ -39,9 +40,11 @@ KERNELS = ("fwd", "bwd")
 FORMATS = tuple(_flt.FMT_CODES)  # dense, int8, int4, fp8
 ACT_DTYPES = ("bf16", "fp16")
 ARCHS = (80, 90)
-ARCH_NAMES = {80: "A100 (sm_80)", 90: "H100/H200 (sm_90)"}
+ARCH_NAMES = {80: "A100 (sm_80)", 89: "L40S/RTX 4090 (sm_89)", 90: "H100/H200 (sm_90)"}
 # cudaDevAttrMaxSharedMemoryPerBlockOptin: what one block may use, static + dynamic.
-SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}  # 166912, 232448 bytes
+SHARED_LIMITS = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # 166912, 101376, 232448 bytes
+# tensor-core MMAs in SASS: bf16/fp16 (HMMA; HGMMA = Hopper's warpgroup MMA) and fp8 (QMMA on Ada; QGMMA on Hopper)
+MMA_MNEMONICS = ("HGMMA", "HMMA", "QGMMA", "QMMA")
 TENSOR_CORE_MNEMONICS = {80: "HMMA", 90: "HGMMA"}
 # Hopper's warpgroup MMA (HGMMA) works on 64-row tiles; a tile of fewer rows (the skinny-M
 # configurations, which are bandwidth-bound) runs on the classic tensor-core MMA (HMMA) instead.
@@ -245,9 +248,18 @@ def _compile_here(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) 
 
 
 def _compile_and_inspect(
-    fn: Any, signature: dict, constexprs: dict, attrs: dict, warps: int, stages: int, arch: int, name: str
+    fn: Any,
+    signature: dict,
+    constexprs: dict,
+    attrs: dict,
+    warps: int,
+    stages: int,
+    arch: int,
+    name: str,
+    patterns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Compile ``fn`` for ``sm_<arch>`` and read registers, stack, shared memory, spills and MMAs from the cubin."""
+    """Compile ``fn`` for ``sm_<arch>`` and read registers, stack, shared memory, spills and MMAs from the cubin
+    (and how often each regular expression of ``patterns`` matches its SASS: ``sass_matches``)."""
     from triton.backends.compiler import GPUTarget
 
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -255,8 +267,9 @@ def _compile_and_inspect(
     usage, sass = _cuobjdump(compiled.asm["cubin"], name)
     dynamic = int(compiled.metadata.shared)
     total = dynamic + usage["static_shared_bytes"]
-    mma = {m: _count(sass, m) for m in ("HGMMA", "HMMA")}
+    mma = {m: _count(sass, m) for m in MMA_MNEMONICS}
     found = [m for m, n in mma.items() if n]
+    first = re.search(rf"\b{found[0]}\.\S+", sass) if found else None
     out: dict[str, Any] = dict(
         compiled=True,
         error=None,
@@ -270,7 +283,12 @@ def _compile_and_inspect(
         tensor_core_mnemonic=found[0] if found else None,
         tensor_core_instructions=sum(mma.values()),
         mma_counts=mma,
+        mma_instruction=first.group(0) if first else None,  # e.g. QGMMA.64x128x32.F32.E4M3.E4M3
+        async_copies=_count(sass, "LDGSTS"),  # cp.async global -> shared (pipelined operand loads)
+        byte_shared_stores=len(re.findall(r"\bSTS\.U8\b", sass)),  # register -> shared, one byte at a time
     )
+    if patterns:
+        out["sass_matches"] = {p: len(re.findall(p, sass)) for p in patterns}
     out["spills"] = out["stack_bytes"] > 0 or out["local_bytes"] > 0 or out["spill_stores"] > 0
     return out
 
@@ -286,7 +304,9 @@ class KernelCase:
     ``"fp32"``) or to an int constant the JIT would specialise (a unit stride: ``1``);
     ``constexprs`` holds the ``tl.constexpr`` values; ``div16`` names the arguments the JIT
     would mark divisible by 16 (aligned pointers, strides and sizes that are multiples of 16).
-    ``tensor_core``: the kernel's main loop is a GEMM whose SASS must show tensor-core MMAs.
+    ``tensor_core``: the kernel's main loop is a GEMM whose SASS must show tensor-core MMAs;
+    ``mma``: the MMA mnemonic it must show (default: HGMMA on sm_90, HMMA below);
+    ``sass_expect`` / ``sass_forbid``: regular expressions that must / must not match the SASS.
     """
 
     module: str
@@ -298,6 +318,9 @@ class KernelCase:
     num_stages: int = 1
     label: str = ""
     tensor_core: bool = False
+    mma: str | None = None
+    sass_expect: tuple[str, ...] = ()
+    sass_forbid: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -337,19 +360,28 @@ def _compile_case_here(case: KernelCase, arch: int) -> dict[str, Any]:
         num_stages=case.num_stages,
         arch=arch,
         shared_limit=SHARED_LIMITS[arch],
-        tensor_core_expected=("HGMMA" if arch >= 90 else "HMMA") if case.tensor_core else None,
+        tensor_core_expected=(case.mma or ("HGMMA" if arch >= 90 else "HMMA")) if case.tensor_core else None,
     )
     try:
         signature, constexprs, attrs = case_signature(case)
         fn = getattr(importlib.import_module(case.module), case.fn)
-        row.update(
-            _compile_and_inspect(fn, signature, constexprs, attrs, case.num_warps, case.num_stages, arch, f"{case.fn}_sm{arch}")
-        )
+        patterns = (*case.sass_expect, *case.sass_forbid)
+        name = f"{case.fn}_sm{arch}"
+        row.update(_compile_and_inspect(fn, signature, constexprs, attrs, case.num_warps, case.num_stages, arch, name, patterns))
     except Exception as e:  # recorded, never raised
         row.update(compiled=False, error=f"{type(e).__name__}: {e}"[:4000], ok=False)
         return row
-    row["tensor_core_ok"] = (not case.tensor_core) or row["tensor_core_instructions"] > 0
+    if not case.tensor_core:
+        row["tensor_core_ok"] = True
+    elif case.mma:
+        row["tensor_core_ok"] = row["mma_counts"].get(case.mma, 0) > 0
+    else:
+        row["tensor_core_ok"] = row["tensor_core_instructions"] > 0
+    matches = row.get("sass_matches", {})
+    row["sass_missing"] = [p for p in case.sass_expect if not matches.get(p)]
+    row["sass_forbidden"] = [p for p in case.sass_forbid if matches.get(p)]
     row["ok"] = row["shared_ok"] and row["tensor_core_ok"] and not row["spills"]
+    row["ok"] = row["ok"] and not row["sass_missing"] and not row["sass_forbidden"]
     return row
 
 
@@ -500,4 +532,6 @@ def problems(row: dict[str, Any]) -> list[str]:
         out.append(f"shared {row['shared_bytes']} B > limit {row['shared_limit']} B")
     if not row["tensor_core_ok"]:
         out.append(f"no {row['tensor_core_expected']} in SASS (found {row['tensor_core_mnemonic']})")
+    out += [f"SASS lacks /{p}/" for p in row.get("sass_missing", [])]
+    out += [f"SASS has /{p}/ ({row['sass_matches'][p]} times)" for p in row.get("sass_forbidden", [])]
     return out

@@ -2,39 +2,52 @@
 
 Weights stored as e4m3 with one fp32 scale per output channel (``W ~= Wq * s_w[:, None]``);
 activations are quantized on the fly, one fp32 scale per row, and the GEMM runs on fp8 operands
-with fp32 accumulation (warpgroup MMA, ``HGMMA ... E4M3``, on sm_90)::
+with fp32 accumulation (``QGMMA.64xNx32.F32.E4M3.E4M3``, Hopper's warpgroup MMA, on sm_90;
+``QMMA.16832.F32.E4M3.E4M3`` on sm_89)::
 
     forward   Y[m, n]  = s_x[m] * s_w[n] * sum_k qX[m, k] * Wq[n, k]  (+ b[n])
     backward  dX[m, k] = s_g[m] * sum_n qG[m, n] * Wq[n, k],   qG, s_g = rows of dY * s_w[None, :]
 
 with ``s[m] = max(amax_m / 448, FLT_MIN)`` (an all-zero row gets a tiny scale and quantizes to
-zeros) and ``q = e4m3(clamp(v / s, -448, 448))``, round to nearest even: bit-exact with
-:func:`offsite_kernels.quant.formats.quantize_rows_fp8`, the PyTorch reference. The backward
-folds the weight's per-channel scale into ``dY`` before quantizing it, since that scale runs
-along the GEMM's reduction.
+zeros) and ``q = e4m3(clamp(v * (1 / s), -448, 448))`` (one IEEE division per row, a multiply per
+element; the cast is the hardware's saturating round-to-nearest-even ``F2FP.SATFINITE.E4M3``):
+bit-exact with :func:`offsite_kernels.quant.formats.quantize_rows_fp8`, the PyTorch reference.
+The backward folds the weight's per-channel scale into ``dY`` before quantizing it, since that
+scale runs along the GEMM's reduction.
 
-Two kernels: ``_fp8_quantize_rows_kernel`` (one program per row: amax pass, then quantize
-pass; the row is re-read from L1/L2) and ``_fp8_gemm_kernel`` (``C = s_a[m] (* s_b[n]) * A @ B^T
-(+ bias)``, with ``A [M, K]`` and ``B [N, K]`` e4m3, any B strides).
+Two kernels: ``_fp8_quantize_rows_kernel`` (one program per row: an amax pass, then a quantize
+pass that re-reads the row from L1/L2) and ``_fp8_gemm_kernel`` (``C = s_a[m] (* s_b[n]) * A @ B^T
+(+ bias)``, ``A [M, K]`` and ``B [N, K]`` e4m3, any B strides). Accumulation: Triton's sm_90
+default, the whole reduction in the tensor core's fp32 accumulator (Hopper adds fp8 products with
+reduced precision, about 2^-13 of the running sum per 32-wide step; an order below the
+activations' e4m3 rounding, 2^-4 per element). Promoting to fp32 every ``BLOCK_K``
+(``max_num_imprecise_acc``, DeepSeek-V3's recipe) was compiled and rejected: it doubles the
+accumulator registers (the 128x256 tiles spill) and serialises the MMAs behind the adds.
 
 Operand layout. Hopper's fp8 warpgroup MMA reads both shared-memory operands K-major (only
-16-bit types may be transposed in shared memory). The forward's ``B = Wq [N, K]`` is K-major
-as stored. The backward reduces over ``N``, so ``Wq`` read as its ``B`` is N-major. Two ways:
-let Triton transpose the tile (it does, in registers, between the global load and the
-shared-memory store: the loop stays on HGMMA E4M3), or keep a transposed copy ``Wq^T`` (twice
-the fp8 weight memory, or a transpose pass per call). The ahead-of-time SASS of both (see
-``offsite_kernels/ops/aot.py``, ``fp8_layout_report``) is the record of that choice: this
-module lets Triton transpose, and keeps one stored copy (docs of :func:`fp8_linear_bwd`).
+16-bit types may be transposed in shared memory). The forward's ``B = Wq [N, K]`` is K-major as
+stored; the backward reduces over ``N``, so ``Wq`` read in place as its ``B`` is N-major. Triton
+compiles that (``bwd_strided``) by loading the B tile into registers and transposing it into
+shared memory byte by byte. The sm_90 SASS of the 128x128x128 8-warp tile (``aot_cases``;
+bench/results/aot_fp8_gemm.json has every tile): read in place, B takes 64 ``STS.U8`` per thread
+per K step, is not multi-buffered (81 KiB of shared memory instead of 129 KiB) and only A streams
+by async copy (16 ``LDGSTS`` instead of 32); the MMA waits for zero pending groups, so nothing
+overlaps it. A K-major ``Wq^T`` gives the backward the forward's SASS exactly (both operands by
+``LDGSTS`` through a 4-stage ring, no byte stores, one MMA group in flight). So the backward
+reads a transposed copy, kept with the weight after its first backward by default
+(:func:`bwd_weight_operand`: one more byte per weight element; ``OFFSITE_FP8_BWD_WEIGHT`` picks
+a per-call copy or the in-place read instead, so a GPU run can time all three).
 
-Under Triton's CPU interpreter the fp32 -> e4m3 cast rounds wrongly (it ORs the mantissa
-carry into the exponent instead of adding it, and rounds ties away from zero), so there
-``INTERPRETER_FP8`` rounds to the e4m3 grid in fp32 first, with integer bit arithmetic; the
-cast of an exactly representable value is then exact. The interpreter's fp8 ``tl.dot`` is
-exact (it widens e4m3 to fp16, multiplies in fp32): no workaround there.
+Under Triton's CPU interpreter the fp32 -> e4m3 cast rounds wrongly (it ORs the mantissa carry
+into the exponent instead of adding it: 31.3 becomes 16; ties round away from zero), so there
+``INTERPRETER_FP8`` rounds to the e4m3 grid in fp32 first, with integer bit arithmetic; the cast
+of an exactly representable value is then exact. The interpreter's fp8 ``tl.dot`` is exact (it
+widens e4m3 to fp16, multiplies in fp32): no workaround there.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -45,8 +58,8 @@ import triton.testing
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast
 
-FP8_MAX = 448.0
-FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
+E4M3_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
 
 
 @triton.jit
@@ -70,7 +83,7 @@ def _fp8_quantize_rows_kernel(
     K, stride_xm, stride_xk, stride_qm,
     HAS_COL_SCALE: tl.constexpr, INTERPRETER_FP8: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Row ``m`` of ``v = x (* c[None, :])``: ``s[m] = max(amax / 448, FLT_MIN)``, ``q[m] = e4m3(v / s[m])``."""
+    """Row ``m`` of ``v = x (* c[None, :])``: ``s[m] = max(amax / 448, FLT_MIN)``, ``q[m] = e4m3(v * (1 / s[m]))``."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -80,15 +93,15 @@ def _fp8_quantize_rows_kernel(
         if HAS_COL_SCALE:
             v = v * tl.load(c_ptr + k, mask=k < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(v))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), FP32_TINY)
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), E4M3_MAX), FP32_TINY)
+    inv = tl.math.div_rn(1.0, scale)  # IEEE divisions, as torch divides: bit-exact scales and codes
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         v = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
         if HAS_COL_SCALE:
             v = v * tl.load(c_ptr + k, mask=k < K, other=0.0)
-        # IEEE division, as torch divides: bit-exact scales and codes
-        q = tl.clamp(tl.math.div_rn(v, scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        q = tl.clamp(v * inv, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
         if INTERPRETER_FP8:
             q = _round_to_e4m3_grid(q)
         tl.store(q_ptr + row * stride_qm + k, q.to(tl.float8e4nv), mask=k < K)
@@ -140,20 +153,27 @@ def _fp8_gemm_kernel(
 
 
 # --- launch configuration ------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper tiles only: fp8 tensor cores need
-# sm_89+, and A100 (sm_80) is no target of this path. Every entry compiles for sm_90 in both
-# operand layouts with HGMMA E4M3, without spills and within an H100's shared memory (checked
-# ahead of time by tests/test_aot_compile.py). BLOCK_M >= 64: warpgroup MMA works on 64 rows.
-GEMM_CANDIDATES = (
-    (64, 128, 128, 4, 4),
-    (64, 256, 128, 4, 3),
-    (128, 128, 128, 4, 4),
-    (128, 128, 128, 8, 4),
-    (128, 256, 128, 8, 3),
-    (128, 256, 64, 8, 4),
-)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per target. fp8 tensor cores need sm_89+: A100
+# (sm_80) is no target of this path (it runs weight-only fp8). Every entry compiles for its target
+# in both operand layouts with the fp8 MMA (sm_90: QGMMA, the warpgroup MMA, on 64-row tiles;
+# sm_89: QMMA), without spills and within the target's shared memory (227 KiB on H100, 99 KiB on
+# Ada), checked ahead of time by tests/test_aot_compile.py. The Hopper tiles spill on Ada
+# (mma.sync keeps the accumulators of every warp in registers), hence two lists.
+GEMM_CANDIDATES = {
+    90: (
+        (64, 128, 128, 4, 4),
+        (64, 256, 128, 4, 3),
+        (128, 128, 128, 4, 4),
+        (128, 128, 128, 8, 3),
+        (128, 128, 128, 8, 4),
+        (128, 256, 128, 8, 3),
+        (128, 256, 64, 8, 4),
+    ),
+    89: ((128, 64, 128, 4, 3), (128, 128, 128, 8, 4)),
+}
+TARGET_NAMES = {90: "Hopper-class (sm_90, >= 227 KiB shared memory per block)", 89: "Ada-class (sm_89, 99 KiB)"}
 INTERPRETER_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-QUANTIZE_BLOCK_K = 1024
+QUANTIZE_BLOCK_K = 1024  # the quantizer's chunk: next_power_of_2(K) up to this
 INTERPRETER_QUANTIZE_BLOCK_K = 64
 QUANTIZE_WARPS = 4
 
@@ -162,16 +182,35 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
 
 
-def gemm_configs() -> list[triton.Config]:
-    """Every configuration the fp8 GEMM's autotuner may pick."""
-    return [_config(*c) for c in GEMM_CANDIDATES]
+def _key(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+def gemm_configs(target: int | None = None) -> list[triton.Config]:
+    """The configurations the fp8 GEMM's autotuner may pick on ``target`` (90 or 89; None: all)."""
+    lists = [GEMM_CANDIDATES[target]] if target else GEMM_CANDIDATES.values()
+    return [_config(*c) for c in dict.fromkeys(c for cs in lists for c in cs)]
+
+
+GEMM_SHARED_90 = 227 * 1024  # shared memory per block (opt-in) the sm_90 tiles need
+
+
+@functools.cache
+def gpu_target(device_index: int) -> int:
+    """The candidate list for a CUDA device: 90 for sm_90+ with Hopper's shared memory, else 89 (Ada-class)."""
+    cap = torch.cuda.get_device_capability(device_index)
+    smem = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    return 90 if cap >= (9, 0) and smem >= GEMM_SHARED_90 else 89
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """64-row tiles for M <= 64 (a bigger tile would mostly multiply padding), both heights above."""
+    """The device's own list; for M <= 64 its shortest tiles only (a taller tile would mostly multiply padding)."""
+    allowed = set(GEMM_CANDIDATES[gpu_target(named_args["a_ptr"].device.index or 0)])
+    usable = [c for c in configs if _key(c) in allowed]
     if named_args["M_BUCKET"] <= 64:
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 64]
-    return configs
+        shortest = min(c.kwargs["BLOCK_M"] for c in usable)
+        usable = [c for c in usable if c.kwargs["BLOCK_M"] == shortest]
+    return usable
 
 
 def _brief_bench(fn, quantiles=None):
@@ -179,11 +218,12 @@ def _brief_bench(fn, quantiles=None):
 
 
 def _autotuned() -> triton.runtime.Autotuner:
-    """The GEMM autotuned per (M bucket, N, K, B's layout); winners kept on disk where Triton supports it."""
+    """The GEMM autotuned per (M bucket, N, K, B's layout, direction); winners kept on disk where Triton supports it."""
     options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _prune})
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
-    return triton.autotune(gemm_configs(), key=["M_BUCKET", "N", "K", "stride_bk", "HAS_COL_SCALE"], **options)(_fp8_gemm_kernel)
+    key = ["M_BUCKET", "N", "K", "stride_bk", "HAS_COL_SCALE"]
+    return triton.autotune(gemm_configs(), key=key, **options)(_fp8_gemm_kernel)
 
 
 _tuned_gemm = _autotuned()
@@ -192,6 +232,78 @@ _tuned_gemm = _autotuned()
 def m_bucket(m: int) -> int:
     """Autotuning key for the token count: the next power of two, capped at 16384."""
     return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+# --- ahead-of-time compile cases -------------------------------------------------------------
+AOT_TARGETS = (89, 90)  # sm_80 has no fp8 tensor cores: no target of this path
+GEMM_LAYOUTS = ("fwd", "bwd", "bwd_strided")  # B K-major (weight; cached Wq^T) or N-major (Wq read in place)
+_MMA = {90: "QGMMA", 89: "QMMA"}
+
+
+def _gemm_case(arch: int, layout: str, cfg: tuple, dtype: str = "bf16"):
+    from .aot import KernelCase
+
+    bm, bn, bk, warps, stages = cfg
+    types: dict[str, str | int] = {
+        "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": f"*{dtype}",
+        "c_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
+        "stride_am": "i32", "stride_ak": 1, "stride_cm": "i32", "stride_cn": 1,
+    }  # fmt: skip
+    strided = layout == "bwd_strided"
+    types.update(stride_bn=1, stride_bk="i32") if strided else types.update(stride_bn="i32", stride_bk=1)
+    fwd = layout == "fwd"
+    constexprs = dict(HAS_COL_SCALE=fwd, HAS_BIAS=fwd, INTERPRETER_BF16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    mma = _MMA[arch]
+    return KernelCase(
+        module=__name__,
+        fn="_fp8_gemm_kernel",
+        types=types,
+        constexprs=constexprs,
+        div16=tuple(n for n, t in types.items() if isinstance(t, str) and n != "M"),
+        num_warps=warps,
+        num_stages=stages,
+        label=f"fp8 gemm {layout} {dtype} {bm}x{bn}x{bk} w{warps} s{stages}",
+        tensor_core=True,
+        mma=mma,
+        sass_expect=(rf"\b{mma}\.\S*\.F32\.E4M3\.E4M3\b",),  # e4m3 x e4m3 operands, fp32 accumulator
+        # K-major operands reach shared memory by async copies; byte-wise register stores mean a transpose
+        sass_forbid=() if strided else (r"\bSTS\.U8\b",),
+    )
+
+
+def _quantize_case(dtype: str, block_k: int, col_scale: bool):
+    from .aot import KernelCase
+
+    types: dict[str, str | int] = {
+        "x_ptr": f"*{dtype}", "c_ptr": "*fp32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+        "K": "i32", "stride_xm": "i32", "stride_xk": 1, "stride_qm": "i32",
+    }  # fmt: skip
+    return KernelCase(
+        module=__name__,
+        fn="_fp8_quantize_rows_kernel",
+        types=types,
+        constexprs=dict(HAS_COL_SCALE=col_scale, INTERPRETER_FP8=False, BLOCK_K=block_k),
+        div16=("x_ptr", "c_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_qm"),
+        num_warps=QUANTIZE_WARPS,
+        label=f"fp8 quantize rows {dtype} BLOCK_K={block_k}{' *col_scale' if col_scale else ''}",
+        sass_expect=(r"\bF2FP\.SATFINITE\.E4M3\.F32\b",),  # the hardware's saturating round-to-nearest-even cast
+    )
+
+
+def aot_cases(arch: int) -> list:
+    """:class:`~offsite_kernels.ops.aot.KernelCase` for every launch the fp8 path can make on ``arch`` (89 or 90).
+
+    The GEMM: every configuration of the target's list in each operand layout (forward; backward on the
+    cached ``Wq^T``; backward reading ``Wq`` in place) with bf16 output, plus fp16 output in each layout on
+    a configuration rotating through the list. The quantizer: the largest chunk and two short-row chunks,
+    bf16 and fp16, with and without the weight's column scale (the backward's)."""
+    configs = GEMM_CANDIDATES[arch]
+    cases = [_gemm_case(arch, layout, cfg) for layout in GEMM_LAYOUTS for cfg in configs]
+    cases += [_gemm_case(arch, layout, configs[i % len(configs)], "fp16") for i, layout in enumerate(GEMM_LAYOUTS)]
+    for dtype in ("bf16", "fp16"):
+        for block_k in (16, 256, QUANTIZE_BLOCK_K):
+            cases.append(_quantize_case(dtype, block_k, col_scale=(dtype == "bf16") == (block_k != 256)))
+    return cases
 
 
 # --- launchers -----------------------------------------------------------------------------
@@ -271,14 +383,15 @@ def bwd_weight_mode() -> str:
 def bwd_weight_operand(data: torch.Tensor, mode: str | None = None) -> torch.Tensor:
     """The backward GEMM's ``B [K, N]`` (``B[k, n] = Wq[n, k]``) for the e4m3 weight ``data [N, K]``.
 
-    - "cache" (default): a contiguous ``Wq^T``, made on the first backward and kept on the stored
-      weight tensor (an attribute of its base, dropped with it, rebuilt when the weight is written
-      in place): K-major, so both operands stream through the pipelined async copies. Costs one
-      more byte per weight element (fp8 layers then hold 2 bytes per weight, bf16's size).
+    - "cache" (default): a contiguous ``Wq^T``, made on the first backward and kept with the weight's
+      storage (one entry per weight view on it; freed with the storage; rebuilt when the weight is
+      written in place, which bumps its version): K-major, so both operands stream through the
+      pipelined async copies. Costs one more byte per weight element: an fp8 layer trained through
+      holds 2 bytes per weight, bf16's size.
     - "transpose": the same copy made in every call and freed after it (no lasting memory; a pass
       over the weight, 2 N K bytes, per call).
     - "strided": ``Wq`` read in place as an N-major view; Triton transposes every tile through
-      registers (byte-wise shared stores, B not multi-buffered: see ``aot.fp8_layout_report``).
+      registers (byte-wise shared stores, B not multi-buffered: see the module docs).
     """
     w = data if data.dtype == torch.float8_e4m3fn else data.view(torch.float8_e4m3fn)
     mode = bwd_weight_mode() if mode is None else mode
@@ -286,16 +399,20 @@ def bwd_weight_operand(data: torch.Tensor, mode: str | None = None) -> torch.Ten
         return w.t()
     if mode == "transpose":
         return w.t().contiguous()
-    base = w._base if w._base is not None else w
     try:
-        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), base._version)
+        version = w._version
     except RuntimeError:  # an inference tensor has no version counter: nothing safe to key a cache on
         return w.t().contiguous()
-    cached = getattr(base, _CACHE_ATTR, None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    # the storage's Python object is one per storage (dtype views such as the uint8 one that crosses the
+    # custom op boundary share it, and share the version counter)
+    storage = w.untyped_storage()
+    cache = storage.__dict__.setdefault(_CACHE_ATTR, {})
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
+    hit = cache.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
     wt = w.t().contiguous()
-    setattr(base, _CACHE_ATTR, (key, wt))
+    cache[key] = (version, wt)
     return wt
 
 

@@ -101,14 +101,15 @@ def quantize_rows_fp8(x: torch.Tensor, col_scale: torch.Tensor | None = None) ->
     """Per-row float8 e4m3 quantization of activations (the fp8 tensor-core path's reference).
 
     ``v = x.float()`` (times ``col_scale[None, :]`` in fp32 if given), ``s[m] = max(amax_m / 448, FLT_MIN)``
-    (an all-zero row gets a tiny scale and zero codes), ``q = e4m3(clamp(v / s[m], -448, 448))``, rounded to
-    nearest even. Returns ``(q [M, K] float8_e4m3fn, s [M] fp32)`` for a 2-D ``x``; ``v ~= q * s[:, None]``.
+    (an all-zero row gets a tiny scale and zero codes), ``q = e4m3(clamp(v * (1 / s[m]), -448, 448))``, rounded
+    to nearest even (fp32 arithmetic throughout: one division per row, a multiply per element). Returns
+    ``(q [M, K] float8_e4m3fn, s [M] fp32)`` for a 2-D ``x``; ``v ~= q * s[:, None]``.
     """
     v = x.float()
     if col_scale is not None:
         v = v * col_scale.float()[None, :]
     s = (v.abs().amax(dim=-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    q = (v / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = (v * (1.0 / s)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, s
 
 
