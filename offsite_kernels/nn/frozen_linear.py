@@ -23,7 +23,9 @@ class FrozenLinear(nn.Module):
     """A frozen linear layer: weight in dense/int8/int4/fp8 storage, gradient for the input only.
 
     The stored tensors are buffers, not parameters: they move with ``.to()``, are saved in the
-    state dict, and never collect a ``.grad``.
+    state dict, and never collect a ``.grad``. A dtype cast of the module (``.to(torch.bfloat16)``,
+    ``.half()``, DeepSpeed's bf16 engine) casts a dense weight and the bias, never a quantized weight:
+    its data (fp8 is a floating-point type) and scales stay as they were quantized.
     """
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
@@ -36,6 +38,17 @@ class FrozenLinear(nn.Module):
         self.register_buffer("weight_scales", None if weight.scales is None else weight.scales.detach())
         self.register_buffer("weight_zeros", None if weight.zeros is None else weight.zeros.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def _apply(self, fn, recurse: bool = True):  # nn.Module._apply, then the quantized tensors' dtypes back
+        kept = {"weight_scales": self.weight_scales}
+        if self.format != "dense":  # fp8 data is a floating-point tensor that a cast would convert
+            kept["weight_data"] = self.weight_data
+        out = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if before is not None and after is not None and after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))  # the values as quantized, not re-rounded
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int | str | None = 4, group_size: int = 128) -> FrozenLinear:
