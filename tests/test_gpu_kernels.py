@@ -40,10 +40,33 @@ def rand(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
     return torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32).to(dtype)
 
 
+def fp8_gemm_refs(x: torch.Tensor, qw, bias: torch.Tensor | None, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 forward and input gradient of the fp8 GEMM math (ops/fp8_linear.py): the activations (and
+    ``dY * s_w``) quantized per row by the PyTorch reference, then multiplied in float64."""
+    from offsite_kernels.quant.formats import quantize_rows_fp8
+
+    k, n = x.shape[-1], qw.out_features
+    qx, sx = quantize_rows_fp8(x.detach().reshape(-1, k))
+    w = qw.data.double() * qw.scales.double()[:, None]
+    y = (qx.double() * sx.double()[:, None]) @ w.t() + (0 if bias is None else bias.double())
+    qg, sg = quantize_rows_fp8(grad_y.reshape(-1, n), col_scale=qw.scales)
+    dx = (qg.double() * sg.double()[:, None]) @ qw.data.double()
+    return y.reshape(*x.shape[:-1], n), dx.reshape(x.shape)
+
+
+def needs_fp8_tensor_cores() -> None:
+    from offsite_kernels.ops.fp8_linear import has_fp8_tensor_cores
+
+    if not has_fp8_tensor_cores(torch.device("cuda")):
+        pytest.skip(f"{torch.cuda.get_device_name()} has no fp8 tensor cores (compute capability < 8.9)")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", [8, 4, "fp8", None])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 257, 384), (37, 130, 640), (1029, 515, 1152)])
 def test_frozen_linear_forward_and_input_grad(fmt, m, n, k, dtype):
+    from offsite_kernels.ops.fp8_linear import uses_fp8_gemm
+
     w = rand(n, k, seed=1) * 0.05
     qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w.to(dtype)
     w_hat = (qw.dequantize() if fmt is not None else qw).double()
@@ -51,11 +74,64 @@ def test_frozen_linear_forward_and_input_grad(fmt, m, n, k, dtype):
     x = rand(3, m, k, seed=3, dtype=dtype)[:, :, :]  # 3-D
     x = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # non-contiguous
     y = ok.frozen_linear(x, qw, bias)
-    ref = x.detach().double() @ w_hat.t() + bias.double()
-    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
     grad_y = rand(*y.shape, seed=4, dtype=dtype)
+    if fmt == "fp8" and uses_fp8_gemm(x):  # sm_89+ with bf16/fp16: the activations are quantized too
+        ref, grad_ref = fp8_gemm_refs(x, qw, bias, grad_y)
+    else:
+        ref, grad_ref = x.detach().double() @ w_hat.t() + bias.double(), grad_y.double() @ w_hat
+    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
     (grad_x,) = torch.autograd.grad(y, x, grad_y)
-    assert rel_err(grad_x, grad_y.double() @ w_hat) < TOL[dtype]
+    assert rel_err(grad_x, grad_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("col_scale", [False, True])
+def test_fp8_row_quantization_is_bit_exact_on_the_gpu(dtype, col_scale):
+    """The hardware's saturating e4m3 cast (F2FP.SATFINITE.E4M3) and torch's CUDA cast agree bit for bit."""
+    needs_fp8_tensor_cores()
+    from offsite_kernels.ops.fp8_gemm_triton import quantize_rows_fp8_triton
+    from offsite_kernels.quant.formats import quantize_rows_fp8
+
+    x = rand(517, 4099, seed=20) * torch.logspace(-3, 3, 4099, device="cuda")
+    x[3] = 0.0
+    grid = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    ties = (grid[1:] + grid[:-1]) / 2
+    x[5] = 0.0
+    x[5, : len(ties)] = ties
+    x[5, -1] = 448.0  # scale 1: the ties stay ties (without a column scale)
+    x = x.to(dtype)
+    c = rand(4099, seed=21).abs() + 0.05 if col_scale else None
+    q, s = quantize_rows_fp8_triton(x, c)
+    q_ref, s_ref = quantize_rows_fp8(x, c)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), int((q.view(torch.uint8) != q_ref.view(torch.uint8)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_mode", ["cache", "transpose", "strided"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 257, 384), (37, 130, 1000), (1029, 515, 1152), (257, 4096, 11008)])
+def test_fp8_tensor_core_path_matches_float64(m, n, k, weight_mode, dtype, monkeypatch):
+    """The fp8 GEMMs (forward, backward in every weight layout) against float64 of the same math; K = 11008
+    checks Hopper's reduced-precision fp8 accumulation over a Llama-2-7B down_proj reduction."""
+    needs_fp8_tensor_cores()
+    from offsite_kernels.ops import fp8_gemm_triton
+
+    monkeypatch.setenv("OFFSITE_FP8_BWD_WEIGHT", weight_mode)
+    qw = ok.quantize_weight(rand(n, k, seed=22) * 0.05, bits="fp8")
+    bias = rand(n, seed=23)
+    x = rand(m, k, seed=24, dtype=dtype).requires_grad_(True)
+    calls = []
+    for name in ("fp8_linear_fwd", "fp8_linear_bwd"):
+        real = getattr(fp8_gemm_triton, name)
+        monkeypatch.setattr(fp8_gemm_triton, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    y = ok.frozen_linear(x, qw, bias)
+    grad_y = rand(m, n, seed=25, dtype=dtype)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    assert calls == ["fp8_linear_fwd", "fp8_linear_bwd"]  # sm_89+ with bf16/fp16 takes the fp8 tensor cores
+    ref, grad_ref = fp8_gemm_refs(x, qw, bias, grad_y)
+    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
+    assert rel_err(grad_x, grad_ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
