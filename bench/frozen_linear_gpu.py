@@ -21,6 +21,14 @@ M in {1, 16, 128, 1024, 4096, 16384} (``--quick``: three shapes, three M), in bf
     int8, fp8 and dense bf16. The raw Triton launcher is timed too (``launcher_*``), so the
     Python dispatch overhead of the public call can be read off at small M.
 
+- fp8 on a GPU with fp8 tensor cores (sm_89+; ``fp8_gemm`` true in the row): ``offsite`` is the fp8
+  tensor-core path (activations quantized per row, e4m3 GEMM; checked against the fp32 reference of
+  that math), and beside it ``fp8_weight_only`` (the weight decoded in the GEMM loop, activations in
+  bf16: the path of GPUs without fp8 tensor cores) and, for the backward, ``fp8_bwd_transpose`` and
+  ``fp8_bwd_strided`` (the weight layouts of ``OFFSITE_FP8_BWD_WEIGHT``; ``offsite`` uses the cached
+  ``Wq^T``). fp8 also runs at M in ``--fp8-tokens`` (default 4096 and 16384, even with ``--quick``),
+  and the report checks the issue's target there: fp8 at least 1.5x faster than bf16 cuBLAS.
+
 Timing: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (L2 flushed before each call).
 The first call of every (shape, M bucket, format, direction) is made, synchronised and timed
 outside the measurement: it includes Triton's compilation and autotuning, and is reported as
@@ -79,6 +87,9 @@ FORMATS = ("int4", "int8", "fp8", "dense")
 DIRECTIONS = ("fwd", "bwd")
 BITS: dict[str, int | str | None] = {"int4": 4, "int8": 8, "fp8": "fp8", "dense": None}
 QUANTILES = (0.5, 0.2, 0.8)
+FP8_TOKENS = (4096, 16384)  # where the issue's fp8 target is read (fp8 and the cuBLAS baseline run here even with --quick)
+FP8_TARGET_SPEEDUP = 1.5  # fp8 at M >= 4096: at least 1.5x faster than bf16 cuBLAS (H200)
+FP8_BWD_MODES = ("transpose", "strided")  # the other backward weight layouts, timed beside the default (cache)
 SLOW_FIRST_CALL_S = 60.0  # "first-call tuning must not take minutes": flagged above this
 
 
@@ -164,6 +175,39 @@ def first_call_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def fp8_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's fp8 target per direction: the worst ``speedup_vs_cublas`` of the fp8 tensor-core rows
+    (``offsite``, ``fp8_gemm``) at M >= 4096, against 1.5; ``met`` None where no such row was measured."""
+    out = []
+    for direction in DIRECTIONS:
+        cases = [
+            r
+            for r in rows
+            if r.get("kind") == "case"
+            and r["impl"] == "offsite"
+            and r["format"] == "fp8"
+            and r.get("fp8_gemm")
+            and r["direction"] == direction
+            and r["M"] >= min(FP8_TOKENS)
+        ]
+        values = [r["speedup_vs_cublas"] for r in cases if r.get("speedup_vs_cublas") is not None]
+        worst = min(values) if values else None
+        out.append(
+            dict(
+                kind="target",
+                name=f"fp8 {direction} speedup vs bf16 cuBLAS, M >= {min(FP8_TOKENS)}",
+                direction=direction,
+                worst=worst,
+                best=max(values) if values else None,
+                threshold=FP8_TARGET_SPEEDUP,
+                met=None if worst is None else worst >= FP8_TARGET_SPEEDUP,
+                n=len(values),
+                cases=[f"{r['shape']} M={r['M']}: {r['speedup_vs_cublas']:.2f}x" for r in cases if r.get("speedup_vs_cublas")],
+            )
+        )
+    return out
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -215,6 +259,24 @@ def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
             f"| {_fmt(r.get('speedup_vs_dequant'), '.2f')} | {_fmt(r.get('first_call_s'), '.2f')} "
             f"| {_fmt(r.get('launcher_median_ms'), '.4f')} | {_fmt(r.get('max_rel_err'), '.1e')} |"
         )
+    tg = [r for r in rows if r.get("kind") == "target"]
+    if tg:
+        lines += [
+            "",
+            "## Targets of the issue (worst case over the measured shapes of this run)",
+            "",
+            "A CPU smoke run: its numbers mean nothing, nor do these verdicts."
+            if run.get("device") != "cuda"
+            else "Measured on the GPU above; the target is for an H200. No verdict where the GPU has no fp8 tensor cores.",
+            "",
+            "| target | worst | best | threshold | met | cases |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+        for r in tg:
+            met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            lines.append(
+                f"| {r['name']} | {_fmt(r['worst'], '.2f')} | {_fmt(r['best'], '.2f')} | >= {r['threshold']:g} | {met} | {r['n']} |"
+            )
     fc = [r for r in rows if r.get("kind") == "first_call"]
     if fc:
         lines += [
@@ -315,13 +377,17 @@ def _rel_err(torch: Any, out: Any, ref: Any) -> float | None:
     return float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def _best_config(direction: str) -> str | None:
+def _best_config(direction: str, fp8_gemm: bool = False) -> str | None:
     """The configuration the autotuner used for the last launch (None in the interpreter)."""
     try:
+        from offsite_kernels.ops import fp8_gemm_triton as f8
         from offsite_kernels.ops import frozen_linear_triton as flt
     except ImportError:
         return None
-    tuner = getattr(flt, "_tuned_fwd" if direction == "fwd" else "_tuned_bwd", None)
+    if fp8_gemm:
+        tuner = getattr(f8, "_tuned_gemm", None)
+    else:
+        tuner = getattr(flt, "_tuned_fwd" if direction == "fwd" else "_tuned_bwd", None)
     config = getattr(tuner, "best_config", None)
     return None if config is None else str(config)
 
@@ -369,11 +435,32 @@ def make_row(
     return row
 
 
-def bench_shape(ctx: Context, model: str, proj: str, n: int, k: int, tokens: Sequence[int], formats: Sequence[str]) -> list[dict]:
-    """Every timed row of one weight shape: both directions, every M, every implementation."""
+def _fp8_ref(torch: Any, fwd: bool, x: Any, g: Any, qw: Any) -> Any:
+    """fp32 reference of the fp8 tensor-core math (activations quantized per row), for the first-call check."""
+    from offsite_kernels.ops.fp8_linear import fp8_linear_input_grad_torch, fp8_linear_torch
+
+    x32 = x.float() if fwd else g.float()
+    out = fp8_linear_torch(x32, qw.data, qw.scales, None) if fwd else fp8_linear_input_grad_torch(x32, qw.data, qw.scales)
+    return out.float()
+
+
+def bench_shape(
+    ctx: Context,
+    model: str,
+    proj: str,
+    n: int,
+    k: int,
+    tokens: Sequence[int],
+    formats: Sequence[str],
+    fp8_tokens: Sequence[int] = (),
+) -> list[dict]:
+    """Every timed row of one weight shape: both directions, every M, every implementation (at the M of
+    ``fp8_tokens`` that are not in ``tokens``: the cuBLAS baseline and fp8 only)."""
     torch, ok = ctx.torch, ctx.ok
     import torch.nn.functional as F
 
+    from offsite_kernels.ops import fp8_gemm_triton as f8
+    from offsite_kernels.ops.fp8_linear import uses_fp8_gemm
     from offsite_kernels.ops.frozen_linear_triton import frozen_linear_bwd, frozen_linear_fwd
 
     gen = torch.Generator(device=ctx.device).manual_seed(n * 31 + k)
@@ -383,10 +470,11 @@ def bench_shape(ctx: Context, model: str, proj: str, n: int, k: int, tokens: Seq
     dense_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.dtype]
     shape = f"{model}/{proj}"
     rows: list[dict] = []
+    all_tokens = list(dict.fromkeys([*tokens, *(m for m in fp8_tokens if "fp8" in formats)]))
 
     for direction in DIRECTIONS:
         fwd = direction == "fwd"
-        for m in tokens:
+        for m in all_tokens:
             print(f"[bench] {shape} N={n} K={k} M={m} {direction}", file=sys.stderr, flush=True)
             x = torch.randn(m, k, device=ctx.device, generator=gen).to(ctx.dtype)
             g = torch.randn(m, n, device=ctx.device, generator=gen).to(ctx.dtype)
@@ -400,11 +488,13 @@ def bench_shape(ctx: Context, model: str, proj: str, n: int, k: int, tokens: Seq
                 make_row(base, "cublas", dense_name, call, ctx.timer(dense_fn), w.numel() * act_bytes, act_bytes, ctx.ceilings)
             )
 
-            for fmt in formats:
+            for fmt in formats if m in tokens else ["fp8"]:
                 qw = qws[fmt]
+                fp8_gemm = fmt == "fp8" and uses_fp8_gemm(x)  # the fp8 tensor-core path serves this call
                 deq32 = qw.dequantize().float()  # fp32 reference of the same math, for the first-call check
-                ref = F.linear(x.float(), deq32) if fwd else g.float() @ deq32
+                ref_plain = F.linear(x.float(), deq32) if fwd else g.float() @ deq32
                 del deq32
+                ref = _fp8_ref(torch, fwd, x, g, qw) if fp8_gemm else ref_plain
                 # (b) dequantize in every call, then the dense matmul
                 if fmt != "dense":
                     deq_fn = partial(_dequant_linear, F, x, qw) if fwd else partial(_dequant_grad, g, qw)
@@ -412,22 +502,24 @@ def bench_shape(ctx: Context, model: str, proj: str, n: int, k: int, tokens: Seq
                     group.append(
                         make_row(base, "dequant_matmul", fmt, call, ctx.timer(deq_fn), qw.nbytes(), act_bytes, ctx.ceilings)
                     )
-                # the library: dequantization fused into the GEMM
+                # the library: dequantization fused into the GEMM (fp8 on sm_89+: the fp8 tensor-core path)
                 if fwd:
                     ok_fn, call = partial(_offsite_fwd, ok, x, qw), "ok.frozen_linear(x, qw)"
-                    raw_fn = partial(_launcher_fwd, frozen_linear_fwd, x, qw)
+                    raw_fn = partial(_fp8_launcher_fwd, f8.fp8_linear_fwd, x, qw) if fp8_gemm else None
+                    raw_fn = raw_fn or partial(_launcher_fwd, frozen_linear_fwd, x, qw)
                 else:
                     ok_fn = partial(_offsite_bwd, torch, g, qw, k)
                     call = "torch.ops.offsite_kernels.frozen_linear_input_grad (the op ok.frozen_linear's backward calls)"
-                    raw_fn = partial(_launcher_bwd, frozen_linear_bwd, g, qw)
+                    raw_fn = partial(_fp8_launcher_bwd, f8.fp8_linear_bwd, g, qw, None) if fp8_gemm else None
+                    raw_fn = raw_fn or partial(_launcher_bwd, frozen_linear_bwd, g, qw)
                 ctx.sync()
                 t0 = time.perf_counter()
                 out = ok_fn()  # compilation and autotuning happen here, outside the timed region
                 ctx.sync()
                 first_call_s = time.perf_counter() - t0
-                config = _best_config(direction) if ctx.backend == "triton" else None
+                config = _best_config(direction, fp8_gemm) if ctx.backend == "triton" else None
                 err = _rel_err(torch, out, ref)
-                del out, ref
+                del out
                 times = ctx.timer(ok_fn)
                 launcher = ctx.timer(raw_fn) if ctx.launcher and ctx.backend == "triton" else [None, None, None]
                 correct = err is not None and err <= ctx.tolerance
@@ -450,13 +542,60 @@ def bench_shape(ctx: Context, model: str, proj: str, n: int, k: int, tokens: Seq
                         launcher_median_ms=launcher[0],
                         launcher_p20_ms=launcher[1],
                         launcher_p80_ms=launcher[2],
+                        fp8_gemm=fp8_gemm if fmt == "fp8" else None,
                     )
                 )
                 if not correct:
                     print(f"[bench] WRONG RESULT: {shape} M={m} {direction} {fmt}: max rel err {err}", file=sys.stderr)
+                if fp8_gemm and ctx.backend == "triton":
+                    group += _fp8_variants(ctx, base, fwd, x, g, qw, ref, ref_plain, act_bytes)
+                del ref, ref_plain
             fill_speedups(group)
             rows += group
             del x, g
+    return rows
+
+
+def _fp8_launcher_fwd(launch: Callable, x: Any, qw: Any) -> Any:
+    return launch(x, qw.data, qw.scales, None)
+
+
+def _fp8_launcher_bwd(launch: Callable, g: Any, qw: Any, weight_mode: str | None) -> Any:
+    return launch(g, qw.data, qw.scales, weight_mode=weight_mode)
+
+
+def _fp8_variants(
+    ctx: Context, base: dict[str, Any], fwd: bool, x: Any, g: Any, qw: Any, ref: Any, ref_plain: Any, act_bytes: int
+) -> list[dict[str, Any]]:
+    """Beside the fp8 tensor-core row: weight-only fp8 (the decode-in-loop kernel) and, for the backward,
+    the other weight layouts (a per-call transposed copy; Wq read in place, transposed by Triton)."""
+    from offsite_kernels.ops import fp8_gemm_triton as f8
+    from offsite_kernels.ops.frozen_linear_triton import frozen_linear_bwd, frozen_linear_fwd
+
+    variants: list[tuple[str, str, Callable, Any]] = []
+    if fwd:
+        fn = partial(_launcher_fwd, frozen_linear_fwd, x, qw)
+        variants.append(("fp8_weight_only", "frozen_linear_triton.frozen_linear_fwd (fmt fp8)", fn, ref_plain))
+    else:
+        fn = partial(_launcher_bwd, frozen_linear_bwd, g, qw)
+        variants.append(("fp8_weight_only", "frozen_linear_triton.frozen_linear_bwd (fmt fp8)", fn, ref_plain))
+        for mode in FP8_BWD_MODES:
+            fn = partial(_fp8_launcher_bwd, f8.fp8_linear_bwd, g, qw, mode)
+            variants.append((f"fp8_bwd_{mode}", f"fp8_gemm_triton.fp8_linear_bwd(weight_mode={mode!r})", fn, ref))
+    rows = []
+    for impl, call, fn, reference in variants:
+        ctx.sync()
+        t0 = time.perf_counter()
+        err = _rel_err(ctx.torch, fn(), reference)
+        ctx.sync()
+        first_call_s = time.perf_counter() - t0
+        correct = err is not None and err <= ctx.tolerance
+        if not correct:
+            print(f"[bench] WRONG RESULT: {base['shape']} M={base['M']} {base['direction']} {impl}: {err}", file=sys.stderr)
+        extra = dict(
+            backend=ctx.backend, first_call_s=first_call_s, max_rel_err=err, correct=correct, fp8_gemm=impl != "fp8_weight_only"
+        )
+        rows.append(make_row(base, impl, "fp8", call, ctx.timer(fn), qw.nbytes(), act_bytes, ctx.ceilings, **extra))
     return rows
 
 
@@ -479,6 +618,13 @@ def select_tokens(args: argparse.Namespace) -> tuple[int, ...]:
     return QUICK_TOKENS if args.quick else TOKENS
 
 
+def select_fp8_tokens(args: argparse.Namespace) -> tuple[int, ...]:
+    """The M values of the fp8 target (``--fp8-tokens``; default 4096 and 16384 on a GPU, none on a CPU)."""
+    if args.fp8_tokens is not None:
+        return tuple(int(t) for t in args.fp8_tokens.split(",") if t.strip())
+    return () if args.device == "cpu" else FP8_TOKENS
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -499,6 +645,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-launcher", action="store_true", help="skip timing the raw Triton launchers")
     p.add_argument("--keep-triton-cache", action="store_true", help="use the existing Triton cache (default: a fresh one)")
     p.add_argument("--tolerance", type=float, default=2e-2, help="max |err| / max |ref| allowed for a first-call output")
+    p.add_argument(
+        "--fp8-tokens",
+        help=f"comma-separated M values where fp8 and the cuBLAS baseline also run (default {','.join(map(str, FP8_TOKENS))} "
+        "on a GPU, even with --quick; '' for none)",
+    )
+    p.add_argument(
+        "--fp8-gemm",
+        choices=("auto", "on", "off"),
+        help="sets OFFSITE_FP8_GEMM: 'on' takes the fp8 tensor-core math anywhere (a CPU smoke run: in the interpreter)",
+    )
     args = p.parse_args(argv)
     if args.interpret and args.device != "cpu":
         p.error("--interpret runs Triton's CPU interpreter; it needs --device cpu")
@@ -550,8 +706,10 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cuda = args.device == "cuda"
     timer = do_bench_timer(args.warmup_ms, args.rep_ms) if cuda else perf_counter_timer()
-    shapes, tokens = select_shapes(args), select_tokens(args)
+    shapes, tokens, fp8_tokens = select_shapes(args), select_tokens(args), select_fp8_tokens(args)
     formats = [f for f in FORMATS if f in args.formats.split(",")]
+    if args.fp8_gemm:
+        os.environ["OFFSITE_FP8_GEMM"] = args.fp8_gemm
     if not shapes:
         print("error: --shapes matched no shape", file=sys.stderr)
         return 2
@@ -577,6 +735,9 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
         shapes=[f"{m}/{p}" for m, p, _, _ in shapes],
         tokens=list(tokens),
         formats=formats,
+        fp8_tokens=list(fp8_tokens),
+        fp8_gemm_mode=os.environ.get("OFFSITE_FP8_GEMM") or "auto",
+        fp8_bwd_weight=os.environ.get("OFFSITE_FP8_BWD_WEIGHT") or "cache",
     )
     append_rows(jsonl, [run_row, ceiling], st)
 
@@ -585,12 +746,12 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
     )
     rows: list[dict] = []
     for model, proj, n, k in shapes:
-        shape_rows = bench_shape(ctx, model, proj, n, k, tokens, formats)
+        shape_rows = bench_shape(ctx, model, proj, n, k, tokens, formats, fp8_tokens)
         append_rows(jsonl, shape_rows, st)  # each shape lands on disk as soon as it is done
         rows += shape_rows
         if cuda:
             torch.cuda.empty_cache()
-    summary = first_call_summary(rows)
+    summary = first_call_summary(rows) + (fp8_targets(rows) if "fp8" in formats else [])
     wall = {"kind": "run_end", "run_id": run_id, "wall_s": time.perf_counter() - t_start, "n_rows": len(rows)}
     for r in summary:
         r["run_id"] = run_id
@@ -604,8 +765,8 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
     os.replace(tmp, md_path)
     print(f"[bench] {len(rows)} rows appended to {jsonl}; table in {md_path}; {wall['wall_s']:.0f} s", file=sys.stderr)
 
-    wrong = [r for r in rows if r["impl"] == "offsite" and not r["correct"]]
-    slow = [r for r in summary if r["slow"]]
+    wrong = [r for r in rows if r.get("correct") is False]  # offsite rows and the fp8 variants beside them
+    slow = [r for r in summary if r.get("slow")]
     if slow:
         print(f"[bench] {len(slow)} (shape, format, direction) first calls took over {SLOW_FIRST_CALL_S:.0f} s", file=sys.stderr)
     if wrong:
