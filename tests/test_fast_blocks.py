@@ -9,7 +9,7 @@ from conftest import padded_mask, random_ids
 import offsite_kernels as ok
 from offsite_kernels.emulator.fast import FastBlocksError
 from offsite_kernels.memtrack import SavedBytesBetween
-from offsite_kernels.nn import FrozenLayerNorm, FrozenRMSNorm
+from offsite_kernels.nn import AlibiSdpaAttention, FrozenLayerNorm, FrozenRMSNorm
 from offsite_kernels.nn.mlp import FrozenActivation, FrozenGatedMLP
 from offsite_kernels.tiny import tiny_model
 
@@ -47,6 +47,7 @@ def test_every_family_matches_the_plain_emulator(full_model, recompute):
     kinds = {type(m) for _, b in fast.emulator_blocks() for m in b.modules()}
     assert kinds & {FrozenLayerNorm, FrozenRMSNorm}
     assert kinds & {FrozenActivation, FrozenGatedMLP}
+    assert (AlibiSdpaAttention in kinds) == (fast.family.name == "BLOOM")
     assert not any(isinstance(m, (FrozenLayerNorm, FrozenRMSNorm)) for _, b in fast.adapter_blocks() for m in b.modules())
     _assert_close(_loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=1e-5)
     fast.eval()
@@ -76,7 +77,7 @@ def test_bf16_fast_blocks_close_to_plain():
     _assert_close(_loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=5e-2)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bloom"])
 def test_fast_blocks_save_fewer_activation_bytes(model_type):
     model = tiny_model(model_type, n_layers=12, seed=0)
     ids = random_ids(2, 33, seed=1)

@@ -12,8 +12,10 @@ Inside each (frozen) emulator block, without touching the block's own forward:
 - attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's
   ``"sdpa"`` implementation: flash or memory-efficient kernels on a GPU). This is a setting of the
   whole emulator model (its config), adapters included; an implementation already chosen among
-  "sdpa" and flash attention is kept, eager (or another one) is replaced. Not for BLOOM
-  (``ModelFamily.sdpa_attention``), whose SDPA path did not reproduce its eager gradients.
+  "sdpa" and flash attention is kept, eager (or another one) is replaced. BLOOM, which Hugging
+  Face runs in eager PyTorch only, gets the library's
+  :class:`~offsite_kernels.nn.alibi_attention.AlibiSdpaAttention` in each frozen block instead
+  (``ModelFamily.alibi_attention``): SDPA with ALiBi and the mask as one additive bias.
 
 Linear layers stay as they are: dense ``nn.Linear`` (PyTorch saves no input for a frozen weight)
 or the low-bit ``FrozenLinear`` of a quantized emulator. Parameter names do not change (the
@@ -28,6 +30,7 @@ from torch import nn
 
 from ..errors import OffsiteError
 from ..models import ModelFamily
+from ..nn.alibi_attention import AlibiSdpaAttention
 from ..nn.mlp import FrozenActivation, FrozenGatedMLP
 from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm
 
@@ -67,6 +70,10 @@ def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[s
         elif _is_rms_norm(module):
             _replace(block, name, FrozenRMSNorm.from_module(module))
             swapped.append(f"{name}: RMSNorm")
+    if family.alibi_attention is not None:
+        attention = block.get_submodule(family.alibi_attention)
+        _replace(block, family.alibi_attention, AlibiSdpaAttention(attention))
+        swapped.append(f"{family.alibi_attention}: ALiBi attention through SDPA")
     activation = family.activation_name(config)
     if family.gated_mlp is not None:
         mlp = block.get_submodule(family.gated_mlp)

@@ -14,8 +14,9 @@ BLOOM = register_family(
         final_norm="transformer.ln_f",
         activation_modules=("mlp.gelu_impl",),
         activation_default="gelu_pytorch_tanh",  # BloomGelu: the tanh form
-        # Hugging Face's "sdpa" BLOOM attention gives other input gradients than its eager one with
-        # the same loss (transformers 5.24, CPU, every SDPA backend); unresolved: keep eager
+        # Hugging Face runs BLOOM's attention in eager PyTorch only; fast blocks run it through SDPA
+        # with the library's own module (ALiBi as an additive bias), not through the config
         sdpa_attention=False,
+        alibi_attention="self_attention",
     )
 )

@@ -34,6 +34,7 @@ class ModelFamily:
     activation_config: str | None = None  # config attribute holding the name, e.g. "hidden_act"
     activation_default: str | None = None  # the name when the config holds none (BLOOM)
     sdpa_attention: bool = True  # fast blocks may switch the attention to Hugging Face's "sdpa"
+    alibi_attention: str | None = None  # an ALiBi attention module at this path that fast blocks run with SDPA
 
     def activation_name(self, config: object) -> str | None:
         """The Hugging Face name of the blocks' MLP activation."""

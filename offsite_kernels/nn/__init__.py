@@ -1,5 +1,6 @@
 """Frozen building blocks for trainers: modules built from the library's ops."""
 
+from .alibi_attention import AlibiSdpaAttention
 from .frozen_linear import FrozenLinear
 from .mlp import FrozenActivation, FrozenGatedMLP
 from .norm import FrozenLayerNorm, FrozenRMSNorm
@@ -7,6 +8,7 @@ from .recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompu
 
 __all__ = [
     "RECOMPUTE_MODES",
+    "AlibiSdpaAttention",
     "FrozenActivation",
     "FrozenGatedMLP",
     "FrozenLayerNorm",
