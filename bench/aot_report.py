@@ -6,7 +6,12 @@ tensor-core instructions); see ``offsite_kernels/ops/aot.py``. Writes
 ``bench/results/aot_frozen_linear.json`` (``{"stamp": ..., "rows": [...]}``, replaced
 atomically) and prints a compact table followed by every failed check.
 
-    python bench/aot_report.py [--archs 80 90] [--out PATH]
+The fp8 tensor-core path (``offsite_kernels/ops/fp8_gemm_triton.py``: row quantizer and e4m3 GEMM)
+goes to ``bench/results/aot_fp8_gemm.json`` the same way, for sm_90 and sm_89 (sm_80 has no fp8
+tensor cores): every launch the path can make, each GEMM tile in its three operand layouts, with the
+MMA instruction, async copies (``LDGSTS``) and byte-wise shared stores (``STS.U8``) read from the SASS.
+
+    python bench/aot_report.py [--archs 80 90] [--out PATH] [--fp8-archs 89 90] [--fp8-out PATH]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = _HERE / "results" / "aot_frozen_linear.json"
+DEFAULT_FP8_OUT = _HERE / "results" / "aot_fp8_gemm.json"
 
 
 def _stamp() -> dict[str, Any]:
@@ -86,10 +92,34 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_case_table(rows: list[dict[str, Any]]) -> str:
+    """A compact table of :func:`offsite_kernels.ops.aot.compile_case` rows (the fp8 path's launches)."""
+    head = f"{'arch':<5} {'case':<46} {'regs':>4} {'stack':>5} {'shared KiB':>10} {'LDGSTS':>6} {'STS.U8':>6} {'mma':<32} status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if not r["compiled"]:
+            lines.append(f"sm{r['arch']:<3} {r['label']:<46} COMPILE ERROR")
+            continue
+        lines.append(
+            f"sm{r['arch']:<3} {r['label']:<46} {r['registers']:>4} {r['stack_bytes']:>5} {r['shared_bytes'] / 1024:>10.1f} "
+            f"{r['async_copies']:>6} {r['byte_shared_stores']:>6} {r['mma_instruction'] or '-':<32} {'ok' if r['ok'] else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def fp8_report(archs: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Every fp8-path launch (``fp8_gemm_triton.aot_cases``) compiled for each of ``archs``."""
+    from offsite_kernels.ops import aot, fp8_gemm_triton
+
+    return [aot.compile_case(case, arch) for arch in archs for case in fp8_gemm_triton.aot_cases(arch)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", type=int, nargs="+", default=[80, 90], help="compute capabilities x10 (80, 90)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--fp8-archs", type=int, nargs="*", default=[89, 90], help="targets of the fp8 path (none: skip)")
+    parser.add_argument("--fp8-out", type=Path, default=DEFAULT_FP8_OUT)
     args = parser.parse_args(argv)
 
     from offsite_kernels.ops import aot
@@ -116,6 +146,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} variants compiled in {seconds:.0f} s; {len(failed)} fail a check; written to {args.out}")
     for r, why in failed:
         print(f"  sm_{r['arch']} {r['kernel']} {r['fmt']} {r['act_dtype']} {r['config']}: {'; '.join(why)}")
+    if args.fp8_archs:
+        t0 = time.perf_counter()
+        fp8_rows = fp8_report(tuple(args.fp8_archs))
+        seconds = time.perf_counter() - t0
+        fp8 = {
+            "stamp": report["stamp"],
+            "seconds": round(seconds, 1),
+            "shared_limits": {f"sm_{a}": aot.SHARED_LIMITS[a] for a in args.fp8_archs},
+            "assumptions": "fp8 e4m3 operands, contiguous row-major activations and outputs, 16-byte-aligned pointers, "
+            "N/K/row strides multiples of 16, M arbitrary; GEMM layouts: fwd (B = Wq, K-major), bwd (B = cached Wq^T, "
+            "K-major), bwd_strided (B = Wq read in place, N-major)",
+            "rows": fp8_rows,
+        }
+        write_json_atomic(args.fp8_out, fp8)
+        print("\n" + format_case_table(fp8_rows))
+        failed = [(r, aot.case_problems(r)) for r in fp8_rows if not r.get("ok")]
+        print(
+            f"\n{len(fp8_rows)} fp8-path launches compiled in {seconds:.0f} s; {len(failed)} fail a check; written to {args.fp8_out}"
+        )
+        for r, why in failed:
+            print(f"  sm_{r['arch']} {r['label']}: {'; '.join(why)}")
     return 0
 
 
