@@ -286,3 +286,35 @@ def test_triton_fp8_gemm_on_an_old_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(BackendError, match=r"compute capability >= 8\.9.*A100 is 8\.0"):
         fp8_linear._check_triton_device(FakeCudaTensor())
+
+
+def test_gemm_autotuning_keeps_the_devices_own_tiles(monkeypatch):
+    kernels = _triton()
+
+    class FakePtr:
+        device = torch.device("cuda", 0)
+
+    for target in kernels.AOT_TARGETS:
+        monkeypatch.setattr(kernels, "gpu_target", lambda index, target=target: target)
+        own = {kernels._key(c) for c in kernels.gemm_configs(target)}
+        for m in (1, 37, 64, 65, 4096, 20000):
+            kept = kernels._prune(kernels.gemm_configs(), {"a_ptr": FakePtr(), "M_BUCKET": kernels.m_bucket(m)})
+            assert kept and {kernels._key(c) for c in kept} <= own
+            if m <= 64:
+                assert len({c.kwargs["BLOCK_M"] for c in kept}) == 1  # the shortest tiles only
+            else:
+                assert {kernels._key(c) for c in kept} == own
+
+
+def test_gpu_target_reads_capability_and_shared_memory(monkeypatch):
+    kernels = _triton()
+
+    class Props:
+        def __init__(self, smem: int) -> None:
+            self.shared_memory_per_block_optin = smem
+
+    cases = (((9, 0), 227 * 1024, 90), ((8, 9), 99 * 1024, 89), ((12, 0), 99 * 1024, 89), ((10, 0), 227 * 1024, 90))
+    for cap, smem, expected in cases:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, cap=cap: cap)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None, smem=smem: Props(smem))
+        assert kernels.gpu_target.__wrapped__(0) == expected

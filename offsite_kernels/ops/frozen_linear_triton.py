@@ -6,7 +6,9 @@ feeds it to ``tl.dot`` with fp32 accumulation. The dense weight is never written
 weight gradient exists, and the backward needs nothing but the stored weight.
 
 Weight format codes (constexpr ``FMT``): 0 dense, 1 int8, 2 int4, 3 fp8 (passed as bytes and decoded
-in the kernel, since Triton has no e4m3 type on sm_80).
+in the kernel, since Triton has no e4m3 type on sm_80). FMT 3 is weight-only fp8, the path of devices
+without fp8 tensor cores; on sm_89+ fp8 weights take the fp8 tensor-core GEMM instead
+(``fp8_gemm_triton.py``; ``fp8_linear.py`` decides).
 """
 
 from __future__ import annotations
