@@ -318,3 +318,22 @@ def test_gpu_target_reads_capability_and_shared_memory(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, cap=cap: cap)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None, smem=smem: Props(smem))
         assert kernels.gpu_target.__wrapped__(0) == expected
+
+
+def test_autotuner_prunes_and_keys_on_the_launch_arguments(monkeypatch):
+    """Through Triton's own Autotuner: its pruner sees only the positional arguments (the constexprs come as
+    keyword arguments), so what the pruner and the key read must be positional or keyword as launched."""
+    kernels = _triton()
+    monkeypatch.setattr(kernels, "gpu_target", lambda index: 90)
+    tuner = kernels._tuned_gemm
+    a = torch.zeros(5000, 64, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(48, 64, dtype=torch.float8_e4m3fn)
+    c = torch.empty(5000, 48, dtype=torch.bfloat16)
+    args, meta = kernels._launch_args(a, torch.ones(5000), b, torch.ones(48), None, c)
+    assert set(meta) | set(tuner.arg_names[: len(args)]) >= set(tuner.keys)
+    tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
+    try:
+        pruned = tuner.prune_configs(meta)
+    finally:
+        tuner.nargs = None
+    assert {kernels._key(c) for c in pruned} == set(kernels.GEMM_CANDIDATES[90])

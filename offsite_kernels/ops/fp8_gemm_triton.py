@@ -328,6 +328,20 @@ def quantize_rows_fp8_triton(x: torch.Tensor, col_scale: torch.Tensor | None = N
     return q, s
 
 
+def _launch_args(a, s_a, b, s_b, bias, c) -> tuple[tuple, dict]:
+    """The GEMM kernel's positional arguments (what the autotuner's key and pruner read) and constexprs."""
+    m, k = a.shape
+    n = b.shape[0]
+    args = (a, b, s_a, s_b if s_b is not None else s_a, bias if bias is not None else c, c, m, n, k, m_bucket(m))
+    args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    meta = dict(
+        HAS_COL_SCALE=s_b is not None,
+        HAS_BIAS=bias is not None,
+        INTERPRETER_BF16=c.dtype == torch.bfloat16 and triton_interpreter_enabled(),
+    )
+    return args, meta
+
+
 def fp8_gemm(
     a: torch.Tensor,
     s_a: torch.Tensor,
@@ -345,13 +359,7 @@ def fp8_gemm(
         return c
     if k == 0:
         return c.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(c))
-    args = (a, b, s_a, s_b if s_b is not None else s_a, bias if bias is not None else c, c, m, n, k, m_bucket(m))
-    args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    meta = dict(
-        HAS_COL_SCALE=s_b is not None,
-        HAS_BIAS=bias is not None,
-        INTERPRETER_BF16=out_dtype == torch.bfloat16 and triton_interpreter_enabled(),
-    )
+    args, meta = _launch_args(a, s_a, b, s_b, bias, c)
     if triton_interpreter_enabled():
         cfg = INTERPRETER_GEMM_CONFIG
         _fp8_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
