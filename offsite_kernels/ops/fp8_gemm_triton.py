@@ -34,9 +34,11 @@ per K step, is not multi-buffered (81 KiB of shared memory instead of 129 KiB) a
 by async copy (16 ``LDGSTS`` instead of 32); the MMA waits for zero pending groups, so nothing
 overlaps it. A K-major ``Wq^T`` gives the backward the forward's SASS exactly (both operands by
 ``LDGSTS`` through a 4-stage ring, no byte stores, one MMA group in flight). So the backward
-reads a transposed copy, kept with the weight after its first backward by default
-(:func:`bwd_weight_operand`: one more byte per weight element; ``OFFSITE_FP8_BWD_WEIGHT`` picks
-a per-call copy or the in-place read instead, so a GPU run can time all three).
+reads a transposed copy, made per call by default and freed after it (:func:`bwd_weight_operand`):
+the emulator's weights stay at one byte each, the point of a low-bit emulator, for one extra pass
+over the weight per backward (2 N K bytes; about 5% of the GEMM at M = 4096, estimated, not
+measured). ``OFFSITE_FP8_BWD_WEIGHT`` picks the copy kept with the weight (one more byte per
+weight element) or the in-place read instead, so a GPU run can time all three.
 
 Under Triton's CPU interpreter the fp32 -> e4m3 cast rounds wrongly (it ORs the mantissa carry
 into the exponent instead of adding it: 31.3 becomes 16; ties round away from zero), so there
@@ -379,10 +381,10 @@ _CACHE_ATTR = "_offsite_fp8_wt"
 
 
 def bwd_weight_mode() -> str:
-    """``OFFSITE_FP8_BWD_WEIGHT``: "cache" (default), "transpose" or "strided" (see :func:`bwd_weight_operand`)."""
+    """``OFFSITE_FP8_BWD_WEIGHT``: "transpose" (default), "cache" or "strided" (see :func:`bwd_weight_operand`)."""
     import os
 
-    mode = os.environ.get(BWD_WEIGHT_ENV, "").strip().lower() or "cache"
+    mode = os.environ.get(BWD_WEIGHT_ENV, "").strip().lower() or "transpose"
     if mode not in BWD_WEIGHT_MODES:
         raise ValueError(f"{BWD_WEIGHT_ENV}={mode!r}; choose one of {', '.join(BWD_WEIGHT_MODES)}")
     return mode
@@ -391,13 +393,13 @@ def bwd_weight_mode() -> str:
 def bwd_weight_operand(data: torch.Tensor, mode: str | None = None) -> torch.Tensor:
     """The backward GEMM's ``B [K, N]`` (``B[k, n] = Wq[n, k]``) for the e4m3 weight ``data [N, K]``.
 
-    - "cache" (default): a contiguous ``Wq^T``, made on the first backward and kept with the weight's
+    - "cache": a contiguous ``Wq^T``, made on the first backward and kept with the weight's
       storage (one entry per weight view on it; freed with the storage; rebuilt when the weight is
       written in place, which bumps its version): K-major, so both operands stream through the
       pipelined async copies. Costs one more byte per weight element: an fp8 layer trained through
       holds 2 bytes per weight, bf16's size.
-    - "transpose": the same copy made in every call and freed after it (no lasting memory; a pass
-      over the weight, 2 N K bytes, per call).
+    - "transpose" (default): the same copy made in every call and freed after it (no lasting
+      memory; a pass over the weight, 2 N K bytes, per call).
     - "strided": ``Wq`` read in place as an N-major view; Triton transposes every tile through
       registers (byte-wise shared stores, B not multi-buffered: see the module docs).
     """
