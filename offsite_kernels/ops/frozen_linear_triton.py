@@ -169,6 +169,9 @@ def _key(c: triton.Config) -> tuple:
 
 def _pruner(direction: str):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        # Triton's autotuner passes the positional arguments by name (M_BUCKET) and the launch's
+        # keyword arguments (FMT, the constexprs) separately
+        named_args = {**named_args, **kwargs}
         fmt = "int4" if named_args["FMT"] == FMT_CODES["int4"] else "any"
         allowed = set(_CANDIDATES[(direction, fmt)])
         usable = [c for c in configs if _key(c) in allowed]
