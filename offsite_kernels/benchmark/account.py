@@ -75,6 +75,16 @@ def _fakify_(module: nn.Module, mode, device: torch.device) -> None:
                 setattr(sub, name, fake(value))
 
 
+def _no_layerdrop_draw_(module: nn.Module) -> None:
+    """Turn off the own training flag of every module with ``layerdrop == 0`` (OPT's decoder; its
+    layers keep theirs). In training mode that decoder draws ``torch.rand([])`` per layer and branches
+    on it, even at ``layerdrop == 0`` in transformers 5.17 (5.24 skips the draw at 0), and a
+    fake tensor cannot be branched on. At 0 the draw never drops a layer: nothing else changes."""
+    for sub in module.modules():
+        if getattr(sub, "layerdrop", None) == 0:
+            sub.training = False
+
+
 def _fake_trainee(
     bench_model: BenchModel,
     method: BenchMethod,
@@ -94,6 +104,7 @@ def _fake_trainee(
         if weights_dtype is not None:
             trainee.module.to(weights_dtype)
     _fakify_(trainee.module, mode, torch.device("cpu"))
+    _no_layerdrop_draw_(trainee.module)
     return Trainee(trainee.module, [p for p in trainee.module.parameters() if p.requires_grad], trainee.loss)
 
 
