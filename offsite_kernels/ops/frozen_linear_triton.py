@@ -14,6 +14,7 @@ without fp8 tensor cores; on sm_89+ fp8 weights take the fp8 tensor-core GEMM in
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 import triton
@@ -24,6 +25,21 @@ from ..backends import triton_interpreter_enabled
 from .triton_common import _cast
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = (int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    return major, minor
+
+
+# How the forward reads an int4 weight tile: as [K, N] (the default, checked on Triton 3.9), or as
+# [N, K] transposed in registers (Triton <= 3.6). The [K, N] read leaves the thread layout of the
+# packed bytes to a tie in Triton's coalescing pass, which 3.6 breaks the other way (threads along
+# K): every thread then holds a 64-bit address, a scale and a zero per column, and every candidate
+# tile spills (0.1-1.8 KB of stack on sm_80 and sm_90). The [N, K] read gives 3.6 the layout 3.9
+# picks for [K, N], and would make 3.9 spill. A code-generation heuristic offers no feature to
+# detect: the version decides (3.7 and 3.8 unchecked, they keep the default).
+INT4_FWD_READ_NK = tl.constexpr(_triton_version() <= (3, 6))
 
 
 @triton.jit
@@ -84,7 +100,11 @@ def _frozen_linear_fwd_kernel(
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
         )
-        w_t = _load_dequant_weight(w_ptr, s_ptr, z_ptr, offs_n[None, :], k[:, None], N, K, stride_wn, stride_sn, GROUP, FMT)
+        if FMT == 2 and INT4_FWD_READ_NK:
+            w = _load_dequant_weight(w_ptr, s_ptr, z_ptr, offs_n[:, None], k[None, :], N, K, stride_wn, stride_sn, GROUP, FMT)
+            w_t = tl.trans(w)
+        else:
+            w_t = _load_dequant_weight(w_ptr, s_ptr, z_ptr, offs_n[None, :], k[:, None], N, K, stride_wn, stride_sn, GROUP, FMT)
         acc = _dot(x, _cast(w_t, x.dtype, INTERPRETER_BF16), acc, DOT_PRECISION, INTERPRETER_BF16)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
