@@ -61,6 +61,24 @@ class StageResult:
     status: str  # ok, failed, timeout, skipped
 
 
+def _bench_stage(
+    out: Path,
+    name: str,
+    models: str,
+    methods: str,
+    timeout_s: int,
+    *extra: str,
+    warmup: int = 2,
+    steps: int = 5,
+    opt_in: bool = False,
+) -> Stage:
+    """``offsite bench`` measured on the GPU at batch 1 and 16, its rows under ``out/name``."""
+    argv = [sys.executable, "-m", "offsite_kernels.cli", "bench", "--device", "cuda", "--models", models]
+    argv += ["--methods", methods, "--batch", "1,16", *extra, "-o", str(out / name)]
+    argv += ["--warmup", str(warmup), "--steps", str(steps)]
+    return Stage(name, argv, timeout_s, opt_in=opt_in)
+
+
 def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
     py = sys.executable
     q = [] if full_kernels else ["--quick"]  # the kernel benchmarks' full sweeps take longer than the whole suite
@@ -89,30 +107,7 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             table="fused_ops/fused_ops_gpu.md",
             needs="bench/fused_ops_gpu.py",
         ),
-        Stage(
-            "e2e",
-            [
-                py,
-                "-m",
-                "offsite_kernels.cli",
-                "bench",
-                "--device",
-                "cuda",
-                "--models",
-                "gpt2-xl,opt-1.3b",
-                "--methods",
-                QUICK_METHODS if quick else SUITE_METHODS,
-                "--batch",
-                "1,16",
-                "-o",
-                str(out / "e2e"),
-                "--warmup",
-                "2",
-                "--steps",
-                "5",
-            ],
-            100 if quick else 170,
-        ),
+        _bench_stage(out, "e2e", "gpt2-xl,opt-1.3b", QUICK_METHODS if quick else SUITE_METHODS, 100 if quick else 170),
         # last: the CUDA part of the extension is compiled on first use (OFFSITE_NATIVE_JIT), which takes a while
         Stage(
             "native",
@@ -122,34 +117,18 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             needs="bench/native_gpu.py",
             env={"OFFSITE_NATIVE_JIT": "1"},
         ),
-        # opt-in (--only e2e_7b): 6.7B-parameter models, FT at batch 16 runs on DeepSpeed ZeRO-2 with CPU
-        # offload (it does not fit otherwise); DeepSpeed travels as wheels (bench/gpu_wheels.sh)
-        Stage(
+        # opt-in (--only e2e_7b): 6.7B-parameter models. FT runs on DeepSpeed ZeRO-2 with CPU offload where plain
+        # FT does not fit the GPU and the host can hold the offload; DeepSpeed travels as wheels (bench/gpu_wheels.sh)
+        _bench_stage(
+            out,
             "e2e_7b",
-            [
-                py,
-                "-m",
-                "offsite_kernels.cli",
-                "bench",
-                "--device",
-                "cuda",
-                "--models",
-                "opt-6.7b",
-                "--methods",
-                "ft,ot+lora,ot+lora+fast+int4+recompute+head",
-                "--batch",
-                "1,16",
-                "--source",
-                "measured",
-                "-o",
-                str(out / "e2e_7b"),
-                "--warmup",
-                "1",
-                "--steps",
-                "3",
-            ],
+            "opt-6.7b",
+            "ft,ot+lora,ot+lora+fast+int4+recompute+head",
             330,
-            opt_in=True,
+            "--source",
+            "measured",
+            warmup=1,
+            steps=3,
         ),
     ]
 
@@ -213,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     suite_start = time.perf_counter()
     for stage in stages(out, args.quick, args.full_kernels):
-        if (stage.name not in chosen) if chosen is not None else stage.opt_in:
+        skipped = stage.opt_in if chosen is None else stage.name not in chosen
+        if skipped:
             continue
         print(f"[suite] {stage.name} ...", flush=True)
         result = run_stage(stage, out, env, args.budget_s - (time.perf_counter() - suite_start))

@@ -58,7 +58,7 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
-from .triton_common import _cast
+from .triton_common import _cast, _grouped_tile
 
 E4M3_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
@@ -122,11 +122,7 @@ def _fp8_gemm_kernel(
     One program per ``BLOCK_M x BLOCK_N`` tile, grouped along M so neighbours share B tiles in L2."""
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_n)
-    first_m = group_id * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = _grouped_tile(pid, num_m, num_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -22,7 +22,7 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
-from .triton_common import _cast
+from .triton_common import _cast, _grouped_tile
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
 
@@ -85,11 +85,7 @@ def _frozen_linear_fwd_kernel(
     """``Y[M, N] = X[M, K] @ deq(W)[N, K]^T (+ b)``; one program per ``BLOCK_M x BLOCK_N`` tile."""
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_n)  # grouped ordering: neighbours share weight tiles in L2
-    first_m = group_id * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = _grouped_tile(pid, num_m, num_n, GROUP_M)  # neighbours share weight tiles in L2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,11 +123,7 @@ def _frozen_linear_bwd_kernel(
     """``dX[M, K] = dY[M, N] @ deq(W)[N, K]``; one program per ``BLOCK_M x BLOCK_K`` tile, reducing over N."""
     pid = tl.program_id(0)
     num_m, num_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
-    group_id = pid // (GROUP_M * num_k)
-    first_m = group_id * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
-    pid_k = (pid % (GROUP_M * num_k)) // size_m
+    pid_m, pid_k = _grouped_tile(pid, num_m, num_k, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -15,3 +15,15 @@ def _cast(v, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
     return v.to(dtype)
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` over a ``num_m x num_n`` grid of output tiles, ordered in
+    groups of ``GROUP_M`` rows so that neighbouring programs share the column operand's tiles in L2."""
+    group_id = pid // (GROUP_M * num_n)
+    first_m = group_id * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    return pid_m, pid_n
