@@ -100,8 +100,18 @@ def test_quantize_rows_rounds_ties_to_even_like_torch():
     assert torch.equal(q[0, : len(grid)].float(), grid)  # representable values pass unchanged
 
 
+def test_cast_through_fp16_rounds_twice():
+    """Why Triton <= 3.6 on sm_89 rounds in fp32 first (``cast_rounds_twice``): it casts fp32 -> fp16 -> e4m3,
+    and 17.004 (just above the e4m3 tie 17 between 16 and 18) becomes 17 in fp16, then 16 by ties-to-even."""
+    kernels = _triton()
+    x = torch.tensor([17.004, -17.004, 33.0])
+    assert _bits(x.to(torch.float8_e4m3fn)).tolist() != _bits(x.half().to(torch.float8_e4m3fn)).tolist()
+    assert kernels.cast_rounds_twice(89) == (kernels.triton_version() <= (3, 6))
+    assert not kernels.cast_rounds_twice(90)
+
+
 def test_interpreter_fp8_cast_still_needs_the_workaround():
-    """Canary for ``INTERPRETER_FP8``: Triton's interpreter rounds fp32 -> e4m3 wrongly (the mantissa
+    """Canary for ``ROUND_IN_FP32`` in the interpreter: Triton's interpreter rounds fp32 -> e4m3 wrongly (the mantissa
     carry is ORed into the exponent: 31.3 becomes 16). When it stops doing so, drop the flag."""
     kernels = _triton()
     from offsite_kernels.backends import triton_interpreter_enabled
@@ -111,9 +121,9 @@ def test_interpreter_fp8_cast_still_needs_the_workaround():
     x = torch.tensor([[31.3, -125.0, 448.0, 0.3]])
     q = torch.empty(1, 4, dtype=torch.float8_e4m3fn)
     s = torch.empty(1)
-    kernels._fp8_quantize_rows_kernel[(1,)](x, s, q, s, 4, 4, 1, 4, HAS_COL_SCALE=False, INTERPRETER_FP8=False, BLOCK_K=4)
+    kernels._fp8_quantize_rows_kernel[(1,)](x, s, q, s, 4, 4, 1, 4, HAS_COL_SCALE=False, ROUND_IN_FP32=False, BLOCK_K=4)
     if torch.equal(_bits(q), _bits(quantize_rows_fp8(x)[0])):
-        pytest.skip("the interpreter's e4m3 cast is exact now: INTERPRETER_FP8 can go")
+        pytest.skip("the interpreter's e4m3 cast is exact now: the interpreter can drop ROUND_IN_FP32")
     assert float(q[0, 0]) == 16.0  # the known bug, documented in fp8_gemm_triton's module docs
 
 

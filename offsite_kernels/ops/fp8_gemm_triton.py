@@ -40,11 +40,14 @@ over the weight per backward (2 N K bytes; about 5% of the GEMM at M = 4096, est
 measured). ``OFFSITE_FP8_BWD_WEIGHT`` picks the copy kept with the weight (one more byte per
 weight element) or the in-place read instead, so a GPU run can time all three.
 
-Under Triton's CPU interpreter the fp32 -> e4m3 cast rounds wrongly (it ORs the mantissa carry
-into the exponent instead of adding it: 31.3 becomes 16; ties round away from zero), so there
-``INTERPRETER_FP8`` rounds to the e4m3 grid in fp32 first, with integer bit arithmetic; the cast
-of an exactly representable value is then exact. The interpreter's fp8 ``tl.dot`` is exact (it
-widens e4m3 to fp16, multiplies in fp32): no workaround there.
+Two Triton builds cast fp32 -> e4m3 wrongly, so there ``ROUND_IN_FP32`` rounds to the e4m3 grid in
+fp32 first, with integer bit arithmetic; the cast of an exactly representable value is then exact
+whatever path it takes. The CPU interpreter ORs the mantissa carry into the exponent instead of
+adding it (31.3 becomes 16; ties round away from zero). Triton <= 3.6 compiles the cast for sm_89
+through fp16 (``F2FP.F16.F32``, then ``F2FP.SATFINITE.E4M3.F16``: two roundings, so a value just
+above an e4m3 tie lands on it in fp16 and then rounds to even); 3.9 and every sm_90 build cast
+from fp32 directly (``aot_cases`` checks which SASS each target gets). The interpreter's fp8
+``tl.dot`` is exact (it widens e4m3 to fp16, multiplies in fp32): no workaround there.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
-from .triton_common import _cast, _grouped_tile
+from .triton_common import _cast, _grouped_tile, triton_version
 
 E4M3_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
@@ -68,7 +71,7 @@ FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).t
 def _round_to_e4m3_grid(v):
     """``v`` (fp32, within +-448) rounded to the nearest e4m3 value, ties to even, still fp32.
 
-    Only for the interpreter (see module docs): normal e4m3 values keep 3 mantissa bits (an
+    Only where the cast itself rounds wrongly (see module docs): normal e4m3 values keep 3 mantissa bits (an
     integer add carries into the exponent correctly); below 2^-6 the grid is 2^-9 apart."""
     bits = v.to(tl.uint32, bitcast=True)
     sign = bits & 0x80000000
@@ -83,7 +86,7 @@ def _round_to_e4m3_grid(v):
 def _fp8_quantize_rows_kernel(
     x_ptr, c_ptr, q_ptr, s_ptr,
     K, stride_xm, stride_xk, stride_qm,
-    HAS_COL_SCALE: tl.constexpr, INTERPRETER_FP8: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Row ``m`` of ``v = x (* c[None, :])``: ``s[m] = max(amax / 448, FLT_MIN)``, ``q[m] = e4m3(v * (1 / s[m]))``."""
     row = tl.program_id(0).to(tl.int64)
@@ -104,7 +107,7 @@ def _fp8_quantize_rows_kernel(
         if HAS_COL_SCALE:
             v = v * tl.load(c_ptr + k, mask=k < K, other=0.0)
         q = tl.clamp(v * inv, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
-        if INTERPRETER_FP8:
+        if ROUND_IN_FP32:
             q = _round_to_e4m3_grid(q)
         tl.store(q_ptr + row * stride_qm + k, q.to(tl.float8e4nv), mask=k < K)
 
@@ -269,8 +272,15 @@ def _gemm_case(arch: int, layout: str, cfg: tuple, dtype: str = "bf16"):
     )
 
 
-def _quantize_case(dtype: str, block_k: int, col_scale: bool):
+def cast_rounds_twice(arch: int) -> bool:
+    """Whether Triton compiles the fp32 -> e4m3 cast for ``sm_<arch>`` through fp16 (see module docs)."""
+    return triton_version() <= (3, 6) and arch < 90
+
+
+def _quantize_case(arch: int, dtype: str, block_k: int, col_scale: bool):
     from .aot import KernelCase
+
+    round_first = cast_rounds_twice(arch)
 
     types: dict[str, str | int] = {
         "x_ptr": f"*{dtype}", "c_ptr": "*fp32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
@@ -280,11 +290,14 @@ def _quantize_case(dtype: str, block_k: int, col_scale: bool):
         module=__name__,
         fn="_fp8_quantize_rows_kernel",
         types=types,
-        constexprs=dict(HAS_COL_SCALE=col_scale, INTERPRETER_FP8=False, BLOCK_K=block_k),
+        constexprs=dict(HAS_COL_SCALE=col_scale, ROUND_IN_FP32=round_first, BLOCK_K=block_k),
         div16=("x_ptr", "c_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_qm"),
         num_warps=QUANTIZE_WARPS,
-        label=f"fp8 quantize rows {dtype} BLOCK_K={block_k}{' *col_scale' if col_scale else ''}",
-        sass_expect=(r"\bF2FP\.SATFINITE\.E4M3\.F32\b",),  # the hardware's saturating round-to-nearest-even cast
+        label=f"fp8 quantize rows {dtype} BLOCK_K={block_k}{' *col_scale' if col_scale else ''}"
+        + (" round in fp32" if round_first else ""),
+        # the hardware's saturating round-to-nearest-even cast: from fp32, or through fp16 where Triton
+        # casts so (then of a value already on the e4m3 grid, exact both times)
+        sass_expect=(rf"\bF2FP\.SATFINITE\.E4M3\.{'F16' if round_first else 'F32'}\b",),
     )
 
 
@@ -300,7 +313,7 @@ def aot_cases(arch: int) -> list:
     cases += [_gemm_case(arch, layout, configs[i % len(configs)], "fp16") for i, layout in enumerate(GEMM_LAYOUTS)]
     for dtype in ("bf16", "fp16"):
         for block_k in (16, 256, QUANTIZE_BLOCK_K):
-            cases.append(_quantize_case(dtype, block_k, col_scale=(dtype == "bf16") == (block_k != 256)))
+            cases.append(_quantize_case(arch, dtype, block_k, col_scale=(dtype == "bf16") == (block_k != 256)))
     return cases
 
 
@@ -316,14 +329,23 @@ def quantize_rows_fp8_triton(x: torch.Tensor, col_scale: torch.Tensor | None = N
         return q, s
     c = None if col_scale is None else col_scale.to(torch.float32).contiguous()
     interp = triton_interpreter_enabled()
+    round_first = interp or cast_rounds_twice(_arch(x.device))
     _fp8_quantize_rows_kernel[(m,)](
         x, c if c is not None else s, q, s, k, x.stride(0), x.stride(1), q.stride(0),
         HAS_COL_SCALE=c is not None,
-        INTERPRETER_FP8=interp,
+        ROUND_IN_FP32=round_first,
         BLOCK_K=INTERPRETER_QUANTIZE_BLOCK_K if interp else min(QUANTIZE_BLOCK_K, max(triton.next_power_of_2(k), 16)),
         num_warps=QUANTIZE_WARPS,
     )  # fmt: skip
     return q, s
+
+
+def _arch(device: torch.device) -> int:
+    """``10 * major + minor`` of a CUDA device's compute capability (90 elsewhere: no cast quirk applies)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _launch_args(a, s_a, b, s_b, bias, c) -> tuple[tuple, dict]:

@@ -14,7 +14,6 @@ without fp8 tensor cores; on sm_89+ fp8 weights take the fp8 tensor-core GEMM in
 from __future__ import annotations
 
 import inspect
-import re
 
 import torch
 import triton
@@ -22,14 +21,9 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
-from .triton_common import _cast, _grouped_tile
+from .triton_common import _cast, _grouped_tile, triton_version
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
-
-
-def _triton_version() -> tuple[int, int]:
-    major, minor = (int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    return major, minor
 
 
 # How the forward reads an int4 weight tile: as [K, N] (the default, checked on Triton 3.9), or as
@@ -39,7 +33,7 @@ def _triton_version() -> tuple[int, int]:
 # tile spills (0.1-1.8 KB of stack on sm_80 and sm_90). The [N, K] read gives 3.6 the layout 3.9
 # picks for [K, N], and would make 3.9 spill. A code-generation heuristic offers no feature to
 # detect: the version decides (3.7 and 3.8 unchecked, they keep the default).
-INT4_FWD_READ_NK = tl.constexpr(_triton_version() <= (3, 6))
+INT4_FWD_READ_NK = tl.constexpr(triton_version() <= (3, 6))
 
 
 @triton.jit
@@ -149,12 +143,14 @@ def _frozen_linear_bwd_kernel(
 # --- launch configuration ------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); in the backward BLOCK_N is the reduction tile.
 # Each list holds only configurations that compile for sm_80 and sm_90 without spilling and within
-# an A100's shared memory (checked ahead of time by tests/test_aot_compile.py). int4's per-element
-# unpacking needs more registers: its lists drop the tiles that spill.
+# an A100's shared memory (checked ahead of time by tests/test_aot_compile.py), with Triton 3.9 (CI)
+# and 3.6 (the GPU image). int4's per-element unpacking needs more registers: its lists drop the
+# tiles that spill, and its 128x64 forward tile takes 8 warps (4 spilled 16 B on sm_80 under 3.6),
+# as does the 32-row backward tile (4 spilled 8 B on sm_90 under 3.6).
 _CANDIDATES = {
     ("fwd", "any"): ((16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
-    ("fwd", "int4"): ((16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
-    ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
+    ("fwd", "int4"): ((16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3)),
+    ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
     ("bwd", "int4"): ((64, 64, 64, 4, 4), (128, 128, 64, 8, 3)),
 }  # fmt: skip
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)

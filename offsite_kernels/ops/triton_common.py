@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import triton
 import triton.language as tl
+
+
+def triton_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed Triton, for the few code-generation differences that have no feature to test."""
+    major, minor = (int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    return major, minor
 
 
 @triton.jit
