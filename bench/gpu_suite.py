@@ -14,7 +14,8 @@ runs. ``DIR/SUMMARY.md`` lists every stage (exit code, seconds) with the tail of
 
 Stages: ``env`` (nvidia-smi, ``offsite env``, the stamp), ``tests`` (``pytest -m gpu``: every
 Triton kernel against float64 on CUDA), ``frozen_linear`` (bench/frozen_linear_gpu.py),
-``fused_ops`` (bench/fused_ops_gpu.py), ``e2e`` (``offsite bench`` on the paper's models, measured
+``fused_ops`` (bench/fused_ops_gpu.py), ``host_overhead`` (bench/host_overhead.py: host µs per
+call of the per-layer ops, eager PyTorch vs the library's direct path vs its custom ops), ``e2e`` (``offsite bench`` on the paper's models, measured
 on the GPU, batch 1 and 16), ``native`` (bench/native_gpu.py; the extension's CUDA part compiled
 on first use), and, opt-in, ``e2e_7b`` (``--only e2e_7b``: OPT-6.7B, where FT at batch 16 runs on
 DeepSpeed ZeRO-2 with the optimizer offloaded; DeepSpeed is carried as wheels, see
@@ -106,6 +107,13 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             400 if full_kernels else 100,
             table="fused_ops/fused_ops_gpu.md",
             needs="bench/fused_ops_gpu.py",
+        ),
+        Stage(
+            "host_overhead",
+            [py, "bench/host_overhead.py", "--out", str(out / "host_overhead" / "host_overhead-cuda.json")],
+            40,
+            table="host_overhead/host_overhead-cuda.md",
+            needs="bench/host_overhead.py",
         ),
         _bench_stage(out, "e2e", "gpt2-xl,opt-1.3b", QUICK_METHODS if quick else SUITE_METHODS, 100 if quick else 170),
         # last: the CUDA part of the extension is compiled on first use (OFFSITE_NATIVE_JIT), which takes a while

@@ -86,3 +86,15 @@ def test_frozen_linear_gpu_cpu_smoke(tmp_path):
     assert [t["direction"] for t in targets] == ["fwd", "bwd"] and all(t["threshold"] == 1.5 for t in targets)
     md = (tmp_path / "frozen_linear_gpu.md").read_text()
     assert md.startswith("# Frozen linear") and "## Targets of the issue" in md
+
+
+def test_host_overhead_cpu_smoke(tmp_path):
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, str(BENCH / "host_overhead.py"), "--device", "cpu", "--calls", "5", "--rounds", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=str(BENCH.parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    impls = {(r["op"], r["impl"]) for r in result["rows"]}
+    assert {(op, i) for op in ("layer_norm", "swiglu", "frozen_linear_int8") for i in ("eager", "offsite", "offsite_op")} <= impls
+    assert all(r[k]["median_us"] > 0 for r in result["rows"] for k in ("fwd", "fwd_bwd"))
+    assert "saved by the direct path" in out.with_suffix(".md").read_text()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..backends import requested_backend
 from ..errors import OffsiteError
+from .eager import EagerOp
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -112,9 +113,11 @@ def _bias_act_input_grad(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tens
 
 
 # --- custom ops: bias + GELU ------------------------------------------------------------------
-@torch.library.custom_op("offsite_kernels::bias_gelu", mutates_args=())
-def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+def _bias_gelu_impl(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     return _bias_act(x, bias, _GELU_ACTS[approximate])
+
+
+_bias_gelu_op = torch.library.custom_op("offsite_kernels::bias_gelu", _bias_gelu_impl, mutates_args=())
 
 
 @_bias_gelu_op.register_fake
@@ -122,9 +125,12 @@ def _(x, bias, approximate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("offsite_kernels::bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+def _bias_gelu_backward_impl(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     return _bias_act_input_grad(grad_y, x, bias, _GELU_ACTS[approximate])
+
+
+_bias_gelu_backward_op = torch.library.custom_op("offsite_kernels::bias_gelu_backward", _bias_gelu_backward_impl, mutates_args=())
+_bias_gelu_backward = EagerOp(_bias_gelu_backward_op, _bias_gelu_backward_impl)
 
 
 @_bias_gelu_backward_op.register_fake
@@ -138,17 +144,17 @@ def _bias_gelu_setup_context(ctx, inputs, output):
     ctx.approximate = approximate
 
 
-def _bias_gelu_backward(ctx, grad_y):
+def _bias_gelu_backward_formula(ctx, grad_y):
     x, bias = ctx.saved_tensors
-    grad_x = _bias_gelu_backward_op(grad_y, x, bias, ctx.approximate) if ctx.needs_input_grad[0] else None
+    grad_x = _bias_gelu_backward(grad_y, x, bias, ctx.approximate) if ctx.needs_input_grad[0] else None
     return grad_x, None, None  # the bias is frozen
 
 
-_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
+_bias_gelu = EagerOp(_bias_gelu_op, _bias_gelu_impl, _bias_gelu_setup_context, _bias_gelu_backward_formula)
 
 
 # --- custom ops: bias + ReLU, bias + SiLU (one pattern, no option) -----------------------------
-def _define_bias_act_ops(op: str, act: str):
+def _define_bias_act_ops(op: str, act: str) -> tuple[EagerOp, EagerOp]:
     """``offsite_kernels::<op>(x, bias)`` and ``offsite_kernels::<op>_backward(grad_y, x, bias)`` for ``act``."""
 
     def forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -157,10 +163,11 @@ def _define_bias_act_ops(op: str, act: str):
     def backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _bias_act_input_grad(grad_y, x, bias, act)
 
+    forward.__name__, backward_op.__name__ = f"{op}_impl", f"{op}_backward_impl"
     fwd = torch.library.custom_op(f"offsite_kernels::{op}", forward, mutates_args=())
-    bwd = torch.library.custom_op(f"offsite_kernels::{op}_backward", backward_op, mutates_args=())
+    bwd = EagerOp(torch.library.custom_op(f"offsite_kernels::{op}_backward", backward_op, mutates_args=()), backward_op)
     fwd.register_fake(lambda x, bias: x.new_empty(x.shape))
-    bwd.register_fake(lambda grad_y, x, bias: x.new_empty(x.shape))
+    bwd.op.register_fake(lambda grad_y, x, bias: x.new_empty(x.shape))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # x and the frozen bias
@@ -169,17 +176,17 @@ def _define_bias_act_ops(op: str, act: str):
         x, bias = ctx.saved_tensors
         return (bwd(grad_y, x, bias) if ctx.needs_input_grad[0] else None), None
 
-    fwd.register_autograd(backward, setup_context=setup_context)
-    return fwd, bwd
+    return EagerOp(fwd, forward, setup_context, backward), bwd
 
 
-_bias_relu_op, _bias_relu_backward_op = _define_bias_act_ops("bias_relu", "relu")
-_bias_silu_op, _bias_silu_backward_op = _define_bias_act_ops("bias_silu", "silu")
+_bias_relu, _bias_relu_backward = _define_bias_act_ops("bias_relu", "relu")
+_bias_silu, _bias_silu_backward = _define_bias_act_ops("bias_silu", "silu")
+_bias_relu_op, _bias_relu_backward_op = _bias_relu.op, _bias_relu_backward.op
+_bias_silu_op, _bias_silu_backward_op = _bias_silu.op, _bias_silu_backward.op
 
 
 # --- custom ops: SwiGLU -----------------------------------------------------------------------
-@torch.library.custom_op("offsite_kernels::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if _use_triton(gate):
         from .activation_triton import swiglu_fwd
 
@@ -187,19 +194,25 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_torch(gate, up).contiguous()
 
 
+_swiglu_op = torch.library.custom_op("offsite_kernels::swiglu", _swiglu_impl, mutates_args=())
+
+
 @_swiglu_op.register_fake
 def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("offsite_kernels::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_backward_impl(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_triton(gate):
         from .activation_triton import swiglu_bwd
 
         return swiglu_bwd(grad_y, gate, up)
     d_gate, d_up = swiglu_input_grad_torch(grad_y, gate, up)
     return d_gate.contiguous(), d_up.contiguous()
+
+
+_swiglu_backward_op = torch.library.custom_op("offsite_kernels::swiglu_backward", _swiglu_backward_impl, mutates_args=())
+_swiglu_backward = EagerOp(_swiglu_backward_op, _swiglu_backward_impl)
 
 
 @_swiglu_backward_op.register_fake
@@ -211,15 +224,15 @@ def _swiglu_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)  # gate and up only: silu(gate) and its derivative are recomputed
 
 
-def _swiglu_backward(ctx, grad_y):
+def _swiglu_backward_formula(ctx, grad_y):
     gate, up = ctx.saved_tensors
     if not any(ctx.needs_input_grad):
         return None, None
-    d_gate, d_up = _swiglu_backward_op(grad_y, gate, up)
+    d_gate, d_up = _swiglu_backward(grad_y, gate, up)
     return (d_gate if ctx.needs_input_grad[0] else None), (d_up if ctx.needs_input_grad[1] else None)
 
 
-_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+_swiglu = EagerOp(_swiglu_op, _swiglu_impl, _swiglu_setup_context, _swiglu_backward_formula)
 
 
 # --- input checks -----------------------------------------------------------------------------
@@ -265,21 +278,21 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: st
     _check_bias(x, bias)
     if approximate not in GELU_APPROXIMATIONS:
         raise ActivationInputError(f"approximate must be 'none' (erf form) or 'tanh' (tanh form), got {approximate!r}")
-    return _bias_gelu_op(x, bias, approximate)
+    return _bias_gelu(x, bias, approximate)
 
 
 def bias_relu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(x + bias)`` (OPT's activation), differentiable in ``x`` only; as :func:`bias_gelu`."""
     _check_activation("x", x)
     _check_bias(x, bias)
-    return _bias_relu_op(x, bias)
+    return _bias_relu(x, bias)
 
 
 def bias_silu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(x + bias)`` (HF ``silu`` / ``swish`` in an ungated MLP), differentiable in ``x`` only; as :func:`bias_gelu`."""
     _check_activation("x", x)
     _check_bias(x, bias)
-    return _bias_silu_op(x, bias)
+    return _bias_silu(x, bias)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -297,7 +310,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ActivationInputError(f"gate and up must have the same dtype, got {gate.dtype} and {up.dtype}; cast one of them")
     if gate.device != up.device:
         raise ActivationInputError(f"gate is on {gate.device} but up is on {up.device}; move one of them (.to(device))")
-    return _swiglu_op(gate, up)
+    return _swiglu(gate, up)
 
 
 # --- Hugging Face activation names -------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..backends import requested_backend
 from ..errors import OffsiteError
 from ..quant.formats import dequantize_fields
 from ..quant.weight import QuantizedWeight
+from .eager import EagerOp
 from .fp8_linear import fp8_linear_bwd, fp8_linear_fwd, uses_fp8_gemm
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,8 +91,7 @@ def _pick(t: torch.Tensor, fmt: str, direction: str) -> str:
 
 
 # --- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("offsite_kernels::frozen_linear", mutates_args=())
-def _frozen_linear_op(
+def _frozen_linear_impl(
     x: torch.Tensor,
     data: torch.Tensor,
     scales: torch.Tensor | None,
@@ -119,13 +119,15 @@ def _frozen_linear_op(
     return y.reshape(*x.shape[:-1], out_features)
 
 
+_frozen_linear_op = torch.library.custom_op("offsite_kernels::frozen_linear", _frozen_linear_impl, mutates_args=())
+
+
 @_frozen_linear_op.register_fake
 def _(x, data, scales, zeros, bias, fmt, group_size, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op("offsite_kernels::frozen_linear_input_grad", mutates_args=())
-def _frozen_linear_input_grad_op(
+def _frozen_linear_input_grad_impl(
     grad_y: torch.Tensor,
     data: torch.Tensor,
     scales: torch.Tensor | None,
@@ -151,6 +153,12 @@ def _frozen_linear_input_grad_op(
     return dx.reshape(*grad_y.shape[:-1], in_features)
 
 
+_frozen_linear_input_grad_op = torch.library.custom_op(
+    "offsite_kernels::frozen_linear_input_grad", _frozen_linear_input_grad_impl, mutates_args=()
+)
+_frozen_linear_input_grad = EagerOp(_frozen_linear_input_grad_op, _frozen_linear_input_grad_impl)
+
+
 @_frozen_linear_input_grad_op.register_fake
 def _(grad_y, data, scales, zeros, fmt, group_size, in_features):
     return grad_y.new_empty((*grad_y.shape[:-1], in_features))
@@ -166,11 +174,11 @@ def _backward(ctx, grad_y):
     data, scales, zeros = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _frozen_linear_input_grad_op(grad_y, data, scales, zeros, ctx.fmt, ctx.group_size, ctx.in_features)
+        grad_x = _frozen_linear_input_grad(grad_y, data, scales, zeros, ctx.fmt, ctx.group_size, ctx.in_features)
     return grad_x, None, None, None, None, None, None, None
 
 
-_frozen_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_frozen_linear = EagerOp(_frozen_linear_op, _frozen_linear_impl, _setup_context, _backward)
 
 
 # FLOP counts for torch.utils.flop_counter.FlopCounterMode (MFU in the benchmarks): one GEMM each
@@ -235,4 +243,4 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias:
     qw = as_quantized(weight)
     _check_inputs(x, qw, bias)
     data = _to_op_storage(qw.format, qw.data)
-    return _frozen_linear_op(x, data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, qw.out_features)
+    return _frozen_linear(x, data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, qw.out_features)

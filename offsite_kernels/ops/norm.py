@@ -44,6 +44,7 @@ import torch
 
 from ..backends import requested_backend
 from ..errors import OffsiteError
+from .eager import EagerOp
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -179,8 +180,7 @@ def _no_residual_output(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("offsite_kernels::rms_norm", mutates_args=())
-def _rms_norm_op(
+def _rms_norm_impl(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     residual: torch.Tensor | None,
@@ -199,14 +199,16 @@ def _rms_norm_op(
     return y, _no_residual_output(x) if h is None else h, rstd
 
 
+_rms_norm_op = torch.library.custom_op("offsite_kernels::rms_norm", _rms_norm_impl, mutates_args=())
+
+
 @_rms_norm_op.register_fake
 def _(x, weight, residual, eps, weight_offset, round_normalized):
     h = x.new_empty(x.shape) if residual is not None else _no_residual_output(x)
     return x.new_empty(x.shape), h, x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
 
 
-@torch.library.custom_op("offsite_kernels::rms_norm_input_grad", mutates_args=())
-def _rms_norm_input_grad_op(
+def _rms_norm_input_grad_impl(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -221,13 +223,18 @@ def _rms_norm_input_grad_op(
     return rms_norm_input_grad_torch(grad_y, x, weight, rstd, grad_h, weight_offset)
 
 
+_rms_norm_input_grad_op = torch.library.custom_op(
+    "offsite_kernels::rms_norm_input_grad", _rms_norm_input_grad_impl, mutates_args=()
+)
+_rms_norm_input_grad = EagerOp(_rms_norm_input_grad_op, _rms_norm_input_grad_impl)
+
+
 @_rms_norm_input_grad_op.register_fake
 def _(grad_y, x, weight, rstd, grad_h, weight_offset):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("offsite_kernels::layer_norm", mutates_args=())
-def _layer_norm_op(
+def _layer_norm_impl(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -245,6 +252,9 @@ def _layer_norm_op(
     return y, _no_residual_output(x) if h is None else h, mean, rstd
 
 
+_layer_norm_op = torch.library.custom_op("offsite_kernels::layer_norm", _layer_norm_impl, mutates_args=())
+
+
 @_layer_norm_op.register_fake
 def _(x, weight, bias, residual, eps):
     h = x.new_empty(x.shape) if residual is not None else _no_residual_output(x)
@@ -252,8 +262,7 @@ def _(x, weight, bias, residual, eps):
     return x.new_empty(x.shape), h, x.new_empty(x.shape[:-1], dtype=stats), x.new_empty(x.shape[:-1], dtype=stats)
 
 
-@torch.library.custom_op("offsite_kernels::layer_norm_input_grad", mutates_args=())
-def _layer_norm_input_grad_op(
+def _layer_norm_input_grad_impl(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -266,6 +275,12 @@ def _layer_norm_input_grad_op(
 
         return layer_norm_bwd(_rows(grad_y), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1), _rows(grad_h)).reshape(x.shape)
     return layer_norm_input_grad_torch(grad_y, x, weight, mean, rstd, grad_h)
+
+
+_layer_norm_input_grad_op = torch.library.custom_op(
+    "offsite_kernels::layer_norm_input_grad", _layer_norm_input_grad_impl, mutates_args=()
+)
+_layer_norm_input_grad = EagerOp(_layer_norm_input_grad_op, _layer_norm_input_grad_impl)
 
 
 @_layer_norm_input_grad_op.register_fake
@@ -292,7 +307,7 @@ def _rms_backward(ctx, grad_y, grad_h, _grad_rstd):
     dx = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
         grad_h = grad_h if ctx.has_residual else None
-        dx = _rms_norm_input_grad_op(_grad_or_zeros(grad_y, src), src, weight, rstd, grad_h, ctx.weight_offset)
+        dx = _rms_norm_input_grad(_grad_or_zeros(grad_y, src), src, weight, rstd, grad_h, ctx.weight_offset)
     return (
         dx if ctx.needs_input_grad[0] else None,
         None,  # the weight is frozen
@@ -303,7 +318,7 @@ def _rms_backward(ctx, grad_y, grad_h, _grad_rstd):
     )
 
 
-_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+_rms_norm = EagerOp(_rms_norm_op, _rms_norm_impl, _rms_setup_context, _rms_backward)
 
 
 def _ln_setup_context(ctx, inputs, output):
@@ -319,7 +334,7 @@ def _ln_backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
     dx = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
         grad_h = grad_h if ctx.has_residual else None
-        dx = _layer_norm_input_grad_op(_grad_or_zeros(grad_y, src), src, weight, mean, rstd, grad_h)
+        dx = _layer_norm_input_grad(_grad_or_zeros(grad_y, src), src, weight, mean, rstd, grad_h)
     return (
         dx if ctx.needs_input_grad[0] else None,
         None,  # weight and bias are frozen
@@ -329,7 +344,7 @@ def _ln_backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
     )
 
 
-_layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+_layer_norm = EagerOp(_layer_norm_op, _layer_norm_impl, _ln_setup_context, _ln_backward)
 
 
 # --- input checks -----------------------------------------------------------------------------
@@ -411,7 +426,7 @@ def rms_norm(
     _check_residual(residual, x, op)
     eps = _check_number(eps, "eps", op, positive=True)
     weight_offset = _check_number(weight_offset, "weight_offset", op, positive=False)
-    y, h, _ = _rms_norm_op(x, weight, residual, eps, weight_offset, bool(round_normalized))
+    y, h, _ = _rms_norm(x, weight, residual, eps, weight_offset, bool(round_normalized))
     return y if residual is None else (y, h)
 
 
@@ -434,5 +449,5 @@ def layer_norm(
     _check_frozen(bias, "bias", x, op)
     _check_residual(residual, x, op)
     eps = _check_number(eps, "eps", op, positive=True)
-    y, h, _, _ = _layer_norm_op(x, weight, bias, residual, eps)
+    y, h, _, _ = _layer_norm(x, weight, bias, residual, eps)
     return y if residual is None else (y, h)

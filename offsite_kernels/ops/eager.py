@@ -1,0 +1,83 @@
+"""A direct eager path for the library's per-layer custom ops: same implementation, same autograd.
+
+The ops are ``torch.library`` custom ops: that is what ``torch.compile``, fake tensors,
+``FlopCounterMode``, the memory tracker and ``opcheck`` see. In plain eager PyTorch the custom-op
+dispatcher and its Python autograd wrapper cost about 20 µs of host time per call on a CPU core
+(``bench/host_overhead.py``), more than the GPU needs for a norm or an activation at the paper's
+batch (1 x 512 tokens): there the host, not the GPU, sets the step time.
+
+:class:`EagerOp` wraps one custom op. A call in plain eager mode (real tensors of the base class,
+no ``torch.compile``/export tracing, no ``TorchDispatchMode`` on the stack, no ``torch.func``
+transform) runs the op's implementation directly, inside a classic ``torch.autograd.Function``
+built from the op's own ``setup_context`` and ``backward`` when an input needs a gradient. Any
+other call goes through the custom op. ``OFFSITE_EAGER_FAST_PATH=0`` (read at import) or
+``ENABLED = False`` sends every call through the custom op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+ENABLED = os.environ.get("OFFSITE_EAGER_FAST_PATH", "1").strip().lower() not in ("0", "false", "no", "off")
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(args: tuple) -> bool:
+    """Whether a call with ``args`` may skip the custom-op dispatcher (see module docs)."""
+    if not ENABLED or torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, torch.Tensor))
+
+
+def _autograd_function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+    """A ``torch.autograd.Function`` running ``impl`` with the custom op's ``setup_context`` and ``backward``."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def _backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(_backward)})
+
+
+class EagerOp:
+    """A custom op (``op``, what tracing and ``opcheck`` use) callable with a direct eager path.
+
+    ``impl`` is the function the op was made from; ``setup_context``/``backward`` (optional) are
+    registered as the op's autograd here and reused by the eager path, so both paths save the
+    same tensors and compute the same gradients.
+    """
+
+    def __init__(
+        self,
+        op: Any,
+        impl: Callable,
+        setup_context: Callable | None = None,
+        backward: Callable | None = None,
+    ) -> None:
+        self.op, self.impl = op, impl
+        self.function: type | None = None
+        if backward is not None:
+            if setup_context is None:
+                raise ValueError("an op with a backward needs its setup_context")
+            op.register_autograd(backward, setup_context=setup_context)
+            self.function = _autograd_function(
+                f"{impl.__name__.strip('_').removesuffix('_impl')}_eager", impl, setup_context, backward
+            )
+
+    def __call__(self, *args: Any) -> Any:
+        if not plain_eager(args):
+            return self.op(*args)
+        needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if self.function is not None and needs_grad:
+            return self.function.apply(*args)
+        return self.impl(*args)
