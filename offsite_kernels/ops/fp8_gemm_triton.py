@@ -342,9 +342,12 @@ def quantize_rows_fp8_triton(x: torch.Tensor, col_scale: torch.Tensor | None = N
 
 def _arch(device: torch.device) -> int:
     """``10 * major + minor`` of a CUDA device's compute capability (90 elsewhere: no cast quirk applies)."""
-    if device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 90
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
