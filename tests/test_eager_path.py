@@ -19,18 +19,18 @@ from offsite_kernels.ops import activation, eager, norm
 M, N = 7, 45  # odd rows and features
 
 
-def _x(seed: int, shape=(3, M // 3 + 1, N), dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed)).to(dtype).requires_grad_(True)
+def _x(seed: int, shape=(3, M // 3 + 1, N), dtype=torch.float32, device="cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed)).to(device, dtype).requires_grad_(True)
 
 
-def _frozen(seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed))
+def _frozen(seed: int, *shape: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed)).to(device, dtype)
 
 
-def _cases() -> dict:
-    w, b = _frozen(1, N), _frozen(2, N)
-    res = _frozen(3, 3, M // 3 + 1, N)
-    lin = _frozen(4, 29, N)
+def _cases(dtype=torch.float32, device="cpu") -> dict:
+    w, b = _frozen(1, N, dtype=dtype, device=device), _frozen(2, N, dtype=dtype, device=device)
+    res = _frozen(3, 3, M // 3 + 1, N, dtype=dtype, device=device)
+    lin = _frozen(4, 29, N, dtype=dtype, device=device)
     int8, int4 = ok.quantize_weight(lin, bits=8), ok.quantize_weight(lin, bits=4, group_size=32)
     return {
         "layer_norm": lambda x: norm.layer_norm(x, w, b, 1e-5),
@@ -54,14 +54,15 @@ def _outputs(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _run(case: str, enabled: bool, monkeypatch: pytest.MonkeyPatch):
+def _run(case: str, enabled: bool, monkeypatch: pytest.MonkeyPatch, dtype=torch.float32, device="cpu"):
     """Outputs, input gradient, saved tensors and grad_fn names of one call on either path."""
     monkeypatch.setattr(eager, "ENABLED", enabled)
-    x = _x(10)
+    x = _x(10, dtype=dtype, device=device)
+    cases = CASES if device == "cpu" else _cases(dtype, device)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        outs = _outputs(CASES[case](x))
-    loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+        outs = _outputs(cases[case](x))
+    loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device=o.device).view(o.shape)).sum() for o in outs)
     loss.backward()
     names = {type(o.grad_fn).__name__ for o in outs if o.grad_fn is not None}
     return [o.detach() for o in outs], x.grad, [(tuple(t.shape), t.dtype) for t in saved], names
@@ -157,3 +158,16 @@ def test_eager_path_on_the_triton_kernels(case, monkeypatch):
     for a, b in zip(out_e, out_o, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(grad_e, grad_o)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_eager_path_matches_the_custom_op_on_cuda(case, monkeypatch):
+    """On a GPU (the Triton kernels, bf16): both paths launch the same kernels, so results are identical."""
+    out_e, grad_e, saved_e, names_e = _run(case, True, monkeypatch, torch.bfloat16, "cuda")
+    out_o, grad_o, saved_o, _ = _run(case, False, monkeypatch, torch.bfloat16, "cuda")
+    for a, b in zip(out_e, out_o, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(grad_e, grad_o)
+    assert saved_e == saved_o
+    assert all(n.endswith("_eagerBackward") for n in names_e), names_e
