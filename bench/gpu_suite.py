@@ -80,6 +80,14 @@ def _bench_stage(
     return Stage(name, argv, timeout_s, opt_in=opt_in)
 
 
+def _script_stage(
+    name: str, script: str, out_arg: Path, timeout_s: int, table: str, *extra: str, env: dict | None = None
+) -> Stage:
+    """``bench/<script>`` with ``--out out_arg``; ``table``: its markdown, under ``out/<name>``."""
+    argv = [sys.executable, f"bench/{script}", "--out", str(out_arg), *extra]
+    return Stage(name, argv, timeout_s, table=f"{name}/{table}", needs=f"bench/{script}", env=env)
+
+
 def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
     py = sys.executable
     q = [] if full_kernels else ["--quick"]  # the kernel benchmarks' full sweeps take longer than the whole suite
@@ -95,35 +103,22 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             30,
         ),
         Stage("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 130),
-        Stage(
+        _script_stage(
             "frozen_linear",
-            [py, "bench/frozen_linear_gpu.py", "--out", str(out / "frozen_linear"), *q],
+            "frozen_linear_gpu.py",
+            out / "frozen_linear",
             400 if full_kernels else 110,
-            table="frozen_linear/frozen_linear_gpu.md",
+            "frozen_linear_gpu.md",
+            *q,
         ),
-        Stage(
-            "fused_ops",
-            [py, "bench/fused_ops_gpu.py", "--out", str(out / "fused_ops"), *q],
-            400 if full_kernels else 100,
-            table="fused_ops/fused_ops_gpu.md",
-            needs="bench/fused_ops_gpu.py",
-        ),
-        Stage(
-            "host_overhead",
-            [py, "bench/host_overhead.py", "--out", str(out / "host_overhead" / "host_overhead-cuda.json")],
-            40,
-            table="host_overhead/host_overhead-cuda.md",
-            needs="bench/host_overhead.py",
+        _script_stage("fused_ops", "fused_ops_gpu.py", out / "fused_ops", 400 if full_kernels else 100, "fused_ops_gpu.md", *q),
+        _script_stage(
+            "host_overhead", "host_overhead.py", out / "host_overhead" / "host_overhead-cuda.json", 40, "host_overhead-cuda.md"
         ),
         _bench_stage(out, "e2e", "gpt2-xl,opt-1.3b", QUICK_METHODS if quick else SUITE_METHODS, 100 if quick else 170),
         # last: the CUDA part of the extension is compiled on first use (OFFSITE_NATIVE_JIT), which takes a while
-        Stage(
-            "native",
-            [py, "bench/native_gpu.py", "--out", str(out / "native" / "native_gpu.json")],
-            150,
-            table="native/native_gpu.md",
-            needs="bench/native_gpu.py",
-            env={"OFFSITE_NATIVE_JIT": "1"},
+        _script_stage(
+            "native", "native_gpu.py", out / "native" / "native_gpu.json", 150, "native_gpu.md", env={"OFFSITE_NATIVE_JIT": "1"}
         ),
         # opt-in (--only e2e_7b): 6.7B-parameter models. FT runs on DeepSpeed ZeRO-2 with CPU offload where plain
         # FT does not fit the GPU and the host can hold the offload; DeepSpeed travels as wheels (bench/gpu_wheels.sh)
