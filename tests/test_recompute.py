@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import padded_mask, random_ids
@@ -238,3 +240,37 @@ def test_threads_sharing_one_stack_do_not_mix_their_passes():
         t.join()
     for i, x in enumerate(inputs):
         torch.testing.assert_close(results[i], _toy_grad(plain, x))
+
+
+def _hooked_grad(mode, hook_block: int, pre: bool):
+    """The toy stack with a hook on one block that doubles its output (or halves its input)."""
+    blocks = _toy_stack(mode)
+    if pre:
+        blocks[hook_block].register_forward_pre_hook(
+            lambda m, args, kwargs: (args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 0.5}), with_kwargs=True
+        )
+    else:
+        blocks[hook_block].register_forward_hook(lambda m, args, out: (out[0] * 2, *out[1:]))
+    return _toy_grad(blocks, torch.randn(3, 13, generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_selective_recompute_keeps_module_hooks_exact(pre):
+    for hook_block in (0, 1, 3):
+        torch.testing.assert_close(_hooked_grad("selective", hook_block, pre), _hooked_grad(None, hook_block, pre))
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_full_recompute_with_hooks_at_the_stack_edges_is_exact(pre):
+    """The first block's pre-hooks run before the stack, the last block's forward hooks after it."""
+    hook_block = 0 if pre else 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(_hooked_grad("full", hook_block, pre), _hooked_grad(None, hook_block, pre))
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_full_recompute_warns_on_hooks_between_blocks(pre):
+    with pytest.warns(UserWarning, match="hooks between them"):
+        wrong = _hooked_grad("full", 1 if pre else 2, pre)
+    assert not torch.allclose(wrong, _hooked_grad(None, 1 if pre else 2, pre))  # why it warns

@@ -17,7 +17,15 @@ which is every Hugging Face decoder block):
 
 Both keep the block's own ``forward`` and its parameter names: the block's class is swapped for
 a subclass whose ``forward`` wraps the original (undone by :func:`remove_recompute`). Nothing is
-copied from Hugging Face. The blocks are expected frozen (no parameter needs grad); only the
+copied from Hugging Face.
+
+Module hooks. The wrapper runs inside the block's ``__call__``, after its pre-hooks and before its
+forward hooks, and a rerun calls the wrapped ``forward`` only. In ``"selective"`` mode that is
+exact: each block's checkpoint spans its ``forward``, its hooks run once, outside. In ``"full"``
+mode the hooks *between* blocks (forward hooks of all blocks but the last, pre-hooks of all but the
+first) ran in the forward but are not rerun, so a hook there that changes a block's output or
+input gives wrong gradients; such a stack warns once (hooks that change nothing, such as
+DeepSpeed's parameter gathering, are harmless). Use ``"selective"`` there. The blocks are expected frozen (no parameter needs grad); only the
 gradient of the hidden states flows through them.
 """
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -174,9 +183,28 @@ class _Stack:
     def __init__(self, size: int) -> None:
         self.size = size
         self._local = threading.local()
+        self.warned_hooks = False
 
     def __deepcopy__(self, memo: dict) -> _Stack:
         return _Stack(self.size)  # a copy never shares a pass in flight
+
+    def warn_on_hooks_between_blocks(self, block: nn.Module, index: int) -> None:
+        """Warn once when ``block`` has module hooks that a full rerun would skip (see module docs)."""
+        if self.warned_hooks:
+            return
+        skipped = []
+        if index < self.size - 1 and (block._forward_hooks or nn.modules.module._global_forward_hooks):
+            skipped.append("forward hooks")
+        if index > 0 and (block._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks):
+            skipped.append("forward pre-hooks")
+        if skipped:
+            self.warned_hooks = True
+            warnings.warn(
+                f"recomputed block {index} ({type(block).__name__}) has {' and '.join(skipped)}; full recomputation "
+                "reruns the blocks in the backward without the hooks between them, so a hook that changes a block's "
+                "input or output gives wrong gradients. Use recompute='selective' with such hooks.",
+                stacklevel=4,
+            )
 
     def _pass(self) -> _Pass:
         record = getattr(self._local, "record", None)
@@ -204,6 +232,7 @@ class _Stack:
             )
         try:
             record.expected += 1
+            self.warn_on_hooks_between_blocks(block, index)
             _check_no_cached_keys(block, args, kwargs)
             # the hidden states are not kept: the backward recomputes them from the stack's input
             call_args, call_kwargs = _with_hidden(*_without_caches(args, kwargs), None)
