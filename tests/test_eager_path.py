@@ -171,3 +171,32 @@ def test_eager_path_matches_the_custom_op_on_cuda(case, monkeypatch):
     assert torch.equal(grad_e, grad_o)
     assert saved_e == saved_o
     assert all(n.endswith("_eagerBackward") for n in names_e), names_e
+
+
+@pytest.mark.parametrize("case", ["layer_norm", "bias_gelu", "swiglu", "frozen_linear_int8"])
+def test_double_backward_fails_loudly_on_both_paths(case, monkeypatch):
+    """The input-gradient ops have no autograd formula: a second derivative must raise, not drop terms."""
+    for enabled in (True, False):
+        monkeypatch.setattr(eager, "ENABLED", enabled)
+        x = _x(14)
+        (g,) = torch.autograd.grad(_outputs(CASES[case](x))[0].square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            g.sum().backward()
+
+
+def test_jit_trace_and_torch_function_modes_take_the_custom_op(monkeypatch):
+    monkeypatch.setattr(eager, "ENABLED", True)
+    w, b = _frozen(1, N), _frozen(2, N)
+    traced = torch.jit.trace(lambda x: norm.layer_norm(x, w, b, 1e-5), (torch.randn(5, N),), check_trace=False)
+    assert "offsite_kernels::layer_norm" in str(traced.graph)
+
+    seen: list[str] = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        activation.bias_gelu(_x(15), b)
+    assert any("offsite_kernels.bias_gelu" in name for name in seen), seen

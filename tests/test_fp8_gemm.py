@@ -106,7 +106,7 @@ def test_cast_through_fp16_rounds_twice():
     kernels = _triton()
     x = torch.tensor([17.004, -17.004, 33.0])
     assert _bits(x.to(torch.float8_e4m3fn)).tolist() != _bits(x.half().to(torch.float8_e4m3fn)).tolist()
-    assert kernels.cast_rounds_twice(89) == (kernels.triton_version() <= (3, 6))
+    assert kernels.cast_rounds_twice(89) == (kernels.triton_version() < (3, 9))
     assert not kernels.cast_rounds_twice(90)
 
 

@@ -274,3 +274,13 @@ def test_full_recompute_warns_on_hooks_between_blocks(pre):
     with pytest.warns(UserWarning, match="hooks between them"):
         wrong = _hooked_grad("full", 1 if pre else 2, pre)
     assert not torch.allclose(wrong, _hooked_grad(None, 1 if pre else 2, pre))  # why it warns
+
+
+def test_full_recompute_warns_on_backward_hooks_of_inner_blocks():
+    """Blocks before the last run without autograd in a full recompute: their backward hooks never fire."""
+    blocks = _toy_stack("full")
+    fired = []
+    blocks[1].register_full_backward_hook(lambda m, gin, gout: fired.append(1))
+    with pytest.warns(UserWarning, match="backward hooks"):
+        _toy_grad(blocks, torch.randn(3, 13))
+    assert fired == []  # what the warning is about

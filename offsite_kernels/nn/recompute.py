@@ -24,7 +24,8 @@ forward hooks, and a rerun calls the wrapped ``forward`` only. In ``"selective"`
 exact: each block's checkpoint spans its ``forward``, its hooks run once, outside. In ``"full"``
 mode the hooks *between* blocks (forward hooks of all blocks but the last, pre-hooks of all but the
 first) ran in the forward but are not rerun, so a hook there that changes a block's output or
-input gives wrong gradients; such a stack warns once (hooks that change nothing, such as
+input gives wrong gradients. Full backward hooks of all blocks but the last never fire (those
+blocks run without autograd). Such a stack warns once (hooks that change nothing, such as
 DeepSpeed's parameter gathering, are harmless). Use ``"selective"`` there. The blocks are expected frozen (no parameter needs grad); only the
 gradient of the hidden states flows through them.
 """
@@ -192,17 +193,22 @@ class _Stack:
         """Warn once when ``block`` has module hooks that a full rerun would skip (see module docs)."""
         if self.warned_hooks:
             return
+        hooks = nn.modules.module
         skipped = []
-        if index < self.size - 1 and (block._forward_hooks or nn.modules.module._global_forward_hooks):
+        if index < self.size - 1 and (block._forward_hooks or hooks._global_forward_hooks):
             skipped.append("forward hooks")
-        if index > 0 and (block._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks):
+        if index > 0 and (block._forward_pre_hooks or hooks._global_forward_pre_hooks):
             skipped.append("forward pre-hooks")
+        backward_hooks = block._backward_hooks or block._backward_pre_hooks
+        if index < self.size - 1 and (backward_hooks or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
+            skipped.append("backward hooks")
         if skipped:
             self.warned_hooks = True
             warnings.warn(
                 f"recomputed block {index} ({type(block).__name__}) has {' and '.join(skipped)}; full recomputation "
                 "reruns the blocks in the backward without the hooks between them, so a hook that changes a block's "
-                "input or output gives wrong gradients. Use recompute='selective' with such hooks.",
+                "input or output gives wrong gradients (and backward hooks never fire). Use recompute='selective' "
+                "with such hooks.",
                 stacklevel=4,
             )
 

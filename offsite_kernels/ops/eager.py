@@ -8,9 +8,11 @@ batch (1 x 512 tokens): there the host, not the GPU, sets the step time.
 
 :class:`EagerOp` wraps one custom op. A call in plain eager mode (real tensors of the base class,
 no ``torch.compile``/export tracing, no ``TorchDispatchMode`` on the stack, no ``torch.func``
-transform) runs the op's implementation directly, inside a classic ``torch.autograd.Function``
-built from the op's own ``setup_context`` and ``backward`` when an input needs a gradient. Any
-other call goes through the custom op. ``OFFSITE_EAGER_FAST_PATH=0`` (read at import) or
+transform, no ``TorchFunctionMode``, no ``torch.jit`` trace) runs the op's implementation directly,
+inside a classic ``torch.autograd.Function`` built from the op's own ``setup_context`` and
+``backward`` when an input needs a gradient. Any other call goes through the custom op, and so
+does a call of an op without a registered backward whose inputs need grad (a double backward:
+the custom op raises, where the implementation would silently drop terms). ``OFFSITE_EAGER_FAST_PATH=0`` (read at import) or
 ``ENABLED = False`` sends every call through the custom op.
 """
 
@@ -31,6 +33,8 @@ def plain_eager(args: tuple) -> bool:
     if not ENABLED or torch.compiler.is_compiling():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._get_tracing_state() is not None:
         return False
     return all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, torch.Tensor))
 
@@ -78,6 +82,6 @@ class EagerOp:
         if not plain_eager(args):
             return self.op(*args)
         needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        if self.function is not None and needs_grad:
-            return self.function.apply(*args)
-        return self.impl(*args)
+        if not needs_grad:
+            return self.impl(*args)
+        return self.function.apply(*args) if self.function is not None else self.op(*args)

@@ -145,8 +145,8 @@ def _frozen_linear_bwd_kernel(
 # Each list holds only configurations that compile for sm_80 and sm_90 without spilling and within
 # an A100's shared memory (checked ahead of time by tests/test_aot_compile.py), with Triton 3.9 (CI)
 # and 3.6 (the GPU image). int4's per-element unpacking needs more registers: its lists drop the
-# tiles that spill, and its 128x64 forward tile takes 8 warps (4 spilled 16 B on sm_80 under 3.6),
-# as does the 32-row backward tile (4 spilled 8 B on sm_90 under 3.6).
+# tiles that spill, and its 128x64 forward tile takes 8 warps (4 spilled 16 B on sm_80 under 3.6).
+# The 32-row backward tile of the other formats takes 8 warps too (4 spilled 8 B on sm_90 under 3.6).
 _CANDIDATES = {
     ("fwd", "any"): ((16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
     ("fwd", "int4"): ((16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3)),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import triton
 import triton.language as tl
 
 
+@functools.cache
 def triton_version() -> tuple[int, int]:
     """``(major, minor)`` of the installed Triton, for the few code-generation differences that have no feature to test."""
     major, minor = (int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
