@@ -66,3 +66,15 @@ def padded_mask(batch: int, length: int) -> torch.Tensor:
 
 def state_dict_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def forward_saving_only_weights(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, asserting that autograd saved something and only ``layer``'s own buffers (no activation)."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    weight_ptrs = {t.data_ptr() for t in layer.buffers()}
+    assert saved, "the weight must be saved for the backward"
+    for t in saved:
+        assert t.data_ptr() in weight_ptrs, f"saved a non-weight tensor of shape {tuple(t.shape)}"
+    return y
