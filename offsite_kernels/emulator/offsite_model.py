@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import LayoutError, OffsiteError
 from ..models import ModelFamily, get_family
+from ..nn.cuda_graphs import GraphError, apply_cuda_graphs, cuda_graphs_enabled, graph_stack, remove_cuda_graphs
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
@@ -72,8 +73,8 @@ class OffsiteModel(nn.Module):
         Trainer keeps them; every other argument (``inputs_embeds``, caches, ...) goes through
         to the wrapped model as given.
         """
-        if self.recompute is not None and torch.is_grad_enabled() and "use_cache" not in kwargs:
-            kwargs["use_cache"] = False  # a recomputed emulator must not fill a KV cache while training
+        if (self.recompute is not None or self.cuda_graphs) and torch.is_grad_enabled() and "use_cache" not in kwargs:
+            kwargs["use_cache"] = False  # a recomputed or graphed emulator must not fill a KV cache while training
         if (
             labels is not None
             and not return_logits
@@ -131,7 +132,8 @@ class OffsiteModel(nn.Module):
 
         if self.fast_blocks:
             return self
-        mode = self.recompute
+        mode, graphs = self.recompute, self._graph_settings()
+        self.set_cuda_graphs(False)
         self.set_recompute(None)  # swap inside the plain blocks, then wrap them again
         swapped = []
         for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):
@@ -139,7 +141,8 @@ class OffsiteModel(nn.Module):
         if self.family.sdpa_attention:
             use_sdpa_attention_(self.model)
         self.fast_blocks = swapped
-        return self.set_recompute(mode)
+        self.set_recompute(mode)
+        return self.set_cuda_graphs(True, **graphs) if graphs is not None else self
 
     @property
     def recompute(self) -> str | None:
@@ -159,10 +162,48 @@ class OffsiteModel(nn.Module):
             raise RecomputeError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, True, False or None; got {mode!r}")
         if mode is not None and getattr(self.config, "layerdrop", 0.0):
             raise RecomputeError("recomputation needs every emulator block to run; set config.layerdrop = 0")
+        graphs = self._graph_settings()
+        if graphs is not None and mode == "full":
+            raise GraphError(
+                "full recomputation and CUDA graphs do not combine: set_cuda_graphs(False) first, or use recompute='selective'"
+            )
         blocks = [block for _, block in self.emulator_blocks()]
+        self.set_cuda_graphs(False)  # the graph wrapper goes outermost: take it off, then put it back
         remove_recompute(blocks)
         if mode is not None and blocks:
             apply_recompute(blocks, mode)
+        return self.set_cuda_graphs(True, **graphs) if graphs is not None else self
+
+    def _graph_settings(self) -> dict[str, int] | None:
+        """The CUDA graph settings of the emulator blocks, or None when they replay no graphs."""
+        blocks = self.emulator_blocks()
+        stack = graph_stack(blocks[0][1]) if blocks else None
+        return None if stack is None else {"warmup_passes": stack.warmup_passes, "max_graph_sets": stack.max_graph_sets}
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the emulator blocks replay CUDA graphs in training (:mod:`offsite_kernels.nn.cuda_graphs`)."""
+        blocks = self.emulator_blocks()
+        return bool(blocks) and cuda_graphs_enabled(blocks[0][1])
+
+    def set_cuda_graphs(self, enabled: bool = True, warmup_passes: int = 1, max_graph_sets: int = 4) -> OffsiteModel:
+        """Replay each emulator block's forward and input backward as CUDA graphs while training.
+
+        At small batches the host's Python, not the GPU, sets the step time of the frozen blocks;
+        a graph replay costs one launch. The first ``warmup_passes`` passes run eagerly, the next
+        one captures; at most ``max_graph_sets`` input shapes are captured. Off the GPU and under
+        ``torch.no_grad()`` (evaluation, generation) the blocks run as before. Does not combine
+        with ``recompute="full"``. False removes the graphs.
+        """
+        blocks = [block for _, block in self.emulator_blocks()]
+        if not enabled:
+            remove_cuda_graphs(blocks)
+            return self
+        if getattr(self.config, "layerdrop", 0.0):
+            raise GraphError("CUDA graphs need every emulator block to run; set config.layerdrop = 0")
+        if self.cuda_graphs:
+            remove_cuda_graphs(blocks)  # new settings: capture again
+        apply_cuda_graphs(blocks, warmup_passes=warmup_passes, max_graph_sets=max_graph_sets)
         return self
 
     def emulator_positions(self) -> list[int]:
@@ -191,6 +232,7 @@ class OffsiteModel(nn.Module):
         fmt = next((rec["format"] for recs in self.quantized.values() for rec in recs.values()), "dense")
         extra = f", recompute={self.recompute}" if self.recompute else ""
         extra += ", fast blocks" if self.fast_blocks else ""
+        extra += ", CUDA graphs" if self.cuda_graphs else ""
         return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}, weights={fmt}{extra}"
 
     # --- files ---------------------------------------------------------------------------
@@ -237,6 +279,7 @@ def make_emulator(
     group_size: int = 128,
     recompute: str | bool | None = None,
     fast: bool = False,
+    cuda_graphs: bool = False,
 ) -> OffsiteModel:
     """Split a Hugging Face causal LM into adapter + compressed emulator (Offsite-Tuning).
 
@@ -252,6 +295,8 @@ def make_emulator(
         recompute: "full" (or True) to save only the emulator's input and rerun its blocks in the
             backward; "selective" to keep GEMM and attention outputs and rerun the rest; None.
         fast: swap the fused frozen ops into the emulator blocks (:meth:`OffsiteModel.use_fast_blocks`).
+        cuda_graphs: replay the emulator blocks as CUDA graphs while training on a GPU
+            (:meth:`OffsiteModel.set_cuda_graphs`); not with ``recompute="full"``.
     """
     family = get_family(model)
     n_layers = len(family.get_blocks(model))
@@ -269,6 +314,8 @@ def make_emulator(
     check_format(bits, group_size)  # reject a bad format before any copying
     if recompute not in (None, False, True, *RECOMPUTE_MODES):
         raise RecomputeError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, True, False or None; got {recompute!r}")
+    if cuda_graphs and recompute in (True, "full"):
+        raise GraphError("CUDA graphs and full recomputation do not combine; use recompute='selective' or None")
     layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)
     reduced = copy_with_blocks(model, family, layout.kept_indices)
     freeze_all_but_adapter_(reduced, family, layout)
@@ -282,4 +329,6 @@ def make_emulator(
         emulator.use_fast_blocks()
     if recompute:
         emulator.set_recompute(recompute)
+    if cuda_graphs:
+        emulator.set_cuda_graphs(True)
     return emulator
