@@ -78,3 +78,77 @@ def forward_saving_only_weights(layer: torch.nn.Module, x: torch.Tensor) -> torc
     for t in saved:
         assert t.data_ptr() in weight_ptrs, f"saved a non-weight tensor of shape {tuple(t.shape)}"
     return y
+
+
+# --- CUDA graphs on the CPU ------------------------------------------------------------------------
+class StandInGraph:
+    """A CPU stand-in for one callable captured by ``torch.cuda.make_graphed_callables``, with a
+    captured graph's hazards: static inputs, static outputs the next replay overwrites, and one
+    saved state that the next forward replaces."""
+
+    def __init__(self, fn, samples: tuple[torch.Tensor, ...]) -> None:
+        self.fn, self.static_inputs = fn, samples
+        self.static_outputs: list[torch.Tensor] | None = None
+        self.static_grads: list[torch.Tensor | None] = []
+        self.saved: tuple | None = None  # the last forward's autograd state: the next forward replaces it
+        self.fn(*samples)  # a capture runs the function once (a failure there is a capture failure)
+        graph = self
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                for static, x in zip(graph.static_inputs, inputs, strict=True):
+                    static.detach().copy_(x)
+                with torch.enable_grad():
+                    live = [s.detach().requires_grad_(s.requires_grad) for s in graph.static_inputs]
+                    outs = graph.fn(*live)
+                graph.saved = (live, outs)
+                if graph.static_outputs is None:
+                    graph.static_outputs = [torch.empty_like(o) for o in outs]
+                for static, o in zip(graph.static_outputs, outs, strict=True):
+                    static.copy_(o.detach())
+                return tuple(static.detach() for static in graph.static_outputs)
+
+            @staticmethod
+            def backward(ctx, *grads_out):
+                live, outs = graph.saved
+                need = [t for t in live if t.requires_grad]
+                pairs = [(o, g) for o, g in zip(outs, grads_out, strict=True) if o.requires_grad]
+                outputs, grad_outputs = zip(*pairs, strict=True)
+                grads = iter(torch.autograd.grad(outputs, need, grad_outputs, retain_graph=True))
+                if not graph.static_grads:
+                    graph.static_grads = [torch.empty_like(t) if t.requires_grad else None for t in live]
+                result = []
+                for static in graph.static_grads:
+                    if static is not None:
+                        static.copy_(next(grads))
+                    result.append(None if static is None else static.detach())
+                return tuple(result)
+
+        self.replay = Replay
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.replay.apply(*tensors)
+
+
+class StandInGraphEngine:
+    def __init__(self) -> None:
+        self.captures = 0
+        self.fail: Exception | None = None
+
+    def __call__(self, callables, sample_args, pool):
+        if self.fail is not None:
+            raise self.fail
+        self.captures += 1
+        return tuple(StandInGraph(fn, samples) for fn, samples in zip(callables, sample_args, strict=True))
+
+
+@pytest.fixture
+def cuda_graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> StandInGraphEngine:
+    """``offsite_kernels.nn.cuda_graphs`` graphs calls on the CPU too, captured by the stand-in."""
+    from offsite_kernels.nn import cuda_graphs as cg
+
+    stand_in = StandInGraphEngine()
+    monkeypatch.setattr(cg, "GRAPH_DEVICE_TYPES", ("cpu", "cuda"))
+    monkeypatch.setattr(cg, "_make_graphed_callables", stand_in)
+    return stand_in

@@ -170,3 +170,20 @@ def test_finetune_with_fast_recomputed_blocks_reaches_the_plain_adapter(workdir)
         assert float((plain[name] - fast[name]).abs().max()) <= 1e-4 * scale, name
     full = ["finetune", str(w / "model"), "--full-model", "--fast", "--train", str(w / "train.txt"), "-o", str(w / "x"), *TRAIN]
     assert main(full) == 2 and not (w / "x").exists()
+
+
+def test_finetune_with_cuda_graphs_reaches_the_plain_adapter(workdir, cuda_graphs_on_cpu, capsys):
+    """--cuda-graphs (captured on the CPU by the stand-in engine) trains the same adapter."""
+    w = workdir
+    args = ["finetune", str(w / "emu"), "--train", str(w / "train.txt"), *TRAIN]
+    assert main([*args, "-o", str(w / "plain"), "--fast"]) == 0
+    assert main([*args, "-o", str(w / "graphed"), "--fast", "--recompute", "selective", "--cuda-graphs"]) == 0
+    assert cuda_graphs_on_cpu.captures >= 1
+    from safetensors.torch import load_file
+
+    plain, graphed = load_file(w / "plain" / "adapter.safetensors"), load_file(w / "graphed" / "adapter.safetensors")
+    for name in plain:
+        scale = float(plain[name].abs().max().clamp_min(1e-6))
+        assert float((plain[name] - graphed[name]).abs().max()) <= 1e-4 * scale, name
+    assert main([*args, "-o", str(w / "x"), "--recompute", "full", "--cuda-graphs"]) == 2
+    assert "do not combine" in capsys.readouterr().err and not (w / "x").exists()

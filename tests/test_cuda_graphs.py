@@ -13,82 +13,29 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_ids
+from conftest import StandInGraph, random_ids
 
 from offsite_kernels import make_emulator
+from offsite_kernels.benchmark import BenchError, BenchMethod, BenchModel, BenchSettings, run_bench
+from offsite_kernels.benchmark.measure import measure_training
+from offsite_kernels.benchmark.report import _notes
 from offsite_kernels.nn import GraphError, apply_cuda_graphs, cuda_graphs_enabled, remove_cuda_graphs, reset_cuda_graphs
 from offsite_kernels.nn import cuda_graphs as cg
 from offsite_kernels.nn.cuda_graphs import graph_stack
 from offsite_kernels.tiny import tiny_model
 
-
-class _StandInGraph:
-    """One block's "graph" on the CPU: every buffer static, as in a real capture."""
-
-    def __init__(self, fn, samples: tuple[torch.Tensor, ...]) -> None:
-        self.fn, self.static_inputs = fn, samples
-        self.static_outputs: list[torch.Tensor] | None = None
-        self.static_grads: list[torch.Tensor | None] = []
-        self.saved: tuple | None = None  # the last forward's autograd state: the next forward replaces it
-        self.fn(*samples)  # a capture runs the function once (a failure there is a capture failure)
-        graph = self
-
-        class Replay(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *inputs):
-                for static, x in zip(graph.static_inputs, inputs, strict=True):
-                    static.detach().copy_(x)
-                with torch.enable_grad():
-                    live = [s.detach().requires_grad_(s.requires_grad) for s in graph.static_inputs]
-                    outs = graph.fn(*live)
-                graph.saved = (live, outs)
-                if graph.static_outputs is None:
-                    graph.static_outputs = [torch.empty_like(o) for o in outs]
-                for static, o in zip(graph.static_outputs, outs, strict=True):
-                    static.copy_(o.detach())
-                return tuple(static.detach() for static in graph.static_outputs)
-
-            @staticmethod
-            def backward(ctx, *grads_out):
-                live, outs = graph.saved
-                need = [t for t in live if t.requires_grad]
-                pairs = [(o, g) for o, g in zip(outs, grads_out, strict=True) if o.requires_grad]
-                outputs, grad_outputs = zip(*pairs, strict=True)
-                grads = iter(torch.autograd.grad(outputs, need, grad_outputs, retain_graph=True))
-                if not graph.static_grads:
-                    graph.static_grads = [torch.empty_like(t) if t.requires_grad else None for t in live]
-                result = []
-                for static in graph.static_grads:
-                    if static is not None:
-                        static.copy_(next(grads))
-                    result.append(None if static is None else static.detach())
-                return tuple(result)
-
-        self.replay = Replay
-
-    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.replay.apply(*tensors)
-
-
-class _StandInEngine:
-    def __init__(self) -> None:
-        self.captures = 0
-        self.fail: Exception | None = None
-
-    def __call__(self, callables, sample_args, pool):
-        if self.fail is not None:
-            raise self.fail
-        self.captures += 1
-        return tuple(_StandInGraph(fn, samples) for fn, samples in zip(callables, sample_args, strict=True))
+_TINY_BENCH = BenchModel(
+    name="tiny-gpt2",
+    model_type="gpt2",
+    config=dict(n_embd=32, n_layer=4, n_head=2, n_positions=32, vocab_size=97, bos_token_id=0, eos_token_id=1),
+    layout="1-2-1",
+    scaled={},
+)
 
 
 @pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch) -> _StandInEngine:
-    """Graph calls on the CPU too, captured by the stand-in."""
-    stand_in = _StandInEngine()
-    monkeypatch.setattr(cg, "GRAPH_DEVICE_TYPES", ("cpu", "cuda"))
-    monkeypatch.setattr(cg, "_make_graphed_callables", stand_in)
-    return stand_in
+def engine(cuda_graphs_on_cpu):
+    return cuda_graphs_on_cpu
 
 
 def _emulator(model_type: str, graphs: bool, **kwargs):
@@ -147,7 +94,7 @@ def test_two_forwards_before_one_backward_run_the_second_eagerly(engine):
 def test_the_stand_in_has_the_hazard_the_guard_prevents(engine):
     """Without the slot guard the second forward would overwrite the first one's saved state."""
     fn = lambda x: ((x * x).sum(-1, keepdim=True) * x,)  # noqa: E731
-    graph = _StandInGraph(fn, (torch.zeros(3, requires_grad=True),))
+    graph = StandInGraph(fn, (torch.zeros(3, requires_grad=True),))
     x1, x2 = torch.tensor([1.0, 2.0, 3.0], requires_grad=True), torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
     y1 = graph(x1 * 1)[0].sum()
     graph(x2 * 1)
@@ -300,6 +247,34 @@ def test_offsite_model_keeps_graphs_through_fast_blocks_and_selective_recompute(
     emu.set_cuda_graphs(False)
     assert not emu.cuda_graphs and emu.recompute == "selective"
     assert type(block).__name__ == type(reference.emulator_blocks()[0][1]).__name__
+
+
+# --- offsite bench ---------------------------------------------------------------------------------
+def test_bench_graph_modifier_parses_and_refuses_recompute():
+    method = BenchMethod.parse("ot+graph+lora+fast")
+    assert method.name == "ot+lora+fast+graph" and method.cuda_graphs and "CUDA graphs" in method.label
+    with pytest.raises(BenchError, match="pick one"):
+        BenchMethod.parse("ot+fast+recompute+graph")
+    with pytest.raises(BenchError, match="full fine-tuning takes only"):
+        BenchMethod.parse("ft+graph")
+
+
+def test_bench_skips_graph_rows_off_the_gpu():
+    said = []
+    settings = BenchSettings(
+        models=[_TINY_BENCH], methods=["ot+fast+graph"], batches=[1], seq=8, device="cpu", warmup=1, steps=1, progress=said.append
+    )
+    assert run_bench(settings).rows == []
+    assert any("need a CUDA GPU" in line for line in said) and any("not accounting" in line for line in said)
+
+
+def test_bench_measurement_reports_the_graphs(engine):
+    method = BenchMethod.parse("ot+lora+fast+graph")
+    measured = measure_training(_TINY_BENCH, method, 2, 8, torch.device("cpu"), None, False, warmup=2, steps=2)
+    # step 1 warms up, steps 2-4 replay both emulator blocks
+    assert measured.graphs == {"sets": 1, "block_replays": 3 * 2, "pool_bytes": 0, "failed": []}
+    row = {"label": method.label, "cuda_graphs": {"sets": 0, "block_replays": 0, "pool_bytes": 0, "failed": ["Boom: x"]}}
+    assert "no CUDA graph was captured, the blocks ran eagerly: Boom" in _notes([row])[1]
 
 
 # --- on a GPU: real captures ------------------------------------------------------------------------

@@ -4,7 +4,9 @@ matmul ceiling that MFU is taken against.
 Time: the median (with p20 and p80) of ``steps`` training steps after ``warmup`` steps, each
 bracketed by a device synchronisation. Memory on CUDA: ``torch.cuda.max_memory_allocated`` over
 the timed steps (weights included), and allocated-bytes deltas in one more, untimed step for the
-parts. On the CPU (no allocator statistics): that untimed step runs under
+parts. With CUDA graphs (``+graph``) the graphs' memory pool (the emulator's saved activations and
+workspace, held between steps, invisible to the allocated-bytes counters during replays) is added
+to the timed steps' peak and to the activations; the capture, in a warm-up step, counts too. On the CPU (no allocator statistics): that untimed step runs under
 :class:`~offsite_kernels.memtrack.MemoryTracker`, and the peak is the weights plus its peak.
 """
 
@@ -38,6 +40,7 @@ class Measurement:
     memory: MemoryBreakdown
     loss: float
     trainable_params: int
+    graphs: dict | None = None  # with CUDA graphs: sets captured, block replays, pool bytes, failed captures
 
 
 def _sync(device: torch.device) -> None:
@@ -84,7 +87,7 @@ def measure_training(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    times, loss = [], float("nan")
+    times, loss, warmup_peak = [], float("nan"), 0
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
@@ -93,17 +96,37 @@ def measure_training(
         if i >= warmup:
             times.append(time.perf_counter() - start)
         loss = float(loss_t)
+        if method.cuda_graphs and i == warmup - 1 and device.type == "cuda":  # the capture's peak, then the replays'
+            warmup_peak = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
     timing = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 
+    graphs = _graph_report(trainee.module) if method.cuda_graphs else None
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
+        pool = graphs["pool_bytes"] if graphs else 0
+        peak = max(warmup_peak, torch.cuda.max_memory_allocated(device) + pool)
         activations, gradients = step.phases(ids, lambda: torch.cuda.memory_allocated(device))
+        activations += pool
     else:  # the optimizer state (and an offloaded one, in the same memory here) predates the tracker
         with MemoryTracker() as tracker:
             activations, gradients = step.phases(ids, lambda: tracker.current_bytes)
         peak = weights + step.optimizer_bytes() + step.host_bytes() + tracker.peak_bytes
     memory = MemoryBreakdown(weights, gradients, step.optimizer_bytes(), activations, peak, host=step.host_bytes())
-    return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params))
+    return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params), graphs)
+
+
+def _graph_report(module: torch.nn.Module) -> dict:
+    """What the CUDA graphs of ``module``'s graphed blocks did: a ``+graph`` row that captured
+    nothing ran eagerly, and says so."""
+    from ..nn.cuda_graphs import graph_stacks
+
+    stacks = graph_stacks(module)
+    return {
+        "sets": sum(len(s.sets) for s in stacks),
+        "block_replays": sum(g.replays for s in stacks for g in s.sets.values()),
+        "pool_bytes": sum(s.pool_bytes() for s in stacks),
+        "failed": [reason for s in stacks for reason in s.failed.values()],
+    }
 
 
 def make_step(trainee: Trainee, method: BenchMethod, batch: int, amp_dtype: torch.dtype | None) -> Step:

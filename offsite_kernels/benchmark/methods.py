@@ -19,6 +19,9 @@ A method is written as its base and modifiers joined by ``+``, in any order:
 - ``head`` (``ot`` only): the loss through the fused frozen LM head (chunked linear +
   cross-entropy; the logits are never materialised). Without it the emulator computes logits and
   the loss as Hugging Face does.
+- ``graph`` (``ot`` only, CUDA only, not with ``recompute``): each emulator block's forward and
+  input backward replayed as CUDA graphs (:mod:`offsite_kernels.nn.cuda_graphs`), captured in
+  the warm-up steps.
 
 ``ot`` alone is the paper's method in plain PyTorch: Hugging Face blocks, fp32 weights, bf16
 autocast. Every trainable parameter is fp32 and trained by AdamW in every method.
@@ -36,7 +39,7 @@ from torch import nn
 from ..errors import OffsiteError
 
 BASES = ("ft", "ot")
-MODIFIERS = ("lora", "zero", "fast", "int8", "int4", "fp8", "recompute", "head")
+MODIFIERS = ("lora", "zero", "fast", "int8", "int4", "fp8", "recompute", "head", "graph")
 _FORMATS = {"int8": 8, "int4": 4, "fp8": "fp8"}
 INT4_GROUP_SIZE = 128
 LORA_RANK = 8
@@ -55,6 +58,7 @@ class BenchMethod:
     bits: int | str | None = None
     recompute: bool = False
     fused_head: bool = False
+    cuda_graphs: bool = False
 
     @property
     def name(self) -> str:
@@ -66,6 +70,7 @@ class BenchMethod:
         parts += [k for k, v in _FORMATS.items() if v == self.bits]
         parts += ["recompute"] if self.recompute else []
         parts += ["head"] if self.fused_head else []
+        parts += ["graph"] if self.cuda_graphs else []
         return "+".join(parts)
 
     @property
@@ -74,7 +79,7 @@ class BenchMethod:
         head, *rest = self.name.split("+")
         if self.zero:
             return "FT (DeepSpeed ZeRO-2, optimizer on CPU)"
-        words = {"lora": "LoRA", "fast": "fused", "recompute": "recompute", "head": "fused head"}
+        words = {"lora": "LoRA", "fast": "fused", "recompute": "recompute", "head": "fused head", "graph": "CUDA graphs"}
         return " + ".join([head.upper(), *(words.get(w, w) for w in rest)])
 
     @classmethod
@@ -92,6 +97,10 @@ class BenchMethod:
         formats = [m for m in mods if m in _FORMATS]
         if len(formats) > 1:
             raise BenchError(f"method {text!r} names more than one weight format ({', '.join(formats)}); pick one")
+        if "graph" in mods and "recompute" in mods:
+            raise BenchError(
+                f"method {text!r}: +graph keeps every emulator block's activations in its graphs, +recompute drops them; pick one"
+            )
         if base == "ft" and set(mods) - {"lora", "zero"}:
             raise BenchError(
                 f"method {text!r}: full fine-tuning takes only +lora or +zero; {sorted(set(mods) - {'lora', 'zero'})} "
@@ -107,6 +116,7 @@ class BenchMethod:
             bits=_FORMATS[formats[0]] if formats else None,
             recompute="recompute" in mods,
             fused_head="head" in mods,
+            cuda_graphs="graph" in mods,
         )
 
 
@@ -128,6 +138,8 @@ ALL_METHODS = (
     "ot+lora+fast",
     "ot+lora+fast+int8+recompute+head",
     BEST_METHOD,
+    "ot+fast+graph",
+    "ot+lora+fast+int4+head+graph",
 )
 
 
@@ -198,6 +210,7 @@ def build_trainee(model: nn.Module, layout: str, method: BenchMethod, compute_dt
         group_size=INT4_GROUP_SIZE,
         recompute="full" if method.recompute else None,
         fast=method.fast,
+        cuda_graphs=method.cuda_graphs,
     )
     prepare(emu, "lora" if method.lora else "full")
     emu.fused_head = method.fused_head

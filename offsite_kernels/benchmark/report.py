@@ -108,6 +108,13 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     """Lines under a table for rows that ran or were counted differently from the others."""
     notes = [f"- {r['label']}: run on DeepSpeed because {r['ft_fallback']}." for r in rows if r.get("ft_fallback")]
     notes += [f"- {r['label']}: modelled ({r['modelled']})." for r in rows if r.get("modelled")]
+    for r in rows:
+        graphs = r.get("cuda_graphs")
+        if graphs and not graphs["sets"]:
+            reason = f": {graphs['failed'][0][:160]}" if graphs["failed"] else ""
+            notes.append(f"- {r['label']}: no CUDA graph was captured, the blocks ran eagerly{reason}.")
+        elif graphs:
+            notes.append(f"- {r['label']}: CUDA graph pool {graphs['pool_bytes'] / 2**20:.0f} MiB (counted in its peak).")
     return ["", *notes] if notes else []
 
 

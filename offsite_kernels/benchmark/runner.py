@@ -162,10 +162,14 @@ def run_bench(settings: BenchSettings) -> BenchResult:
                         "paper_tokens_per_s": paper[0],
                         "paper_memory_mb": paper[1],
                     }
-                    if "accounted" in sources:
+                    if "accounted" in sources and method.cuda_graphs:
+                        say(f"not accounting {method.name}: CUDA graphs change where memory sits, not what the step allocates")
+                    elif "accounted" in sources:
                         say(f"accounting {bench_model.name} {method.name} batch {batch}")
                         add(_accounted_row(bench_model, method, batch, settings, common, flops))
-                    if "measured" in sources:
+                    if "measured" in sources and method.cuda_graphs and device.type != "cuda":
+                        say(f"not measuring {method.name} on {device.type}: CUDA graphs need a CUDA GPU")
+                    elif "measured" in sources:
                         size = " (scaled)" if scaled else ""
                         say(f"measuring {bench_model.name}{size} {method.name} batch {batch} on {device}")
                         add(_measured_row(bench_model, method, batch, settings, device, scaled, ceiling, common, flops))
@@ -290,4 +294,5 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
         "mfu": model_flops / timing.median_s / ceiling if ceiling else None,
         "loss": measured.loss,
         "trainable_params": measured.trainable_params,
+        **({"cuda_graphs": measured.graphs} if measured.graphs is not None else {}),
     }

@@ -318,7 +318,7 @@ class _GraphedStack:
     @staticmethod
     def _eligible(hidden: Any) -> bool:
         return (
-            isinstance(hidden, torch.Tensor)
+            type(hidden) is torch.Tensor  # no fake, functional or other subclass tensors
             and hidden.device.type in GRAPH_DEVICE_TYPES
             and torch.is_grad_enabled()
             and hidden.requires_grad
@@ -486,6 +486,16 @@ def reset_cuda_graphs(blocks: Sequence[nn.Module]) -> None:
 def cuda_graphs_enabled(block: nn.Module) -> bool:
     """Whether ``block`` replays CUDA graphs (:func:`apply_cuda_graphs`)."""
     return _STATE in block.__dict__ and bool(getattr(type(block), "_offsite_graphed", False))
+
+
+def graph_stacks(module: nn.Module) -> list[_GraphedStack]:
+    """Every graphed run inside ``module``, once each."""
+    found: dict[int, _GraphedStack] = {}
+    for sub in module.modules():
+        stack = graph_stack(sub)
+        if stack is not None:
+            found.setdefault(id(stack), stack)
+    return list(found.values())
 
 
 def graph_stack(block: nn.Module) -> _GraphedStack | None:

@@ -146,13 +146,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.full_model and args.method != "full":
         raise PackageError("--full-model fine-tunes every weight of a whole model: it takes --method full only")
-    if args.full_model and (args.fast or args.recompute):
-        raise PackageError("--fast and --recompute act on an emulator's frozen blocks; a --full-model run has none")
+    if args.full_model and (args.fast or args.recompute or args.cuda_graphs):
+        raise PackageError(
+            "--fast, --recompute and --cuda-graphs act on an emulator's frozen blocks; a --full-model run has none"
+        )
     model = load_local_model(args.emulator_dir) if args.full_model else OffsiteModel.from_pretrained(args.emulator_dir)
     if args.fast:
         model.use_fast_blocks()
     if args.recompute:
         model.set_recompute(args.recompute)
+    if args.cuda_graphs:
+        model.set_cuda_graphs(True)
     tokenizer = load_tokenizer(args.emulator_dir)
     train, valid = _data(args, tokenizer, model)
     lora = LoraSettings(
@@ -287,6 +291,11 @@ def register(sub: Any, bits_type: Any) -> None:
         "--recompute",
         choices=("full", "selective"),
         help="recompute the emulator's activations in the backward: full (save only its input) or selective",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay the emulator blocks as CUDA graphs (on a CUDA GPU; not with --recompute full)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_training_options(p, steps=200, lr=1e-4)
