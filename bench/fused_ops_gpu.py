@@ -54,7 +54,9 @@ on the device from ``offsite_kernels.tiny.tiny_config``), made an emulator with
 - ``plain_eager``: plain blocks with Hugging Face's eager attention; ``plain``: plain blocks with
   SDPA attention (the baseline of the speedups: ``fast`` switches to SDPA too);
 - ``fast``: ``fast=True``; ``fast_int4``: ``fast=True, bits=4`` (group 128);
-- ``plain_full`` / ``fast_full``: ``recompute="full"``.
+- ``plain_full`` / ``fast_full``: ``recompute="full"``;
+- ``fast_graph`` / ``fast_int4_graph``: ``cuda_graphs=True`` (captured in the warm-up steps;
+  ``graph_replays``: block replays over all its steps, 0 off the GPU; ``graph_failed``: failed captures).
 
 Each step is timed with events around it (CUDA events, ``perf_counter`` on a CPU), and forward
 hooks on the first and last emulator block plus gradient hooks on their input and output time the
@@ -170,8 +172,11 @@ BLOCK_VARIANTS: dict[str, tuple[bool, int | None, str | None, str]] = {
     "fast_int4": (True, 4, None, "sdpa"),
     "plain_full": (False, None, "full", "sdpa"),
     "fast_full": (True, None, "full", "sdpa"),
+    "fast_graph": (True, None, None, "sdpa"),
+    "fast_int4_graph": (True, 4, None, "sdpa"),
 }
-QUICK_BLOCK_VARIANTS = ("plain", "fast", "fast_full")
+GRAPH_VARIANTS = ("fast_graph", "fast_int4_graph")  # the emulator blocks replayed as CUDA graphs
+QUICK_BLOCK_VARIANTS = ("plain", "fast", "fast_full", "fast_graph")
 RECOMPUTE_TWIN = {"plain_full": "plain", "fast_full": "fast"}
 
 # the targets (GPU, H200): checked against this run's rows in the report
@@ -1012,6 +1017,7 @@ def bench_block_variant(
 ) -> tuple[dict[str, Any], float | None]:
     torch, ok = ctx.torch, ctx.ok
     fast, bits, recompute, attn = BLOCK_VARIANTS[variant]
+    graphs = variant in GRAPH_VARIANTS
     cfg = model.config
     base = dict(
         kind="block",
@@ -1027,8 +1033,8 @@ def bench_block_variant(
         batch=int(ids.shape[0]),
         seq=int(ids.shape[1]),
         hidden=getattr(cfg, "hidden_size", None),
-        call=f"ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast={fast}, bits={bits}, recompute={recompute!r}); "
-        "emu(input_ids=ids, labels=ids).loss.backward()",
+        call=f"ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast={fast}, bits={bits}, recompute={recompute!r}"
+        f"{', cuda_graphs=True' if graphs else ''}); emu(input_ids=ids, labels=ids).loss.backward()",
     )
     print(f"[bench] block {name} {variant}", file=sys.stderr, flush=True)
     row = dict(base)
@@ -1036,7 +1042,15 @@ def bench_block_variant(
     loss = None
     try:
         emu = ok.make_emulator(
-            model, bottom=1, top=1, emulator_layers=2, fast=fast, bits=bits, group_size=ctx.group_size, recompute=recompute
+            model,
+            bottom=1,
+            top=1,
+            emulator_layers=2,
+            fast=fast,
+            bits=bits,
+            group_size=ctx.group_size,
+            recompute=recompute,
+            cuda_graphs=graphs,
         )
         if attn != "sdpa":
             emu.model.config._attn_implementation = attn
@@ -1079,6 +1093,12 @@ def bench_block_variant(
             row["emu_ms"], row["emu_p20_ms"], row["emu_p80_ms"] = _median_p20_p80(emus)
         row["reps"] = len(steps)
         row["fast_blocks"] = len(emu.fast_blocks)
+        if graphs:
+            from offsite_kernels.nn.cuda_graphs import graph_stacks
+
+            stacks = graph_stacks(emu)
+            row["graph_replays"] = sum(g.replays for st in stacks for g in st.sets.values())
+            row["graph_failed"] = [reason for st in stacks for reason in st.failed.values()]
     except Exception as exc:
         row["error"] = _error(exc)
         print(f"[bench] block {name} {variant}: {row['error']}", file=sys.stderr)
