@@ -12,7 +12,14 @@ from torch import nn
 
 from ..errors import LayoutError, OffsiteError
 from ..models import ModelFamily, get_family
-from ..nn.cuda_graphs import GraphError, apply_cuda_graphs, cuda_graphs_enabled, graph_stack, remove_cuda_graphs
+from ..nn.cuda_graphs import (
+    GraphError,
+    apply_cuda_graphs,
+    cuda_graphs_enabled,
+    graph_stack,
+    remove_cuda_graphs,
+    reset_cuda_graphs,
+)
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
@@ -122,6 +129,7 @@ class OffsiteModel(nn.Module):
                     raise LayoutError(f"emulator weight {name} holds NaN or infinite values; it cannot be quantized")
         for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):
             self.quantized[str(position)] = quantize_linears_(block, bits, group_size)
+        reset_cuda_graphs([block for _, block in self.emulator_blocks()])  # they read the dense weights
         return self
 
     def use_fast_blocks(self) -> OffsiteModel:
@@ -162,17 +170,15 @@ class OffsiteModel(nn.Module):
             raise RecomputeError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, True, False or None; got {mode!r}")
         if mode is not None and getattr(self.config, "layerdrop", 0.0):
             raise RecomputeError("recomputation needs every emulator block to run; set config.layerdrop = 0")
-        graphs = self._graph_settings()
-        if graphs is not None and mode == "full":
-            raise GraphError(
-                "full recomputation and CUDA graphs do not combine: set_cuda_graphs(False) first, or use recompute='selective'"
-            )
+        if self.cuda_graphs:  # graphed blocks never recompute
+            if mode is not None:
+                raise GraphError("recomputation and CUDA graphs do not combine: set_cuda_graphs(False) first")
+            return self
         blocks = [block for _, block in self.emulator_blocks()]
-        self.set_cuda_graphs(False)  # the graph wrapper goes outermost: take it off, then put it back
         remove_recompute(blocks)
         if mode is not None and blocks:
             apply_recompute(blocks, mode)
-        return self.set_cuda_graphs(True, **graphs) if graphs is not None else self
+        return self
 
     def _graph_settings(self) -> dict[str, int] | None:
         """The CUDA graph settings of the emulator blocks, or None when they replay no graphs."""
@@ -193,7 +199,7 @@ class OffsiteModel(nn.Module):
         a graph replay costs one launch. The first ``warmup_passes`` passes run eagerly, the next
         one captures; at most ``max_graph_sets`` input shapes are captured. Off the GPU and under
         ``torch.no_grad()`` (evaluation, generation) the blocks run as before. Does not combine
-        with ``recompute="full"``. False removes the graphs.
+        with recomputation. False removes the graphs.
         """
         blocks = [block for _, block in self.emulator_blocks()]
         if not enabled:
@@ -296,7 +302,7 @@ def make_emulator(
             backward; "selective" to keep GEMM and attention outputs and rerun the rest; None.
         fast: swap the fused frozen ops into the emulator blocks (:meth:`OffsiteModel.use_fast_blocks`).
         cuda_graphs: replay the emulator blocks as CUDA graphs while training on a GPU
-            (:meth:`OffsiteModel.set_cuda_graphs`); not with ``recompute="full"``.
+            (:meth:`OffsiteModel.set_cuda_graphs`); not with ``recompute``.
     """
     family = get_family(model)
     n_layers = len(family.get_blocks(model))
@@ -314,8 +320,8 @@ def make_emulator(
     check_format(bits, group_size)  # reject a bad format before any copying
     if recompute not in (None, False, True, *RECOMPUTE_MODES):
         raise RecomputeError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, True, False or None; got {recompute!r}")
-    if cuda_graphs and recompute in (True, "full"):
-        raise GraphError("CUDA graphs and full recomputation do not combine; use recompute='selective' or None")
+    if cuda_graphs and recompute:
+        raise GraphError("CUDA graphs and recomputation do not combine; set recompute=None to use CUDA graphs")
     layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)
     reduced = copy_with_blocks(model, family, layout.kept_indices)
     freeze_all_but_adapter_(reduced, family, layout)

@@ -8,32 +8,40 @@ GPU, sets the step time. A replayed graph costs the host one launch.
 
 How. :func:`apply_cuda_graphs` swaps each block's class for a subclass whose ``forward`` goes
 through one ``_GraphedStack`` shared by the run (undone by :func:`remove_cuda_graphs`; parameter
-names and module hooks are untouched: the hooks run on every call, outside the graphs).
+names and the blocks' own module hooks are untouched: they run on every call, outside the graphs.
+Hooks on modules *inside* a block run only in the warm-up and the capture, so what they collect,
+such as Hugging Face's ``output_attentions`` of the emulator layers, is not there on a replay).
 
 - A call can be graphed when its tensors are on a CUDA device, grad is enabled, the hidden states
-  need grad and are not a leaf, every other argument is a tensor that needs no grad or a plain
-  constant (None, bool, int, float, str; a KV cache object is not: train with ``use_cache=False``),
-  and the block returns its hidden states, alone or followed by constants. Any other call runs the
-  block's own forward.
-- The first ``warmup_passes`` passes through the whole run are eager (Triton compiles and tunes,
+  need grad, no saved-tensor hooks are active (a checkpoint, as in Hugging Face's gradient
+  checkpointing, or ``save_on_cpu``), every other argument is a tensor that needs no grad or a
+  plain constant (None, bool, int, float, str; a KV cache object is not: train with
+  ``use_cache=False``), and the block returns its hidden states first, then tensors or constants.
+  Any other call runs the block's own forward.
+- The first ``warmup_passes`` passes with a signature through the whole run are eager (Triton compiles and tunes,
   cuDNN picks its algorithms) and record each block's signature: shapes, dtypes, constants, the
   training flag and the autocast state. The next pass whose first block has the recorded
   signature captures every block at once with ``torch.cuda.make_graphed_callables``: forwards in
-  order, backwards in reverse, one memory pool, as a training step runs them. The pool holds the
-  saved activations and stays allocated between steps (:meth:`_GraphedStack.pool_bytes`).
+  order, backwards in reverse, one memory pool, as a training step runs them, in thread-local
+  capture mode (other threads may use CUDA meanwhile). The pool holds the saved activations and
+  stays allocated between steps (:meth:`_GraphedStack.pool_bytes`).
 - A replay copies the call's tensors into the graph's static inputs and returns a copy of the
-  static output (a later replay overwrites it). A block whose graph still holds the saved state of
-  a forward that has not been backpropagated (two forwards before one backward) runs eagerly;
-  the state is released when its backward runs or its autograd graph is freed. A second backward
-  through an old graph (``retain_graph=True``) after the block was replayed again raises.
+  static output (a later replay overwrites it); the gradient that leaves the run in the backward
+  is a copy too. While any block's graph still holds the saved state of a forward that has not
+  been backpropagated (two forwards before one backward), a new pass runs eagerly (the graphs
+  share a pool laid out for passes in order); the state is released when its backward runs or its
+  autograd graph is freed. A second backward through a replay (``retain_graph=True``) raises, and
+  there is no double backward.
 - A call whose signature differs from the captured one runs eagerly. Up to ``max_graph_sets``
   signatures (sequence lengths, batch sizes) are captured, each with its own pool; later ones run
   eagerly, with one warning. A capture that fails (a host synchronisation inside a block, say)
   warns once and leaves that signature eager.
 
 Rules. The graphs read the weights at the addresses they had at capture: change them in place
-only (``load_state_dict`` and ``copy_`` are fine). Moving or casting the blocks (``.to()``,
-``.half()``) drops the captured graphs; so does :func:`reset_cuda_graphs`. Dropout and other
+only (``load_state_dict`` and ``copy_`` are fine; not parameter offloading, ZeRO-3 or the fp8
+``OFFSITE_FP8_BWD_WEIGHT=cache`` mode). Moving or casting the blocks (``.to()``, ``.half()``) and
+``OffsiteModel.quantize_`` drop the captured graphs; so does :func:`reset_cuda_graphs`. Does not
+combine with recomputation (a checkpoint reads the RNG state, which a capture forbids). Dropout and other
 random ops replay with fresh random numbers each step, but not the ones eager PyTorch would draw.
 One thread: calls from other threads (``DataParallel`` replicas) run eagerly.
 """
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import threading
 import warnings
@@ -57,6 +66,7 @@ from ..errors import OffsiteError
 
 _STATE = "_offsite_graphs"  # attribute of a graphed block: (its _GraphedStack, its index)
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
+_MAX_SEEN = 16  # pass signatures warming up at once, at most
 GRAPH_DEVICE_TYPES = ("cuda",)  # where calls are graphed (tests add "cpu" with a stand-in capture engine)
 
 
@@ -211,18 +221,44 @@ class _Guard(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         if ctx.slot.owner != ctx.token.number:
             raise GraphError(
-                "backward through a CUDA-graphed block whose graph has since been replayed for another forward "
-                "(a second backward through an old graph): its saved activations are gone. Run the forward again, "
-                "or remove_cuda_graphs() for this use"
+                "a second backward through a CUDA-graphed block (retain_graph=True, or after the block was replayed "
+                "for another forward): a graph keeps the saved activations of one forward for one backward. Run the "
+                "forward again, or remove_cuda_graphs() for this use"
             )
         ctx.slot.release(ctx.token.number)
         return grad, None, None
 
 
+class _CopyGradient(torch.autograd.Function):
+    """Identity whose backward copies the gradient: what leaves the graphed run in the backward
+    must not be a graph's static buffer (``AccumulateGrad`` may keep it as a ``.grad``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.clone()
+
+
 # --- capture -------------------------------------------------------------------------------------
 def _make_graphed_callables(callables: tuple, sample_args: tuple, pool: Any) -> tuple:
-    """The capture engine (``torch.cuda.make_graphed_callables``); tests put a CPU stand-in here."""
-    return torch.cuda.make_graphed_callables(callables, sample_args, pool=pool)
+    """The capture engine (``torch.cuda.make_graphed_callables``); tests put a CPU stand-in here.
+
+    The capture runs in ``"thread_local"`` mode: a capture in the middle of training must not fail
+    because another thread (a DataLoader's pin-memory thread) makes a CUDA call meanwhile. Where
+    ``make_graphed_callables`` has no such argument (torch <= 2.13) its ``torch.cuda.graph`` is
+    given that mode for the call."""
+    make = torch.cuda.make_graphed_callables
+    if "capture_error_mode" in inspect.signature(make).parameters:
+        return make(callables, sample_args, pool=pool, capture_error_mode="thread_local")
+    original = torch.cuda.graph
+    torch.cuda.graph = functools.partial(original, capture_error_mode="thread_local")  # type: ignore[misc]
+    try:
+        return make(callables, sample_args, pool=pool)
+    finally:
+        torch.cuda.graph = original  # type: ignore[misc]
 
 
 def _graph_pool(device: torch.device) -> Any:
@@ -251,6 +287,8 @@ def _block_function(run: Callable, sig: _Signature, form: _OutputForm) -> Callab
 
 def _zeros(meta: tuple, device: torch.device) -> torch.Tensor:
     shape, dtype, requires_grad = meta
+    if dtype == torch.bool:  # a boolean mask that masks nothing: no fully masked rows (NaN) in the capture
+        return torch.ones(shape, dtype=dtype, device=device)
     return torch.zeros(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
 
 
@@ -289,8 +327,8 @@ class _GraphedStack:
         self.sets: dict[_Signature, _GraphSet] = {}
         self.failed: dict[_Signature, str] = {}
         self._pass: _Pass | None = None
-        self._last: tuple | None = None  # (signatures, forms) of the last complete eager pass
-        self._last_count = 0
+        # first block's signature -> (complete eager passes, every block's signature, output forms, runs)
+        self._seen: dict[_Signature, tuple] = {}
         self._thread: int | None = None  # the thread of the first graphed call; others run eagerly
         self.warned: set[str] = set()
 
@@ -301,7 +339,8 @@ class _GraphedStack:
         """Drop every captured graph (a replay in flight keeps its own until its backward)."""
         self.sets.clear()
         self.failed.clear()
-        self._pass, self._last, self._last_count = None, None, 0
+        self._pass = None
+        self._seen.clear()
 
     def pool_bytes(self) -> int:
         """Device memory held by the graphs' pools (saved activations and workspace), in bytes."""
@@ -322,19 +361,26 @@ class _GraphedStack:
             and hidden.device.type in GRAPH_DEVICE_TYPES
             and torch.is_grad_enabled()
             and hidden.requires_grad
-            and hidden.grad_fn is not None
             and not torch.compiler.is_compiling()
+            # inside a checkpoint (HF gradient checkpointing) or save_on_cpu: a capture there would
+            # save into the checkpoint's frame and break its recomputation
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         )
 
     def _start_pass(self, sig: _Signature | None) -> _Pass:
         graphs = self.sets.get(sig) if sig is not None else None
-        if graphs is None and sig is not None and sig not in self.failed and self._ready_to_capture(sig):
-            graphs = self._capture_last()
+        seen = self._seen.get(sig) if sig is not None else None
+        if graphs is None and seen is not None and sig not in self.failed and self._ready_to_capture(seen[0]):
+            graphs = self._capture(sig, *seen[1:])
+        if graphs is not None and not all(slot.free for slot in graphs.slots):
+            # the blocks' graphs share one memory pool, laid out for passes that run in order: while
+            # another pass still holds state in any of them, this whole pass runs eagerly
+            graphs = None
         self._pass = _Pass(graphs)
         return self._pass
 
-    def _ready_to_capture(self, sig: _Signature) -> bool:
-        if self._last is None or self._last[0][0] != sig or self._last_count < self.warmup_passes:
+    def _ready_to_capture(self, passes: int) -> bool:
+        if passes < self.warmup_passes:
             return False
         if len(self.sets) >= self.max_graph_sets:
             self._warn_once(
@@ -345,32 +391,33 @@ class _GraphedStack:
             return False
         return True
 
-    def _capture_last(self) -> _GraphSet | None:
-        signatures, forms, runs = self._last  # type: ignore[misc]
+    def _capture(self, first: _Signature, signatures: tuple, forms: tuple, runs: tuple) -> _GraphSet | None:
+        self._seen.pop(first, None)
         try:
             graphs = capture(runs, signatures, forms)
         except Exception as exc:  # the blocks still run eagerly: nothing is lost but speed
-            self.failed[signatures[0]] = f"{type(exc).__name__}: {exc}"
+            self.failed[first] = f"{type(exc).__name__}: {exc}"
             self._warn_once(
                 "capture",
                 f"CUDA graph capture of the frozen blocks failed, they run eagerly ({type(exc).__name__}: {exc})",
             )
             return None
-        finally:
-            self._last, self._last_count = None, 0
-        self.sets[signatures[0]] = graphs
+        self.sets[first] = graphs
         return graphs
 
     def _finish_pass(self, record: _Pass) -> None:
-        if record.graphs is not None or len(record.signatures) != self.size:
+        """Count a complete eager pass towards the capture of its signature."""
+        if record.graphs is not None or len(record.signatures) != self.size or len(record.forms) != self.size:
             return
         if any(s is None for s in record.signatures) or any(f is None for f in record.forms):
             return
-        key = (tuple(record.signatures), tuple(record.forms))
-        if self._last is not None and self._last[:2] == key:
-            self._last_count += 1
-        else:
-            self._last, self._last_count = (*key, tuple(record.runs)), 1
+        first, signatures, forms = record.signatures[0], tuple(record.signatures), tuple(record.forms)
+        passes, *known = self._seen.get(first, (0, None, None, None))
+        if known[:2] != [signatures, forms]:
+            passes = 0  # the same first block but other later ones: count afresh
+        if len(self._seen) >= _MAX_SEEN and first not in self._seen:
+            self._seen.clear()
+        self._seen[first] = (passes + 1, signatures, forms, tuple(record.runs))
 
     def call(self, block: nn.Module, index: int, run: Callable, args: tuple, kwargs: dict) -> Any:
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -391,19 +438,24 @@ class _GraphedStack:
         try:
             if graphs is not None and sig == graphs.signatures[index] and graphs.slots[index].free:
                 record.forms.append(graphs.forms[index])
-                return self._replay(graphs, index, tensors)
-            out = run(*args, **kwargs)
-            record.forms.append(_OutputForm.of(out))
-            return out
-        finally:
-            if index == self.size - 1:
-                self._finish_pass(record)
-                self._pass = None
+                out = self._replay(graphs, index, tensors)
+            else:
+                out = run(*args, **kwargs)
+                record.forms.append(_OutputForm.of(out))
+        except BaseException:
+            self._pass = None  # a failed pass counts for nothing
+            raise
+        if index == self.size - 1:
+            self._finish_pass(record)
+            self._pass = None
+        return out
 
     @staticmethod
     def _replay(graphs: _GraphSet, index: int, tensors: list[torch.Tensor]) -> Any:
         slot = graphs.slots[index]
         token = slot.acquire()
+        if index == 0:  # the gradient handed on below the run is a copy, never the static buffer
+            tensors = [_CopyGradient.apply(tensors[0]), *tensors[1:]]
         static_outputs = graphs.graphed[index](*tensors)
         graphs.replays += 1
         # copies: the next replay overwrites the static outputs
@@ -449,10 +501,10 @@ def apply_cuda_graphs(blocks: Sequence[nn.Module], warmup_passes: int = 1, max_g
     for block in blocks:
         if cuda_graphs_enabled(block):
             raise GraphError("these blocks already replay CUDA graphs; call remove_cuda_graphs first")
-        if recompute_mode(block) == "full":
+        if recompute_mode(block) is not None:
             raise GraphError(
-                "CUDA graphs and full recomputation do not combine (the graphs keep every block's saved activations); "
-                "use recompute='selective' or None with CUDA graphs"
+                "CUDA graphs and recomputation do not combine (the graphs keep every block's saved activations, and a "
+                "checkpoint reads the RNG state, which a capture forbids); set recompute=None to use CUDA graphs"
             )
         trainable = [name for name, p in block.named_parameters() if p.requires_grad]
         if trainable:
