@@ -56,7 +56,7 @@ on the device from ``offsite_kernels.tiny.tiny_config``), made an emulator with
 - ``fast``: ``fast=True``; ``fast_int4``: ``fast=True, bits=4`` (group 128);
 - ``plain_full`` / ``fast_full``: ``recompute="full"``;
 - ``fast_graph`` / ``fast_int4_graph``: ``cuda_graphs=True`` (captured in the warm-up steps;
-  ``graph_replays``: block replays over all its steps, 0 off the GPU; ``graph_failed``: failed captures).
+  ``cuda_graphs``: sets captured, block replays over all its steps, pool bytes, failed captures).
 
 Each step is timed with events around it (CUDA events, ``perf_counter`` on a CPU), and forward
 hooks on the first and last emulator block plus gradient hooks on their input and output time the
@@ -1094,11 +1094,9 @@ def bench_block_variant(
         row["reps"] = len(steps)
         row["fast_blocks"] = len(emu.fast_blocks)
         if graphs:
-            from offsite_kernels.nn.cuda_graphs import graph_stacks
+            from offsite_kernels.nn.cuda_graphs import graph_report
 
-            stacks = graph_stacks(emu)
-            row["graph_replays"] = sum(g.replays for st in stacks for g in st.sets.values())
-            row["graph_failed"] = [reason for st in stacks for reason in st.failed.values()]
+            row["cuda_graphs"] = graph_report(emu)
     except Exception as exc:
         row["error"] = _error(exc)
         print(f"[bench] block {name} {variant}: {row['error']}", file=sys.stderr)

@@ -91,7 +91,7 @@ def test_two_forwards_before_one_backward_run_the_second_eagerly(engine):
     assert all(slot.free for slot in graphs.slots)
 
 
-def test_the_stand_in_has_the_hazard_the_guard_prevents(engine):
+def test_the_stand_in_has_the_hazard_the_guard_prevents():
     """Without the slot guard the second forward would overwrite the first one's saved state."""
     fn = lambda x: ((x * x).sum(-1, keepdim=True) * x,)  # noqa: E731
     graph = StandInGraph(fn, (torch.zeros(3, requires_grad=True),))

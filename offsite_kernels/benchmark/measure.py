@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..memtrack import MemoryTracker
+from ..nn.cuda_graphs import graph_report
 from .account import MemoryBreakdown
 from .methods import BenchMethod, Trainee, build_trainee
 from .models import BenchModel
@@ -101,7 +102,7 @@ def measure_training(
             torch.cuda.reset_peak_memory_stats(device)
     timing = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 
-    graphs = _graph_report(trainee.module) if method.cuda_graphs else None
+    graphs = graph_report(trainee.module) if method.cuda_graphs else None
     if device.type == "cuda":
         pool = graphs["pool_bytes"] if graphs else 0
         peak = max(warmup_peak, torch.cuda.max_memory_allocated(device) + pool)
@@ -113,20 +114,6 @@ def measure_training(
         peak = weights + step.optimizer_bytes() + step.host_bytes() + tracker.peak_bytes
     memory = MemoryBreakdown(weights, gradients, step.optimizer_bytes(), activations, peak, host=step.host_bytes())
     return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params), graphs)
-
-
-def _graph_report(module: torch.nn.Module) -> dict:
-    """What the CUDA graphs of ``module``'s graphed blocks did: a ``+graph`` row that captured
-    nothing ran eagerly, and says so."""
-    from ..nn.cuda_graphs import graph_stacks
-
-    stacks = graph_stacks(module)
-    return {
-        "sets": sum(len(s.sets) for s in stacks),
-        "block_replays": sum(g.replays for s in stacks for g in s.sets.values()),
-        "pool_bytes": sum(s.pool_bytes() for s in stacks),
-        "failed": [reason for s in stacks for reason in s.failed.values()],
-    }
 
 
 def make_step(trainee: Trainee, method: BenchMethod, batch: int, amp_dtype: torch.dtype | None) -> Step:

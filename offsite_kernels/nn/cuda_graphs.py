@@ -285,7 +285,7 @@ def _block_function(run: Callable, sig: _Signature, form: _OutputForm) -> Callab
     return block_function
 
 
-def _zeros(meta: tuple, device: torch.device) -> torch.Tensor:
+def _sample(meta: tuple, device: torch.device) -> torch.Tensor:
     shape, dtype, requires_grad = meta
     if dtype == torch.bool:  # a boolean mask that masks nothing: no fully masked rows (NaN) in the capture
         return torch.ones(shape, dtype=dtype, device=device)
@@ -297,7 +297,7 @@ def capture(runs: Sequence[Callable], signatures: Sequence[_Signature], forms: S
     device = signatures[0].device
     enabled, dtype = signatures[0].autocast
     callables = tuple(_block_function(run, sig, form) for run, sig, form in zip(runs, signatures, forms, strict=True))
-    samples = tuple(tuple(_zeros(meta, device) for meta in sig.tensors) for sig in signatures)
+    samples = tuple(tuple(_sample(meta, device) for meta in sig.tensors) for sig in signatures)
     pool = _graph_pool(device)
     device_context = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     # make_graphed_callables refuses autocast's weight cache; the frozen weights never use it
@@ -407,7 +407,7 @@ class _GraphedStack:
 
     def _finish_pass(self, record: _Pass) -> None:
         """Count a complete eager pass towards the capture of its signature."""
-        if record.graphs is not None or len(record.signatures) != self.size or len(record.forms) != self.size:
+        if record.graphs is not None:
             return
         if any(s is None for s in record.signatures) or any(f is None for f in record.forms):
             return
@@ -548,6 +548,18 @@ def graph_stacks(module: nn.Module) -> list[_GraphedStack]:
         if stack is not None:
             found.setdefault(id(stack), stack)
     return list(found.values())
+
+
+def graph_report(module: nn.Module) -> dict[str, Any]:
+    """What the CUDA graphs inside ``module`` did: input signatures captured, block replays, bytes
+    held by their pools, failed captures (a graphed run that captured nothing ran eagerly)."""
+    stacks = graph_stacks(module)
+    return {
+        "sets": sum(len(s.sets) for s in stacks),
+        "block_replays": sum(g.replays for s in stacks for g in s.sets.values()),
+        "pool_bytes": sum(s.pool_bytes() for s in stacks),
+        "failed": [reason for s in stacks for reason in s.failed.values()],
+    }
 
 
 def graph_stack(block: nn.Module) -> _GraphedStack | None:

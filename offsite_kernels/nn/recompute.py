@@ -315,7 +315,8 @@ def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
     if mode not in RECOMPUTE_MODES:
         raise RecomputeError(f"recompute mode must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
     blocks = list(blocks)
-    _refuse_graphed(blocks)
+    if any(getattr(type(block), "_offsite_graphed", False) for block in blocks):
+        raise RecomputeError("these blocks replay CUDA graphs, which do not combine with recomputation; remove_cuda_graphs first")
     for block in blocks:
         if recompute_mode(block) is not None:
             raise RecomputeError("these blocks already recompute; call remove_recompute first")
@@ -334,20 +335,11 @@ def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
 
 def remove_recompute(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_recompute` on these blocks."""
-    blocks = list(blocks)
-    _refuse_graphed(blocks)
     for block in blocks:
         base = getattr(type(block), "_offsite_base", None)
         if base is not None:
             block.__class__ = base
         block.__dict__.pop(_STATE, None)
-
-
-def _refuse_graphed(blocks: Sequence[nn.Module]) -> None:
-    if any(getattr(type(block), "_offsite_graphed", False) for block in blocks):
-        raise RecomputeError(
-            "these blocks replay CUDA graphs; call remove_cuda_graphs first, change recomputation, then apply them again"
-        )
 
 
 def recompute_mode(block: nn.Module) -> str | None:
