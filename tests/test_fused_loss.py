@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from conftest import padded_mask, random_ids
 
@@ -86,3 +88,19 @@ def test_evaluation_and_tuple_callers_get_the_models_own_output():
         assert emu(input_ids=ids, labels=ids).logits is not None
     out = emu(input_ids=ids, labels=ids, return_dict=False)
     assert isinstance(out, tuple) and out[1].shape == (2, 7, emu.config.vocab_size)
+
+
+def test_fused_output_carries_the_models_own_cache_without_deprecated_names(monkeypatch):
+    import transformers.utils.logging  # noqa: F401  (it installs Logger.warning_once on import: patch after)
+
+    logged = []  # transformers logs its renamed-field warnings once per process, through warning_once
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)), raising=False)
+    emu = ok.make_emulator(tiny_model("opt", n_layers=4, seed=3), bottom=1, top=1, emulator_layers=1)
+    ids = random_ids(2, 6, seed=2)
+    fused = emu(input_ids=ids, labels=ids, use_cache=True)
+    own = emu(input_ids=ids, labels=ids, use_cache=True, return_logits=True)
+    assert fused.logits is None and fused.to_tuple()[-1] is not None
+    fused_cache, own_cache = fused.to_tuple()[-1], own.to_tuple()[-1]
+    assert type(fused_cache) is type(own_cache) and fused_cache.get_seq_length() == own_cache.get_seq_length() == 6
+    # the warnings transformers logs for renamed fields (``use_return_dict``, ``past_key_values``)
+    assert not [m for m in logged if "deprecated" in m]

@@ -36,7 +36,7 @@ def fused_head_supported(model: nn.Module, family: ModelFamily, kwargs: dict[str
         return False
     if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return False
-    return_dict = kwargs.get("return_dict", getattr(model.config, "use_return_dict", True))
+    return_dict = kwargs.get("return_dict", getattr(model.config, "return_dict", True))
     return set(kwargs) <= _PASSED_THROUGH | _HANDLED and return_dict is not False
 
 
@@ -76,10 +76,12 @@ def fused_head_loss(
         )
     if num_items is not None:
         loss = loss / num_items
+    # the cache field is ``cache`` from transformers 5.2x on (``past_key_values`` is deprecated there)
+    cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=getattr(out, "past_key_values", None),
         hidden_states=getattr(out, "hidden_states", None),
         attentions=getattr(out, "attentions", None),
+        **{cache_field: out.get(cache_field)},
     )
