@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -1220,7 +1221,11 @@ def _liger_functional(cuda: bool) -> tuple[Any, str]:
         import liger_kernel.transformers.functional as liger
     except Exception as exc:
         return None, f"liger_kernel is installed but does not import: {_error(exc)}"
-    return liger, "liger_kernel " + getattr(sys.modules.get("liger_kernel"), "__version__", "(version unknown)")
+    try:
+        version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(version unknown)"
+    return liger, f"liger_kernel {version}"
 
 
 def _setup_compile(torch: Any) -> None:

@@ -117,6 +117,7 @@ def stamp() -> dict[str, Any]:
             "triton": _package_version("triton", "triton"),
             "transformers": _package_version("transformers", "transformers"),
             "deepspeed": _package_version("deepspeed"),  # metadata only: importing it starts its accelerator
+            "liger_kernel": _package_version("liger-kernel"),  # a baseline of bench/fused_ops_gpu.py
             "offsite_kernels": _package_version("offsite-kernels", "offsite_kernels"),
         },
         "git": _git(),
