@@ -41,6 +41,7 @@ SUITE_METHODS = (
     "ot+fast+recompute,ot+fast+head,ot+fast+int4+recompute+head,ot+lora+fast,ot+lora+fast+int8+recompute+head"
 )
 QUICK_METHODS = "ft,ft+lora,ot,ot+lora,ot+lora+fast+int4+recompute+head,ot+lora+fast+int4+head+graph,ot+fast,ot+fast+int4"
+COMPILE_METHODS = "ot+lora+fast+int4+head+compile+graph,ot+fast+compile+graph,ot+fast+compile,ot+lora+fast+int4+head+graph"
 BUDGET_S = 570  # the device machine allows 600 s per command
 
 
@@ -73,10 +74,11 @@ def _bench_stage(
     warmup: int = 2,
     steps: int = 5,
     opt_in: bool = False,
+    batches: str = "1,16",
 ) -> Stage:
-    """``offsite bench`` measured on the GPU at batch 1 and 16, its rows under ``out/name``."""
+    """``offsite bench`` measured on the GPU at ``batches`` (1 and 16), its rows under ``out/name``."""
     argv = [sys.executable, "-m", "offsite_kernels.cli", "bench", "--device", "cuda", "--models", models]
-    argv += ["--methods", methods, "--batch", "1,16", *extra, "-o", str(out / name)]
+    argv += ["--methods", methods, "--batch", batches, *extra, "-o", str(out / name)]
     argv += ["--warmup", str(warmup), "--steps", str(steps)]
     return Stage(name, argv, timeout_s, opt_in=opt_in)
 
@@ -133,6 +135,20 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             "measured",
             warmup=1,
             steps=3,
+            opt_in=True,
+        ),
+        # opt-in (--only e2e_compile): the emulator blocks through torch.compile, alone and with PyTorch's CUDA
+        # graphs, at the paper's setting (batch 1, where the host sets the step time); each method compiles first
+        _bench_stage(
+            out,
+            "e2e_compile",
+            "gpt2-xl",
+            COMPILE_METHODS,
+            240,
+            "--source",
+            "measured",
+            opt_in=True,
+            batches="1",
         ),
     ]
 
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     summary += [f"| {r.name} | {r.status} | {r.returncode} | {r.seconds:.0f} |" for _, r in results]
     for stage, _result in results:
         table = out / stage.table if stage.table else None
-        if stage.name in ("e2e", "e2e_7b"):
+        if stage.name in ("e2e", "e2e_7b", "e2e_compile"):
             table = latest(out / stage.name, "offsite_bench-*.md")
         if stage.name == "tests":
             table = out / "tests.log"

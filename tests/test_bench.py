@@ -55,6 +55,7 @@ TINY_LLAMA = BenchModel(
         ("ot+head+int4+fast", "ot+fast+int4+head"),
         (" ot + recompute + lora ", "ot+lora+recompute"),
         (BEST_METHOD, BEST_METHOD),
+        ("ot+graph+compile+fast", "ot+fast+compile+graph"),
     ],
 )
 def test_method_names_parse_to_a_canonical_form(text, name):
@@ -72,6 +73,8 @@ def test_method_names_parse_to_a_canonical_form(text, name):
         ("ot+int4+int8", "more than one weight format"),
         ("ot+lora+lora", "repeats"),
         ("ft+int4", r"full fine-tuning takes only \+lora"),
+        ("ot+fast+compile+recompute", r"\+compile does not combine with \+recompute"),
+        ("ft+compile", r"full fine-tuning takes only \+lora"),
     ],
 )
 def test_bad_method_names_say_what_is_wrong(text, words):
@@ -314,3 +317,28 @@ def test_gpu_suite_runs_its_stages_and_summarises(tmp_path):
     suite = json.loads((tmp_path / "suite.json").read_text())
     assert suite["stamp"]["versions"]["torch"] == torch.__version__ and suite["stages"][0]["status"] == "ok"
     assert "torch" in (tmp_path / "env.log").read_text()
+
+
+def test_gpu_suite_runs_the_opt_in_stages_only_when_named(tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        suite = importlib.import_module("gpu_suite")
+    finally:
+        sys.path.pop(0)
+    every = suite.stages(tmp_path, quick=False, full_kernels=False)
+    assert [s.name for s in every if not s.opt_in] == [
+        "env",
+        "tests",
+        "frozen_linear",
+        "fused_ops",
+        "host_overhead",
+        "e2e",
+        "native",
+    ]
+    assert {s.name for s in every if s.opt_in} == {"e2e_7b", "e2e_compile"}
+    for method in suite.COMPILE_METHODS.split(",") + suite.SUITE_METHODS.split(","):
+        BenchMethod.parse(method)  # every method the suite asks for is a valid name

@@ -187,3 +187,19 @@ def test_finetune_with_cuda_graphs_reaches_the_plain_adapter(workdir, cuda_graph
         assert float((plain[name] - graphed[name]).abs().max()) <= 1e-4 * scale, name
     assert main([*args, "-o", str(w / "x"), "--recompute", "full", "--cuda-graphs"]) == 2
     assert "do not combine" in capsys.readouterr().err and not (w / "x").exists()
+
+
+def test_finetune_with_compiled_blocks_reaches_the_plain_adapter(workdir, capsys):
+    """--compile (Inductor's C++ backend on the CPU) trains the same adapter as the eager run."""
+    w = workdir
+    args = ["finetune", str(w / "emu"), "--train", str(w / "train.txt"), *TRAIN]
+    assert main([*args, "-o", str(w / "plain"), "--fast"]) == 0
+    assert main([*args, "-o", str(w / "compiled"), "--fast", "--compile"]) == 0
+    from safetensors.torch import load_file
+
+    plain, compiled = load_file(w / "plain" / "adapter.safetensors"), load_file(w / "compiled" / "adapter.safetensors")
+    for name in plain:
+        scale = float(plain[name].abs().max().clamp_min(1e-6))
+        assert float((plain[name] - compiled[name]).abs().max()) <= 1e-4 * scale, name
+    assert main([*args, "-o", str(w / "x"), "--compile", "default", "--cuda-graphs"]) == 2
+    assert "does not combine" in capsys.readouterr().err and not (w / "x").exists()

@@ -6,7 +6,11 @@ bracketed by a device synchronisation. Memory on CUDA: ``torch.cuda.max_memory_a
 the timed steps (weights included), and allocated-bytes deltas in one more, untimed step for the
 parts. With CUDA graphs (``+graph``) the graphs' memory pool (the emulator's saved activations and
 workspace, held between steps, invisible to the allocated-bytes counters during replays) is added
-to the timed steps' peak and to the activations; the capture, in a warm-up step, counts too. On the CPU (no allocator statistics): that untimed step runs under
+to the timed steps' peak and to the activations; the capture, in a warm-up step, counts too. With
+compiled blocks (``+compile``) one more warm-up step runs (compilation, then PyTorch's cudagraph
+trees record in their second call), the first step's time is reported beside the median, and
+with ``+compile+graph`` the bytes of every private memory pool (the cudagraph trees') are added
+as for ``+graph``. On the CPU (no allocator statistics): that untimed step runs under
 :class:`~offsite_kernels.memtrack.MemoryTracker`, and the peak is the weights plus its peak.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..memtrack import MemoryTracker
+from ..nn.compiled_blocks import compile_report
 from ..nn.cuda_graphs import graph_report
 from .account import MemoryBreakdown
 from .methods import BenchMethod, Trainee, build_trainee
@@ -42,6 +47,8 @@ class Measurement:
     loss: float
     trainable_params: int
     graphs: dict | None = None  # with CUDA graphs: sets captured, block replays, pool bytes, failed captures
+    first_step_s: float = float("nan")  # the first warm-up step: Triton tuning, compilation, graph capture
+    compiled: dict | None = None  # with compiled blocks: mode, blocks, training calls compiled, private pool bytes
 
 
 def _sync(device: torch.device) -> None:
@@ -88,12 +95,15 @@ def measure_training(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    times, loss, warmup_peak = [], float("nan"), 0
+    warmup += 1 if method.compiled else 0
+    times, loss, warmup_peak, first_step_s = [], float("nan"), 0, float("nan")
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
         loss_t = step(ids)
         _sync(device)
+        if i == 0:
+            first_step_s = time.perf_counter() - start
         if i >= warmup:
             times.append(time.perf_counter() - start)
         loss = float(loss_t)
@@ -102,9 +112,12 @@ def measure_training(
             torch.cuda.reset_peak_memory_stats(device)
     timing = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 
-    graphs = graph_report(trainee.module) if method.cuda_graphs else None
+    graphs = graph_report(trainee.module) if method.cuda_graphs and not method.compiled else None
+    compiled = compile_report(trainee.module) if method.compiled else None
+    if compiled is not None and method.cuda_graphs and device.type == "cuda":
+        compiled["pool_bytes"] = private_pool_bytes()
     if device.type == "cuda":
-        pool = graphs["pool_bytes"] if graphs else 0
+        pool = graphs["pool_bytes"] if graphs else (compiled or {}).get("pool_bytes", 0)
         peak = max(warmup_peak, torch.cuda.max_memory_allocated(device) + pool)
         activations, gradients = step.phases(ids, lambda: torch.cuda.memory_allocated(device))
         activations += pool
@@ -113,7 +126,12 @@ def measure_training(
             activations, gradients = step.phases(ids, lambda: tracker.current_bytes)
         peak = weights + step.optimizer_bytes() + step.host_bytes() + tracker.peak_bytes
     memory = MemoryBreakdown(weights, gradients, step.optimizer_bytes(), activations, peak, host=step.host_bytes())
-    return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params), graphs)
+    return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params), graphs, first_step_s, compiled)
+
+
+def private_pool_bytes() -> int:
+    """Device memory in the caching allocator's private pools (CUDA graph pools), in bytes."""
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def make_step(trainee: Trainee, method: BenchMethod, batch: int, amp_dtype: torch.dtype | None) -> Step:

@@ -22,6 +22,10 @@ A method is written as its base and modifiers joined by ``+``, in any order:
 - ``graph`` (``ot`` only, CUDA only, not with ``recompute``): each emulator block's forward and
   input backward replayed as CUDA graphs (:mod:`offsite_kernels.nn.cuda_graphs`), captured in
   the warm-up steps.
+- ``compile`` (``ot`` only, not with ``recompute``): the emulator blocks' training calls through
+  ``torch.compile`` (:mod:`offsite_kernels.nn.compiled_blocks`), compiled in the warm-up steps;
+  with ``graph`` in mode "reduce-overhead" (PyTorch's own CUDA graphs, instead of the library's),
+  else in mode "default".
 
 ``ot`` alone is the paper's method in plain PyTorch: Hugging Face blocks, fp32 weights, bf16
 autocast. Every trainable parameter is fp32 and trained by AdamW in every method.
@@ -39,7 +43,7 @@ from torch import nn
 from ..errors import OffsiteError
 
 BASES = ("ft", "ot")
-MODIFIERS = ("lora", "zero", "fast", "int8", "int4", "fp8", "recompute", "head", "graph")
+MODIFIERS = ("lora", "zero", "fast", "int8", "int4", "fp8", "recompute", "head", "compile", "graph")
 _FORMATS = {"int8": 8, "int4": 4, "fp8": "fp8"}
 INT4_GROUP_SIZE = 128
 LORA_RANK = 8
@@ -59,6 +63,14 @@ class BenchMethod:
     recompute: bool = False
     fused_head: bool = False
     cuda_graphs: bool = False
+    compiled: bool = False
+
+    @property
+    def compile_mode(self) -> str | None:
+        """The ``torch.compile`` mode of the emulator blocks, or None (eager)."""
+        if not self.compiled:
+            return None
+        return "reduce-overhead" if self.cuda_graphs else "default"
 
     @property
     def name(self) -> str:
@@ -70,6 +82,7 @@ class BenchMethod:
         parts += [k for k, v in _FORMATS.items() if v == self.bits]
         parts += ["recompute"] if self.recompute else []
         parts += ["head"] if self.fused_head else []
+        parts += ["compile"] if self.compiled else []
         parts += ["graph"] if self.cuda_graphs else []
         return "+".join(parts)
 
@@ -79,7 +92,14 @@ class BenchMethod:
         head, *rest = self.name.split("+")
         if self.zero:
             return "FT (DeepSpeed ZeRO-2, optimizer on CPU)"
-        words = {"lora": "LoRA", "fast": "fused", "recompute": "recompute", "head": "fused head", "graph": "CUDA graphs"}
+        words = {
+            "lora": "LoRA",
+            "fast": "fused",
+            "recompute": "recompute",
+            "head": "fused head",
+            "compile": "compiled",
+            "graph": "CUDA graphs",
+        }
         return " + ".join([head.upper(), *(words.get(w, w) for w in rest)])
 
     @classmethod
@@ -101,6 +121,8 @@ class BenchMethod:
             raise BenchError(
                 f"method {text!r}: +graph keeps every emulator block's activations in its graphs, +recompute drops them; pick one"
             )
+        if "compile" in mods and "recompute" in mods:
+            raise BenchError(f"method {text!r}: +compile does not combine with +recompute; pick one")
         if base == "ft" and set(mods) - {"lora", "zero"}:
             raise BenchError(
                 f"method {text!r}: full fine-tuning takes only +lora or +zero; {sorted(set(mods) - {'lora', 'zero'})} "
@@ -117,6 +139,7 @@ class BenchMethod:
             recompute="recompute" in mods,
             fused_head="head" in mods,
             cuda_graphs="graph" in mods,
+            compiled="compile" in mods,
         )
 
 
@@ -140,6 +163,9 @@ ALL_METHODS = (
     BEST_METHOD,
     "ot+fast+graph",
     "ot+lora+fast+int4+head+graph",
+    "ot+fast+compile",
+    "ot+fast+compile+graph",
+    "ot+lora+fast+int4+head+compile+graph",
 )
 
 
@@ -210,7 +236,8 @@ def build_trainee(model: nn.Module, layout: str, method: BenchMethod, compute_dt
         group_size=INT4_GROUP_SIZE,
         recompute="full" if method.recompute else None,
         fast=method.fast,
-        cuda_graphs=method.cuda_graphs,
+        cuda_graphs=method.cuda_graphs and not method.compiled,  # compiled: PyTorch's own graphs
+        compile=method.compile_mode,
     )
     prepare(emu, "lora" if method.lora else "full")
     emu.fused_head = method.fused_head

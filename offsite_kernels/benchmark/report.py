@@ -115,6 +115,17 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
             notes.append(f"- {r['label']}: no CUDA graph was captured, the blocks ran eagerly{reason}.")
         elif graphs:
             notes.append(f"- {r['label']}: CUDA graph pool {graphs['pool_bytes'] / 2**20:.0f} MiB (counted in its peak).")
+        compiled = r.get("compiled")
+        if compiled:
+            pool = (
+                f", graph pools {compiled['pool_bytes'] / 2**20:.0f} MiB (counted in its peak)"
+                if "pool_bytes" in compiled
+                else ""
+            )
+            notes.append(
+                f"- {r['label']}: torch.compile mode {compiled['mode']}, {compiled['compiled_calls']} block calls compiled, "
+                f"first step {r.get('first_step_ms', float('nan')) / 1e3:.1f} s (compilation){pool}."
+            )
     return ["", *notes] if notes else []
 
 

@@ -164,6 +164,10 @@ def run_bench(settings: BenchSettings) -> BenchResult:
                     }
                     if "accounted" in sources and method.cuda_graphs:
                         say(f"not accounting {method.name}: CUDA graphs change where memory sits, not what the step allocates")
+                    elif "accounted" in sources and method.compiled:
+                        say(
+                            f"not accounting {method.name}: compiled kernels allocate otherwise than the eager step on fake tensors"
+                        )
                     elif "accounted" in sources:
                         say(f"accounting {bench_model.name} {method.name} batch {batch}")
                         add(_accounted_row(bench_model, method, batch, settings, common, flops))
@@ -294,5 +298,7 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
         "mfu": model_flops / timing.median_s / ceiling if ceiling else None,
         "loss": measured.loss,
         "trainable_params": measured.trainable_params,
+        "first_step_ms": measured.first_step_s * 1e3,
         **({"cuda_graphs": measured.graphs} if measured.graphs is not None else {}),
+        **({"compiled": measured.compiled} if measured.compiled is not None else {}),
     }

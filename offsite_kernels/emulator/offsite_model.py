@@ -12,6 +12,14 @@ from torch import nn
 
 from ..errors import LayoutError, OffsiteError
 from ..models import ModelFamily, get_family
+from ..nn.compiled_blocks import (
+    CUDAGRAPH_MODES,
+    CompileError,
+    apply_compile,
+    check_compile_mode,
+    compile_mode,
+    remove_compile,
+)
 from ..nn.cuda_graphs import (
     GraphError,
     apply_cuda_graphs,
@@ -80,8 +88,11 @@ class OffsiteModel(nn.Module):
         Trainer keeps them; every other argument (``inputs_embeds``, caches, ...) goes through
         to the wrapped model as given.
         """
-        if (self.recompute is not None or self.cuda_graphs) and torch.is_grad_enabled() and "use_cache" not in kwargs:
-            kwargs["use_cache"] = False  # a recomputed or graphed emulator must not fill a KV cache while training
+        compiled = self.compiled
+        if (self.recompute is not None or self.cuda_graphs or compiled) and torch.is_grad_enabled() and "use_cache" not in kwargs:
+            kwargs["use_cache"] = False  # a recomputed, graphed or compiled emulator must not fill a KV cache while training
+        if compiled in CUDAGRAPH_MODES and torch.is_grad_enabled() and self.training:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous one's graph outputs may be reused
         if (
             labels is not None
             and not return_logits
@@ -174,6 +185,10 @@ class OffsiteModel(nn.Module):
             if mode is not None:
                 raise GraphError("recomputation and CUDA graphs do not combine: set_cuda_graphs(False) first")
             return self
+        if self.compiled:  # nor do compiled ones
+            if mode is not None:
+                raise CompileError("recomputation and compiled blocks do not combine: set_compile(None) first")
+            return self
         blocks = [block for _, block in self.emulator_blocks()]
         remove_recompute(blocks)
         if mode is not None and blocks:
@@ -207,9 +222,45 @@ class OffsiteModel(nn.Module):
             return self
         if getattr(self.config, "layerdrop", 0.0):
             raise GraphError("CUDA graphs need every emulator block to run; set config.layerdrop = 0")
+        if self.compiled:
+            raise GraphError(
+                "the emulator blocks are compiled (set_compile); use compile mode 'reduce-overhead' for CUDA graphs of "
+                "compiled blocks, or set_compile(None) first"
+            )
         if self.cuda_graphs:
             remove_cuda_graphs(blocks)  # new settings: capture again
         apply_cuda_graphs(blocks, warmup_passes=warmup_passes, max_graph_sets=max_graph_sets)
+        return self
+
+    @property
+    def compiled(self) -> str | None:
+        """The ``torch.compile`` mode of the emulator blocks' training calls, or None (eager)."""
+        blocks = self.emulator_blocks()
+        return compile_mode(blocks[0][1]) if blocks else None
+
+    def set_compile(
+        self, mode: str | bool | None = "default", *, fullgraph: bool = True, dynamic: bool | None = None
+    ) -> OffsiteModel:
+        """Run the emulator blocks' training calls through ``torch.compile`` (:mod:`offsite_kernels.nn.compiled_blocks`).
+
+        ``mode``: "default", "reduce-overhead" (CUDA graphs through PyTorch's cudagraph trees),
+        "max-autotune" or "max-autotune-no-cudagraphs"; True means "default"; None or False
+        goes back to eager. The first training step of each input shape compiles; evaluation and
+        generation stay eager. Does not combine with recomputation or :meth:`set_cuda_graphs`.
+        """
+        mode = "default" if mode is True else (None if mode is False else mode)
+        blocks = [block for _, block in self.emulator_blocks()]
+        if mode is None:
+            remove_compile(blocks)
+            return self
+        check_compile_mode(mode)
+        if self.recompute is not None or self.cuda_graphs:
+            raise CompileError(
+                "compiled blocks do not combine with recomputation or the library's CUDA graphs: set_recompute(None) and "
+                "set_cuda_graphs(False) first (compile mode 'reduce-overhead' replays CUDA graphs itself)"
+            )
+        remove_compile(blocks)  # new settings: compile again
+        apply_compile(blocks, mode, fullgraph=fullgraph, dynamic=dynamic)
         return self
 
     def emulator_positions(self) -> list[int]:
@@ -239,6 +290,7 @@ class OffsiteModel(nn.Module):
         extra = f", recompute={self.recompute}" if self.recompute else ""
         extra += ", fast blocks" if self.fast_blocks else ""
         extra += ", CUDA graphs" if self.cuda_graphs else ""
+        extra += f", compiled ({self.compiled})" if self.compiled else ""
         return f"layout={self.layout} of {self.layout.n_layers} blocks, emulator={list(self.layout.emulator)}, prune={self.prune}, weights={fmt}{extra}"
 
     # --- files ---------------------------------------------------------------------------
@@ -286,6 +338,7 @@ def make_emulator(
     recompute: str | bool | None = None,
     fast: bool = False,
     cuda_graphs: bool = False,
+    compile: str | bool | None = None,
 ) -> OffsiteModel:
     """Split a Hugging Face causal LM into adapter + compressed emulator (Offsite-Tuning).
 
@@ -303,6 +356,9 @@ def make_emulator(
         fast: swap the fused frozen ops into the emulator blocks (:meth:`OffsiteModel.use_fast_blocks`).
         cuda_graphs: replay the emulator blocks as CUDA graphs while training on a GPU
             (:meth:`OffsiteModel.set_cuda_graphs`); not with ``recompute``.
+        compile: run the emulator blocks' training calls through ``torch.compile`` with this mode
+            ("default", "reduce-overhead", ...; True means "default"; :meth:`OffsiteModel.set_compile`);
+            not with ``recompute`` or ``cuda_graphs``.
     """
     family = get_family(model)
     n_layers = len(family.get_blocks(model))
@@ -322,6 +378,13 @@ def make_emulator(
         raise RecomputeError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, True, False or None; got {recompute!r}")
     if cuda_graphs and recompute:
         raise GraphError("CUDA graphs and recomputation do not combine; set recompute=None to use CUDA graphs")
+    if compile not in (None, False, True):
+        check_compile_mode(compile)
+    if compile and (recompute or cuda_graphs):
+        raise CompileError(
+            "compiled blocks do not combine with recompute or cuda_graphs; pick one (compile mode 'reduce-overhead' "
+            "replays CUDA graphs itself)"
+        )
     layout = resolve_layout(n_layers, bottom, top, emulator_layers, strategy)
     reduced = copy_with_blocks(model, family, layout.kept_indices)
     freeze_all_but_adapter_(reduced, family, layout)
@@ -337,4 +400,6 @@ def make_emulator(
         emulator.set_recompute(recompute)
     if cuda_graphs:
         emulator.set_cuda_graphs(True)
+    if compile:
+        emulator.set_compile(compile)
     return emulator

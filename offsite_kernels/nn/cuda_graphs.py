@@ -501,6 +501,11 @@ def apply_cuda_graphs(blocks: Sequence[nn.Module], warmup_passes: int = 1, max_g
     for block in blocks:
         if cuda_graphs_enabled(block):
             raise GraphError("these blocks already replay CUDA graphs; call remove_cuda_graphs first")
+        if "_offsite_compile_base" in type(block).__dict__:
+            raise GraphError(
+                "these blocks are compiled (torch.compile); for CUDA graphs of compiled blocks use compile mode "
+                "'reduce-overhead' instead of the library's graphs"
+            )
         if recompute_mode(block) is not None:
             raise GraphError(
                 "CUDA graphs and recomputation do not combine (the graphs keep every block's saved activations, and a "

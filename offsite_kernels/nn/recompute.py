@@ -317,6 +317,10 @@ def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
     blocks = list(blocks)
     if any(getattr(type(block), "_offsite_graphed", False) for block in blocks):
         raise RecomputeError("these blocks replay CUDA graphs, which do not combine with recomputation; remove_cuda_graphs first")
+    if any("_offsite_compile_base" in type(block).__dict__ for block in blocks):
+        raise RecomputeError(
+            "these blocks are compiled (torch.compile), which does not combine with recomputation; remove_compile first"
+        )
     for block in blocks:
         if recompute_mode(block) is not None:
             raise RecomputeError("these blocks already recompute; call remove_recompute first")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PackageError
+from ..nn.compiled_blocks import COMPILE_MODES
 
 
 def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -146,9 +147,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.full_model and args.method != "full":
         raise PackageError("--full-model fine-tunes every weight of a whole model: it takes --method full only")
-    if args.full_model and (args.fast or args.recompute or args.cuda_graphs):
+    if args.full_model and (args.fast or args.recompute or args.cuda_graphs or args.compile):
         raise PackageError(
-            "--fast, --recompute and --cuda-graphs act on an emulator's frozen blocks; a --full-model run has none"
+            "--fast, --recompute, --cuda-graphs and --compile act on an emulator's frozen blocks; a --full-model run has none"
+        )
+    if args.compile and (args.recompute or args.cuda_graphs):
+        raise PackageError(
+            "--compile does not combine with --recompute or --cuda-graphs (--compile reduce-overhead replays CUDA graphs itself)"
         )
     model = load_local_model(args.emulator_dir) if args.full_model else OffsiteModel.from_pretrained(args.emulator_dir)
     if args.fast:
@@ -157,6 +162,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model.set_recompute(args.recompute)
     if args.cuda_graphs:
         model.set_cuda_graphs(True)
+    if args.compile:
+        model.set_compile(args.compile)
     tokenizer = load_tokenizer(args.emulator_dir)
     train, valid = _data(args, tokenizer, model)
     lora = LoraSettings(
@@ -296,6 +303,14 @@ def register(sub: Any, bits_type: Any) -> None:
         "--cuda-graphs",
         action="store_true",
         help="replay the emulator blocks as CUDA graphs (on a CUDA GPU; not with --recompute full)",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        help="torch.compile the emulator blocks' training calls, in this mode (default: 'default'; 'reduce-overhead' "
+        "adds CUDA graphs); not with --recompute or --cuda-graphs",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_training_options(p, steps=200, lr=1e-4)
