@@ -156,18 +156,23 @@ def test_bad_training_options_fail_before_work(workdir, capsys, extra, message):
     assert not (w / "out").exists()
 
 
+def _assert_same_adapter(a, b, rtol: float = 1e-4) -> None:
+    """The adapters written to directories ``a`` and ``b`` hold the same tensors, up to ``rtol`` of each one's scale."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
+    assert first.keys() == second.keys() and first
+    for name in first:
+        scale = float(first[name].abs().max().clamp_min(1e-6))
+        assert float((first[name] - second[name]).abs().max()) <= rtol * scale, name
+
+
 def test_finetune_with_fast_recomputed_blocks_reaches_the_plain_adapter(workdir):
     w = workdir
     args = ["finetune", str(w / "emu"), "--train", str(w / "train.txt"), *TRAIN]
     assert main([*args, "-o", str(w / "plain")]) == 0
     assert main([*args, "-o", str(w / "fast"), "--fast", "--recompute", "full"]) == 0
-    from safetensors.torch import load_file
-
-    plain, fast = load_file(w / "plain" / "adapter.safetensors"), load_file(w / "fast" / "adapter.safetensors")
-    assert plain.keys() == fast.keys()
-    for name in plain:
-        scale = float(plain[name].abs().max().clamp_min(1e-6))
-        assert float((plain[name] - fast[name]).abs().max()) <= 1e-4 * scale, name
+    _assert_same_adapter(w / "plain", w / "fast")
     full = ["finetune", str(w / "model"), "--full-model", "--fast", "--train", str(w / "train.txt"), "-o", str(w / "x"), *TRAIN]
     assert main(full) == 2 and not (w / "x").exists()
 
@@ -179,12 +184,7 @@ def test_finetune_with_cuda_graphs_reaches_the_plain_adapter(workdir, cuda_graph
     assert main([*args, "-o", str(w / "plain"), "--fast"]) == 0
     assert main([*args, "-o", str(w / "graphed"), "--fast", "--cuda-graphs"]) == 0
     assert cuda_graphs_on_cpu.captures >= 1
-    from safetensors.torch import load_file
-
-    plain, graphed = load_file(w / "plain" / "adapter.safetensors"), load_file(w / "graphed" / "adapter.safetensors")
-    for name in plain:
-        scale = float(plain[name].abs().max().clamp_min(1e-6))
-        assert float((plain[name] - graphed[name]).abs().max()) <= 1e-4 * scale, name
+    _assert_same_adapter(w / "plain", w / "graphed")
     assert main([*args, "-o", str(w / "x"), "--recompute", "full", "--cuda-graphs"]) == 2
     assert "do not combine" in capsys.readouterr().err and not (w / "x").exists()
 
@@ -195,11 +195,6 @@ def test_finetune_with_compiled_blocks_reaches_the_plain_adapter(workdir, capsys
     args = ["finetune", str(w / "emu"), "--train", str(w / "train.txt"), *TRAIN]
     assert main([*args, "-o", str(w / "plain"), "--fast"]) == 0
     assert main([*args, "-o", str(w / "compiled"), "--fast", "--compile"]) == 0
-    from safetensors.torch import load_file
-
-    plain, compiled = load_file(w / "plain" / "adapter.safetensors"), load_file(w / "compiled" / "adapter.safetensors")
-    for name in plain:
-        scale = float(plain[name].abs().max().clamp_min(1e-6))
-        assert float((plain[name] - compiled[name]).abs().max()) <= 1e-4 * scale, name
+    _assert_same_adapter(w / "plain", w / "compiled")
     assert main([*args, "-o", str(w / "x"), "--compile", "default", "--cuda-graphs"]) == 2
     assert "does not combine" in capsys.readouterr().err and not (w / "x").exists()

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import OffsiteError
+from .frozen_blocks import require_frozen, unwrap
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
@@ -133,12 +134,7 @@ def apply_compile(
                 "compiled blocks do not combine with recomputation or the library's CUDA graphs; remove those first "
                 "(compile mode 'reduce-overhead' replays CUDA graphs itself)"
             )
-        trainable = [name for name, p in block.named_parameters() if p.requires_grad]
-        if trainable:
-            raise CompileError(
-                f"compiled blocks are frozen blocks, but {type(block).__name__} has trainable parameters "
-                f"({', '.join(trainable[:3])}...): freeze them (requires_grad_(False)) first"
-            )
+    require_frozen(blocks, "compiling blocks", CompileError)
     for block in blocks:
         base = type(block)
         block.__class__ = _compiled_class(base)
@@ -149,11 +145,7 @@ def apply_compile(
 
 def remove_compile(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_compile` on these blocks (they run their eager forward again)."""
-    for block in blocks:
-        base = type(block).__dict__.get("_offsite_compile_base")
-        if base is not None:
-            block.__class__ = base
-        block.__dict__.pop(_STATE, None)
+    unwrap(blocks, "_offsite_compile_base", _STATE)
 
 
 def compile_mode(block: nn.Module) -> str | None:

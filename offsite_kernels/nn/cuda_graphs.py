@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from ..errors import OffsiteError
+from .frozen_blocks import require_frozen, unwrap
 
 _STATE = "_offsite_graphs"  # attribute of a graphed block: (its _GraphedStack, its index)
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
@@ -511,12 +512,7 @@ def apply_cuda_graphs(blocks: Sequence[nn.Module], warmup_passes: int = 1, max_g
                 "CUDA graphs and recomputation do not combine (the graphs keep every block's saved activations, and a "
                 "checkpoint reads the RNG state, which a capture forbids); set recompute=None to use CUDA graphs"
             )
-        trainable = [name for name, p in block.named_parameters() if p.requires_grad]
-        if trainable:
-            raise GraphError(
-                f"CUDA graphs are for frozen blocks, but {type(block).__name__} has trainable parameters "
-                f"({', '.join(trainable[:3])}...): freeze them (requires_grad_(False)) first"
-            )
+    require_frozen(blocks, "CUDA graphs", GraphError)
     stack = _GraphedStack(len(blocks), warmup_passes, max_graph_sets)
     for index, block in enumerate(blocks):
         block.__class__ = _graphed_class(type(block))
@@ -525,11 +521,7 @@ def apply_cuda_graphs(blocks: Sequence[nn.Module], warmup_passes: int = 1, max_g
 
 def remove_cuda_graphs(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_cuda_graphs` on these blocks (their graphs are dropped)."""
-    for block in blocks:
-        base = type(block).__dict__.get("_offsite_graph_base")
-        if base is not None:
-            block.__class__ = base
-        block.__dict__.pop(_STATE, None)
+    unwrap(blocks, "_offsite_graph_base", _STATE)
 
 
 def reset_cuda_graphs(blocks: Sequence[nn.Module]) -> None:

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from ..errors import OffsiteError
+from .frozen_blocks import require_frozen, unwrap
 
 RECOMPUTE_MODES = ("full", "selective")
 _STATE = "_offsite_recompute"  # attribute of a wrapped block: its _Stack
@@ -324,12 +325,7 @@ def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
     for block in blocks:
         if recompute_mode(block) is not None:
             raise RecomputeError("these blocks already recompute; call remove_recompute first")
-        trainable = [name for name, p in block.named_parameters() if p.requires_grad]
-        if trainable:
-            raise RecomputeError(
-                f"recomputation is for frozen blocks, but {type(block).__name__} has trainable parameters "
-                f"({', '.join(trainable[:3])}...): freeze them (requires_grad_(False)) first"
-            )
+    require_frozen(blocks, "recomputation", RecomputeError)
     stack = _Stack(len(blocks))
     for index, block in enumerate(blocks):
         block.__class__ = _wrapped_class(type(block), mode)
@@ -339,11 +335,7 @@ def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
 
 def remove_recompute(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_recompute` on these blocks."""
-    for block in blocks:
-        base = getattr(type(block), "_offsite_base", None)
-        if base is not None:
-            block.__class__ = base
-        block.__dict__.pop(_STATE, None)
+    unwrap(blocks, "_offsite_base", _STATE)
 
 
 def recompute_mode(block: nn.Module) -> str | None:
