@@ -144,7 +144,7 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             "e2e_compile",
             "gpt2-xl",
             COMPILE_METHODS,
-            240,
+            360,  # each method compiles a GPT2-XL block's forward and backward from a cold cache
             "--source",
             "measured",
             opt_in=True,

@@ -48,17 +48,18 @@ def _blocks(emu):
 
 @pytest.mark.parametrize(("family", "bits"), [("gpt2", None), ("opt", 8), ("bloom", None), ("llama", 4), ("qwen3", None)])
 def test_compiled_training_step_matches_eager_and_the_blocks_share_one_graph(family, bits):
-    emu = ok.make_emulator(tiny_model(family, n_layers=6, seed=3), bottom=1, top=1, emulator_layers=3, fast=True, bits=bits)
+    # ten blocks: more than Dynamo's recompile limit (8), were each block its own compilation
+    emu = ok.make_emulator(tiny_model(family, n_layers=12, seed=3), bottom=1, top=1, emulator_layers=10, fast=True, bits=bits)
     ids, mask = random_ids(2, 13, seed=5), padded_mask(2, 13)
     eager = _step(emu, ids, mask)
     emu.set_compile("default")
     assert emu.compiled == "default" and all(compile_mode(b) == "default" for b in _blocks(emu))
     graphs_before = counters["stats"]["unique_graphs"]
     compiled = _step(emu, ids, mask)
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph for the three blocks, not three
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph for the ten blocks, not ten
     again = _step(emu, ids, mask)
     assert counters["stats"]["unique_graphs"] - graphs_before == 1  # same shapes: no recompilation
-    assert compile_report(emu) == {"blocks": 3, "mode": "default", "compiled_calls": 6}
+    assert compile_report(emu) == {"blocks": 10, "mode": "default", "compiled_calls": 20}
     _assert_same(eager, compiled)
     _assert_same(compiled, again, rtol=0)
 
@@ -81,6 +82,36 @@ def test_evaluation_generation_and_traced_calls_run_eagerly():
     assert compile_report(emu)["compiled_calls"] == 0
     emu(input_ids=ids, labels=ids).loss.backward()
     assert compile_report(emu)["compiled_calls"] == 2
+
+
+def test_dropout_in_sdpa_blocks_traces_as_one_graph():
+    """The benchmark's setting: SDPA attention and dropout 0.1 in training (random numbers inside the graph)."""
+    model = tiny_model("gpt2", n_layers=6, seed=4, attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=4, fast=True, compile="default")
+    ids, mask = random_ids(2, 11, seed=3), padded_mask(2, 11)
+    graphs_before = counters["stats"]["unique_graphs"]
+    losses = [_step(emu, ids, mask)[0] for _ in range(2)]
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1 and compile_report(emu)["compiled_calls"] == 8
+    assert all(torch.isfinite(loss) for loss in losses) and losses[0] != losses[1]  # fresh dropout masks each step
+
+
+def test_two_emulators_compile_apart_and_checkpointed_blocks_run_eagerly():
+    model = tiny_model("llama", n_layers=5, seed=6)
+    first = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True, compile=True)
+    second = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True, compile=True)
+    graphs_before = counters["stats"]["unique_graphs"]
+    _step(first, random_ids(1, 9, seed=1), padded_mask(1, 9))
+    _step(second, random_ids(3, 9, seed=2), padded_mask(3, 9))  # another batch: its own static graph, not a shared one
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    eager = _step(first.set_compile(None), random_ids(2, 9, seed=4), padded_mask(2, 9))
+    hf = first.set_compile(True).model
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointed = _step(first, random_ids(2, 9, seed=4), padded_mask(2, 9))
+    assert compile_report(first)["compiled_calls"] == 0  # not even in the backward's rerun
+    _assert_same(eager, checkpointed)
 
 
 def test_remove_quantize_and_fast_blocks_keep_the_emulator_right():
@@ -152,6 +183,7 @@ def test_compiled_blocks_match_eager_on_gpu(mode, family, bits):
         return ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, bits=bits, fast=True, compile=compile_mode).train()
 
     eager, compiled = build(None), build(mode)
+    graphs_before, skips_before = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
     for step in range(4):  # reduce-overhead: warm-up, recording, then replays
         ids, mask = random_ids(2, 33, seed=step).cuda(), padded_mask(2, 33).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -161,3 +193,23 @@ def test_compiled_blocks_match_eager_on_gpu(mode, family, bits):
         for name, grad in grads_e.items():
             torch.testing.assert_close(grads_c[name], grad, rtol=5e-2, atol=5e-3)
     assert compile_report(compiled)["compiled_calls"] == 4 * 3
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert counters["inductor"]["cudagraph_skips"] == skips_before  # reduce-overhead did replay CUDA graphs
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_two_forwards_before_one_backward_on_gpu():
+    model = tiny_model("llama", n_layers=6, seed=3).cuda()
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, bits=4, group_size=32, fast=True).train()
+    compiled = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, bits=4, group_size=32, fast=True).train()
+    compiled.set_compile("reduce-overhead")
+    ids = [random_ids(2, 33, seed=s).cuda() for s in range(4)]
+    mask = padded_mask(2, 33).cuda()
+    for target in (emu, compiled):
+        _step(target, ids[0], mask), _step(target, ids[1], mask)
+        target.zero_grad(set_to_none=True)
+        loss = target(input_ids=ids[2], attention_mask=mask, labels=ids[2]).loss
+        loss = loss + target(input_ids=ids[3], attention_mask=mask, labels=ids[3]).loss
+        loss.backward()
+    for p, q in zip(compiled.adapter_parameters(), emu.adapter_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4)

@@ -9,8 +9,9 @@ workspace, held between steps, invisible to the allocated-bytes counters during 
 to the timed steps' peak and to the activations; the capture, in a warm-up step, counts too. With
 compiled blocks (``+compile``) one more warm-up step runs (compilation, then PyTorch's cudagraph
 trees record in their second call), the first step's time is reported beside the median, and
-with ``+compile+graph`` the bytes of every private memory pool (the cudagraph trees') are added
-as for ``+graph``. On the CPU (no allocator statistics): that untimed step runs under
+with ``+compile+graph`` the bytes reserved in private memory pools (the cudagraph trees') are added
+as for ``+graph``; a compiled row starts and ends with Dynamo and the cudagraph trees reset, so it
+sees no compiled code, shapes or pools of another row. On the CPU (no allocator statistics): that untimed step runs under
 :class:`~offsite_kernels.memtrack.MemoryTracker`, and the peak is the weights plus its peak.
 """
 
@@ -76,10 +77,43 @@ def measure_training(
     seed: int = 0,
 ) -> Measurement:
     """Build ``method`` on ``bench_model`` (random weights) on ``device`` and time its training step."""
-    from transformers import AutoModelForCausalLM
-
     if warmup < 1 or steps < 1:
         raise ValueError(f"need at least one warm-up and one timed step, got warmup={warmup}, steps={steps}")
+    if method.compiled:  # a row of its own: no compiled code, shapes seen or graph pools from an earlier row
+        _reset_compiled_state(device)
+        try:
+            return _measure(bench_model, method, batch, seq, device, amp_dtype, scaled, warmup, steps, seed)
+        finally:
+            _reset_compiled_state(device)
+    return _measure(bench_model, method, batch, seq, device, amp_dtype, scaled, warmup, steps, seed)
+
+
+def _reset_compiled_state(device: torch.device) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _measure(
+    bench_model: BenchModel,
+    method: BenchMethod,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    scaled: bool,
+    warmup: int,
+    steps: int,
+    seed: int,
+) -> Measurement:
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     config = bench_model.hf_config(scaled)
     with torch.device(device):
@@ -130,7 +164,9 @@ def measure_training(
 
 
 def private_pool_bytes() -> int:
-    """Device memory in the caching allocator's private pools (CUDA graph pools), in bytes."""
+    """Device memory reserved in the caching allocator's private pools (CUDA graph pools), in bytes.
+
+    Reserved segments: the pool's high-water mark (its warm-up runs in it too) with any free space."""
     return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 

@@ -118,7 +118,7 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
         compiled = r.get("compiled")
         if compiled:
             pool = (
-                f", graph pools {compiled['pool_bytes'] / 2**20:.0f} MiB (counted in its peak)"
+                f", graph pools {compiled['pool_bytes'] / 2**20:.0f} MiB reserved (counted in its peak)"
                 if "pool_bytes" in compiled
                 else ""
             )

@@ -13,7 +13,6 @@ from torch import nn
 from ..errors import LayoutError, OffsiteError
 from ..models import ModelFamily, get_family
 from ..nn.compiled_blocks import (
-    CUDAGRAPH_MODES,
     CompileError,
     apply_compile,
     check_compile_mode,
@@ -91,8 +90,6 @@ class OffsiteModel(nn.Module):
         compiled = self.compiled
         if (self.recompute is not None or self.cuda_graphs or compiled) and torch.is_grad_enabled() and "use_cache" not in kwargs:
             kwargs["use_cache"] = False  # a recomputed, graphed or compiled emulator must not fill a KV cache while training
-        if compiled in CUDAGRAPH_MODES and torch.is_grad_enabled() and self.training:
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous one's graph outputs may be reused
         if (
             labels is not None
             and not return_logits

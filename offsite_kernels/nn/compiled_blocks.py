@@ -11,24 +11,28 @@ PyTorch-native alternative to :mod:`offsite_kernels.nn.cuda_graphs`; ``offsite b
 How. :func:`apply_compile` swaps each block's class for a subclass whose ``forward`` sends a
 training call through ``torch.compile`` of the block class's own forward, and every other call
 to that forward eagerly (undone by :func:`remove_compile`; parameter names and module hooks are
-untouched). One compiled function per block class and settings: Dynamo lifts the parameters and
-buffers of a block to graph inputs, so blocks of one class and shape share one graph and a
-16-block emulator compiles once per input shape, not 16 times. The function is a copy of the
-forward with a code object of its own: Dynamo keeps one cache (and one recompile limit) per code
-object, and Hugging Face wraps the forward of every layer class in the same function.
+untouched). One compiled function per block class and :func:`apply_compile` call: Dynamo lifts the
+parameters and buffers of a block to graph inputs, so blocks of one class and shape share one graph
+and a 16-block emulator compiles once per input shape, not 16 times. The function is a copy of
+the forward with a code object of its own: Dynamo keeps one cache (and one recompile limit) per
+code object, and Hugging Face wraps the forward of every layer class in the same function; so
+two emulators, or one compiled again, never share compiled code, shapes seen or limits, and the
+compiled code goes with the blocks.
 
 A call is compiled when grad is enabled, the block is in training mode, no KV cache object is among
-its arguments (train with ``use_cache=False``; ``OffsiteModel`` passes it), no saved-tensor hooks
-are active (Hugging Face's gradient checkpointing, ``save_on_cpu``), no dispatch mode is on (the
-memory tracker, fake tensors) and no outer ``torch.compile`` is tracing. Evaluation and
+its arguments (train with ``use_cache=False``; ``OffsiteModel`` passes it), Hugging Face's gradient
+checkpointing is off and no saved-tensor hooks are active (``save_on_cpu``), no dispatch mode is on
+(the memory tracker, fake tensors) and no outer ``torch.compile`` is tracing. Evaluation and
 generation run eagerly: their shapes change every token and would recompile again and again.
 
 Rules. The first training call of each input shape compiles (seconds to a minute); later calls
 with the same shapes, dtypes and modules reuse it. Replacing modules inside the blocks
 (``OffsiteModel.quantize_``) or moving them makes Dynamo's guards fail once and compile again.
 Does not combine with recomputation or with the library's CUDA graphs (``mode="reduce-overhead"``
-is PyTorch's own CUDA graphs); with a cudagraph mode call :func:`torch.compiler.cudagraph_mark_step_begin`
-before each training step (``OffsiteModel`` does).
+is PyTorch's own CUDA graphs). In that mode PyTorch's cudagraph trees start a new step by themselves
+once no forward waits for its backward (two forwards before one backward are fine); a block's
+output kept from an earlier step is overwritten by the replays (clone what you keep), and the
+trees' memory pools stay with the process (``torch._inductor.cudagraph_trees.reset_cudagraph_trees``).
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ from ..errors import OffsiteError
 from .frozen_blocks import require_frozen, unwrap
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 _STATE = "_offsite_compile"
 
 
@@ -75,6 +78,8 @@ def _eligible(block: nn.Module, args: tuple, kwargs: dict) -> bool:
         and not torch._C._len_torch_dispatch_stack()
         and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         and not any(_is_cache(v) for v in (*args, *kwargs.values()))
+        # Hugging Face's gradient checkpointing (reentrant too: its rerun inside the backward is eager)
+        and not getattr(block, "gradient_checkpointing", False)
     )
 
 
@@ -85,7 +90,6 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     return functools.update_wrapper(copy, fn)
 
 
-@functools.cache
 def _compiled_forward(base: type, mode: str, fullgraph: bool, dynamic: bool | None) -> Callable[..., Any]:
     return torch.compile(_own_code(base.forward), mode=mode, fullgraph=fullgraph, dynamic=dynamic)
 
@@ -135,12 +139,13 @@ def apply_compile(
                 "(compile mode 'reduce-overhead' replays CUDA graphs itself)"
             )
     require_frozen(blocks, "compiling blocks", CompileError)
+    compiled: dict[type, Callable[..., Any]] = {}  # one per block class of this call: dies with the blocks
     for block in blocks:
         base = type(block)
+        if base not in compiled:
+            compiled[base] = _compiled_forward(base, mode, fullgraph, dynamic)
         block.__class__ = _compiled_class(base)
-        object.__setattr__(
-            block, _STATE, _CompileState(mode, fullgraph, dynamic, _compiled_forward(base, mode, fullgraph, dynamic))
-        )
+        object.__setattr__(block, _STATE, _CompileState(mode, fullgraph, dynamic, compiled[base]))
 
 
 def remove_compile(blocks: Sequence[nn.Module]) -> None:
