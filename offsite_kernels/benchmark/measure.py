@@ -17,9 +17,11 @@ sees no compiled code, shapes or pools of another row. On the CPU (no allocator 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,13 +81,68 @@ def measure_training(
     """Build ``method`` on ``bench_model`` (random weights) on ``device`` and time its training step."""
     if warmup < 1 or steps < 1:
         raise ValueError(f"need at least one warm-up and one timed step, got warmup={warmup}, steps={steps}")
-    if method.compiled:  # a row of its own: no compiled code, shapes seen or graph pools from an earlier row
+    with _own_compile_state(device, method.compiled):  # a compiled row sees no code, shapes or pools of another
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        config = bench_model.hf_config(scaled)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+        trainee = build_trainee(model, bench_model.layout, method, amp_dtype)
+        del model  # the emulator is a copy: the dropped blocks go now
+        gc.collect()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=generator)
+        step = make_step(trainee, method, batch, amp_dtype)
+        weights = weight_bytes(trainee.module)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+        warmup += 1 if method.compiled else 0
+        times, loss, warmup_peak, first_step_s = [], float("nan"), 0, float("nan")
+        for i in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            loss_t = step(ids)
+            _sync(device)
+            if i == 0:
+                first_step_s = time.perf_counter() - start
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            loss = float(loss_t)
+            if method.cuda_graphs and i == warmup - 1 and device.type == "cuda":  # the capture's peak, then the replays'
+                warmup_peak = torch.cuda.max_memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+        timing = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+        graphs = graph_report(trainee.module) if method.cuda_graphs and not method.compiled else None
+        compiled = compile_report(trainee.module) if method.compiled else None
+        if compiled is not None and method.cuda_graphs and device.type == "cuda":
+            compiled["pool_bytes"] = private_pool_bytes()
+        if device.type == "cuda":
+            pool = graphs["pool_bytes"] if graphs else (compiled or {}).get("pool_bytes", 0)
+            peak = max(warmup_peak, torch.cuda.max_memory_allocated(device) + pool)
+            activations, gradients = step.phases(ids, lambda: torch.cuda.memory_allocated(device))
+            activations += pool
+        else:  # the optimizer state (and an offloaded one, in the same memory here) predates the tracker
+            with MemoryTracker() as tracker:
+                activations, gradients = step.phases(ids, lambda: tracker.current_bytes)
+            peak = weights + step.optimizer_bytes() + step.host_bytes() + tracker.peak_bytes
+        memory = MemoryBreakdown(weights, gradients, step.optimizer_bytes(), activations, peak, host=step.host_bytes())
+        return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params), graphs, first_step_s, compiled)
+
+
+@contextlib.contextmanager
+def _own_compile_state(device: torch.device, compiled: bool) -> Iterator[None]:
+    """Dynamo and PyTorch's cudagraph trees reset before and after a compiled row."""
+    if compiled:
         _reset_compiled_state(device)
-        try:
-            return _measure(bench_model, method, batch, seq, device, amp_dtype, scaled, warmup, steps, seed)
-        finally:
+    try:
+        yield
+    finally:
+        if compiled:
             _reset_compiled_state(device)
-    return _measure(bench_model, method, batch, seq, device, amp_dtype, scaled, warmup, steps, seed)
 
 
 def _reset_compiled_state(device: torch.device) -> None:
@@ -98,69 +155,6 @@ def _reset_compiled_state(device: torch.device) -> None:
         reset_cudagraph_trees()
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def _measure(
-    bench_model: BenchModel,
-    method: BenchMethod,
-    batch: int,
-    seq: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    scaled: bool,
-    warmup: int,
-    steps: int,
-    seed: int,
-) -> Measurement:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = bench_model.hf_config(scaled)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config)
-    trainee = build_trainee(model, bench_model.layout, method, amp_dtype)
-    del model  # the emulator is a copy: the dropped blocks go now
-    gc.collect()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=generator)
-    step = make_step(trainee, method, batch, amp_dtype)
-    weights = weight_bytes(trainee.module)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-    warmup += 1 if method.compiled else 0
-    times, loss, warmup_peak, first_step_s = [], float("nan"), 0, float("nan")
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        loss_t = step(ids)
-        _sync(device)
-        if i == 0:
-            first_step_s = time.perf_counter() - start
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        loss = float(loss_t)
-        if method.cuda_graphs and i == warmup - 1 and device.type == "cuda":  # the capture's peak, then the replays'
-            warmup_peak = torch.cuda.max_memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-    timing = Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
-
-    graphs = graph_report(trainee.module) if method.cuda_graphs and not method.compiled else None
-    compiled = compile_report(trainee.module) if method.compiled else None
-    if compiled is not None and method.cuda_graphs and device.type == "cuda":
-        compiled["pool_bytes"] = private_pool_bytes()
-    if device.type == "cuda":
-        pool = graphs["pool_bytes"] if graphs else (compiled or {}).get("pool_bytes", 0)
-        peak = max(warmup_peak, torch.cuda.max_memory_allocated(device) + pool)
-        activations, gradients = step.phases(ids, lambda: torch.cuda.memory_allocated(device))
-        activations += pool
-    else:  # the optimizer state (and an offloaded one, in the same memory here) predates the tracker
-        with MemoryTracker() as tracker:
-            activations, gradients = step.phases(ids, lambda: tracker.current_bytes)
-        peak = weights + step.optimizer_bytes() + step.host_bytes() + tracker.peak_bytes
-    memory = MemoryBreakdown(weights, gradients, step.optimizer_bytes(), activations, peak, host=step.host_bytes())
-    return Measurement(timing, memory, loss, sum(p.numel() for p in trainee.params), graphs, first_step_s, compiled)
 
 
 def private_pool_bytes() -> int:
