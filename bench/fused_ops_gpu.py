@@ -56,7 +56,10 @@ on the device from ``offsite_kernels.tiny.tiny_config``), made an emulator with
 - ``fast``: ``fast=True``; ``fast_int4``: ``fast=True, bits=4`` (group 128);
 - ``plain_full`` / ``fast_full``: ``recompute="full"``;
 - ``fast_graph`` / ``fast_int4_graph``: ``cuda_graphs=True`` (captured in the warm-up steps;
-  ``cuda_graphs``: sets captured, block replays over all its steps, pool bytes, failed captures).
+  ``cuda_graphs``: sets captured, block replays over all its steps, pool bytes, failed captures);
+- ``fast_compile`` / ``fast_compile_graph``: ``compile="default"`` / ``compile="reduce-overhead"``
+  (the emulator blocks' training calls through ``torch.compile``; compiled in the first call, which
+  ``first_call_s`` times; ``compiled``: the blocks' mode and training calls compiled).
 
 Each step is timed with events around it (CUDA events, ``perf_counter`` on a CPU), and forward
 hooks on the first and last emulator block plus gradient hooks on their input and output time the
@@ -175,8 +178,11 @@ BLOCK_VARIANTS: dict[str, tuple[bool, int | None, str | None, str]] = {
     "fast_full": (True, None, "full", "sdpa"),
     "fast_graph": (True, None, None, "sdpa"),
     "fast_int4_graph": (True, 4, None, "sdpa"),
+    "fast_compile": (True, None, None, "sdpa"),
+    "fast_compile_graph": (True, None, None, "sdpa"),
 }
 GRAPH_VARIANTS = ("fast_graph", "fast_int4_graph")  # the emulator blocks replayed as CUDA graphs
+COMPILE_VARIANTS = {"fast_compile": "default", "fast_compile_graph": "reduce-overhead"}  # through torch.compile
 QUICK_BLOCK_VARIANTS = ("plain", "fast", "fast_full", "fast_graph")
 RECOMPUTE_TWIN = {"plain_full": "plain", "fast_full": "fast"}
 
@@ -1019,6 +1025,7 @@ def bench_block_variant(
     torch, ok = ctx.torch, ctx.ok
     fast, bits, recompute, attn = BLOCK_VARIANTS[variant]
     graphs = variant in GRAPH_VARIANTS
+    compile_mode = COMPILE_VARIANTS.get(variant)
     cfg = model.config
     base = dict(
         kind="block",
@@ -1035,7 +1042,8 @@ def bench_block_variant(
         seq=int(ids.shape[1]),
         hidden=getattr(cfg, "hidden_size", None),
         call=f"ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast={fast}, bits={bits}, recompute={recompute!r}"
-        f"{', cuda_graphs=True' if graphs else ''}); emu(input_ids=ids, labels=ids).loss.backward()",
+        f"{', cuda_graphs=True' if graphs else ''}{f', compile={compile_mode!r}' if compile_mode else ''}); "
+        "emu(input_ids=ids, labels=ids).loss.backward()",
     )
     print(f"[bench] block {name} {variant}", file=sys.stderr, flush=True)
     row = dict(base)
@@ -1052,6 +1060,7 @@ def bench_block_variant(
             group_size=ctx.group_size,
             recompute=recompute,
             cuda_graphs=graphs,
+            compile=compile_mode,
         )
         if attn != "sdpa":
             emu.model.config._attn_implementation = attn
@@ -1098,6 +1107,10 @@ def bench_block_variant(
             from offsite_kernels.nn.cuda_graphs import graph_report
 
             row["cuda_graphs"] = graph_report(emu)
+        if compile_mode:
+            from offsite_kernels.nn.compiled_blocks import compile_report
+
+            row["compiled"] = compile_report(emu)
     except Exception as exc:
         row["error"] = _error(exc)
         print(f"[bench] block {name} {variant}: {row['error']}", file=sys.stderr)
@@ -1105,6 +1118,10 @@ def bench_block_variant(
         if span is not None:
             span.remove()
         del emu
+        if compile_mode and ctx.cuda:  # PyTorch's cudagraph trees keep their pools until reset
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()
         gc.collect()
         if ctx.cuda:
             torch.cuda.empty_cache()

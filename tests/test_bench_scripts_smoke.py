@@ -57,7 +57,17 @@ def test_fused_ops_gpu_cpu_smoke(tmp_path):
     heads = {r["impl"]: r for r in rows if r.get("kind") == "head"}
     assert {"fused", "unfused"} <= heads.keys() and heads["fused"]["time_ratio"] is not None
     blocks = {(r["model"], r["variant"]): r for r in rows if r.get("kind") == "block"}
-    assert {v for _, v in blocks} >= {"plain", "fast", "fast_int4", "plain_full", "fast_full"}
+    assert {v for _, v in blocks} >= {
+        "plain",
+        "fast",
+        "fast_int4",
+        "plain_full",
+        "fast_full",
+        "fast_compile",
+        "fast_compile_graph",
+    }
+    compiled = [r for (_, v), r in blocks.items() if v.startswith("fast_compile")]
+    assert compiled and all(r["compiled"]["compiled_calls"] > 0 and r["correct"] for r in compiled)
     for key, r in blocks.items():
         assert r["step_ms"] > 0 and r["emu_ms"] is not None, key
         assert r.get("correct", True), key
