@@ -15,7 +15,16 @@ each op, forward alone and forward + input backward:
 
 ``offsite_op - offsite`` is what the direct path saves. On the CPU the library's ops run the PyTorch
 reference (several aten calls per op) where a GPU runs one Triton kernel, so CPU rows compare the
-wrappers, not the kernels. Writes ``--out`` (JSON, stamped) and the same table as markdown beside it.
+wrappers, not the kernels.
+
+``--blocks FAMILIES`` (e.g. ``gpt2,llama``) adds whole frozen blocks: the host time of one emulator
+block's forward + input backward inside a training step of a tiny emulator (1 x 8 tokens), as the
+difference between emulators of 1 and ``BLOCKS_MANY`` blocks (same adapters and head) divided by
+the blocks added. Variants: ``plain`` (Hugging Face blocks), ``fast`` (the fused frozen ops),
+``fast_compile`` (``compile="default"``), and on a GPU ``fast_graph`` (the library's CUDA graphs)
+and ``fast_compile_graph`` (``compile="reduce-overhead"``). Warm-up steps compile and capture first.
+
+Writes ``--out`` (JSON, stamped) and the tables as markdown beside it.
 """
 
 from __future__ import annotations
@@ -40,6 +49,16 @@ from offsite_kernels.ops import activation, eager, norm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS, HIDDEN = 8, 256
+BLOCKS_MANY = 5  # emulator blocks of the larger emulator in --blocks (the smaller has one)
+# variant -> make_emulator options; the CUDA-only ones run on a GPU only
+BLOCK_VARIANTS = {
+    "plain": {},
+    "fast": {"fast": True},
+    "fast_compile": {"fast": True, "compile": "default"},
+    "fast_graph": {"fast": True, "cuda_graphs": True},
+    "fast_compile_graph": {"fast": True, "compile": "reduce-overhead"},
+}
+CUDA_ONLY_VARIANTS = ("fast_graph", "fast_compile_graph")
 
 
 def _sync(device: torch.device) -> None:
@@ -107,6 +126,57 @@ def run(device: torch.device, calls: int, rounds: int) -> list[dict]:
     return rows
 
 
+def block_rows(families: list[str], device: torch.device, calls: int, rounds: int) -> list[dict]:
+    """Host µs of one frozen block's forward + input backward per family and variant (see module docs)."""
+    from offsite_kernels.tiny import tiny_model
+
+    variants = [v for v in BLOCK_VARIANTS if device.type == "cuda" or v not in CUDA_ONLY_VARIANTS]
+    rows = []
+    for family in families:
+        for variant in variants:
+            steps = {}
+            try:
+                for blocks in (1, BLOCKS_MANY):
+                    model = tiny_model(family, n_layers=BLOCKS_MANY + 2, seed=0).to(device)
+                    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=blocks, **BLOCK_VARIANTS[variant]).train()
+                    ids = torch.randint(3, 90, (1, ROWS), device=device)
+                    step = lambda emu=emu, ids=ids: emu(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # noqa: E731
+                    for _ in range(3):  # compile, capture
+                        step()
+                    steps[blocks] = per_call_us(step, device, calls, rounds)
+                    del emu, model
+                per_block = (steps[BLOCKS_MANY]["median_us"] - steps[1]["median_us"]) / (BLOCKS_MANY - 1)
+                rows.append({"family": family, "variant": variant, "block_fwd_bwd_us": per_block, "steps": steps})
+            except Exception as exc:  # a row, not a crash: the other variants still run
+                rows.append({"family": family, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            if device.type == "cuda" and "compile" in variant:
+                from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+                reset_cudagraph_trees()
+    return rows
+
+
+def block_markdown(result: dict) -> list[str]:
+    rows = result.get("blocks") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## Host time of one frozen block, forward + input backward, µs (tiny emulators, 1 x {ROWS} tokens, "
+        f"1 and {BLOCKS_MANY} emulator blocks)",
+        "",
+        f"| family | variant | per block | step, 1 block | step, {BLOCKS_MANY} blocks | error |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['variant']} | | | | {r['error']} |")
+            continue
+        one, many = r["steps"][1]["median_us"], r["steps"][BLOCKS_MANY]["median_us"]
+        lines.append(f"| {r['family']} | {r['variant']} | {r['block_fwd_bwd_us']:.0f} | {one:.0f} | {many:.0f} | |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     by = {(r["op"], r["impl"]): r for r in result["rows"]}
     ops = list(dict.fromkeys(r["op"] for r in result["rows"]))
@@ -126,6 +196,7 @@ def markdown(result: dict) -> str:
     lines += ["", "eager: plain PyTorch (frozen_linear_int8's eager row is a dense F.linear, for scale)."]
     if result["device"] == "cpu":
         lines.append("On the CPU the library's ops run the PyTorch reference (several aten calls each), not a kernel.")
+    lines += block_markdown(result)
     return "\n".join(lines) + "\n"
 
 
@@ -135,11 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=500, help="back-to-back calls per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/host_overhead-<device>.json)")
+    parser.add_argument("--blocks", default="", help="families for the whole-block rows, comma-separated (e.g. gpt2,llama)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     rows = run(device, args.calls, args.rounds)
+    families = [f.strip() for f in args.blocks.split(",") if f.strip()]
+    blocks = block_rows(families, device, max(args.calls // 20, 3), args.rounds) if families else []
     st = stamp()
     result = {
         "device": device.type,
@@ -149,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "calls": args.calls,
         "rounds": args.rounds,
         "rows": rows,
+        "blocks": blocks,
         "stamp": st,
     }
     out = args.out or RESULTS / f"host_overhead-{device.type}.json"

@@ -101,6 +101,7 @@ def test_frozen_linear_gpu_cpu_smoke(tmp_path):
 def test_host_overhead_cpu_smoke(tmp_path):
     out = tmp_path / "host.json"
     cmd = [sys.executable, str(BENCH / "host_overhead.py"), "--device", "cpu", "--calls", "5", "--rounds", "2", "--out", str(out)]
+    cmd += ["--blocks", "gpt2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=str(BENCH.parent))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -108,3 +109,7 @@ def test_host_overhead_cpu_smoke(tmp_path):
     assert {(op, i) for op in ("layer_norm", "swiglu", "frozen_linear_int8") for i in ("eager", "offsite", "offsite_op")} <= impls
     assert all(r[k]["median_us"] > 0 for r in result["rows"] for k in ("fwd", "fwd_bwd"))
     assert "saved by the direct path" in out.with_suffix(".md").read_text()
+    blocks = {r["variant"]: r for r in result["blocks"]}
+    assert blocks.keys() == {"plain", "fast", "fast_compile"}  # the CUDA-graph variants need a GPU
+    assert not [r for r in blocks.values() if "error" in r]
+    assert all(r["steps"][str(n)]["median_us"] > 0 for r in blocks.values() for n in (1, 5))
