@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,6 +135,19 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             "measured",
             warmup=1,
             steps=3,
+            opt_in=True,
+        ),
+        # opt-in (--only host_blocks): host µs of a whole frozen block per variant, CUDA graphs and compiled included
+        replace(
+            _script_stage(
+                "host_blocks",
+                "host_overhead.py",
+                out / "host_blocks" / "host_overhead-cuda.json",
+                150,
+                "host_overhead-cuda.md",
+                "--blocks",
+                "gpt2,llama",
+            ),
             opt_in=True,
         ),
         # opt-in (--only e2e_compile): the emulator blocks through torch.compile, alone and with PyTorch's CUDA

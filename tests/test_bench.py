@@ -339,6 +339,6 @@ def test_gpu_suite_runs_the_opt_in_stages_only_when_named(tmp_path):
         "e2e",
         "native",
     ]
-    assert {s.name for s in every if s.opt_in} == {"e2e_7b", "e2e_compile"}
+    assert {s.name for s in every if s.opt_in} == {"e2e_7b", "e2e_compile", "host_blocks"}
     for method in suite.COMPILE_METHODS.split(",") + suite.SUITE_METHODS.split(","):
         BenchMethod.parse(method)  # every method the suite asks for is a valid name
