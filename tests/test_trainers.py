@@ -1,5 +1,6 @@
 """The emulator trains under Hugging Face Trainer and accelerate as it does in a plain loop."""
 
+import pytest
 import torch
 from conftest import random_ids, state_dict_copy
 
@@ -26,10 +27,11 @@ def adapter_keys(emu):
     return {f"model.{emu.family.blocks}.{p}." for p in emu.layout.adapter_positions()}
 
 
-def test_hf_trainer_trains_only_the_adapter(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"fast": True, "compile": "default"}], ids=["plain", "fast_compiled"])
+def test_hf_trainer_trains_only_the_adapter(tmp_path, options):
     from transformers import Trainer, TrainingArguments
 
-    emu = ok.make_emulator(tiny_model("opt", seed=5), bottom=1, top=1, emulator_layers=2)
+    emu = ok.make_emulator(tiny_model("opt", seed=5), bottom=1, top=1, emulator_layers=2, **options)
     before = state_dict_copy(emu)
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -45,6 +47,10 @@ def test_hf_trainer_trains_only_the_adapter(tmp_path):
     assert result.global_step == 3
     changed = changed_keys(emu, before)
     assert changed and all(any(k.startswith(p) for p in adapter_keys(emu)) for k in changed)
+    if options.get("compile"):  # the emulator blocks' training calls went through the compiled forward
+        from offsite_kernels.nn.compiled_blocks import compile_report
+
+        assert compile_report(emu)["compiled_calls"] == 3 * 2
 
 
 def test_accelerate_prepares_and_steps():
