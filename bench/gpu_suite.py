@@ -3,23 +3,29 @@
 Run from the repository root on a machine with an NVIDIA GPU (the package need not be installed:
 the checkout is put on ``PYTHONPATH``)::
 
-    python3 bench/gpu_suite.py --out DIR          # at most 570 s: quick kernel sweeps, every end-to-end method
-    python3 bench/gpu_suite.py --out DIR --quick  # fewer end-to-end methods
-    python3 bench/gpu_suite.py --out DIR --only frozen_linear,fused_ops --full-kernels   # a second call: full sweeps
+    python3 bench/gpu_suite.py --out DIR          # at most 570 s: quick kernel sweeps, the main end-to-end methods
+    python3 bench/gpu_suite.py --out DIR --quick  # the core four end-to-end methods
+    python3 bench/gpu_suite.py --out DIR --only native,native_tests,e2e_7b   # a second call
 
-Each stage runs in its own process with its own time limit, writes its log to ``DIR/<stage>.log``
-and its results under ``DIR``; a stage that fails or runs out of time is recorded and the next one
-runs. ``DIR/SUMMARY.md`` lists every stage (exit code, seconds) with the tail of its table, and
+Each stage runs in its own process group with its own time limit (on timeout the whole group is
+killed), writes its log to ``DIR/<stage>.log`` and its results under ``DIR``; a stage that fails or
+runs out of time is recorded and the next one runs; a stage is not started with less than its
+``min_s`` of the budget left. ``--only`` runs the stages named, in the order named (opt-in ones
+included). ``DIR/SUMMARY.md`` lists every stage (exit code, seconds) with the tail of its table
+(for an ``offsite bench`` stage cut short, the tables of the rows it finished), and
 ``DIR/suite.json`` the same as data, stamped with the GPU, driver, torch and triton versions.
 
 Stages: ``env`` (nvidia-smi, ``offsite env``, the stamp), ``tests`` (``pytest -m gpu``: every
 Triton kernel against float64 on CUDA), ``frozen_linear`` (bench/frozen_linear_gpu.py),
-``fused_ops`` (bench/fused_ops_gpu.py), ``host_overhead`` (bench/host_overhead.py: host µs per
-call of the per-layer ops, eager PyTorch vs the library's direct path vs its custom ops), ``e2e`` (``offsite bench`` on the paper's models, measured
-on the GPU, batch 1 and 16), ``native`` (bench/native_gpu.py; the extension's CUDA part compiled
-on first use), and, opt-in, ``e2e_7b`` (``--only e2e_7b``: OPT-6.7B, where FT at batch 16 runs on
+``fused_ops`` (bench/fused_ops_gpu.py; the quick run without the torch.compile baselines),
+``host_overhead`` (bench/host_overhead.py: host µs per call of the per-layer ops, eager PyTorch vs
+the library's direct path vs its custom ops), ``e2e`` (``offsite bench`` on the paper's models,
+measured on the GPU, batch 1 and 16), ``native`` (bench/native_gpu.py; the extension's CUDA part
+compiled on first use, for this GPU's architecture, in a folder of this run) and ``native_tests``
+(its GPU tests, on the same build); opt-in: ``e2e_7b`` (OPT-6.7B, where FT at batch 16 runs on
 DeepSpeed ZeRO-2 with the optimizer offloaded; DeepSpeed is carried as wheels, see
-bench/gpu_wheels.sh).
+bench/gpu_wheels.sh), ``e2e_more`` (the other fast paths), ``host_blocks`` (host µs per whole
+frozen block) and ``e2e_compile`` (the emulator blocks through torch.compile).
 """
 
 from __future__ import annotations
@@ -27,21 +33,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# the paper's four and the best path first: rows are written as they come, so a stage cut short keeps them
-SUITE_METHODS = (
-    "ft,ft+lora,ot,ot+lora,ot+lora+fast+int4+recompute+head,ot+lora+fast+int4+head+graph,ot+fast+graph,"
-    "ot+fast,ot+fast+int8,ot+fast+int4,ot+fast+fp8,"
-    "ot+fast+recompute,ot+fast+head,ot+fast+int4+recompute+head,ot+lora+fast,ot+lora+fast+int8+recompute+head"
+# the paper's four and the best paths first: rows are written as they come, so a stage cut short keeps them. The
+# default call's e2e stage runs E2E_METHODS (each row builds a full-size model: 64 rows would not fit its time);
+# the rest of the methods are the opt-in e2e_more stage; --quick runs the core four
+E2E_METHODS = "ft,ft+lora,ot,ot+lora,ot+lora+fast+int4+recompute+head,ot+lora+fast+int4+head+graph,ot+fast,ot+fast+int4"
+CORE_METHODS = "ft,ot+lora,ot+lora+fast+int4+recompute+head,ot+lora+fast+int4+head+graph"
+MORE_METHODS = (
+    "ot+fast+graph,ot+fast+int8,ot+fast+fp8,ot+fast+recompute,ot+fast+head,ot+fast+int4+recompute+head,"
+    "ot+lora+fast,ot+lora+fast+int8+recompute+head"
 )
-QUICK_METHODS = "ft,ft+lora,ot,ot+lora,ot+lora+fast+int4+recompute+head,ot+lora+fast+int4+head+graph,ot+fast,ot+fast+int4"
-COMPILE_METHODS = "ot+lora+fast+int4+head+compile+graph,ot+fast+compile+graph,ot+fast+compile,ot+lora+fast+int4+head+graph"
+# the library's graphs first: the comparison the compiled rows are read against
+COMPILE_METHODS = "ot+lora+fast+int4+head+graph,ot+lora+fast+int4+head+compile+graph,ot+fast+compile+graph,ot+fast+compile"
 BUDGET_S = 570  # the device machine allows 600 s per command
 
 
@@ -54,6 +65,7 @@ class Stage:
     needs: str | None = None  # a file (relative to the repo) that must exist, else the stage is skipped
     env: dict[str, str] | None = None  # extra environment variables
     opt_in: bool = False  # runs only when named in --only
+    min_s: int = 10  # not started with less of the suite's budget left (a stage cut short can leave a mess)
 
 
 @dataclass
@@ -76,11 +88,12 @@ def _bench_stage(
     opt_in: bool = False,
     batches: str = "1,16",
 ) -> Stage:
-    """``offsite bench`` measured on the GPU at ``batches`` (1 and 16), its rows under ``out/name``."""
+    """``offsite bench`` measured on the GPU at ``batches`` (1 and 16), its rows under ``out/name``
+    (measured only: the full-size accounting on fake tensors is the CPU's job, committed in bench/results)."""
     argv = [sys.executable, "-m", "offsite_kernels.cli", "bench", "--device", "cuda", "--models", models]
-    argv += ["--methods", methods, "--batch", batches, *extra, "-o", str(out / name)]
+    argv += ["--methods", methods, "--batch", batches, "--source", "measured", *extra, "-o", str(out / name)]
     argv += ["--warmup", str(warmup), "--steps", str(steps)]
-    return Stage(name, argv, timeout_s, opt_in=opt_in)
+    return Stage(name, argv, timeout_s, opt_in=opt_in, min_s=60)
 
 
 def _script_stage(
@@ -105,23 +118,49 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             ],
             30,
         ),
-        Stage("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 130),
+        # -v --tb=line: each test's verdict is in the log as it comes, should the stage run out of time
+        Stage("tests", [py, "-m", "pytest", "-v", "--tb=line", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 130, min_s=30),
         _script_stage(
             "frozen_linear",
             "frozen_linear_gpu.py",
             out / "frozen_linear",
-            400 if full_kernels else 110,
+            400 if full_kernels else 100,
             "frozen_linear_gpu.md",
             *q,
         ),
-        _script_stage("fused_ops", "fused_ops_gpu.py", out / "fused_ops", 400 if full_kernels else 100, "fused_ops_gpu.md", *q),
+        # the quick run leaves out the torch.compile baselines (cold Inductor compiles): the block section comes last
         _script_stage(
-            "host_overhead", "host_overhead.py", out / "host_overhead" / "host_overhead-cuda.json", 40, "host_overhead-cuda.md"
+            "fused_ops",
+            "fused_ops_gpu.py",
+            out / "fused_ops",
+            400 if full_kernels else 90,
+            "fused_ops_gpu.md",
+            *q,
+            *([] if full_kernels else ["--no-compile"]),
         ),
-        _bench_stage(out, "e2e", "gpt2-xl,opt-1.3b", QUICK_METHODS if quick else SUITE_METHODS, 100 if quick else 170),
-        # last: the CUDA part of the extension is compiled on first use (OFFSITE_NATIVE_JIT), which takes a while
         _script_stage(
-            "native", "native_gpu.py", out / "native" / "native_gpu.json", 150, "native_gpu.md", env={"OFFSITE_NATIVE_JIT": "1"}
+            "host_overhead", "host_overhead.py", out / "host_overhead" / "host_overhead-cuda.json", 30, "host_overhead-cuda.md"
+        ),
+        _bench_stage(out, "e2e", "gpt2-xl,opt-1.3b", CORE_METHODS if quick else E2E_METHODS, 190),
+        # last: the CUDA part of the extension is compiled on first use (OFFSITE_NATIVE_JIT), which takes a while; not
+        # started with less than 90 s left (a JIT build cut short leaves its lock behind). Its GPU tests reuse the build.
+        replace(
+            _script_stage(
+                "native",
+                "native_gpu.py",
+                out / "native" / "native_gpu.json",
+                150,
+                "native_gpu.md",
+                env={"OFFSITE_NATIVE_JIT": "1"},
+            ),
+            min_s=90,
+        ),
+        Stage(
+            "native_tests",
+            [py, "-m", "pytest", "-v", "--tb=line", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_native_cuda.py"],
+            90,
+            env={"OFFSITE_NATIVE_JIT": "1"},
+            min_s=30,
         ),
         # opt-in (--only e2e_7b): 6.7B-parameter models. FT runs on DeepSpeed ZeRO-2 with CPU offload where plain
         # FT does not fit the GPU and the host can hold the offload; DeepSpeed travels as wheels (bench/gpu_wheels.sh)
@@ -131,12 +170,12 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             "opt-6.7b",
             "ft,ot+lora,ot+lora+fast+int4+recompute+head",
             330,
-            "--source",
-            "measured",
             warmup=1,
             steps=3,
             opt_in=True,
         ),
+        # opt-in (--only e2e_more): the other fast paths, each alone and combined
+        _bench_stage(out, "e2e_more", "gpt2-xl,opt-1.3b", MORE_METHODS, 400, opt_in=True),
         # opt-in (--only host_blocks): host µs of a whole frozen block per variant, CUDA graphs and compiled included
         replace(
             _script_stage(
@@ -158,32 +197,75 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             "gpt2-xl",
             COMPILE_METHODS,
             360,  # each method compiles a GPT2-XL block's forward and backward from a cold cache
-            "--source",
-            "measured",
             opt_in=True,
             batches="1",
         ),
     ]
 
 
+def select_stages(every: list[Stage], only: str | None) -> list[Stage]:
+    """The stages to run: those named in ``only`` (comma-separated), in the order named; else every stage that is not opt-in."""
+    if not only:
+        return [stage for stage in every if not stage.opt_in]
+    chosen = [name.strip() for name in only.split(",") if name.strip()]
+    by_name = {stage.name: stage for stage in every}
+    unknown = [name for name in chosen if name not in by_name]
+    if unknown:
+        raise ValueError(f"--only: no stage named {', '.join(unknown)}; the stages are {', '.join(by_name)}")
+    return [by_name[name] for name in dict.fromkeys(chosen)]
+
+
 def run_stage(stage: Stage, out: Path, env: dict[str, str], left_s: float) -> StageResult:
     if stage.needs and not (REPO / stage.needs).exists():
         return StageResult(stage.name, None, 0.0, f"skipped ({stage.needs} is not in this checkout)")
     timeout = int(min(stage.timeout_s, left_s))
-    if timeout < 10:
-        return StageResult(stage.name, None, 0.0, "skipped (the suite's time budget is spent)")
+    if timeout < stage.min_s:
+        return StageResult(stage.name, None, 0.0, f"skipped (less than {stage.min_s} s of the suite's budget left)")
     log = out / f"{stage.name}.log"
     start = time.perf_counter()
     with log.open("w") as f:
+        # a session of its own: on timeout the whole process group goes (ninja, nvcc, compile workers too)
+        proc = subprocess.Popen(
+            stage.argv, cwd=REPO, env={**env, **(stage.env or {})}, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            proc = subprocess.run(
-                stage.argv, cwd=REPO, env={**env, **(stage.env or {})}, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-            )
-            code = proc.returncode
+            code = proc.wait(timeout=timeout)
             status = "ok" if code == 0 else "failed"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code, status = None, f"timeout after {timeout} s"
     return StageResult(stage.name, code, time.perf_counter() - start, status)
+
+
+def _bench_table(folder: Path) -> Path | None:
+    """The markdown of an ``offsite bench`` stage; for one cut short (it writes its tables at the end), the
+    tables rendered here from the rows it appended as they came."""
+    table = latest(folder, "offsite_bench-*.md")
+    rows_path = folder / "offsite_bench.jsonl"
+    if table is not None or not rows_path.exists():
+        return table
+    from offsite_kernels.benchmark.report import format_markdown
+    from offsite_kernels.benchmark.stamp import read_rows
+
+    rows = read_rows(rows_path)
+    if not rows:
+        return None
+    table = folder / "offsite_bench-partial.md"
+    table.write_text("(the stage ran out of time: tables of the rows it finished)\n\n" + format_markdown(rows))
+    return table
+
+
+def _device_arch() -> str | None:
+    """The GPU's compute capability as nvidia-smi gives it ("9.0"), or None."""
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    caps = {line.strip() for line in proc.stdout.splitlines() if line.strip()}
+    return next(iter(caps)) if proc.returncode == 0 and len(caps) == 1 else None
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -219,32 +301,38 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)
+    # the native extension's JIT build: a folder of this run (a stale lock of an earlier run cannot block it), and only
+    # this GPU's architecture (half the nvcc work of the default sm_80 + sm_90)
+    env.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="offsite_torch_extensions_"))
+    arch = _device_arch()
+    if arch and "OFFSITE_CUDA_ARCH_LIST" not in env:
+        env["OFFSITE_CUDA_ARCH_LIST"] = arch
     if args.host_memory_gib:
         env["OFFSITE_HOST_MEMORY_GIB"] = str(args.host_memory_gib)
-    chosen = set(args.only.split(",")) if args.only else None
+    try:
+        selected = select_stages(stages(out, args.quick, args.full_kernels), args.only)
+    except ValueError as exc:
+        p.error(str(exc))
     results = []
     suite_start = time.perf_counter()
-    for stage in stages(out, args.quick, args.full_kernels):
-        skipped = stage.opt_in if chosen is None else stage.name not in chosen
-        if skipped:
-            continue
+    for stage in selected:
         print(f"[suite] {stage.name} ...", flush=True)
         result = run_stage(stage, out, env, args.budget_s - (time.perf_counter() - suite_start))
         results.append((stage, result))
         print(f"[suite] {stage.name}: {result.status} ({result.seconds:.0f} s)", flush=True)
 
+    sys.path.insert(0, str(REPO))
     summary = ["# GPU suite", "", "| stage | status | exit | seconds |", "|---|---|---|---|"]
     summary += [f"| {r.name} | {r.status} | {r.returncode} | {r.seconds:.0f} |" for _, r in results]
     for stage, _result in results:
         table = out / stage.table if stage.table else None
-        if stage.name in ("e2e", "e2e_7b", "e2e_compile"):
-            table = latest(out / stage.name, "offsite_bench-*.md")
+        if stage.name.startswith("e2e"):
+            table = _bench_table(out / stage.name)
         if stage.name == "tests":
             table = out / "tests.log"
         if table is not None:
             summary += ["", f"## {stage.name}", "", _tail(table)]
     (out / "SUMMARY.md").write_text("\n".join(summary) + "\n")
-    sys.path.insert(0, str(REPO))
     from offsite_kernels.benchmark.stamp import stamp
 
     (out / "suite.json").write_text(json.dumps({"stamp": stamp(), "stages": [asdict(r) for _, r in results]}, indent=2) + "\n")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -220,8 +221,15 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("native_gpu.py needs a CUDA GPU")
+    from torch.utils import cpp_extension
+
     from offsite_kernels import native
 
+    if cpp_extension.CUDA_HOME is None or shutil.which("ninja") is None:  # a JIT build would be CPU-only, or fail late
+        sys.exit(
+            f"cannot build the extension's CUDA part here: CUDA toolkit {cpp_extension.CUDA_HOME or 'not found'}, "
+            f"ninja {shutil.which('ninja') or 'not found'} (both are needed: set CUDA_HOME, pip install ninja)"
+        )
     if not native.has_cuda():
         sys.exit(
             f"the native extension has no CUDA kernels here ({native.unavailable_reason() or 'built without CUDA'}); "

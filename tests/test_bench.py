@@ -7,6 +7,8 @@ GPT2-XL, at least 10x less peak memory) is ``test_gpt2_xl_best_path_needs_ten_ti
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,26 +321,102 @@ def test_gpu_suite_runs_its_stages_and_summarises(tmp_path):
     assert "torch" in (tmp_path / "env.log").read_text()
 
 
-def test_gpu_suite_runs_the_opt_in_stages_only_when_named(tmp_path):
+def _gpu_suite():
     import importlib
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     try:
-        suite = importlib.import_module("gpu_suite")
+        return importlib.import_module("gpu_suite")
     finally:
         sys.path.pop(0)
+
+
+def test_gpu_suite_runs_the_opt_in_stages_only_when_named(tmp_path):
+    suite = _gpu_suite()
     every = suite.stages(tmp_path, quick=False, full_kernels=False)
-    assert [s.name for s in every if not s.opt_in] == [
-        "env",
-        "tests",
-        "frozen_linear",
-        "fused_ops",
-        "host_overhead",
-        "e2e",
-        "native",
-    ]
-    assert {s.name for s in every if s.opt_in} == {"e2e_7b", "e2e_compile", "host_blocks"}
-    for method in suite.COMPILE_METHODS.split(",") + suite.SUITE_METHODS.split(","):
-        BenchMethod.parse(method)  # every method the suite asks for is a valid name
+    default = ["env", "tests", "frozen_linear", "fused_ops", "host_overhead", "e2e", "native", "native_tests"]
+    assert [s.name for s in suite.select_stages(every, None)] == default
+    assert {s.name for s in every if s.opt_in} == {"e2e_7b", "e2e_more", "e2e_compile", "host_blocks"}
+    from offsite_kernels.benchmark.methods import ALL_METHODS
+
+    named = {m for s in every if s.name.startswith("e2e") for m in s.argv[s.argv.index("--methods") + 1].split(",")}
+    assert named >= set(ALL_METHODS) - {"ft+zero"}  # every method is in some stage (ft falls back to ft+zero itself)
+    assert [s.name for s in suite.select_stages(every, "native,e2e_7b,env")] == ["native", "e2e_7b", "env"]  # as named
+    with pytest.raises(ValueError, match="no stage named e2e7b"):
+        suite.select_stages(every, "env,e2e7b")
+    for stage in every:
+        if stage.name.startswith("e2e"):
+            assert stage.argv[stage.argv.index("--source") + 1] == "measured"  # no CPU accounting on the GPU's time
+            for method in stage.argv[stage.argv.index("--methods") + 1].split(","):
+                BenchMethod.parse(method)  # every method the suite asks for is a valid name
+    fused = next(s for s in every if s.name == "fused_ops")
+    assert "--no-compile" in fused.argv and "--quick" in fused.argv
+    # the quick default fits its budget with room for e2e, and the stage that compiles the extension needs time
+    assert sum(s.timeout_s for s in every if s.name in default[:6]) <= suite.BUDGET_S
+    assert next(s for s in every if s.name == "native").min_s >= 60
+
+
+def test_gpu_suite_kills_a_stage_with_its_children_on_timeout(tmp_path):
+    import sys
+    import time
+
+    suite = _gpu_suite()
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
+    stage = suite.Stage("slow", [sys.executable, "-c", code], timeout_s=20, min_s=1)
+    start = time.perf_counter()
+    result = suite.run_stage(stage, tmp_path, dict(os.environ), left_s=3)
+    assert result.status == "timeout after 3 s" and time.perf_counter() - start < 15
+    pid = int(pid_file.read_text())
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "\tZ" in status.read_text()  # the grandchild went with the group (or is a zombie)
+    skipped = suite.run_stage(suite.Stage("x", ["true"], 60, min_s=30), tmp_path, dict(os.environ), left_s=20)
+    assert skipped.status.startswith("skipped")
+
+
+def test_gpu_suite_renders_the_rows_of_a_bench_stage_cut_short(tmp_path):
+    from offsite_kernels.benchmark.stamp import append_rows
+
+    suite = _gpu_suite()
+    row = dict(
+        bench="offsite_bench",
+        source="measured",
+        model="tiny",
+        layout="1-2-1",
+        method="ot",
+        label="OT",
+        batch=1,
+        seq=8,
+        amp_dtype=None,
+        tokens_per_s=100.0,
+        step_ms_median=80.0,
+        step_ms_p20=79.0,
+        step_ms_p80=81.0,
+        peak_bytes=2**20,
+        weights_bytes=2**19,
+        gradients_bytes=0,
+        optimizer_bytes=0,
+        activations_bytes=2**18,
+        mfu=0.1,
+        paper_tokens_per_s=None,
+        paper_memory_mb=None,
+        device="cuda",
+        device_name="GPU",
+        scaled=False,
+    )
+    append_rows(tmp_path / "offsite_bench.jsonl", [row])
+    table = suite._bench_table(tmp_path)
+    assert table is not None and "ran out of time" in table.read_text() and "| OT |" in table.read_text()
+    assert suite._bench_table(tmp_path / "missing") is None
+
+
+def test_rows_with_a_nan_are_written_with_nulls_not_lost(tmp_path):
+    from offsite_kernels.benchmark.stamp import append_rows, read_rows
+
+    path = append_rows(tmp_path / "rows.jsonl", [{"loss": float("nan"), "parts": [1.0, float("inf")], "ok": 2.5}])
+    (row,) = read_rows(path)
+    assert row["loss"] is None and row["parts"] == [1.0, None] and row["ok"] == 2.5

@@ -17,6 +17,7 @@ import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import socket
@@ -142,17 +143,29 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither; a NaN loss is a finding, not a crash)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def append_rows(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], stamp_: Mapping[str, Any] | None = None) -> Path:
     """Append ``rows`` to the JSON-lines file ``path``, each with ``"stamp"`` set; returns the path.
 
-    The stamp is taken once per call (or ``stamp_`` is used as given). Rows are serialised before
+    The stamp is taken once per call (or ``stamp_`` is used as given). NaN and infinite floats are
+    written as null. Rows are serialised before
     the file is touched, so a row that is not JSON-serialisable changes nothing. The existing
     content is kept byte for byte (a missing final newline is added before the new rows).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     st = dict(stamp_) if stamp_ is not None else stamp()
-    lines = [json.dumps({**row, "stamp": st}, sort_keys=False, allow_nan=False) + "\n" for row in rows]
+    lines = [json.dumps(_finite({**row, "stamp": st}), sort_keys=False, allow_nan=False) + "\n" for row in rows]
     if not lines:
         return path
     with _locked(path.parent):
