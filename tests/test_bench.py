@@ -205,8 +205,9 @@ def test_run_bench_measures_and_accounts(tmp_path):
         assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_markdown_puts_the_paper_beside_our_figures():
-    rows = [
+def _gpt2_xl_rows() -> list[dict]:
+    """Two accounted rows (FT and OT) of GPT2-XL at the paper's setting, with the paper's figures."""
+    return [
         dict(
             bench="offsite_bench",
             model="gpt2-xl",
@@ -231,6 +232,10 @@ def test_markdown_puts_the_paper_beside_our_figures():
         )
         for m, peak, tps, mb in [("ft", 40 * 2**20, 957, 39922), ("ot", 8 * 2**20, 4905, 8966)]
     ]
+
+
+def test_markdown_puts_the_paper_beside_our_figures():
+    rows = _gpt2_xl_rows()
     text = format_markdown(rows)
     assert "| OT | 8 | 5.0x |" in text
     assert "8,966 | 5.1x / 4.5x |" in text
@@ -382,33 +387,7 @@ def test_gpu_suite_renders_the_rows_of_a_bench_stage_cut_short(tmp_path):
     from offsite_kernels.benchmark.stamp import append_rows
 
     suite = _gpu_suite()
-    row = dict(
-        bench="offsite_bench",
-        source="measured",
-        model="tiny",
-        layout="1-2-1",
-        method="ot",
-        label="OT",
-        batch=1,
-        seq=8,
-        amp_dtype=None,
-        tokens_per_s=100.0,
-        step_ms_median=80.0,
-        step_ms_p20=79.0,
-        step_ms_p80=81.0,
-        peak_bytes=2**20,
-        weights_bytes=2**19,
-        gradients_bytes=0,
-        optimizer_bytes=0,
-        activations_bytes=2**18,
-        mfu=0.1,
-        paper_tokens_per_s=None,
-        paper_memory_mb=None,
-        device="cuda",
-        device_name="GPU",
-        scaled=False,
-    )
-    append_rows(tmp_path / "offsite_bench.jsonl", [row])
+    append_rows(tmp_path / "offsite_bench.jsonl", _gpt2_xl_rows())
     table = suite._bench_table(tmp_path)
     assert table is not None and "ran out of time" in table.read_text() and "| OT |" in table.read_text()
     assert suite._bench_table(tmp_path / "missing") is None
