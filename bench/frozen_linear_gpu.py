@@ -664,6 +664,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_report(path: Path, text: str, run_id: str, rows_so_far: int | None = None) -> None:
+    """Write the markdown report atomically; with ``rows_so_far``, a partial one (the run is still going,
+    so a run cut short by a time limit leaves the tables of what it finished)."""
+    if rows_so_far is not None:
+        text = f"> partial report: the run was still going ({rows_so_far} rows so far)\n\n{text}"
+    tmp = path.with_name(f".{path.name}.{run_id}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run_gpu_script(args: argparse.Namespace, run: Callable[..., int]) -> int:
     """What every GPU benchmark script's ``main`` does before its own ``run(args, torch, ok, backend, cache_dir)``:
     the backend environment set before Triton is imported (its interpreter is chosen when a kernel is
@@ -745,12 +755,15 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
         torch, ok, args.device, dtype, args.group_size, backend, timer, ceilings, run_id, args.tolerance, not args.no_launcher
     )
     rows: list[dict] = []
+    md_path = out_dir / "frozen_linear_gpu.md"
     for model, proj, n, k in shapes:
         shape_rows = bench_shape(ctx, model, proj, n, k, tokens, formats, fp8_tokens)
         append_rows(jsonl, shape_rows, st)  # each shape lands on disk as soon as it is done
         rows += shape_rows
         if cuda:
             torch.cuda.empty_cache()
+        partial = first_call_summary(rows) + (fp8_targets(rows) if "fp8" in formats else [])
+        write_report(md_path, markdown([run_row, ceiling, *rows, *partial], st), run_id, rows_so_far=len(rows))
     summary = first_call_summary(rows) + (fp8_targets(rows) if "fp8" in formats else [])
     wall = {"kind": "run_end", "run_id": run_id, "wall_s": time.perf_counter() - t_start, "n_rows": len(rows)}
     for r in summary:
@@ -759,10 +772,7 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
 
     md = markdown([run_row, ceiling, *rows, *summary], st)
     print(md)
-    md_path = out_dir / "frozen_linear_gpu.md"
-    tmp = md_path.with_name(f".{md_path.name}.{run_id}.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, md_path)
+    write_report(md_path, md, run_id)
     print(f"[bench] {len(rows)} rows appended to {jsonl}; table in {md_path}; {wall['wall_s']:.0f} s", file=sys.stderr)
 
     wrong = [r for r in rows if r.get("correct") is False]  # offsite rows and the fp8 variants beside them

@@ -94,7 +94,6 @@ import argparse
 import gc
 import importlib.metadata
 import importlib.util
-import os
 import sys
 import time
 import uuid
@@ -1262,7 +1261,7 @@ def _setup_compile(torch: Any) -> None:
 
 
 def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir: str | None) -> int:
-    from frozen_linear_gpu import Ceilings, do_bench_timer, measure_ceilings, perf_counter_timer
+    from frozen_linear_gpu import Ceilings, do_bench_timer, measure_ceilings, perf_counter_timer, write_report
     from stamp import append_rows, stamp
 
     t_start = time.perf_counter()
@@ -1333,10 +1332,12 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
         block_reps=args.block_reps or (10 if cuda else 2),
     )
     rows: list[dict] = []
+    md_path = out_dir / "fused_ops_gpu.md"
 
     def emit(new: list[dict]) -> None:
         append_rows(jsonl, new, st)  # each case lands on disk as soon as it is done
         rows.extend(new)
+        write_report(md_path, markdown([run_row, ceiling, *rows, *skips, *targets(rows)], st), run_id, rows_so_far=len(rows))
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
@@ -1367,10 +1368,7 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
 
     md = markdown([run_row, ceiling, *rows, *skips, *summary], st)
     print(md)
-    md_path = out_dir / "fused_ops_gpu.md"
-    tmp = md_path.with_name(f".{md_path.name}.{run_id}.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, md_path)
+    write_report(md_path, md, run_id)
     print(f"[bench] {len(rows)} rows appended to {jsonl}; report in {md_path}; {wall['wall_s']:.0f} s", file=sys.stderr)
 
     errors = [r for r in rows if r.get("error")]

@@ -113,3 +113,16 @@ def test_host_overhead_cpu_smoke(tmp_path):
     assert blocks.keys() == {"plain", "fast", "fast_compile"}  # the CUDA-graph variants need a GPU
     assert not [r for r in blocks.values() if "error" in r]
     assert all(r["steps"][str(n)]["median_us"] > 0 for r in blocks.values() for n in (1, 5))
+
+
+def test_reports_are_rewritten_as_rows_come_and_marked_partial(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from frozen_linear_gpu import write_report
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / "report.md"
+    write_report(path, "# Report\n", "run1", rows_so_far=7)  # a stage killed now leaves this
+    assert path.read_text().startswith("> partial report: the run was still going (7 rows so far)")
+    write_report(path, "# Report\n", "run1")
+    assert path.read_text() == "# Report\n" and not list(tmp_path.glob(".*.tmp"))
