@@ -167,21 +167,19 @@ QUICK_BLOCK_MODELS = ("llama-2-7b",)
 SMOKE_BLOCK_MODELS: dict[str, tuple[str, dict[str, Any], int]] = {"tiny-llama": ("llama", {}, 97), "tiny-gpt2": ("gpt2", {}, 97)}
 QUICK_SMOKE_BLOCK_MODELS = ("tiny-llama", "tiny-gpt2")
 BLOCK_LAYERS = 4  # bottom 1 + emulator 2 + top 1
-# variant -> (fast, bits, recompute, attention implementation)
-BLOCK_VARIANTS: dict[str, tuple[bool, int | None, str | None, str]] = {
-    "plain_eager": (False, None, None, "eager"),
-    "plain": (False, None, None, "sdpa"),
-    "fast": (True, None, None, "sdpa"),
-    "fast_int4": (True, 4, None, "sdpa"),
-    "plain_full": (False, None, "full", "sdpa"),
-    "fast_full": (True, None, "full", "sdpa"),
-    "fast_graph": (True, None, None, "sdpa"),
-    "fast_int4_graph": (True, 4, None, "sdpa"),
-    "fast_compile": (True, None, None, "sdpa"),
-    "fast_compile_graph": (True, None, None, "sdpa"),
+# variant -> ok.make_emulator options; "attention" (default "sdpa") is the model's attention implementation
+BLOCK_VARIANTS: dict[str, dict[str, Any]] = {
+    "plain_eager": {"attention": "eager"},
+    "plain": {},
+    "fast": {"fast": True},
+    "fast_int4": {"fast": True, "bits": 4},
+    "plain_full": {"recompute": "full"},
+    "fast_full": {"fast": True, "recompute": "full"},
+    "fast_graph": {"fast": True, "cuda_graphs": True},  # the emulator blocks replayed as CUDA graphs
+    "fast_int4_graph": {"fast": True, "bits": 4, "cuda_graphs": True},
+    "fast_compile": {"fast": True, "compile": "default"},  # through torch.compile
+    "fast_compile_graph": {"fast": True, "compile": "reduce-overhead"},
 }
-GRAPH_VARIANTS = ("fast_graph", "fast_int4_graph")  # the emulator blocks replayed as CUDA graphs
-COMPILE_VARIANTS = {"fast_compile": "default", "fast_compile_graph": "reduce-overhead"}  # through torch.compile
 QUICK_BLOCK_VARIANTS = ("plain", "fast", "fast_full", "fast_graph")
 RECOMPUTE_TWIN = {"plain_full": "plain", "fast_full": "fast"}
 
@@ -1022,9 +1020,10 @@ def bench_block_variant(
     ctx: Context, model: Any, name: str, variant: str, ids: Any, plain_loss: float | None
 ) -> tuple[dict[str, Any], float | None]:
     torch, ok = ctx.torch, ctx.ok
-    fast, bits, recompute, attn = BLOCK_VARIANTS[variant]
-    graphs = variant in GRAPH_VARIANTS
-    compile_mode = COMPILE_VARIANTS.get(variant)
+    options = dict(BLOCK_VARIANTS[variant])
+    attn = options.pop("attention", "sdpa")
+    fast, bits, recompute = options.get("fast", False), options.get("bits"), options.get("recompute")
+    graphs, compile_mode = options.get("cuda_graphs", False), options.get("compile")
     cfg = model.config
     base = dict(
         kind="block",
@@ -1040,27 +1039,16 @@ def bench_block_variant(
         batch=int(ids.shape[0]),
         seq=int(ids.shape[1]),
         hidden=getattr(cfg, "hidden_size", None),
-        call=f"ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast={fast}, bits={bits}, recompute={recompute!r}"
-        f"{', cuda_graphs=True' if graphs else ''}{f', compile={compile_mode!r}' if compile_mode else ''}); "
-        "emu(input_ids=ids, labels=ids).loss.backward()",
+        call="ok.make_emulator(model, bottom=1, top=1, emulator_layers=2"
+        + "".join(f", {k}={v!r}" for k, v in options.items())
+        + "); emu(input_ids=ids, labels=ids).loss.backward()",
     )
     print(f"[bench] block {name} {variant}", file=sys.stderr, flush=True)
     row = dict(base)
     emu = span = None
     loss = None
     try:
-        emu = ok.make_emulator(
-            model,
-            bottom=1,
-            top=1,
-            emulator_layers=2,
-            fast=fast,
-            bits=bits,
-            group_size=ctx.group_size,
-            recompute=recompute,
-            cuda_graphs=graphs,
-            compile=compile_mode,
-        )
+        emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, group_size=ctx.group_size, **options)
         if attn != "sdpa":
             emu.model.config._attn_implementation = attn
         emu.train()

@@ -61,7 +61,8 @@ class Stage:
     name: str
     argv: list[str]
     timeout_s: int
-    table: str | None = None  # a markdown file (relative to the output folder) whose tail goes in the summary
+    table: str | None = None  # a file (relative to the output folder) whose tail goes in the summary
+    bench_dir: str | None = None  # an ``offsite bench`` stage's folder (relative to the output): its tables go in the summary
     needs: str | None = None  # a file (relative to the repo) that must exist, else the stage is skipped
     env: dict[str, str] | None = None  # extra environment variables
     opt_in: bool = False  # runs only when named in --only
@@ -93,7 +94,7 @@ def _bench_stage(
     argv = [sys.executable, "-m", "offsite_kernels.cli", "bench", "--device", "cuda", "--models", models]
     argv += ["--methods", methods, "--batch", batches, "--source", "measured", *extra, "-o", str(out / name)]
     argv += ["--warmup", str(warmup), "--steps", str(steps)]
-    return Stage(name, argv, timeout_s, opt_in=opt_in, min_s=60)
+    return Stage(name, argv, timeout_s, opt_in=opt_in, min_s=60, bench_dir=name)
 
 
 def _script_stage(
@@ -119,7 +120,13 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             30,
         ),
         # -v --tb=line: each test's verdict is in the log as it comes, should the stage run out of time
-        Stage("tests", [py, "-m", "pytest", "-v", "--tb=line", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 130, min_s=30),
+        Stage(
+            "tests",
+            [py, "-m", "pytest", "-v", "--tb=line", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+            130,
+            table="tests.log",
+            min_s=30,
+        ),
         _script_stage(
             "frozen_linear",
             "frozen_linear_gpu.py",
@@ -159,6 +166,7 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             "native_tests",
             [py, "-m", "pytest", "-v", "--tb=line", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_native_cuda.py"],
             90,
+            table="native_tests.log",
             env={"OFFSITE_NATIVE_JIT": "1"},
             min_s=30,
         ),
@@ -303,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("TRITON_INTERPRET", None)
     # the native extension's JIT build: a folder of this run (a stale lock of an earlier run cannot block it), and only
     # this GPU's architecture (half the nvcc work of the default sm_80 + sm_90)
-    env.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="offsite_torch_extensions_"))
+    if "TORCH_EXTENSIONS_DIR" not in env:
+        env["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="offsite_torch_extensions_")
     arch = _device_arch()
     if arch and "OFFSITE_CUDA_ARCH_LIST" not in env:
         env["OFFSITE_CUDA_ARCH_LIST"] = arch
@@ -325,11 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = ["# GPU suite", "", "| stage | status | exit | seconds |", "|---|---|---|---|"]
     summary += [f"| {r.name} | {r.status} | {r.returncode} | {r.seconds:.0f} |" for _, r in results]
     for stage, _result in results:
-        table = out / stage.table if stage.table else None
-        if stage.name.startswith("e2e"):
-            table = _bench_table(out / stage.name)
-        if stage.name == "tests":
-            table = out / "tests.log"
+        table = _bench_table(out / stage.bench_dir) if stage.bench_dir else out / stage.table if stage.table else None
         if table is not None:
             summary += ["", f"## {stage.name}", "", _tail(table)]
     (out / "SUMMARY.md").write_text("\n".join(summary) + "\n")

@@ -50,14 +50,8 @@ from offsite_kernels.ops import activation, eager, norm
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS, HIDDEN = 8, 256
 BLOCKS_MANY = 5  # emulator blocks of the larger emulator in --blocks (the smaller has one)
-# variant -> make_emulator options; the CUDA-only ones run on a GPU only
-BLOCK_VARIANTS = {
-    "plain": {},
-    "fast": {"fast": True},
-    "fast_compile": {"fast": True, "compile": "default"},
-    "fast_graph": {"fast": True, "cuda_graphs": True},
-    "fast_compile_graph": {"fast": True, "compile": "reduce-overhead"},
-}
+# fused_ops_gpu's block variants measured here; the CUDA-graph ones run on a GPU only
+HOST_BLOCK_VARIANTS = ("plain", "fast", "fast_compile", "fast_graph", "fast_compile_graph")
 CUDA_ONLY_VARIANTS = ("fast_graph", "fast_compile_graph")
 
 
@@ -128,9 +122,11 @@ def run(device: torch.device, calls: int, rounds: int) -> list[dict]:
 
 def block_rows(families: list[str], device: torch.device, calls: int, rounds: int) -> list[dict]:
     """Host µs of one frozen block's forward + input backward per family and variant (see module docs)."""
+    from fused_ops_gpu import BLOCK_VARIANTS
+
     from offsite_kernels.tiny import tiny_model
 
-    variants = [v for v in BLOCK_VARIANTS if device.type == "cuda" or v not in CUDA_ONLY_VARIANTS]
+    variants = [v for v in HOST_BLOCK_VARIANTS if device.type == "cuda" or v not in CUDA_ONLY_VARIANTS]
     rows = []
     for family in families:
         for variant in variants:
@@ -149,7 +145,7 @@ def block_rows(families: list[str], device: torch.device, calls: int, rounds: in
                 rows.append({"family": family, "variant": variant, "block_fwd_bwd_us": per_block, "steps": steps})
             except Exception as exc:  # a row, not a crash: the other variants still run
                 rows.append({"family": family, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
-            if device.type == "cuda" and "compile" in variant:
+            if device.type == "cuda" and BLOCK_VARIANTS[variant].get("compile"):
                 from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
                 reset_cudagraph_trees()

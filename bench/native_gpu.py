@@ -225,7 +225,8 @@ def main() -> None:
 
     from offsite_kernels import native
 
-    if cpp_extension.CUDA_HOME is None or shutil.which("ninja") is None:  # a JIT build would be CPU-only, or fail late
+    # a JIT build (OFFSITE_NATIVE_JIT=1) without nvcc would quietly build the CPU part only; without ninja it fails late
+    if native.jit_enabled() and (cpp_extension.CUDA_HOME is None or shutil.which("ninja") is None):
         sys.exit(
             f"cannot build the extension's CUDA part here: CUDA toolkit {cpp_extension.CUDA_HOME or 'not found'}, "
             f"ninja {shutil.which('ninja') or 'not found'} (both are needed: set CUDA_HOME, pip install ninja)"

@@ -27,6 +27,7 @@ from ..nn.cuda_graphs import (
     remove_cuda_graphs,
     reset_cuda_graphs,
 )
+from ..nn.frozen_blocks import wrapped_by
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
@@ -87,8 +88,7 @@ class OffsiteModel(nn.Module):
         Trainer keeps them; every other argument (``inputs_embeds``, caches, ...) goes through
         to the wrapped model as given.
         """
-        compiled = self.compiled
-        if (self.recompute is not None or self.cuda_graphs or compiled) and torch.is_grad_enabled() and "use_cache" not in kwargs:
+        if torch.is_grad_enabled() and "use_cache" not in kwargs and self._emulator_wrapped():
             kwargs["use_cache"] = False  # a recomputed, graphed or compiled emulator must not fill a KV cache while training
         if (
             labels is not None
@@ -159,6 +159,10 @@ class OffsiteModel(nn.Module):
         self.fast_blocks = swapped
         self.set_recompute(mode)
         return self.set_cuda_graphs(True, **graphs) if graphs is not None else self
+
+    def _emulator_wrapped(self) -> bool:
+        """Whether the emulator blocks run under recomputation, CUDA graphs or ``torch.compile``."""
+        return bool(self.layout.emulator) and wrapped_by(self.blocks[self.layout.bottom]) is not None
 
     @property
     def recompute(self) -> str | None:

@@ -34,7 +34,8 @@ _reason: str | None = None
 _tried = False
 
 
-def _jit_enabled() -> bool:
+def jit_enabled() -> bool:
+    """Whether OFFSITE_NATIVE_JIT asks for the just-in-time build."""
     return os.environ.get(JIT_ENV, "0").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -87,7 +88,7 @@ def get() -> ModuleType | None:
                 if built
                 else f"the native extension is not built ({BUILD_HINT})"
             )
-            if _jit_enabled():
+            if jit_enabled():
                 try:
                     module = _jit_build()
                     _reason = None

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import OffsiteError
-from .frozen_blocks import require_frozen, unwrap
+from .frozen_blocks import inside_checkpoint, is_kv_cache, require_frozen, unwrap, wrapped_by, wrapper_class
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _STATE = "_offsite_compile"
@@ -60,14 +60,8 @@ class CompileError(OffsiteError, ValueError):
 @dataclass
 class _CompileState:
     mode: str
-    fullgraph: bool
-    dynamic: bool | None
     compiled: Callable[..., Any]
     calls: int = 0  # training calls that went through the compiled forward
-
-
-def _is_cache(obj: Any) -> bool:
-    return hasattr(obj, "get_seq_length") and hasattr(obj, "update")
 
 
 def _eligible(block: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -76,8 +70,8 @@ def _eligible(block: nn.Module, args: tuple, kwargs: dict) -> bool:
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch._C._len_torch_dispatch_stack()
-        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-        and not any(_is_cache(v) for v in (*args, *kwargs.values()))
+        and not inside_checkpoint()
+        and not any(is_kv_cache(v) for v in (*args, *kwargs.values()))
         # Hugging Face's gradient checkpointing (reentrant too: its rerun inside the backward is eager)
         and not getattr(block, "gradient_checkpointing", False)
     )
@@ -105,8 +99,7 @@ def _compiled_class(base: type) -> type:
             return state.compiled(self, *args, **kwargs)
         return base.forward(self, *args, **kwargs)
 
-    attrs = {"forward": forward, "__module__": base.__module__, "_offsite_compile_base": base}
-    return type(base.__name__, (base,), attrs)
+    return wrapper_class(base, "compile", {"forward": forward})
 
 
 def check_compile_mode(mode: str) -> str:
@@ -125,15 +118,12 @@ def apply_compile(
     error at the first training call instead of a silent fallback to Python between graph pieces.
     ``dynamic``: as ``torch.compile`` (None: static shapes first, dynamic after a shape changes).
     """
-    from .cuda_graphs import cuda_graphs_enabled
-    from .recompute import recompute_mode
-
     check_compile_mode(mode)
     blocks = list(blocks)
     for block in blocks:
-        if compile_mode(block) is not None:
+        if wrapped_by(block) == "compile":
             raise CompileError("these blocks are compiled already; call remove_compile first")
-        if recompute_mode(block) is not None or cuda_graphs_enabled(block):
+        if wrapped_by(block) is not None:
             raise CompileError(
                 "compiled blocks do not combine with recomputation or the library's CUDA graphs; remove those first "
                 "(compile mode 'reduce-overhead' replays CUDA graphs itself)"
@@ -145,18 +135,18 @@ def apply_compile(
         if base not in compiled:
             compiled[base] = _compiled_forward(base, mode, fullgraph, dynamic)
         block.__class__ = _compiled_class(base)
-        object.__setattr__(block, _STATE, _CompileState(mode, fullgraph, dynamic, compiled[base]))
+        object.__setattr__(block, _STATE, _CompileState(mode, compiled[base]))
 
 
 def remove_compile(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_compile` on these blocks (they run their eager forward again)."""
-    unwrap(blocks, "_offsite_compile_base", _STATE)
+    unwrap(blocks, "compile", _STATE)
 
 
 def compile_mode(block: nn.Module) -> str | None:
     """The compile mode of ``block`` (:func:`apply_compile`), or None when it runs eagerly."""
     state = block.__dict__.get(_STATE)
-    return state.mode if state is not None and "_offsite_compile_base" in type(block).__dict__ else None
+    return state.mode if state is not None and wrapped_by(block) == "compile" else None
 
 
 def compile_report(module: nn.Module) -> dict[str, Any]:

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ..errors import OffsiteError
-from .frozen_blocks import require_frozen, unwrap
+from .frozen_blocks import inside_checkpoint, require_frozen, unwrap, wrapped_by, wrapper_class
 
 _STATE = "_offsite_graphs"  # attribute of a graphed block: (its _GraphedStack, its index)
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
@@ -365,7 +365,7 @@ class _GraphedStack:
             and not torch.compiler.is_compiling()
             # inside a checkpoint (HF gradient checkpointing) or save_on_cpu: a capture there would
             # save into the checkpoint's frame and break its recomputation
-            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+            and not inside_checkpoint()
         )
 
     def _start_pass(self, sig: _Signature | None) -> _Pass:
@@ -477,14 +477,7 @@ def _graphed_class(base: type) -> type:
         getattr(self, _STATE)[0].reset()  # moved or cast weights: the graphs would read the old ones
         return base._apply(self, fn, *args, **kwargs)
 
-    attrs = {
-        "forward": forward,
-        "_apply": _apply,
-        "__module__": base.__module__,
-        "_offsite_graph_base": base,
-        "_offsite_graphed": True,
-    }
-    return type(base.__name__, (base,), attrs)
+    return wrapper_class(base, "cuda_graphs", {"forward": forward, "_apply": _apply})
 
 
 def apply_cuda_graphs(blocks: Sequence[nn.Module], warmup_passes: int = 1, max_graph_sets: int = 4) -> None:
@@ -502,7 +495,7 @@ def apply_cuda_graphs(blocks: Sequence[nn.Module], warmup_passes: int = 1, max_g
     for block in blocks:
         if cuda_graphs_enabled(block):
             raise GraphError("these blocks already replay CUDA graphs; call remove_cuda_graphs first")
-        if "_offsite_compile_base" in type(block).__dict__:
+        if wrapped_by(block) == "compile":
             raise GraphError(
                 "these blocks are compiled (torch.compile); for CUDA graphs of compiled blocks use compile mode "
                 "'reduce-overhead' instead of the library's graphs"
@@ -521,7 +514,7 @@ def apply_cuda_graphs(blocks: Sequence[nn.Module], warmup_passes: int = 1, max_g
 
 def remove_cuda_graphs(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_cuda_graphs` on these blocks (their graphs are dropped)."""
-    unwrap(blocks, "_offsite_graph_base", _STATE)
+    unwrap(blocks, "cuda_graphs", _STATE)
 
 
 def reset_cuda_graphs(blocks: Sequence[nn.Module]) -> None:
@@ -534,7 +527,7 @@ def reset_cuda_graphs(blocks: Sequence[nn.Module]) -> None:
 
 def cuda_graphs_enabled(block: nn.Module) -> bool:
     """Whether ``block`` replays CUDA graphs (:func:`apply_cuda_graphs`)."""
-    return _STATE in block.__dict__ and bool(getattr(type(block), "_offsite_graphed", False))
+    return _STATE in block.__dict__ and wrapped_by(block) == "cuda_graphs"
 
 
 def graph_stacks(module: nn.Module) -> list[_GraphedStack]:

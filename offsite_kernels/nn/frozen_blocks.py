@@ -1,10 +1,38 @@
-"""What the block wrappers share (recomputation, CUDA graphs, compiled blocks): each is for frozen blocks only."""
+"""What the block wrappers share (recomputation, CUDA graphs, compiled blocks).
+
+Each wraps a frozen block by swapping its class for a subclass (:func:`wrapper_class`) that
+records which wrapper it is and the class it wraps; :func:`wrapped_by` reads that back and
+:func:`unwrap` undoes it. The wrappers exclude each other and are for frozen blocks only.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
+
+_WRAPPER = "_offsite_wrapper"  # class attribute of a wrapper subclass: "recompute", "cuda_graphs" or "compile"
+_BASE = "_offsite_wrapped_base"  # class attribute of a wrapper subclass: the class it wraps
+
+
+def wrapper_class(base: type, wrapper: str, attrs: dict[str, Any]) -> type:
+    """A subclass of ``base`` with ``attrs`` (its ``forward``, ...), recorded as ``wrapper``'s."""
+    return type(base.__name__, (base,), {**attrs, "__module__": base.__module__, _WRAPPER: wrapper, _BASE: base})
+
+
+def wrapped_by(block: nn.Module) -> str | None:
+    """The wrapper ``block`` runs under ("recompute", "cuda_graphs", "compile"), or None."""
+    return type(block).__dict__.get(_WRAPPER)
+
+
+def unwrap(blocks: Sequence[nn.Module], wrapper: str, state_attribute: str) -> None:
+    """Undo ``wrapper``'s class swap on ``blocks`` and drop its per-block state (``state_attribute``)."""
+    for block in blocks:
+        if wrapped_by(block) == wrapper:
+            block.__class__ = type(block).__dict__[_BASE]
+        block.__dict__.pop(state_attribute, None)
 
 
 def require_frozen(blocks: Sequence[nn.Module], wrapper: str, error: type[Exception]) -> None:
@@ -18,11 +46,11 @@ def require_frozen(blocks: Sequence[nn.Module], wrapper: str, error: type[Except
             )
 
 
-def unwrap(blocks: Sequence[nn.Module], base_attribute: str, state_attribute: str) -> None:
-    """Undo a wrapper's class swap: each block gets back the class its wrapper subclass keeps as
-    ``base_attribute``, and loses the per-block state stored as ``state_attribute``."""
-    for block in blocks:
-        base = type(block).__dict__.get(base_attribute)
-        if base is not None:
-            block.__class__ = base
-        block.__dict__.pop(state_attribute, None)
+def is_kv_cache(obj: Any) -> bool:
+    """Whether ``obj`` is a Hugging Face KV cache (a ``Cache`` of any kind)."""
+    return hasattr(obj, "get_seq_length") and hasattr(obj, "update")
+
+
+def inside_checkpoint() -> bool:
+    """Whether saved-tensor hooks are active: a checkpoint (Hugging Face's gradient checkpointing) or ``save_on_cpu``."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from ..errors import OffsiteError
-from .frozen_blocks import require_frozen, unwrap
+from .frozen_blocks import is_kv_cache, require_frozen, unwrap, wrapped_by, wrapper_class
 
 RECOMPUTE_MODES = ("full", "selective")
 _STATE = "_offsite_recompute"  # attribute of a wrapped block: its _Stack
@@ -74,13 +74,9 @@ def _replace_output_hidden(out: Any, hidden: torch.Tensor) -> Any:
     return type(out)((hidden, *out[1:])) if isinstance(out, tuple) else [hidden, *out[1:]]
 
 
-def _is_cache(obj: Any) -> bool:
-    return hasattr(obj, "get_seq_length") and hasattr(obj, "update")
-
-
 def _without_caches(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The call's arguments with any KV cache object replaced by None (a recompute must not append to it)."""
-    return tuple(None if _is_cache(a) else a for a in args), {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    return tuple(None if is_kv_cache(a) else a for a in args), {k: (None if is_kv_cache(v) else v) for k, v in kwargs.items()}
 
 
 def _layer_index(block: nn.Module) -> int:
@@ -93,7 +89,7 @@ def _layer_index(block: nn.Module) -> int:
 def _check_no_cached_keys(block: nn.Module, args: tuple, kwargs: dict) -> None:
     """A block rerun in the backward gets no cache: refuse a pass whose cache already holds keys for it."""
     for obj in (*args, *kwargs.values()):
-        if _is_cache(obj):
+        if is_kv_cache(obj):
             try:
                 cached = obj.get_seq_length(_layer_index(block))
             except (IndexError, KeyError, TypeError):
@@ -303,8 +299,7 @@ def _wrapped_class(base: type, mode: str) -> type:
             args, kwargs = _without_caches(args, kwargs)  # the rerun must not append to a cache a second time
             return checkpoint(base.forward, self, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)
 
-    attrs = {"forward": forward, "__module__": base.__module__, "_offsite_base": base, "_offsite_mode": mode}
-    return type(base.__name__, (base,), attrs)
+    return wrapper_class(base, "recompute", {"forward": forward, "_offsite_mode": mode})
 
 
 def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
@@ -316,9 +311,9 @@ def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
     if mode not in RECOMPUTE_MODES:
         raise RecomputeError(f"recompute mode must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
     blocks = list(blocks)
-    if any(getattr(type(block), "_offsite_graphed", False) for block in blocks):
+    if any(wrapped_by(block) == "cuda_graphs" for block in blocks):
         raise RecomputeError("these blocks replay CUDA graphs, which do not combine with recomputation; remove_cuda_graphs first")
-    if any("_offsite_compile_base" in type(block).__dict__ for block in blocks):
+    if any(wrapped_by(block) == "compile" for block in blocks):
         raise RecomputeError(
             "these blocks are compiled (torch.compile), which does not combine with recomputation; remove_compile first"
         )
@@ -335,9 +330,9 @@ def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
 
 def remove_recompute(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_recompute` on these blocks."""
-    unwrap(blocks, "_offsite_base", _STATE)
+    unwrap(blocks, "recompute", _STATE)
 
 
 def recompute_mode(block: nn.Module) -> str | None:
     """``"full"``, ``"selective"`` or None for a block."""
-    return getattr(type(block), "_offsite_mode", None)
+    return type(block).__dict__.get("_offsite_mode") if wrapped_by(block) == "recompute" else None
