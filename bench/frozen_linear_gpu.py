@@ -385,10 +385,10 @@ def _best_config(direction: str, fp8_gemm: bool = False) -> str | None:
     except ImportError:
         return None
     if fp8_gemm:
-        tuner = getattr(f8, "_tuned_gemm", None)
+        launcher = getattr(f8, "_cached_gemm", None)
     else:
-        tuner = getattr(flt, "_tuned_fwd" if direction == "fwd" else "_tuned_bwd", None)
-    config = getattr(tuner, "best_config", None)
+        launcher = getattr(flt, "_cached_fwd" if direction == "fwd" else "_cached_bwd", None)
+    config = getattr(launcher, "last_config", None)
     return None if config is None else str(config)
 
 

@@ -24,12 +24,17 @@ the blocks added. Variants: ``plain`` (Hugging Face blocks), ``fast`` (the fused
 ``fast_compile`` (``compile="default"``), and on a GPU ``fast_graph`` (the library's CUDA graphs)
 and ``fast_compile_graph`` (``compile="reduce-overhead"``). Warm-up steps compile and capture first.
 
+``--stub-kernels`` (CPU only) runs the library's ops on their GPU code path with Triton's launcher
+stubbed out (``bench/kernel_stubs.py``): the offsite columns are then the host time of the
+library's own Python around each launch, which a GPU pays as it is (plus Triton's launcher).
+
 Writes ``--out`` (JSON, stamped) and the tables as markdown beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernel_stubs import stubbed_kernel_launches
 from stamp import stamp
 
 import offsite_kernels as ok
@@ -190,7 +196,13 @@ def markdown(result: dict) -> str:
         cells = [e["fwd"], o["fwd"], c["fwd"], e["fwd_bwd"], o["fwd_bwd"], c["fwd_bwd"]]
         lines.append(f"| {op} | " + " | ".join(f"{v['median_us']:.1f}" for v in cells) + f" | {saved:.1f} |")
     lines += ["", "eager: plain PyTorch (frozen_linear_int8's eager row is a dense F.linear, for scale)."]
-    if result["device"] == "cpu":
+    if result.get("stub_kernels"):
+        lines.append(
+            "Kernel launches stubbed (bench/kernel_stubs.py): the library's ops take their GPU (Triton) code path on the "
+            "CPU and Triton's launcher returns at once, so offsite columns are the library's Python around each launch. "
+            "A GPU adds Triton's launcher and the driver's launch per kernel."
+        )
+    elif result["device"] == "cpu":
         lines.append("On the CPU the library's ops run the PyTorch reference (several aten calls each), not a kernel.")
     lines += block_markdown(result)
     return "\n".join(lines) + "\n"
@@ -203,26 +215,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/host_overhead-<device>.json)")
     parser.add_argument("--blocks", default="", help="families for the whole-block rows, comma-separated (e.g. gpt2,llama)")
+    parser.add_argument(
+        "--stub-kernels", action="store_true", help="CPU: the ops' GPU code path with Triton's launcher stubbed (module docs)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.stub_kernels and device.type != "cpu":
+        parser.error("--stub-kernels measures the host path on a CPU; on a GPU the real launches are measured")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    rows = run(device, args.calls, args.rounds)
+    if args.stub_kernels:
+        torch.set_flush_denormal(True)  # stubbed outputs are uninitialised memory: no slow denormal arithmetic on them
     families = [f.strip() for f in args.blocks.split(",") if f.strip()]
-    blocks = block_rows(families, device, max(args.calls // 20, 3), args.rounds) if families else []
+    with stubbed_kernel_launches() if args.stub_kernels else contextlib.nullcontext():
+        rows = run(device, args.calls, args.rounds)
+        blocks = block_rows(families, device, max(args.calls // 20, 3), args.rounds) if families else []
     st = stamp()
     result = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "dtype": "bf16" if device.type == "cuda" else "fp32",
         "threads": torch.get_num_threads(),
+        "stub_kernels": args.stub_kernels,
         "calls": args.calls,
         "rounds": args.rounds,
         "rows": rows,
         "blocks": blocks,
         "stamp": st,
     }
-    out = args.out or RESULTS / f"host_overhead-{device.type}.json"
+    out = args.out or RESULTS / f"host_overhead-{device.type}{'-stubbed' if args.stub_kernels else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")

@@ -115,6 +115,59 @@ def test_host_overhead_cpu_smoke(tmp_path):
     assert all(r["steps"][str(n)]["median_us"] > 0 for r in blocks.values() for n in (1, 5))
 
 
+def test_host_overhead_with_stubbed_kernel_launches(tmp_path):
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, str(BENCH / "host_overhead.py"), "--device", "cpu", "--calls", "5", "--rounds", "2"]
+    cmd += ["--out", str(out), "--stub-kernels", "--blocks", "llama"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=str(BENCH.parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["stub_kernels"] is True
+    assert all(r[k]["median_us"] > 0 for r in result["rows"] for k in ("fwd", "fwd_bwd"))
+    assert "Kernel launches stubbed" in out.with_suffix(".md").read_text()
+    assert not [r for r in result["blocks"] if "error" in r]
+    # the interpreter would run the kernels instead of the GPU path: refused with the fix
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(TRITON_INTERPRET="1"), cwd=str(BENCH.parent))
+    assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+def test_stubbed_kernel_launches_take_the_triton_path_launch_nothing_and_restore(monkeypatch):
+    """Inside the context the ops run their Triton launchers (with the autotuner's cached-config path) and no
+    kernel; outside it everything is as before."""
+    pytest.importorskip("triton")
+    script = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from kernel_stubs import stubbed_kernel_launches
+import offsite_kernels as ok
+from offsite_kernels.ops import norm, norm_triton, frozen_linear_triton as flt
+from triton.runtime.jit import JITFunction
+run_before, cache_before = JITFunction.run, flt._tuned_fwd.cache
+launched = []
+real_fwd = norm_triton.layer_norm_fwd
+norm_triton.layer_norm_fwd = lambda *a, **k: launched.append("ln") or real_fwd(*a, **k)
+x = torch.randn(3, 5, 33)
+qw = ok.quantize_weight(torch.randn(7, 33), bits=4, group_size=32)
+with stubbed_kernel_launches():
+    y = torch.full((3, 5, 33), float("nan"))
+    norm_triton.layer_norm_fwd(x, None, None, None, 1e-5, out=y)
+    assert torch.isnan(y).all()  # the kernel never ran: the poisoned output is untouched
+    norm.layer_norm(x, torch.ones(33))
+    for _ in range(3):
+        ok.frozen_linear(x, qw)
+    assert len(flt._cached_fwd.chosen) == 1  # first launch "tuned", then the cached path
+assert launched == ["ln", "ln"]
+assert JITFunction.run is run_before and flt._tuned_fwd.cache is cache_before and "_bench" not in vars(flt._tuned_fwd)
+assert flt._cached_fwd.chosen == {}
+from offsite_kernels.ops import norm as norm_again
+from offsite_kernels import backends
+assert norm_again.requested_backend is backends.requested_backend
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(BENCH)], capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_reports_are_rewritten_as_rows_come_and_marked_partial(tmp_path):
     sys.path.insert(0, str(BENCH))
     try:

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.skipif(
 def autotuned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route the launches through the autotuners, each with a fresh cache and a stub timer."""
     monkeypatch.setattr(k, "triton_interpreter_enabled", lambda: False)  # _launch: the GPU branch
+    for cached in (k._cached_fwd, k._cached_bwd):
+        monkeypatch.setattr(cached, "chosen", {})
     for tuned in (k._tuned_fwd, k._tuned_bwd):
         monkeypatch.setattr(tuned, "cache", {})
         monkeypatch.setattr(tuned, "cache_results", False)
@@ -50,3 +52,42 @@ def test_autotuned_kernels_prune_launch_and_match(autotuned, bits, m):
     for direction, tuned in (("fwd", k._tuned_fwd), ("bwd", k._tuned_bwd)):
         (best,) = tuned.cache.values()
         assert k._key(best) in k._CANDIDATES[(direction, fmt)]
+
+
+def test_a_keys_later_launches_skip_the_autotuner_with_its_choice(autotuned, monkeypatch):
+    """The first launch of a key goes through Triton's autotuner; later ones launch the kernel directly with the
+    configuration it chose, and match. A new M bucket, a bias or another dtype is a new key."""
+    tuner_calls: list[str] = []
+    direct_configs: list[dict] = []
+    real_run = type(k._tuned_fwd).run
+    monkeypatch.setattr(type(k._tuned_fwd), "run", lambda self, *a, **kw: tuner_calls.append("tuner") or real_run(self, *a, **kw))
+    kernel = k._cached_fwd.kernel
+    real_getitem = type(kernel).__getitem__
+
+    def direct(self, grid):
+        launch = real_getitem(self, grid)
+        return lambda *a, **kw: direct_configs.append(kw) or launch(*a, **kw)
+
+    monkeypatch.setattr(type(kernel), "__getitem__", direct)
+    n, kk = 40, 96
+    qw = ok.quantize_weight(torch.randn(n, kk, generator=gen(7)), bits=4, group_size=32)
+    w64 = qw.dequantize().double()
+    bias = torch.randn(n, generator=gen(8))
+
+    def run(m, with_bias=False, dtype=torch.float32):
+        x = torch.randn(m, kk, generator=gen(m)).to(dtype)
+        y = k.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, bias if with_bias else None, qw.format, qw.group_size, n)
+        ref = x.double() @ w64.T + (bias.double() if with_bias else 0)
+        assert float((y.double() - ref).abs().max()) < (1e-3 if dtype == torch.float32 else 0.1)
+
+    run(20)
+    assert tuner_calls == ["tuner"] and direct_configs == []
+    chosen = k._cached_fwd.last_config
+    for m in (20, 30, 17):  # one M bucket (32): the cached configuration, without the autotuner
+        run(m)
+    assert tuner_calls == ["tuner"] and len(direct_configs) == 3
+    assert all(c.items() >= chosen.all_kwargs().items() for c in direct_configs) and k._cached_fwd.last_config is chosen
+    # (float16: bfloat16 needs the interpreter flag that this fixture turns off with the interpreter branch)
+    for case in ({"m": 100}, {"m": 20, "with_bias": True}, {"m": 20, "dtype": torch.float16}):
+        run(**case)
+    assert tuner_calls == ["tuner"] * 4  # each a new key

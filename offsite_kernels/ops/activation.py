@@ -250,7 +250,7 @@ def _check_bias(x: torch.Tensor, bias: object) -> None:
         )
     if x.dim() == 0:
         raise ActivationInputError("a 0-d x has no feature dimension for a bias; pass bias=None (or add the scalar to x)")
-    if bias.shape != (x.shape[-1],):
+    if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
         raise ActivationInputError(
             f"bias must have shape ({x.shape[-1]},), one value per feature of x's last dimension; "
             f"got bias {tuple(bias.shape)} for x {tuple(x.shape)}"

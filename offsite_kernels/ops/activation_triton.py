@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast
+from .triton_launch import as_rows, cdiv
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 TILE = 2048  # elements per program: 16 per thread at 4 warps (two 16-byte vectors of bf16)
@@ -157,10 +158,18 @@ def all_block_sizes() -> list[tuple[int, int]]:
     return [block_sizes(b) for b in BLOCK_NS]
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 2-D ``[rows, last dim]`` tensor whose rows are contiguous (a view where possible)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
-    return t2 if t2.stride(1) == 1 or t2.shape[1] <= 1 else t2.contiguous()
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(tensor, rows, row stride)`` of ``t`` seen as ``[rows, last dim]`` with contiguous rows: ``t``
+    itself where its dimensions allow, a copy only when the last dimension is strided."""
+    t2, m, stride_m, stride_n = as_rows(t)
+    if stride_n != 1 and t.dim() and t.shape[-1] > 1:
+        t2 = t2.contiguous()  # 2-D here: a contiguous t has unit column stride
+        return t2, m, t2.stride(0)
+    return t2, m, stride_m
+
+
+def _cols(t: torch.Tensor) -> int:
+    return t.shape[-1] if t.dim() else 1
 
 
 def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -173,7 +182,7 @@ def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 def _launch(kernel, args: tuple, m: int, n: int, **meta) -> None:
     block_m, block_n = block_sizes(n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
     kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
 
 
@@ -187,10 +196,9 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torc
     y = _output(x, out)
     if x.numel() == 0:
         return y
-    x2, y2 = _rows(x), y.view(-1, x.shape[-1] if x.dim() else 1)
-    m, n = x2.shape
+    (x2, m, stride_xm), n = _rows(x), _cols(x)
     b = bias.contiguous() if bias is not None else x2  # placeholder pointer, never read without a bias
-    args = (x2, b, y2, m, n, x2.stride(0), y2.stride(0))
+    args = (x2, b, y, m, n, stride_xm, n)  # y: contiguous
     meta = dict(ACT=ACT_CODES[act], HAS_BIAS=bias is not None, INTERPRETER_BF16=_interpreter_bf16(x.dtype))
     _launch(_bias_act_fwd_kernel, args, m, n, **meta)
     return y
@@ -203,10 +211,9 @@ def bias_act_bwd(
     dx = _output(x, out)
     if x.numel() == 0:
         return dx
-    dy2, x2, dx2 = _rows(grad_y), _rows(x), dx.view(-1, x.shape[-1] if x.dim() else 1)
-    m, n = x2.shape
+    (dy2, _, stride_dym), (x2, m, stride_xm), n = _rows(grad_y), _rows(x), _cols(x)
     b = bias.contiguous() if bias is not None else x2
-    args = (dy2, x2, b, dx2, m, n, dy2.stride(0), x2.stride(0), dx2.stride(0))
+    args = (dy2, x2, b, dx, m, n, stride_dym, stride_xm, n)  # dx: contiguous
     meta = dict(ACT=ACT_CODES[act], HAS_BIAS=bias is not None, INTERPRETER_BF16=_interpreter_bf16(x.dtype))
     _launch(_bias_act_bwd_kernel, args, m, n, **meta)
     return dx
@@ -217,9 +224,8 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = 
     y = _output(gate, out)
     if gate.numel() == 0:
         return y
-    g2, u2, y2 = _rows(gate), _rows(up), y.view(-1, gate.shape[-1] if gate.dim() else 1)
-    m, n = g2.shape
-    args = (g2, u2, y2, m, n, g2.stride(0), u2.stride(0), y2.stride(0))
+    (g2, m, stride_gm), (u2, _, stride_um), n = _rows(gate), _rows(up), _cols(gate)
+    args = (g2, u2, y, m, n, stride_gm, stride_um, n)  # y: contiguous
     _launch(_swiglu_fwd_kernel, args, m, n, INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
     return y
 
@@ -235,11 +241,8 @@ def swiglu_bwd(
     dg, du = _output(gate, out_gate), _output(up, out_up)
     if gate.numel() == 0:
         return dg, du
-    n_last = gate.shape[-1] if gate.dim() else 1
-    dy2, g2, u2 = _rows(grad_y), _rows(gate), _rows(up)
-    dg2, du2 = dg.view(-1, n_last), du.view(-1, n_last)
-    m, n = g2.shape
-    args = (dy2, g2, u2, dg2, du2, m, n, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0))
+    (dy2, _, stride_dym), (g2, m, stride_gm), (u2, _, stride_um), n = _rows(grad_y), _rows(gate), _rows(up), _cols(gate)
+    args = (dy2, g2, u2, dg, du, m, n, stride_dym, stride_gm, stride_um, n, n)  # dg, du: contiguous
     _launch(_swiglu_bwd_kernel, args, m, n, INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
     return dg, du
 

@@ -28,15 +28,18 @@ ENABLED = os.environ.get("OFFSITE_EAGER_FAST_PATH", "1").strip().lower() not in 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain_eager(args: tuple) -> bool:
-    """Whether a call with ``args`` may skip the custom-op dispatcher (see module docs)."""
+def _plain_eager_state() -> bool:
+    """No tracing, dispatch mode, function transform, function mode or JIT trace is active."""
     if not ENABLED or torch.compiler.is_compiling():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    if torch._C._is_torch_function_mode_enabled() or torch._C._get_tracing_state() is not None:
-        return False
-    return all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, torch.Tensor))
+    return not torch._C._is_torch_function_mode_enabled() and torch._C._get_tracing_state() is None
+
+
+def plain_eager(args: tuple) -> bool:
+    """Whether a call with ``args`` may skip the custom-op dispatcher (see module docs)."""
+    return _plain_eager_state() and all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
 def _autograd_function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
@@ -79,9 +82,14 @@ class EagerOp:
             )
 
     def __call__(self, *args: Any) -> Any:
-        if not plain_eager(args):
+        needs_grad = False  # one pass over the arguments: plain tensors only, and whether one needs grad
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) not in _PLAIN_TYPES:
+                    return self.op(*args)
+                needs_grad = needs_grad or a.requires_grad
+        if not _plain_eager_state():
             return self.op(*args)
-        needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        if not needs_grad:
+        if not (needs_grad and torch.is_grad_enabled()):
             return self.impl(*args)
         return self.function.apply(*args) if self.function is not None else self.op(*args)

@@ -62,6 +62,7 @@ import triton.testing
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast, _grouped_tile, triton_version
+from .triton_launch import CachedAutotune, cdiv, next_power_of_2
 
 E4M3_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
@@ -228,11 +229,12 @@ def _autotuned() -> triton.runtime.Autotuner:
 
 
 _tuned_gemm = _autotuned()
+_cached_gemm = CachedAutotune(_tuned_gemm)  # later launches of a key skip the autotuner's per-call work
 
 
 def m_bucket(m: int) -> int:
     """Autotuning key for the token count: the next power of two, capped at 16384."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
+    return min(next_power_of_2(m), 16384)
 
 
 # --- ahead-of-time compile cases -------------------------------------------------------------
@@ -336,7 +338,7 @@ def quantize_rows_fp8_triton(x: torch.Tensor, col_scale: torch.Tensor | None = N
         x, c if c is not None else s, q, s, k, x.stride(0), x.stride(1), q.stride(0),
         HAS_COL_SCALE=c is not None,
         ROUND_IN_FP32=round_first,
-        BLOCK_K=INTERPRETER_QUANTIZE_BLOCK_K if interp else min(QUANTIZE_BLOCK_K, max(triton.next_power_of_2(k), 16)),
+        BLOCK_K=INTERPRETER_QUANTIZE_BLOCK_K if interp else min(QUANTIZE_BLOCK_K, max(next_power_of_2(k), 16)),
         num_warps=QUANTIZE_WARPS,
     )  # fmt: skip
     return q, s
@@ -387,9 +389,9 @@ def fp8_gemm(
     args, meta = _launch_args(a, s_a, b, s_b, bias, c)
     if triton_interpreter_enabled():
         cfg = INTERPRETER_GEMM_CONFIG
-        _fp8_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
+        _fp8_gemm_kernel[(cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
     else:
-        _tuned_gemm[lambda cf: (triton.cdiv(m, cf["BLOCK_M"]) * triton.cdiv(n, cf["BLOCK_N"]),)](*args, **meta)
+        _cached_gemm(lambda cf: (cdiv(m, cf["BLOCK_M"]) * cdiv(n, cf["BLOCK_N"]),), args, meta)
     return c
 
 

@@ -75,12 +75,14 @@ def _pick(t: torch.Tensor, fmt: str, direction: str) -> str:
     forced = requested_backend()
     if forced in ("triton", "torch"):
         return forced
+    skinny = direction == "fwd" and fmt in ("int8", "int4")
+    if t.is_cuda and forced is None and not skinny:
+        return "triton"  # the common GPU case decides without the extension's import
     from .. import native
 
     m = t.numel() // max(t.shape[-1], 1)
     if not t.is_cuda:
         return "native" if fmt != "dense" and native.supports_device(t.device) else "torch"
-    skinny = direction == "fwd" and fmt in ("int8", "int4")
     if forced == "native":
         return "native" if skinny and m <= 16 else "torch"
     if skinny:
@@ -101,14 +103,15 @@ def _frozen_linear_impl(
     group_size: int,
     out_features: int,
 ) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
     backend = _pick(x, fmt, "fwd")
-    if fmt == "fp8" and uses_fp8_gemm(x):  # activations quantized too: the fp8 tensor-core path (ops/fp8_linear.py)
-        y = fp8_linear_fwd(x2, data, scales, bias, backend)
-    elif backend == "triton":
+    fp8_gemm = fmt == "fp8" and uses_fp8_gemm(x)  # activations quantized too: the fp8 tensor-core path (ops/fp8_linear.py)
+    if backend == "triton" and not fp8_gemm:
         from .frozen_linear_triton import frozen_linear_fwd
 
-        y = frozen_linear_fwd(x2, data, scales, zeros, bias, fmt, group_size, out_features)
+        return frozen_linear_fwd(x, data, scales, zeros, bias, fmt, group_size, out_features)  # any leading dimensions
+    x2 = x.reshape(-1, x.shape[-1])
+    if fp8_gemm:
+        y = fp8_linear_fwd(x2, data, scales, bias, backend)
     elif backend == "native":
         from .. import native
 
@@ -136,14 +139,15 @@ def _frozen_linear_input_grad_impl(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    g2 = grad_y.reshape(-1, grad_y.shape[-1])
     backend = _pick(grad_y, fmt, "bwd")
-    if fmt == "fp8" and uses_fp8_gemm(grad_y):
-        dx = fp8_linear_bwd(g2, data, scales, backend)
-    elif backend == "triton":
+    fp8_gemm = fmt == "fp8" and uses_fp8_gemm(grad_y)
+    if backend == "triton" and not fp8_gemm:
         from .frozen_linear_triton import frozen_linear_bwd
 
-        dx = frozen_linear_bwd(g2, data, scales, zeros, fmt, group_size, in_features)
+        return frozen_linear_bwd(grad_y, data, scales, zeros, fmt, group_size, in_features)  # any leading dimensions
+    g2 = grad_y.reshape(-1, grad_y.shape[-1])
+    if fp8_gemm:
+        dx = fp8_linear_bwd(g2, data, scales, backend)
     elif backend == "native":
         from .. import native
 
@@ -223,7 +227,7 @@ def _check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | Non
     if x.device != qw.device:
         raise FrozenLinearInputError(f"x is on {x.device} but the weight is on {qw.device}; move one of them (.to(device))")
     if bias is not None:
-        if bias.shape != (qw.out_features,):
+        if bias.dim() != 1 or bias.shape[0] != qw.out_features:
             raise FrozenLinearInputError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise FrozenLinearInputError(f"bias is on {bias.device} but x is on {x.device}")

@@ -22,6 +22,7 @@ import triton.testing
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast, _grouped_tile, triton_version
+from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
 
@@ -195,7 +196,7 @@ def _pruner(direction: str):
 
 def m_bucket(m: int) -> int:
     """Autotuning key for the token count: the next power of two, capped at 16384."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
+    return min(next_power_of_2(m), 16384)
 
 
 def _brief_bench(fn, quantiles=None):
@@ -213,6 +214,9 @@ def _autotuned(kernel: triton.JITFunction, direction: str) -> triton.runtime.Aut
 
 _tuned_fwd = _autotuned(_frozen_linear_fwd_kernel, "fwd")
 _tuned_bwd = _autotuned(_frozen_linear_bwd_kernel, "bwd")
+# after a key's first (autotuned) launch, its launches go straight to the kernel with the chosen config
+_cached_fwd = CachedAutotune(_tuned_fwd)
+_cached_bwd = CachedAutotune(_tuned_bwd)
 
 
 def _interpreter_bf16(dtype: torch.dtype) -> bool:
@@ -236,14 +240,14 @@ def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.T
     return data, s, z, data.stride(0), stride_sn
 
 
-def _launch(kernel, tuned, args: tuple, meta: dict, rows: int, cols: int, col_block: str) -> None:
+def _launch(kernel, tuned: CachedAutotune, args: tuple, meta: dict, rows: int, cols: int, col_block: str) -> None:
     """One program per (BLOCK_M x ``col_block``) output tile: the fixed interpreter configuration on
     the CPU, the autotuned one on a GPU."""
     if triton_interpreter_enabled():
         cfg = INTERPRETER_CONFIG
-        kernel[(triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg[col_block]),)](*args, **meta, **cfg)
+        kernel[(cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg[col_block]),)](*args, **meta, **cfg)
     else:
-        tuned[lambda c: (triton.cdiv(rows, c["BLOCK_M"]) * triton.cdiv(cols, c[col_block]),)](*args, **meta)
+        tuned(lambda c: (cdiv(rows, c["BLOCK_M"]) * cdiv(cols, c[col_block]),), args, meta)
 
 
 def frozen_linear_fwd(
@@ -257,16 +261,19 @@ def frozen_linear_fwd(
     out_features: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel on a 2-D ``x [M, K]``; returns ``y [M, N]`` in ``x.dtype`` (into ``out`` if given)."""
-    m, k = x.shape
+    """Launch the forward kernel on ``x [..., K]`` (any leading dimensions); returns ``y [..., N]`` in
+    ``x.dtype`` (into ``out``, 2-D ``[M, N]`` or contiguous, if given)."""
+    lead, k = x.shape[:-1], x.shape[-1]
     n = out_features
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
+    x, m, stride_xm, stride_xk = as_rows(x)
+    y = torch.empty((*lead, n), device=x.device, dtype=x.dtype) if out is None else out
     if m == 0:
         return y
+    y_rows, _, stride_ym, stride_yn = as_rows(y)
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
-    args = (x, w, s, z, bias if bias is not None else y, y, m, n, k, m_bucket(m))
-    args += (x.stride(0), x.stride(1), stride_wn, stride_sn, y.stride(0), y.stride(1))
+    args = (x, w, s, z, bias if bias is not None else y_rows, y_rows, m, n, k, m_bucket(m))
+    args += (stride_xm, stride_xk, stride_wn, stride_sn, stride_ym, stride_yn)
     meta = dict(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],
@@ -274,7 +281,7 @@ def frozen_linear_fwd(
         DOT_PRECISION=_dot_precision(x.dtype),
         INTERPRETER_BF16=_interpreter_bf16(x.dtype),
     )
-    _launch(_frozen_linear_fwd_kernel, _tuned_fwd, args, meta, m, n, "BLOCK_N")
+    _launch(_frozen_linear_fwd_kernel, _cached_fwd, args, meta, m, n, "BLOCK_N")
     return y
 
 
@@ -288,20 +295,23 @@ def frozen_linear_bwd(
     in_features: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the input-gradient kernel on a 2-D ``dY [M, N]``; returns ``dX [M, K]`` (into ``out`` if given)."""
-    m, n = grad_y.shape
+    """Launch the input-gradient kernel on ``dY [..., N]`` (any leading dimensions); returns ``dX [..., K]``
+    (into ``out``, 2-D ``[M, K]`` or contiguous, if given)."""
+    lead, n = grad_y.shape[:-1], grad_y.shape[-1]
     k = in_features
-    dx = torch.empty((m, k), device=grad_y.device, dtype=grad_y.dtype) if out is None else out
+    grad_y, m, stride_dym, stride_dyn = as_rows(grad_y)
+    dx = torch.empty((*lead, k), device=grad_y.device, dtype=grad_y.dtype) if out is None else out
     if m == 0:
         return dx
+    dx_rows, _, stride_dxm, stride_dxk = as_rows(dx)
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
-    args = (grad_y, w, s, z, dx, m, n, k, m_bucket(m))
-    args += (grad_y.stride(0), grad_y.stride(1), stride_wn, stride_sn, dx.stride(0), dx.stride(1))
+    args = (grad_y, w, s, z, dx_rows, m, n, k, m_bucket(m))
+    args += (stride_dym, stride_dyn, stride_wn, stride_sn, stride_dxm, stride_dxk)
     meta = dict(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],
         DOT_PRECISION=_dot_precision(grad_y.dtype),
         INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype),
     )
-    _launch(_frozen_linear_bwd_kernel, _tuned_bwd, args, meta, m, k, "BLOCK_K")
+    _launch(_frozen_linear_bwd_kernel, _cached_bwd, args, meta, m, k, "BLOCK_K")
     return dx

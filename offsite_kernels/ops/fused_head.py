@@ -267,7 +267,7 @@ def _check_inputs(hidden, weight, labels, bias, reduction, chunk_size) -> None:
     if labels.device != hidden.device:
         raise FusedHeadInputError(f"labels are on {labels.device} but hidden is on {hidden.device}")
     if bias is not None:
-        if bias.shape != (weight.shape[0],):
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise FusedHeadInputError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise FusedHeadInputError(f"bias is on {bias.device} but hidden is on {hidden.device}")

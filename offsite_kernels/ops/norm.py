@@ -170,10 +170,6 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.shape[-1] <= MAX_N
 
 
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.reshape(-1, t.shape[-1])
-
-
 def _no_residual_output(x: torch.Tensor) -> torch.Tensor:
     # custom ops cannot return None: an empty tensor stands for "no h" (never saved, never read)
     return x.new_empty((0,))
@@ -191,9 +187,7 @@ def _rms_norm_impl(
     if _use_triton(x):
         from .norm_triton import rms_norm_fwd
 
-        y, h, rstd = rms_norm_fwd(_rows(x), weight, _rows(residual), eps, weight_offset, round_normalized)
-        y, rstd = y.reshape(x.shape), rstd.reshape(x.shape[:-1])
-        h = None if h is None else h.reshape(x.shape)
+        y, h, rstd = rms_norm_fwd(x, weight, residual, eps, weight_offset, round_normalized)
     else:
         y, h, rstd = rms_norm_torch(x, weight, residual, eps, weight_offset, round_normalized)
     return y, _no_residual_output(x) if h is None else h, rstd
@@ -219,7 +213,7 @@ def _rms_norm_input_grad_impl(
     if _use_triton(x):
         from .norm_triton import rms_norm_bwd
 
-        return rms_norm_bwd(_rows(grad_y), _rows(x), weight, rstd.reshape(-1), _rows(grad_h), weight_offset).reshape(x.shape)
+        return rms_norm_bwd(grad_y, x, weight, rstd, grad_h, weight_offset)
     return rms_norm_input_grad_torch(grad_y, x, weight, rstd, grad_h, weight_offset)
 
 
@@ -244,9 +238,7 @@ def _layer_norm_impl(
     if _use_triton(x):
         from .norm_triton import layer_norm_fwd
 
-        y, h, mean, rstd = layer_norm_fwd(_rows(x), weight, bias, _rows(residual), eps)
-        y, mean, rstd = y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
-        h = None if h is None else h.reshape(x.shape)
+        y, h, mean, rstd = layer_norm_fwd(x, weight, bias, residual, eps)
     else:
         y, h, mean, rstd = layer_norm_torch(x, weight, bias, residual, eps)
     return y, _no_residual_output(x) if h is None else h, mean, rstd
@@ -273,7 +265,7 @@ def _layer_norm_input_grad_impl(
     if _use_triton(x):
         from .norm_triton import layer_norm_bwd
 
-        return layer_norm_bwd(_rows(grad_y), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1), _rows(grad_h)).reshape(x.shape)
+        return layer_norm_bwd(grad_y, x, weight, mean, rstd, grad_h)
     return layer_norm_input_grad_torch(grad_y, x, weight, mean, rstd, grad_h)
 
 
@@ -364,7 +356,7 @@ def _check_frozen(t: torch.Tensor | None, name: str, x: torch.Tensor, op: str) -
         raise NormInputError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
     if not t.is_floating_point():
         raise NormInputError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if t.shape != (x.shape[-1],):
+    if t.dim() != 1 or t.shape[0] != x.shape[-1]:  # (a Size-to-tuple comparison costs more)
         raise NormInputError(
             f"{op}: {name} must have shape ({x.shape[-1]},) to match x's last dimension (x shape {tuple(x.shape)}), "
             f"got {tuple(t.shape)}"
@@ -395,7 +387,10 @@ def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, op: str) -> 
 
 
 def _check_number(value: object, name: str, op: str, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+    # a float skips the (slower) abstract-base-class check
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
+        raise NormInputError(f"{op}: {name} must be a finite real number, got {value!r}")
+    if not math.isfinite(float(value)):
         raise NormInputError(f"{op}: {name} must be a finite real number, got {value!r}")
     if positive and float(value) <= 0:
         raise NormInputError(f"{op}: {name} must be > 0 (it keeps rsqrt finite on a zero row), got {value!r}")

@@ -14,6 +14,8 @@ those row statistics, and writes the input gradient only: the weight and bias ar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,7 @@ import triton.language as tl
 from ..backends import triton_interpreter_enabled
 from ..errors import OffsiteError
 from .triton_common import _cast
+from .triton_launch import as_rows, cdiv, next_power_of_2
 
 # Longest row the one-tile kernels take: a 16384-wide row (the hidden size of the largest released
 # transformers) is 16 fp32 values per thread at 32 warps. Longer rows run the PyTorch reference
@@ -141,9 +144,10 @@ def _norm_bwd_kernel(
 # Rows per program and warps per row length: about 8-16 fp32 values per thread per tile, so the
 # backward's three live tiles (dy, x, w) stay in registers. Every entry is compiled for sm_80 and
 # sm_90 by tests/test_norm.py (no spills, shared memory within the limit).
+@functools.cache
 def launch_config(n: int) -> tuple[int, int, int]:
     """``(BLOCK_N, ROWS, num_warps)`` for rows of ``n`` elements."""
-    block_n = triton.next_power_of_2(max(n, 1))
+    block_n = next_power_of_2(n)
     rows = max(1, min(16, 2048 // block_n))
     tile = rows * block_n
     num_warps = max(4, min(32, tile // 512))
@@ -172,7 +176,7 @@ def _check_n(n: int) -> None:
 
 
 def _grid(m: int, rows: int) -> tuple[int]:
-    return (triton.cdiv(m, rows),)
+    return (cdiv(m, rows),)
 
 
 def _norm_fwd(
@@ -189,25 +193,27 @@ def _norm_fwd(
     mean_out: torch.Tensor | None,
     rstd_out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    m, n = x.shape
+    shape, n = x.shape, x.shape[-1]
     _check_n(n)
+    x, m, stride_xm, stride_xn = as_rows(x)
     stats = _stats_dtype(x.dtype)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
+    y = torch.empty(shape, device=x.device, dtype=x.dtype) if out is None else out
     h = None
     if residual is not None:
-        h = torch.empty((m, n), device=x.device, dtype=x.dtype) if residual_out is None else residual_out
-    rstd = torch.empty((m,), device=x.device, dtype=stats) if rstd_out is None else rstd_out
-    mean = None if rms else torch.empty((m,), device=x.device, dtype=stats) if mean_out is None else mean_out
+        h = torch.empty(shape, device=x.device, dtype=x.dtype) if residual_out is None else residual_out
+    rstd = torch.empty(shape[:-1], device=x.device, dtype=stats) if rstd_out is None else rstd_out
+    mean = None if rms else torch.empty(shape[:-1], device=x.device, dtype=stats) if mean_out is None else mean_out
     if m == 0:
         return y, h, mean, rstd
     w = None if weight is None else weight.contiguous()
     b = None if bias is None else bias.contiguous()
-    r = residual if residual is not None else x  # placeholders: never read when the flag is off
+    # placeholders: never read when the flag is off
+    r, _, stride_rm, stride_rn = as_rows(residual) if residual is not None else (x, m, stride_xm, stride_xn)
     block_n, rows, num_warps = launch_config(n)
     _norm_fwd_kernel[_grid(m, rows)](
         x, r, w if w is not None else y, b if b is not None else y, y, h if h is not None else y,
         mean if mean is not None else rstd, rstd,
-        m, n, x.stride(0), x.stride(1), r.stride(0), r.stride(1), float(eps), float(weight_offset),
+        m, n, stride_xm, stride_xn, stride_rm, stride_rn, float(eps), float(weight_offset),
         RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=w is not None, HAS_BIAS=b is not None,
         ROUND_NORMALIZED=round_normalized, F64=x.dtype == torch.float64, INTERPRETER_BF16=_interpreter_bf16(x.dtype),
         ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
@@ -226,17 +232,19 @@ def _norm_bwd(
     rms: bool,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    m, n = x.shape
+    shape, n = x.shape, x.shape[-1]
     _check_n(n)
-    dx = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
+    x, m, stride_xm, stride_xn = as_rows(x)
+    dx = torch.empty(shape, device=x.device, dtype=x.dtype) if out is None else out
     if m == 0:
         return dx
     w = None if weight is None else weight.contiguous()
-    dh = grad_h if grad_h is not None else grad_y
+    grad_y, _, stride_dym, stride_dyn = as_rows(grad_y)
+    dh, _, stride_dhm, stride_dhn = as_rows(grad_h) if grad_h is not None else (grad_y, m, stride_dym, stride_dyn)
     block_n, rows, num_warps = launch_config(n)
     _norm_bwd_kernel[_grid(m, rows)](
-        grad_y, x, w if w is not None else dx, mean if mean is not None else rstd, rstd.contiguous(), dh, dx,
-        m, n, grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), dh.stride(0), dh.stride(1), float(weight_offset),
+        grad_y, x, w if w is not None else dx, mean.contiguous() if mean is not None else rstd, rstd.contiguous(), dh, dx,
+        m, n, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dhm, stride_dhn, float(weight_offset),
         RMS=rms, HAS_WEIGHT=w is not None, HAS_DH=grad_h is not None, F64=x.dtype == torch.float64,
         INTERPRETER_BF16=_interpreter_bf16(x.dtype), ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
@@ -254,9 +262,10 @@ def rms_norm_fwd(
     residual_out: torch.Tensor | None = None,
     rstd_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """RMSNorm forward on a 2-D ``x [M, N]`` (any strides): ``(y, h, rstd)``; ``h = x + residual``
-    (None without a residual), ``y`` and ``h`` contiguous in x's dtype, ``rstd [M]`` in fp32 (fp64
-    for float64 ``x``); written into ``out``/``residual_out``/``rstd_out`` when given."""
+    """RMSNorm forward over the last dimension of ``x [..., N]`` (any strides): ``(y, h, rstd)``;
+    ``h = x + residual`` (None without a residual), ``y`` and ``h`` contiguous of x's shape and
+    dtype, ``rstd [...]`` in fp32 (fp64 for float64 ``x``); written into ``out``/``residual_out``/
+    ``rstd_out`` (contiguous) when given."""
     y, h, _, rstd = _norm_fwd(
         x, weight, None, residual, eps, weight_offset, True, round_normalized, out, residual_out, None, rstd_out
     )
@@ -272,8 +281,8 @@ def rms_norm_bwd(
     weight_offset: float = 0.0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RMSNorm input gradient on 2-D ``dy``, ``x`` (the saved input, or ``h``) ``[M, N]``, ``rstd [M]``;
-    ``grad_h`` (the residual stream's gradient) is added when given. Returns ``dx`` in x's dtype."""
+    """RMSNorm input gradient from ``dy`` and ``x`` (the saved input, or ``h``) ``[..., N]`` and ``rstd [...]``;
+    ``grad_h`` (the residual stream's gradient) is added when given. Returns ``dx`` of x's shape and dtype."""
     return _norm_bwd(grad_y, x, weight, None, rstd, grad_h, weight_offset, True, out)
 
 
@@ -288,7 +297,7 @@ def layer_norm_fwd(
     mean_out: torch.Tensor | None = None,
     rstd_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """LayerNorm forward on a 2-D ``x [M, N]``: ``(y, h, mean, rstd)`` (see :func:`rms_norm_fwd`)."""
+    """LayerNorm forward over the last dimension of ``x [..., N]``: ``(y, h, mean, rstd)`` (see :func:`rms_norm_fwd`)."""
     y, h, mean, rstd = _norm_fwd(x, weight, bias, residual, eps, 0.0, False, False, out, residual_out, mean_out, rstd_out)
     assert mean is not None
     return y, h, mean, rstd
@@ -304,7 +313,7 @@ def layer_norm_bwd(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LayerNorm input gradient (see :func:`rms_norm_bwd`); the bias plays no part."""
-    return _norm_bwd(grad_y, x, weight, mean.contiguous(), rstd, grad_h, 0.0, False, out)
+    return _norm_bwd(grad_y, x, weight, mean, rstd, grad_h, 0.0, False, out)
 
 
 # --- ahead-of-time compile cases -------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""Kernel launches stubbed out: the host time of the library's own Python around them, measurable on a CPU.
+
+On a GPU at the paper's batch (1 x 512 tokens) the host sets the step time of an eager step, and
+most of that host time is the Python that wraps each kernel: input checks, dispatch, output
+allocation, launch configuration, autotuner lookup, autograd. :func:`stubbed_kernel_launches`
+runs that Python for real on any machine and replaces only the last step, Triton's own launcher
+(``JITFunction.run``: argument binding, the compiled-kernel lookup, the driver call), by a no-op:
+
+- the ops' backend choice is forced to ``"triton"`` (their ``requested_backend``), so CPU tensors
+  take the GPU code path (``OFFSITE_BACKEND=triton`` without the interpreter);
+- ``JITFunction.run`` returns at once; outputs stay as allocated (uninitialised): host timing only;
+- the frozen linear's autotuners "time" every configuration as equal, so the first call of a
+  shape picks one and later calls take the cached-config path they take on a GPU.
+
+A GPU adds Triton's launcher and the driver's launch to each stubbed launch; everything else is
+measured as it runs there.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from triton.runtime.jit import JITFunction
+
+from offsite_kernels.backends import triton_interpreter_enabled
+
+# modules whose kernels the ops pick through their own ``requested_backend`` name
+_OP_MODULES = ("norm", "activation", "frozen_linear", "fused_head")
+_AUTOTUNED = ("_tuned_fwd", "_tuned_bwd")
+_CACHED = ("_cached_fwd", "_cached_bwd")
+
+
+def _equal_timings(*args, **kwargs) -> list[float]:
+    return [1.0, 1.0, 1.0]
+
+
+@contextmanager
+def stubbed_kernel_launches() -> Iterator[None]:
+    """Within the block, the library's ops take their Triton path and launch nothing (see module docs)."""
+    if torch.cuda.is_available():
+        raise RuntimeError("stubbed kernel launches measure the host path on a CPU; on a GPU measure the real launches")
+    if triton_interpreter_enabled():
+        raise RuntimeError(
+            "stubbed kernel launches time the GPU code path, but TRITON_INTERPRET=1 sends launches to Triton's "
+            "interpreter; unset TRITON_INTERPRET"
+        )
+    saved: list[tuple[object, str, object]] = []
+
+    def patch(owner: object, name: str, value: object) -> None:
+        saved.append((owner, name, owner.__dict__.get(name, _MISSING) if hasattr(owner, "__dict__") else _MISSING))
+        setattr(owner, name, value)
+
+    try:
+        for mod_name in _OP_MODULES:
+            patch(importlib.import_module(f"offsite_kernels.ops.{mod_name}"), "requested_backend", lambda: "triton")
+        patch(JITFunction, "run", lambda self, *args, **kwargs: None)
+        linear = importlib.import_module("offsite_kernels.ops.frozen_linear_triton")
+        for name in _AUTOTUNED:
+            tuner = getattr(linear, name)
+            patch(tuner, "_bench", _equal_timings)
+            patch(tuner, "cache_results", False)  # the on-disk cache asks the (absent) GPU driver for its target
+            patch(tuner, "cache", {})  # the configurations "picked" here never reach a real launch
+        for name in _CACHED:
+            patch(getattr(linear, name), "chosen", {})
+        yield
+    finally:
+        for owner, name, before in reversed(saved):
+            if before is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, before)
+
+
+_MISSING = object()

@@ -1,0 +1,90 @@
+"""Host-side helpers of the Triton launchers: integer arithmetic, row views and cached autotuned launches.
+
+At the paper's batch (1 x 512 tokens) an eager step on a GPU waits on the host, and most of the
+host's time is Python around each kernel launch. These helpers keep that short:
+
+- :func:`cdiv` and :func:`next_power_of_2` in plain integers (``triton.cdiv`` and
+  ``triton.next_power_of_2`` are ``constexpr`` functions that unwrap their arguments, about 1.5 µs
+  per call from Python);
+- :func:`as_rows`: a tensor's ``[rows, last dim]`` strides without a ``reshape`` call when the
+  leading dimensions already collapse (the common, contiguous case);
+- :class:`CachedAutotune`: a Triton autotuner asked once per key; later launches of that key go
+  straight to the kernel with the configuration it chose (Triton's ``Autotuner.run`` rebuilds
+  argument dictionaries and its key on every call).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ``a`` and positive ``b``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``(tensor, rows, row stride, column stride)`` of ``t`` seen as ``[rows, t.shape[-1]]``.
+
+    The tensor is ``t`` itself when its leading dimensions collapse into one row stride (2-D or
+    contiguous; its data pointer then addresses row 0), else a ``reshape`` of it (a copy only when
+    no view exists). A 0-D tensor is one row of one element.
+    """
+    if t.dim() == 2:
+        return t, t.shape[0], t.stride(0), t.stride(1)
+    if t.dim() == 0:
+        return t, 1, 1, 1
+    n = t.shape[-1]
+    if t.is_contiguous():
+        return t, t.numel() // n if n else math.prod(t.shape[:-1]), n, 1
+    t2 = t.reshape(-1, n)
+    return t2, t2.shape[0], t2.stride(0), t2.stride(1)
+
+
+class CachedAutotune:
+    """Launch a kernel through its Triton autotuner once per key, then directly with the chosen configuration.
+
+    The key is what Triton's ``Autotuner`` keys on (its ``key`` arguments and the dtypes of the
+    tensor arguments, which this package's kernels name ``*_ptr``) plus every launch-time
+    constexpr, so a cached launch never uses a configuration the autotuner would not have picked
+    for the same call. Configurations with hooks always go through the autotuner.
+    """
+
+    def __init__(self, tuned) -> None:
+        self.tuned = tuned
+        self.kernel = tuned.fn
+        self._key_positions = tuple(i for i, name in enumerate(tuned.arg_names) if name in tuned.keys)
+        self._tensor_positions = tuple(i for i, name in enumerate(tuned.arg_names) if name.endswith("_ptr"))
+        self.chosen: dict[tuple, tuple] = {}  # key -> (config, its launch keyword arguments)
+        self.last_config = None  # the configuration of the latest launch (a ``triton.Config``)
+
+    def key(self, args: tuple, meta: dict) -> tuple:
+        """The cache key of one launch."""
+        n = len(args)  # key arguments passed as constexprs are in ``meta``
+        keys = tuple([args[i] for i in self._key_positions if i < n])
+        return keys, tuple([args[i].dtype for i in self._tensor_positions]), tuple(meta.items())
+
+    def __call__(self, grid: Callable[[dict], tuple], args: tuple, meta: dict) -> None:
+        """Launch with ``grid(config kwargs)`` programs; ``args`` positional, ``meta`` the constexprs."""
+        key = self.key(args, meta)
+        chosen = self.chosen.get(key)
+        if chosen is not None:
+            self.last_config, kwargs = chosen
+            self.kernel[grid(kwargs)](*args, **meta, **kwargs)
+            return
+        self.tuned[grid](*args, **meta)
+        best = self.last_config = self.tuned.best_config
+        if best.pre_hook is None and getattr(best, "post_hook", None) is None:
+            self.chosen[key] = (best, best.all_kwargs())
+
+    def clear(self) -> None:
+        """Forget the chosen configurations (the autotuner keeps its own cache)."""
+        self.chosen.clear()

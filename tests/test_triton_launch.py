@@ -1,0 +1,110 @@
+"""Host-side launch helpers (``ops/triton_launch.py``): integer arithmetic, row views, cached autotuned launches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import gen
+
+import offsite_kernels as ok
+
+triton = pytest.importorskip("triton")
+from offsite_kernels.ops import triton_launch as tlaunch  # noqa: E402
+
+
+def test_cdiv_and_next_power_of_2_match_triton():
+    assert tlaunch.next_power_of_2(0) == 1  # as triton.next_power_of_2(max(n, 1)), what the launchers used
+    for a in [0, 1, 2, 3, 7, 8, 9, 63, 64, 65, 1000, 16383, 16384, 16385, 2**31 + 5]:
+        if a:
+            assert tlaunch.next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 16, 64, 129):
+            assert tlaunch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def _layouts() -> dict[str, torch.Tensor]:
+    g = gen(5)
+    base = torch.randn(3, 5, 19, generator=g)
+    return {
+        "2d": torch.randn(7, 19, generator=g),
+        "2d transposed": torch.randn(19, 7, generator=g).t(),
+        "3d contiguous": base,
+        "3d padded rows (a view)": torch.randn(3, 5, 23, generator=g)[..., :19],
+        "3d permuted (a copy)": base.transpose(0, 1),
+        "3d strided last dim": torch.randn(3, 5, 38, generator=g)[..., ::2],
+        "size-1 dims with odd strides": torch.randn(5, 19, generator=g).unsqueeze(0).unsqueeze(2).transpose(0, 2),
+        "expanded (stride 0)": torch.randn(19, generator=g).expand(2, 4, 19),
+        "1d": torch.randn(19, generator=g),
+        "1d strided": torch.randn(38, generator=g)[::2],
+        "0d": torch.tensor(2.5),
+        "empty rows": torch.randn(0, 4, 19, generator=g),
+        "empty last dim": torch.randn(3, 4, 0, generator=g),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+def test_as_rows_addresses_every_row_of_the_tensor(name):
+    t = _layouts()[name]
+    rows, m, stride_m, stride_n = tlaunch.as_rows(t)
+    n = t.shape[-1] if t.dim() else 1
+    expected = t.reshape(math.prod(t.shape[:-1]), n)
+    assert m == expected.shape[0]
+    # what a kernel reads: row r, column c at data_ptr + r * stride_m + c * stride_n
+    read = torch.as_strided(rows, (m, n), (stride_m, stride_n), rows.storage_offset())
+    assert torch.equal(read, expected)
+    if t.dim() == 2 or t.is_contiguous():
+        assert rows is t  # no reshape call where the strides already fit
+
+
+def test_launchers_take_leading_dimensions_without_reshape(monkeypatch):
+    """The norm, activation and frozen linear launchers read an N-D input in place (no reshape call)."""
+    monkeypatch.setenv("OFFSITE_BACKEND", "triton")
+    from offsite_kernels.ops import activation, norm
+
+    x = torch.randn(2, 3, 37, generator=gen(1))
+    w = torch.randn(37, generator=gen(2))
+    qw = ok.quantize_weight(torch.randn(29, 37, generator=gen(3)), bits=8)
+    calls = []
+    real = torch.Tensor.reshape
+    monkeypatch.setattr(torch.Tensor, "reshape", lambda self, *s: calls.append(s) or real(self, *s))
+    y = norm.rms_norm(x, w)
+    a = activation.bias_gelu(x, w)
+    lin = ok.frozen_linear(x, qw)
+    monkeypatch.setattr(torch.Tensor, "reshape", real)
+    assert calls == []
+    x64 = x.double()
+    ref = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert y.shape == x.shape and float((y.double() - ref).abs().max()) < 1e-5
+    assert a.shape == x.shape and float((a.double() - torch.nn.functional.gelu(x64 + w.double())).abs().max()) < 1e-5
+    assert lin.shape == (2, 3, 29) and float((lin.double() - x64 @ qw.dequantize().double().T).abs().max()) < 1e-4
+
+
+def _full_autotuner_key(tuned, args: tuple, meta: dict) -> tuple:
+    """Triton's ``Autotuner`` key of a launch: its key arguments (positional or keyword), then every tensor's dtype."""
+    named = {**dict(zip(tuned.arg_names, args, strict=False)), **meta}
+    return tuple(named[k] for k in tuned.keys) + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+
+
+def test_cached_autotune_key_is_as_fine_as_the_autotuners():
+    """The cache key holds every value the autotuner keys on (so no launch reuses another key's choice)."""
+    from offsite_kernels.ops import fp8_gemm_triton as f8
+    from offsite_kernels.ops import frozen_linear_triton as flt
+
+    launches = []
+    for bits, dtype in ((None, torch.float16), (8, torch.bfloat16), (4, torch.float32)):
+        qw = ok.quantize_weight(torch.randn(24, 64, generator=gen(3)), bits=bits, group_size=32)
+        w, s, z, swn, ssn = flt._weight_args(qw.data, qw.scales, qw.zeros)
+        x, y = torch.randn(5, 64).to(dtype), torch.empty(5, 24, dtype=dtype)
+        meta = dict(GROUP=32, FMT=flt.FMT_CODES[qw.format], HAS_BIAS=False, DOT_PRECISION="ieee", INTERPRETER_BF16=False)
+        launches.append((flt._cached_fwd, (x, w, s, z, y, y, 5, 24, 64, 8, 64, 1, swn, ssn, 24, 1), meta))
+        meta = {k: v for k, v in meta.items() if k != "HAS_BIAS"}
+        launches.append((flt._cached_bwd, (y, w, s, z, x, 5, 24, 64, 8, 24, 1, swn, ssn, 64, 1), meta))
+    a = torch.zeros(5, 64, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(24, 64, dtype=torch.float8_e4m3fn)
+    launches.append((f8._cached_gemm, *f8._launch_args(a, torch.ones(5), b, None, None, torch.empty(5, 24))))
+    for cached, args, meta in launches:
+        key = cached.key(args, meta)
+        flat = set(key[0]) | set(map(str, key[1])) | {v for _, v in key[2]}
+        assert set(_full_autotuner_key(cached.tuned, args, meta)) <= flat
+        assert len(key[1]) == sum(isinstance(a, torch.Tensor) for a in args)  # every tensor argument's dtype
