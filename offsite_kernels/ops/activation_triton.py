@@ -16,6 +16,8 @@ last dimension is strided).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -145,6 +147,7 @@ def _swiglu_bwd_kernel(
 
 
 # --- launch configuration ------------------------------------------------------------------
+@functools.cache
 def block_sizes(n_cols: int) -> tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)`` for rows of ``n_cols`` elements: ``BLOCK_N`` the narrowest of
     :data:`BLOCK_NS` that holds a row (the widest for longer rows: MLP widths are >= 1024, where
