@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.frozen_linear import frozen_linear
+from ..ops.frozen_linear import frozen_linear_from_fields
 from ..quant.formats import quantize_weight
 from ..quant.weight import QuantizedWeight
 
@@ -72,7 +72,10 @@ class FrozenLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(x, self.weight, self.bias)
+        # the stored tensors as they are: no QuantizedWeight built per call
+        shape = (self.out_features, self.in_features)
+        data, scales, zeros = self.weight_data, self.weight_scales, self.weight_zeros
+        return frozen_linear_from_fields(x, self.format, data, scales, zeros, self.group_size, shape, self.bias)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.format == "int4" else ""

@@ -216,25 +216,43 @@ def as_quantized(weight: torch.Tensor | QuantizedWeight) -> QuantizedWeight:
     raise FrozenLinearInputError(f"weight must be a tensor or a QuantizedWeight, got {type(weight).__name__}")
 
 
-def _check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+def _check_inputs(
+    x: torch.Tensor, weight_device: torch.device, out_features: int, in_features: int, bias: torch.Tensor | None
+) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in _ACTIVATION_DTYPES:
         raise FrozenLinearInputError(f"x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() < 1 or x.shape[-1] != qw.in_features:
+    if x.dim() < 1 or x.shape[-1] != in_features:
         raise FrozenLinearInputError(
             f"x has {x.shape[-1] if x.dim() else 'no'} features in its last dimension (shape {tuple(x.shape)}), "
-            f"the weight expects in_features={qw.in_features} (weight shape {qw.shape})"
+            f"the weight expects in_features={in_features} (weight shape {(out_features, in_features)})"
         )
-    if x.device != qw.device:
-        raise FrozenLinearInputError(f"x is on {x.device} but the weight is on {qw.device}; move one of them (.to(device))")
+    if x.device != weight_device:
+        raise FrozenLinearInputError(f"x is on {x.device} but the weight is on {weight_device}; move one of them (.to(device))")
     if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != qw.out_features:
-            raise FrozenLinearInputError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
+        if bias.dim() != 1 or bias.shape[0] != out_features:
+            raise FrozenLinearInputError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise FrozenLinearInputError(f"bias is on {bias.device} but x is on {x.device}")
         if bias.requires_grad:
             raise FrozenLinearInputError(
                 "frozen_linear's bias requires grad; a frozen linear's bias is frozen (requires_grad_(False))"
             )
+
+
+def frozen_linear_from_fields(
+    x: torch.Tensor,
+    fmt: str,
+    data: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    shape: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`frozen_linear` on the stored fields of a :class:`QuantizedWeight` (format, data, scales, zeros,
+    group size, ``(out_features, in_features)``), as ``nn.FrozenLinear`` holds them: no weight object per call."""
+    _check_inputs(x, data.device, shape[0], shape[1], bias)
+    return _frozen_linear(x, _to_op_storage(fmt, data), scales, zeros, bias, fmt, group_size, shape[0])
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,6 +263,4 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias:
     PyTorch reference, unless ``OFFSITE_BACKEND`` forces a backend.
     """
     qw = as_quantized(weight)
-    _check_inputs(x, qw, bias)
-    data = _to_op_storage(qw.format, qw.data)
-    return _frozen_linear(x, data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, qw.out_features)
+    return frozen_linear_from_fields(x, qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, bias)
