@@ -73,9 +73,9 @@ class FrozenLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the stored tensors as they are: no QuantizedWeight built per call
+        stored = (self.weight_data, self.weight_scales, self.weight_zeros)
         shape = (self.out_features, self.in_features)
-        data, scales, zeros = self.weight_data, self.weight_scales, self.weight_zeros
-        return frozen_linear_from_fields(x, self.format, data, scales, zeros, self.group_size, shape, self.bias)
+        return frozen_linear_from_fields(x, shape, self.format, stored, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.format == "int4" else ""

@@ -241,18 +241,18 @@ def _check_inputs(
 
 def frozen_linear_from_fields(
     x: torch.Tensor,
+    weight_shape: tuple[int, int],
     fmt: str,
-    data: torch.Tensor,
-    scales: torch.Tensor | None,
-    zeros: torch.Tensor | None,
+    stored: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     group_size: int,
-    shape: tuple[int, int],
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`frozen_linear` on the stored fields of a :class:`QuantizedWeight` (format, data, scales, zeros,
-    group size, ``(out_features, in_features)``), as ``nn.FrozenLinear`` holds them: no weight object per call."""
-    _check_inputs(x, data.device, shape[0], shape[1], bias)
-    return _frozen_linear(x, _to_op_storage(fmt, data), scales, zeros, bias, fmt, group_size, shape[0])
+    """:func:`frozen_linear` on the fields of a :class:`QuantizedWeight` as ``nn.FrozenLinear`` holds them:
+    ``(out_features, in_features)``, the format, the stored ``(data, scales, zeros)`` and the group size
+    (no weight object built per call)."""
+    data, scales, zeros = stored
+    _check_inputs(x, data.device, weight_shape[0], weight_shape[1], bias)
+    return _frozen_linear(x, _to_op_storage(fmt, data), scales, zeros, bias, fmt, group_size, weight_shape[0])
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -263,4 +263,4 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias:
     PyTorch reference, unless ``OFFSITE_BACKEND`` forces a backend.
     """
     qw = as_quantized(weight)
-    return frozen_linear_from_fields(x, qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, bias)
+    return frozen_linear_from_fields(x, qw.shape, qw.format, (qw.data, qw.scales, qw.zeros), qw.group_size, bias)
