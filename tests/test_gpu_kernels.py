@@ -84,6 +84,32 @@ def test_frozen_linear_forward_and_input_grad(fmt, m, n, k, dtype):
     assert rel_err(grad_x, grad_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("fmt", [8, 4, None])
+def test_frozen_linear_cached_configuration_launches_match(fmt, monkeypatch):
+    """After a key's first launch through Triton's autotuner, launches of that key go straight to the kernel
+    with the chosen configuration (ops/triton_launch.CachedAutotune): same results, no autotuner call."""
+    from offsite_kernels.ops import frozen_linear_triton as flt
+
+    tuner_runs = []
+    real_run = type(flt._tuned_fwd).run
+    monkeypatch.setattr(type(flt._tuned_fwd), "run", lambda self, *a, **kw: tuner_runs.append(1) or real_run(self, *a, **kw))
+    n, k = 515, 1152
+    w = rand(n, k, seed=1) * 0.05
+    qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w.to(torch.bfloat16)
+    w_hat = (qw.dequantize() if fmt is not None else qw).double()
+    for i, m in enumerate((700, 1000, 999)):  # one M bucket (1024): the first launch of each direction tunes
+        x = rand(2, m // 2, k, seed=10 + i, dtype=torch.bfloat16).requires_grad_(True)
+        y = ok.frozen_linear(x, qw)
+        grad_y = rand(*y.shape, seed=20 + i, dtype=torch.bfloat16)
+        (grad_x,) = torch.autograd.grad(y, x, grad_y)
+        assert rel_err(y, x.detach().double() @ w_hat.t()) < TOL[torch.bfloat16]
+        assert rel_err(grad_x, grad_y.double() @ w_hat) < TOL[torch.bfloat16]
+        if i == 0:
+            first = len(tuner_runs)  # 0 when an earlier test already tuned this key, else 2 (fwd and bwd)
+    assert len(tuner_runs) == first  # the later launches took the cached configuration
+    assert flt._cached_fwd.last_config is not None and flt._cached_bwd.last_config is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("col_scale", [False, True])
 def test_fp8_row_quantization_is_bit_exact_on_the_gpu(dtype, col_scale):

@@ -57,6 +57,7 @@ def test_as_rows_addresses_every_row_of_the_tensor(name):
         assert rows is t  # no reshape call where the strides already fit
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors on the Triton path: the interpreter's (CPU) test")
 def test_launchers_take_leading_dimensions_without_reshape(monkeypatch):
     """The norm, activation and frozen linear launchers read an N-D input in place (no reshape call)."""
     monkeypatch.setenv("OFFSITE_BACKEND", "triton")
@@ -105,6 +106,52 @@ def test_cached_autotune_key_is_as_fine_as_the_autotuners():
     launches.append((f8._cached_gemm, *f8._launch_args(a, torch.ones(5), b, None, None, torch.empty(5, 24))))
     for cached, args, meta in launches:
         key = cached.key(args, meta)
+        names = cached.tuned.arg_names
+        # structurally: every autotuner key name is a key position or a constexpr in the key, by name
+        keyed = {names[i] for i in cached._key_positions if i < len(args)} | {name for name, _ in key[2]}
+        assert set(cached.tuned.keys) <= keyed
+        # every tensor argument (placeholders included) has its dtype in the key, position by position
+        assert [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)] == list(cached._tensor_positions)
+        assert key[1] == tuple(args[i].dtype for i in cached._tensor_positions)
         flat = set(key[0]) | set(map(str, key[1])) | {v for _, v in key[2]}
         assert set(_full_autotuner_key(cached.tuned, args, meta)) <= flat
-        assert len(key[1]) == sum(isinstance(a, torch.Tensor) for a in args)  # every tensor argument's dtype
+
+
+def test_cached_autotune_tunes_one_key_at_a_time():
+    """Triton's Autotuner keeps per-call state on itself: the cache's slow path holds a lock around it."""
+    from offsite_kernels.ops import frozen_linear_triton as flt
+
+    lock = flt._cached_fwd._tuning
+    seen = []
+
+    class Tuner:
+        arg_names, keys, fn = ["x_ptr", "M"], ["M"], None
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.append(lock.locked())
+                self.best_config = triton.Config({"BLOCK_M": 16})
+
+            return launch
+
+    cached = tlaunch.CachedAutotune(Tuner())
+    cached._tuning = lock
+    cached(lambda c: (1,), (torch.zeros(2), 5), {})
+    assert seen == [True] and not lock.locked() and len(cached.chosen) == 1
+
+
+def test_launchers_refuse_an_out_they_cannot_write_in_place():
+    from offsite_kernels.ops import frozen_linear_triton as flt
+    from offsite_kernels.ops import norm_triton
+
+    qw = ok.quantize_weight(torch.randn(11, 32, generator=gen(4)), bits=8)
+    x = torch.randn(3, 5, 32, generator=gen(5))
+    permuted = torch.zeros(5, 3, 11).transpose(0, 1)  # the right shape, rows not addressable in place
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape \(3, 5, 11\)"):
+        flt.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, None, qw.format, qw.group_size, 11, out=permuted)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        flt.frozen_linear_bwd(torch.randn(3, 5, 11), qw.data, qw.scales, qw.zeros, qw.format, 0, 32, out=x.transpose(0, 1))
+    with pytest.raises(ValueError, match=r"rstd_out must be a contiguous torch.float32 tensor of shape \(3, 5\)"):
+        norm_triton.rms_norm_fwd(x, None, None, 1e-6, rstd_out=torch.empty(15))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        norm_triton.layer_norm_bwd(x, x, None, torch.zeros(3, 5), torch.ones(3, 5), out=torch.empty(3, 32, 5).transpose(1, 2))

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast
-from .triton_launch import as_rows, cdiv
+from .triton_launch import as_rows, cdiv, check_out
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 TILE = 2048  # elements per program: 16 per thread at 4 warps (two 16-byte vectors of bf16)
@@ -178,9 +178,7 @@ def _cols(t: torch.Tensor) -> int:
 def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty(like.shape, device=like.device, dtype=like.dtype)
-    if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(like.shape)}")
-    return out
+    return check_out(out, like.shape, like.dtype)
 
 
 def _launch(kernel, args: tuple, m: int, n: int, **meta) -> None:

@@ -22,7 +22,7 @@ import triton.testing
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast, _grouped_tile, triton_version
-from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2
+from .triton_launch import CachedAutotune, as_rows, cdiv, check_out, next_power_of_2
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
 
@@ -262,14 +262,14 @@ def frozen_linear_fwd(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel on ``x [..., K]`` (any leading dimensions); returns ``y [..., N]`` in
-    ``x.dtype`` (into ``out``, 2-D ``[M, N]`` or contiguous, if given)."""
+    ``x.dtype`` (into ``out``, contiguous of that shape, if given)."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = out_features
     x, m, stride_xm, stride_xk = as_rows(x)
-    y = torch.empty((*lead, n), device=x.device, dtype=x.dtype) if out is None else out
+    y = torch.empty((*lead, n), device=x.device, dtype=x.dtype) if out is None else check_out(out, (*lead, n), x.dtype)
     if m == 0:
         return y
-    y_rows, _, stride_ym, stride_yn = as_rows(y)
+    y_rows, _, stride_ym, stride_yn = as_rows(y)  # y itself: contiguous
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
     args = (x, w, s, z, bias if bias is not None else y_rows, y_rows, m, n, k, m_bucket(m))
@@ -296,14 +296,15 @@ def frozen_linear_bwd(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the input-gradient kernel on ``dY [..., N]`` (any leading dimensions); returns ``dX [..., K]``
-    (into ``out``, 2-D ``[M, K]`` or contiguous, if given)."""
+    (into ``out``, contiguous of that shape, if given)."""
     lead, n = grad_y.shape[:-1], grad_y.shape[-1]
     k = in_features
     grad_y, m, stride_dym, stride_dyn = as_rows(grad_y)
-    dx = torch.empty((*lead, k), device=grad_y.device, dtype=grad_y.dtype) if out is None else out
+    shape = (*lead, k)
+    dx = torch.empty(shape, device=grad_y.device, dtype=grad_y.dtype) if out is None else check_out(out, shape, grad_y.dtype)
     if m == 0:
         return dx
-    dx_rows, _, stride_dxm, stride_dxk = as_rows(dx)
+    dx_rows, _, stride_dxm, stride_dxk = as_rows(dx)  # dx itself: contiguous
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     args = (grad_y, w, s, z, dx_rows, m, n, k, m_bucket(m))
     args += (stride_dym, stride_dyn, stride_wn, stride_sn, stride_dxm, stride_dxk)

@@ -16,6 +16,7 @@ host's time is Python around each kernel launch. These helpers keep that short:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,16 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, name: str = "out") -> torch.Tensor:
+    """``out`` if it is a contiguous tensor of ``shape`` and ``dtype`` (what the kernels write), else a clear error."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}, got a "
+            f"{'contiguous' if out.is_contiguous() else 'non-contiguous'} {out.dtype} tensor of shape {tuple(out.shape)}"
+        )
+    return out
 
 
 def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -65,6 +76,8 @@ class CachedAutotune:
         self._tensor_positions = tuple(i for i, name in enumerate(tuned.arg_names) if name.endswith("_ptr"))
         self.chosen: dict[tuple, tuple] = {}  # key -> (config, its launch keyword arguments)
         self.last_config = None  # the configuration of the latest launch (a ``triton.Config``)
+        # Triton's Autotuner keeps per-call state (its arguments, best_config) on itself: one tuning at a time
+        self._tuning = threading.Lock()
 
     def key(self, args: tuple, meta: dict) -> tuple:
         """The cache key of one launch."""
@@ -80,10 +93,11 @@ class CachedAutotune:
             self.last_config, kwargs = chosen
             self.kernel[grid(kwargs)](*args, **meta, **kwargs)
             return
-        self.tuned[grid](*args, **meta)
-        best = self.last_config = self.tuned.best_config
-        if best.pre_hook is None and getattr(best, "post_hook", None) is None:
-            self.chosen[key] = (best, best.all_kwargs())
+        with self._tuning:
+            self.tuned[grid](*args, **meta)
+            best = self.last_config = self.tuned.best_config
+            if best.pre_hook is None and getattr(best, "post_hook", None) is None:
+                self.chosen[key] = (best, best.all_kwargs())
 
     def clear(self) -> None:
         """Forget the chosen configurations (the autotuner keeps its own cache)."""
