@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast
-from .triton_launch import as_rows, cdiv, check_out
+from .triton_launch import as_rows, cdiv, output
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 TILE = 2048  # elements per program: 16 per thread at 4 warps (two 16-byte vectors of bf16)
@@ -175,12 +175,6 @@ def _cols(t: torch.Tensor) -> int:
     return t.shape[-1] if t.dim() else 1
 
 
-def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    if out is None:
-        return torch.empty(like.shape, device=like.device, dtype=like.dtype)
-    return check_out(out, like.shape, like.dtype)
-
-
 def _launch(kernel, args: tuple, m: int, n: int, **meta) -> None:
     block_m, block_n = block_sizes(n)
     grid = (cdiv(m, block_m), cdiv(n, block_n))
@@ -194,7 +188,7 @@ def _interpreter_bf16(dtype: torch.dtype) -> bool:
 def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """``act(x + bias)`` for ``x`` of any shape (bias over the last dimension, in ``x.dtype``);
     returns a contiguous tensor of ``x``'s shape and dtype (``out`` if given)."""
-    y = _output(x, out)
+    y = output(out, x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return y
     (x2, m, stride_xm), n = _rows(x), _cols(x)
@@ -209,7 +203,7 @@ def bias_act_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``grad_y * act'(x + bias)``: the input gradient, of ``x``'s shape and dtype (``out`` if given)."""
-    dx = _output(x, out)
+    dx = output(out, x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return dx
     (dy2, _, stride_dym), (x2, m, stride_xm), n = _rows(grad_y), _rows(x), _cols(x)
@@ -222,7 +216,7 @@ def bias_act_bwd(
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up`` for tensors of one shape and dtype; contiguous, of that shape (``out`` if given)."""
-    y = _output(gate, out)
+    y = output(out, gate.shape, gate.dtype, gate.device)
     if gate.numel() == 0:
         return y
     (g2, m, stride_gm), (u2, _, stride_um), n = _rows(gate), _rows(up), _cols(gate)
@@ -239,7 +233,8 @@ def swiglu_bwd(
     out_up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d_gate, d_up)`` of ``silu(gate) * up`` for the output gradient ``grad_y``."""
-    dg, du = _output(gate, out_gate), _output(up, out_up)
+    dg = output(out_gate, gate.shape, gate.dtype, gate.device, "out_gate")
+    du = output(out_up, up.shape, up.dtype, up.device, "out_up")
     if gate.numel() == 0:
         return dg, du
     (dy2, _, stride_dym), (g2, m, stride_gm), (u2, _, stride_um), n = _rows(grad_y), _rows(gate), _rows(up), _cols(gate)

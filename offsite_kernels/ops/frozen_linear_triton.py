@@ -22,7 +22,7 @@ import triton.testing
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast, _grouped_tile, triton_version
-from .triton_launch import CachedAutotune, as_rows, cdiv, check_out, next_power_of_2
+from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2, output
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
 
@@ -266,14 +266,13 @@ def frozen_linear_fwd(
     lead, k = x.shape[:-1], x.shape[-1]
     n = out_features
     x, m, stride_xm, stride_xk = as_rows(x)
-    y = torch.empty((*lead, n), device=x.device, dtype=x.dtype) if out is None else check_out(out, (*lead, n), x.dtype)
+    y = output(out, (*lead, n), x.dtype, x.device)  # contiguous: rows of stride n
     if m == 0:
         return y
-    y_rows, _, stride_ym, stride_yn = as_rows(y)  # y itself: contiguous
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
-    args = (x, w, s, z, bias if bias is not None else y_rows, y_rows, m, n, k, m_bucket(m))
-    args += (stride_xm, stride_xk, stride_wn, stride_sn, stride_ym, stride_yn)
+    args = (x, w, s, z, bias if bias is not None else y, y, m, n, k, m_bucket(m))
+    args += (stride_xm, stride_xk, stride_wn, stride_sn, n, 1)
     meta = dict(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],
@@ -300,14 +299,12 @@ def frozen_linear_bwd(
     lead, n = grad_y.shape[:-1], grad_y.shape[-1]
     k = in_features
     grad_y, m, stride_dym, stride_dyn = as_rows(grad_y)
-    shape = (*lead, k)
-    dx = torch.empty(shape, device=grad_y.device, dtype=grad_y.dtype) if out is None else check_out(out, shape, grad_y.dtype)
+    dx = output(out, (*lead, k), grad_y.dtype, grad_y.device)  # contiguous: rows of stride k
     if m == 0:
         return dx
-    dx_rows, _, stride_dxm, stride_dxk = as_rows(dx)  # dx itself: contiguous
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
-    args = (grad_y, w, s, z, dx_rows, m, n, k, m_bucket(m))
-    args += (stride_dym, stride_dyn, stride_wn, stride_sn, stride_dxm, stride_dxk)
+    args = (grad_y, w, s, z, dx, m, n, k, m_bucket(m))
+    args += (stride_dym, stride_dyn, stride_wn, stride_sn, k, 1)
     meta = dict(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],

@@ -23,7 +23,7 @@ import triton.language as tl
 from ..backends import triton_interpreter_enabled
 from ..errors import OffsiteError
 from .triton_common import _cast
-from .triton_launch import as_rows, cdiv, check_out, next_power_of_2
+from .triton_launch import as_rows, cdiv, next_power_of_2, output
 
 # Longest row the one-tile kernels take: a 16384-wide row (the hidden size of the largest released
 # transformers) is 16 fp32 values per thread at 32 warps. Longer rows run the PyTorch reference
@@ -175,12 +175,6 @@ def _check_n(n: int) -> None:
         )
 
 
-def _output(out: torch.Tensor | None, name: str, shape, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A new contiguous output, or the caller's ``out`` checked to be one (the kernels write contiguous rows)."""
-    dtype = x.dtype if dtype is None else dtype
-    return torch.empty(shape, device=x.device, dtype=dtype) if out is None else check_out(out, shape, dtype, name)
-
-
 def _grid(m: int, rows: int) -> tuple[int]:
     return (cdiv(m, rows),)
 
@@ -203,10 +197,10 @@ def _norm_fwd(
     _check_n(n)
     x, m, stride_xm, stride_xn = as_rows(x)
     stats = _stats_dtype(x.dtype)
-    y = _output(out, "out", shape, x)
-    h = None if residual is None else _output(residual_out, "residual_out", shape, x)
-    rstd = _output(rstd_out, "rstd_out", shape[:-1], x, stats)
-    mean = None if rms else _output(mean_out, "mean_out", shape[:-1], x, stats)
+    y = output(out, shape, x.dtype, x.device)
+    h = None if residual is None else output(residual_out, shape, x.dtype, x.device, "residual_out")
+    rstd = output(rstd_out, shape[:-1], stats, x.device, "rstd_out")
+    mean = None if rms else output(mean_out, shape[:-1], stats, x.device, "mean_out")
     if m == 0:
         return y, h, mean, rstd
     w = None if weight is None else weight.contiguous()
@@ -239,7 +233,7 @@ def _norm_bwd(
     shape, n = x.shape, x.shape[-1]
     _check_n(n)
     x, m, stride_xm, stride_xn = as_rows(x)
-    dx = _output(out, "out", shape, x)
+    dx = output(out, shape, x.dtype, x.device)
     if m == 0:
         return dx
     w = None if weight is None else weight.contiguous()

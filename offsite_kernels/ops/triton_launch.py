@@ -32,8 +32,13 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, name: str = "out") -> torch.Tensor:
-    """``out`` if it is a contiguous tensor of ``shape`` and ``dtype`` (what the kernels write), else a clear error."""
+def output(
+    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str = "out"
+) -> torch.Tensor:
+    """A new contiguous output of ``shape`` and ``dtype``, or the caller's ``out`` checked to be one (the
+    kernels write contiguous rows); a clear error otherwise."""
+    if out is None:
+        return torch.empty(shape, device=device, dtype=dtype)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(
             f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}, got a "
@@ -98,7 +103,3 @@ class CachedAutotune:
             best = self.last_config = self.tuned.best_config
             if best.pre_hook is None and getattr(best, "post_hook", None) is None:
                 self.chosen[key] = (best, best.all_kwargs())
-
-    def clear(self) -> None:
-        """Forget the chosen configurations (the autotuner keeps its own cache)."""
-        self.chosen.clear()
