@@ -182,3 +182,13 @@ def test_reports_are_rewritten_as_rows_come_and_marked_partial(tmp_path):
     assert path.read_text().startswith("> partial report: the run was still going (7 rows so far)")
     write_report(path, "# Report\n", "run1")
     assert path.read_text() == "# Report\n" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_frozen_linear_cpu_benchmarks_run_once_with_timing_disabled():
+    # pytest-benchmark's --benchmark-disable runs each benchmark once as a smoke test; the file must not
+    # read timing statistics that such a run does not have
+    flags = ["-q", "-p", "no:cacheprovider", "--benchmark-disable"]
+    cmd = [sys.executable, "-m", "pytest", *flags, str(BENCH / "frozen_linear_cpu.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=str(BENCH.parent))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
