@@ -168,6 +168,18 @@ def test_only_the_residual_needs_grad_and_h_may_go_unused(backend, norm):
     assert rel_error(r.grad, expected) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("norm", ["rms", "ln"])
+def test_y_may_go_unused_when_h_carries_the_gradient(backend, norm):
+    # the normalised output unused: its gradient reaches the backward as None (not materialised zeros)
+    x = torch.randn(M, N, generator=gen(13)).requires_grad_(True)
+    r = torch.randn(M, N, generator=gen(14)).requires_grad_(True)
+    w, b = frozen_params(norm, True, N, 15)
+    _y, h = run_norm(norm, x, w, b, r)
+    gh = torch.randn(M, N, generator=gen(16))
+    h.backward(gh)  # dx = dr = gh exactly: the norm's branch adds nothing
+    assert torch.equal(x.grad, gh) and torch.equal(r.grad, gh)
+
+
 # --- the Triton kernels write every element (poisoned outputs) ------------------------------
 @pytest.mark.parametrize("norm", ["rms", "ln"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

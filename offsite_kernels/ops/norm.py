@@ -292,6 +292,7 @@ def _rms_setup_context(ctx, inputs, output):
     ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
     ctx.weight_offset = weight_offset
     ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # no zeros made for unused outputs: the backward takes None
 
 
 def _rms_backward(ctx, grad_y, grad_h, _grad_rstd):
@@ -319,6 +320,7 @@ def _ln_setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)  # the bias is not needed
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zeros made for unused outputs: the backward takes None
 
 
 def _ln_backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
