@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     rows = aot.full_report(tuple(args.archs))
+    split_rows = [aot.compile_case(case, arch) for arch in args.archs for case in aot.split_k_cases()]
     seconds = time.perf_counter() - t0
     report = {
         "stamp": _stamp(),
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "assumptions": "contiguous row-major tensors, 16-byte-aligned pointers, N/K/row strides multiples of 16, "
         f"int4 group size {aot.INT4_GROUP}, forward with bias, DOT_PRECISION=ieee, UPCAST_DOT=False",
         "rows": rows,
+        "split_k_rows": split_rows,  # the split-K launches of M <= 16 and the kernel that adds their partials
     }
     write_json_atomic(args.out, report)
 
@@ -146,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} variants compiled in {seconds:.0f} s; {len(failed)} fail a check; written to {args.out}")
     for r, why in failed:
         print(f"  sm_{r['arch']} {r['kernel']} {r['fmt']} {r['act_dtype']} {r['config']}: {'; '.join(why)}")
+    print("\n" + format_case_table(split_rows))
+    failed_split = [(r, aot.case_problems(r)) for r in split_rows if not r.get("ok")]
+    print(f"\n{len(split_rows)} split-K launches; {len(failed_split)} fail a check")
+    for r, why in failed_split:
+        print(f"  sm_{r['arch']} {r['label']}: {'; '.join(why)}")
     if args.fp8_archs:
         t0 = time.perf_counter()
         fp8_rows = fp8_report(tuple(args.fp8_archs))

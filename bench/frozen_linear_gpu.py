@@ -19,7 +19,9 @@ M in {1, 16, 128, 1024, 4096, 16384} (``--quick``: three shapes, three M), in bf
   * ``offsite``: ``ok.frozen_linear(x, qw)`` / the input-gradient custom op that its autograd
     node calls (``torch.ops.offsite_kernels.frozen_linear_input_grad``), for int4 (group 128),
     int8, fp8 and dense bf16. The raw Triton launcher is timed too (``launcher_*``), so the
-    Python dispatch overhead of the public call can be read off at small M.
+    Python dispatch overhead of the public call can be read off at small M. ``splits`` says how many
+    splits of the reduction the Triton kernel took (split-K at M <= 16); where it split, an
+    ``offsite_unsplit`` row times the same call with ``OFFSITE_SPLIT_K=off`` beside it.
 
 - fp8 on a GPU with fp8 tensor cores (sm_89+; ``fp8_gemm`` true in the row): ``offsite`` is the fp8
   tensor-core path (activations quantized per row, e4m3 GEMM; checked against the fp32 reference of
@@ -79,8 +81,9 @@ SHAPES: dict[str, list[tuple[str, int, int]]] = {
 TOKENS = (1, 16, 128, 1024, 4096, 16384)
 QUICK_SHAPES = ("opt-1.3b/fc1", "gpt2-xl/attn.c_attn", "llama-2-7b/down_proj")
 QUICK_TOKENS = (1, 128, 4096)
-# --device cpu: tiny shapes; K = 80 is not a whole number of int4 groups (padding), N = 48 not a block
-SMOKE_SHAPES: dict[str, list[tuple[str, int, int]]] = {"tiny": [("square", 64, 64), ("odd", 48, 80)]}
+# --device cpu: tiny shapes; K = 136 is not a whole number of int4 groups (padding), N = 136 not a block,
+# and both exceed one split of the reduction (128), so a forced OFFSITE_SPLIT_K splits them
+SMOKE_SHAPES: dict[str, list[tuple[str, int, int]]] = {"tiny": [("square", 64, 64), ("odd", 136, 136)]}
 SMOKE_TOKENS = (1, 3, 40)
 
 FORMATS = ("int4", "int8", "fp8", "dense")
@@ -518,6 +521,7 @@ def bench_shape(
                 ctx.sync()
                 first_call_s = time.perf_counter() - t0
                 config = _best_config(direction, fp8_gemm) if ctx.backend == "triton" else None
+                splits = _splits(m, n, k, fwd, x.device) if ctx.backend == "triton" and not fp8_gemm else None
                 err = _rel_err(torch, out, ref)
                 del out
                 times = ctx.timer(ok_fn)
@@ -543,17 +547,54 @@ def bench_shape(
                         launcher_p20_ms=launcher[1],
                         launcher_p80_ms=launcher[2],
                         fp8_gemm=fp8_gemm if fmt == "fp8" else None,
+                        splits=splits,
                     )
                 )
                 if not correct:
                     print(f"[bench] WRONG RESULT: {shape} M={m} {direction} {fmt}: max rel err {err}", file=sys.stderr)
                 if fp8_gemm and ctx.backend == "triton":
                     group += _fp8_variants(ctx, base, fwd, x, g, qw, ref, ref_plain, act_bytes)
+                if splits is not None and splits > 1:  # the same launch without split-K, for comparison
+                    group.append(_unsplit_variant(ctx, base, fmt, ok_fn, ref, qw, act_bytes))
                 del ref, ref_plain
             fill_speedups(group)
             rows += group
             del x, g
     return rows
+
+
+def _splits(m: int, n: int, k: int, fwd: bool, device: Any) -> int:
+    """How many splits of the reduction the Triton frozen linear takes for this launch (split-K at few tokens)."""
+    from offsite_kernels.ops.frozen_linear_triton import split_length
+
+    reduce_len, cols = (k, n) if fwd else (n, k)
+    return -(-reduce_len // split_length(m, cols, reduce_len, device))
+
+
+def _unsplit_variant(ctx: Context, base: dict[str, Any], fmt: str, fn: Callable, ref: Any, qw: Any, act_bytes: int) -> dict:
+    """The library's call timed with split-K turned off (``OFFSITE_SPLIT_K=off``): the row beside the split one."""
+    from offsite_kernels.ops.frozen_linear_triton import SPLIT_ENV
+
+    before = os.environ.get(SPLIT_ENV)
+    os.environ[SPLIT_ENV] = "off"
+    try:
+        ctx.sync()
+        t0 = time.perf_counter()
+        err = _rel_err(ctx.torch, fn(), ref)  # a new key: tuned here, outside the timed region
+        ctx.sync()
+        first_call_s = time.perf_counter() - t0
+        times = ctx.timer(fn)
+        config = _best_config(base["direction"])
+    finally:
+        if before is None:
+            del os.environ[SPLIT_ENV]
+        else:
+            os.environ[SPLIT_ENV] = before
+    correct = err is not None and err <= ctx.tolerance
+    if not correct:
+        print(f"[bench] WRONG RESULT: {base['shape']} M={base['M']} {base['direction']} unsplit {fmt}: {err}", file=sys.stderr)
+    extra = dict(backend=ctx.backend, first_call_s=first_call_s, best_config=config, max_rel_err=err, correct=correct, splits=1)
+    return make_row(base, "offsite_unsplit", fmt, f"{SPLIT_ENV}=off", times, qw.nbytes(), act_bytes, ctx.ceilings, **extra)
 
 
 def _fp8_launcher_fwd(launch: Callable, x: Any, qw: Any) -> Any:

@@ -143,6 +143,27 @@ def test_described_case_missing_an_argument_is_reported():
     assert not row["compiled"] and "'M'" in aot.case_problems(row)[0]
 
 
+# --- split-K (few tokens): the partial-writing variants the autotuner may pick, and the kernel adding them ---------
+SPLIT_CASES = [
+    pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}") for arch in aot.ARCHS for case in aot.split_k_cases()
+]
+
+
+@pytest.mark.parametrize("case,arch", SPLIT_CASES)
+def test_split_k_kernels_compile_without_spills(case, arch):
+    row = aot.compile_case(case, arch)
+    assert row["compiled"], f"sm_{arch} {case.label}: {aot.case_problems(row)}\n{row['error']}"
+    assert row["ok"], f"sm_{arch} {case.label}: {aot.case_problems(row)}"
+
+
+def test_split_k_cases_cover_every_format_and_both_kernels():
+    labels = [case.label for case in aot.split_k_cases()]
+    for kernel in aot.KERNELS:
+        for fmt in aot.FORMATS:
+            assert any(label.startswith(f"{kernel} {fmt} bf16 split-K") for label in labels), (kernel, fmt)
+    assert sum(label.startswith("split-K reduce") for label in labels) == 6
+
+
 # --- the fp8 tensor-core path (offsite_kernels/ops/fp8_gemm_triton.py): sm_90 and sm_89, never sm_80 ---------
 FP8_CASES = [
     pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}")

@@ -85,10 +85,14 @@ def test_fused_ops_gpu_cpu_smoke(tmp_path):
 def test_frozen_linear_gpu_cpu_smoke(tmp_path):
     # no TRITON_INTERPRET in the environment: --interpret must set it before triton is imported
     # --fp8-gemm on: the fp8 tensor-core path and its variants run too (in the interpreter)
-    _run("frozen_linear_gpu.py", tmp_path, "--tokens", "1,40", "--fp8-gemm", "on", env=_env())
+    # OFFSITE_SPLIT_K=2: split-K at every M (automatic only on a GPU), so the unsplit rows are timed beside it
+    _run("frozen_linear_gpu.py", tmp_path, "--tokens", "1,40", "--fp8-gemm", "on", env=_env(OFFSITE_SPLIT_K="2"))
     rows = _rows(tmp_path / "frozen_linear_gpu.jsonl")
     cases = [r for r in rows if r.get("kind") == "case"]
     assert cases and not [r for r in rows if r.get("error")]
+    split = [r for r in cases if r["impl"] == "offsite" and (r.get("splits") or 1) > 1]
+    unsplit = [r for r in cases if r["impl"] == "offsite_unsplit"]
+    assert split and len(unsplit) == len(split) and all(r["splits"] == 1 and r["correct"] for r in unsplit)
     assert {r["format"] for r in cases if r["impl"] == "offsite"} == {"int4", "int8", "fp8", "dense"}
     assert all(r["correct"] for r in cases if "correct" in r)
     assert all(r["fp8_gemm"] for r in cases if r["impl"] == "offsite" and r["format"] == "fp8")

@@ -110,6 +110,32 @@ def test_frozen_linear_cached_configuration_launches_match(fmt, monkeypatch):
     assert flt._cached_fwd.last_config is not None and flt._cached_bwd.last_config is not None
 
 
+@pytest.mark.parametrize("fmt", [4, 8, None])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_frozen_linear_split_k_for_few_tokens_matches(fmt, m, monkeypatch):
+    """At M <= 16 the automatic split-K (frozen_linear_triton.split_length) splits K in the forward and N in
+    the input gradient on a real GPU: same math as the unsplit kernel, bit-identical from run to run."""
+    from offsite_kernels.ops import frozen_linear_triton as flt
+
+    monkeypatch.delenv(flt.SPLIT_ENV, raising=False)
+    n, k = 1600, 2056  # GPT2-XL-like: 25 column tiles, far fewer than an SM count
+    w = rand(n, k, seed=3) * 0.05
+    qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w.to(torch.bfloat16)
+    w_hat = (qw.dequantize() if fmt is not None else qw).double()
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert flt.split_length(m, n, k, device) < k and flt.split_length(m, k, n, device) < n
+    bias = rand(n, seed=4, dtype=torch.bfloat16)
+    x = rand(m, k, seed=5, dtype=torch.bfloat16).requires_grad_(True)
+    grad_y = rand(m, n, seed=6, dtype=torch.bfloat16)
+    y = ok.frozen_linear(x, qw, bias)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    assert rel_err(y, x.detach().double() @ w_hat.t() + bias.double()) < TOL[torch.bfloat16]
+    assert rel_err(grad_x, grad_y.double() @ w_hat) < TOL[torch.bfloat16]
+    y2 = ok.frozen_linear(x, qw, bias)
+    (grad_x2,) = torch.autograd.grad(y2, x, grad_y)
+    assert torch.equal(y, y2) and torch.equal(grad_x, grad_x2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("col_scale", [False, True])
 def test_fp8_row_quantization_is_bit_exact_on_the_gpu(dtype, col_scale):

@@ -97,10 +97,12 @@ def test_cached_autotune_key_is_as_fine_as_the_autotuners():
         qw = ok.quantize_weight(torch.randn(24, 64, generator=gen(3)), bits=bits, group_size=32)
         w, s, z, swn, ssn = flt._weight_args(qw.data, qw.scales, qw.zeros)
         x, y = torch.randn(5, 64).to(dtype), torch.empty(5, 24, dtype=dtype)
-        meta = dict(GROUP=32, FMT=flt.FMT_CODES[qw.format], HAS_BIAS=False, DOT_PRECISION="ieee", INTERPRETER_BF16=False)
-        launches.append((flt._cached_fwd, (x, w, s, z, y, y, 5, 24, 64, 8, 64, 1, swn, ssn, 24, 1), meta))
+        meta = dict(
+            GROUP=32, FMT=flt.FMT_CODES[qw.format], HAS_BIAS=False, SPLIT_K=False, DOT_PRECISION="ieee", INTERPRETER_BF16=False
+        )
+        launches.append((flt._cached_fwd, (x, w, s, z, y, y, y, 5, 24, 64, 8, 128, 64, 1, swn, ssn, 24, 1), meta))
         meta = {k: v for k, v in meta.items() if k != "HAS_BIAS"}
-        launches.append((flt._cached_bwd, (y, w, s, z, x, 5, 24, 64, 8, 24, 1, swn, ssn, 64, 1), meta))
+        launches.append((flt._cached_bwd, (y, w, s, z, x, x, 5, 24, 64, 8, 128, 24, 1, swn, ssn, 64, 1), meta))
     a = torch.zeros(5, 64, dtype=torch.float8_e4m3fn)
     b = torch.zeros(24, 64, dtype=torch.float8_e4m3fn)
     launches.append((f8._cached_gemm, *f8._launch_args(a, torch.ones(5), b, None, None, torch.empty(5, 24))))

@@ -139,8 +139,11 @@ def config_label(config: triton.Config | tuple) -> str:
     return f"{bm}x{bn}x{bk} w{w} s{s}"
 
 
-def kernel_signature(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple) -> tuple[dict, dict, dict]:
-    """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource``.
+def kernel_signature(
+    kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple, split_k: bool = False
+) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource``; ``split_k``: the variant
+    that writes fp32 partials of one split of the reduction (``frozen_linear_triton.split_length``).
 
     Triton 3.9's format: ``signature`` maps every parameter name (in order) to a type string
     (``"*bf16"``, ``"*u8"``, ``"i32"``, ...) or to ``"constexpr"``; ``constexprs`` maps the
@@ -158,8 +161,9 @@ def kernel_signature(kernel: str, fmt: str, act_dtype: str, config: triton.Confi
     # runtime arguments: name -> (type, divisible by 16); a type that is not a string is the constant 1 (unit stride)
     runtime: dict[str, tuple[str | int, bool]] = {"w_ptr": (w, True), "s_ptr": (s, True), "z_ptr": (z, True)}
     runtime.update({"M": ("i32", False), "N": ("i32", True), "K": ("i32", True), "M_BUCKET": ("i32", True)})
+    runtime.update({"ws_ptr": ("*fp32" if split_k else act, True), "SPLIT_LEN": ("i32", True)})
     runtime.update({"stride_wn": ("i32", True), "stride_sn": ("i32", sn_div16)})
-    meta: dict[str, Any] = dict(GROUP=INT4_GROUP if fmt == "int4" else 1, FMT=_flt.FMT_CODES[fmt])
+    meta: dict[str, Any] = dict(GROUP=INT4_GROUP if fmt == "int4" else 1, FMT=_flt.FMT_CODES[fmt], SPLIT_K=split_k)
     if kernel == "fwd":
         runtime.update({"x_ptr": (act, True), "b_ptr": (act, True), "y_ptr": (act, True)})
         runtime.update({"stride_xm": ("i32", True), "stride_xk": (1, False), "stride_ym": ("i32", True), "stride_yn": (1, False)})
@@ -395,6 +399,51 @@ def _compile_case_report(case_json: str, arch: int) -> tuple[tuple[str, Any], ..
             _WORKER = _Worker()
         row = _WORKER.request({"case": json.loads(case_json)}, arch)
     return tuple(row.items())
+
+
+def split_k_cases() -> list[KernelCase]:
+    """The split-K launches (``frozen_linear_triton.split_length``): for each kernel and weight format, the
+    configurations the autotuner keeps for M <= 16 with the partial-writing epilogue (bf16 activations),
+    and the kernel that adds the partials (bf16, fp16 and fp32 outputs, with and without a bias)."""
+    cases = []
+    for kernel in KERNELS:
+        for fmt in FORMATS:
+            configs = _flt._pruner(kernel)(_flt.gpu_configs(), {"M_BUCKET": 16}, FMT=_flt.FMT_CODES[fmt], SPLIT_K=True)
+            for config in configs:
+                key = config_key(config)
+                sig, constexprs, attrs = kernel_signature(kernel, fmt, "bf16", key, split_k=True)
+                names = list(sig)
+                types = {n: t for n, t in sig.items() if t != "constexpr"}
+                types.update({n: v for n, v in constexprs.items() if n.startswith("stride") and v == 1})
+                consts = {n: v for n, v in constexprs.items() if n not in types}
+                cases.append(
+                    KernelCase(
+                        module=_flt.__name__,
+                        fn=kernel_fn(kernel).__name__,
+                        types=types,
+                        constexprs=consts,
+                        div16=tuple(names[i] for (i,) in attrs),
+                        num_warps=key[4],
+                        num_stages=key[5],
+                        label=f"{kernel} {fmt} bf16 split-K {config_label(key)}",
+                        tensor_core=True,
+                        mma="HMMA" if key[0] < WGMMA_MIN_BLOCK_M else None,  # 64-row tiles: HGMMA on sm_90, HMMA on sm_80
+                    )
+                )
+    for out in ("bf16", "fp16", "fp32"):
+        for bias in (False, True):
+            cases.append(
+                KernelCase(
+                    module=_flt.__name__,
+                    fn="_split_reduce_kernel",
+                    types={"ws_ptr": "*fp32", "b_ptr": "*" + out, "y_ptr": "*" + out, "SIZE": "i32", "N": "i32", "SPLITS": "i32"},
+                    constexprs=dict(HAS_BIAS=bias, INTERPRETER_BF16=False, BLOCK=_flt.REDUCE_BLOCK),
+                    div16=("ws_ptr", "b_ptr", "y_ptr", "N"),
+                    num_warps=4,
+                    label=f"split-K reduce {out}" + (" +bias" if bias else ""),
+                )
+            )
+    return cases
 
 
 def compile_case(case: KernelCase, arch: int) -> dict[str, Any]:

@@ -13,7 +13,9 @@ without fp8 tensor cores; on sm_89+ fp8 weights take the fp8 tensor-core GEMM in
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 
 import torch
 import triton
@@ -71,22 +73,35 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr)
 
 @triton.jit
 def _frozen_linear_fwd_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    M, N, K, M_BUCKET,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
+    M, N, K, M_BUCKET, SPLIT_LEN,
     stride_xm, stride_xk, stride_wn, stride_sn, stride_ym, stride_yn,
-    GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``Y[M, N] = X[M, K] @ deq(W)[N, K]^T (+ b)``; one program per ``BLOCK_M x BLOCK_N`` tile."""
+    """``Y[M, N] = X[M, K] @ deq(W)[N, K]^T (+ b)``; one program per ``BLOCK_M x BLOCK_N`` tile and split of K.
+
+    Split ``s`` (``program_id(1)``) reduces K columns ``[s * SPLIT_LEN, (s + 1) * SPLIT_LEN)``. With
+    ``SPLIT_K`` it writes its fp32 partial tile to ``ws[s, M, N]`` (bias and rounding left to
+    :func:`_split_reduce_kernel`); otherwise there is one split and it writes ``y``."""
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_m, num_n, GROUP_M)  # neighbours share weight tiles in L2
+    pid_s = tl.program_id(1)
+    if SPLIT_K:
+        blocks_per_split = SPLIT_LEN // BLOCK_K  # SPLIT_LEN is a multiple of every BLOCK_K
+        k_first = pid_s * blocks_per_split
+        k_end = tl.minimum(k_first + blocks_per_split, tl.cdiv(K, BLOCK_K))
+    else:  # the loop of the unsplit kernel as it was (a loop from 0 takes fewer registers)
+        k_first = 0
+        k_end = tl.cdiv(K, BLOCK_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    for k0 in range(k_first, k_end):
         k = k0 * BLOCK_K + offs_k
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0
@@ -97,34 +112,47 @@ def _frozen_linear_fwd_kernel(
         else:
             w_t = _load_dequant_weight(w_ptr, s_ptr, z_ptr, offs_n[None, :], k[:, None], N, K, stride_wn, stride_sn, GROUP, FMT)
         acc = _dot(x, _cast(w_t, x.dtype, INTERPRETER_BF16), acc, DOT_PRECISION, INTERPRETER_BF16)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        _cast(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16),
-        mask=y_mask,
-    )
+    if SPLIT_K:
+        partial = ws_ptr + pid_s.to(tl.int64) * M * N
+        tl.store(partial + offs_m[:, None] * N + offs_n[None, :], acc, mask=y_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+            _cast(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16),
+            mask=y_mask,
+        )
 
 
 @triton.jit
 def _frozen_linear_bwd_kernel(
-    dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr,
-    M, N, K, M_BUCKET,
+    dy_ptr, w_ptr, s_ptr, z_ptr, dx_ptr, ws_ptr,
+    M, N, K, M_BUCKET, SPLIT_LEN,
     stride_dym, stride_dyn, stride_wn, stride_sn, stride_dxm, stride_dxk,
-    GROUP: tl.constexpr, FMT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    GROUP: tl.constexpr, FMT: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``dX[M, K] = dY[M, N] @ deq(W)[N, K]``; one program per ``BLOCK_M x BLOCK_K`` tile, reducing over N."""
+    """``dX[M, K] = dY[M, N] @ deq(W)[N, K]``; one program per ``BLOCK_M x BLOCK_K`` tile and split of N
+    (rows ``[s * SPLIT_LEN, (s + 1) * SPLIT_LEN)`` of W; fp32 partials to ``ws[s, M, K]`` with ``SPLIT_K``)."""
     pid = tl.program_id(0)
     num_m, num_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = _grouped_tile(pid, num_m, num_k, GROUP_M)
+    pid_s = tl.program_id(1)
+    if SPLIT_K:
+        blocks_per_split = SPLIT_LEN // BLOCK_N  # SPLIT_LEN is a multiple of every BLOCK_N
+        n_first = pid_s * blocks_per_split
+        n_end = tl.minimum(n_first + blocks_per_split, tl.cdiv(N, BLOCK_N))
+    else:
+        n_first = 0
+        n_end = tl.cdiv(N, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, tl.cdiv(N, BLOCK_N)):
+    for n0 in range(n_first, n_end):
         n = n0 * BLOCK_N + offs_n
         dy = tl.load(
             dy_ptr + offs_m[:, None] * stride_dym + n[None, :] * stride_dyn,
@@ -134,11 +162,32 @@ def _frozen_linear_bwd_kernel(
         w = _load_dequant_weight(w_ptr, s_ptr, z_ptr, n[:, None], offs_k[None, :], N, K, stride_wn, stride_sn, GROUP, FMT)
         acc = _dot(dy, _cast(w, dy.dtype, INTERPRETER_BF16), acc, DOT_PRECISION, INTERPRETER_BF16)
     dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-        _cast(acc, dx_ptr.dtype.element_ty, INTERPRETER_BF16),
-        mask=dx_mask,
-    )
+    if SPLIT_K:
+        partial = ws_ptr + pid_s.to(tl.int64) * M * K
+        tl.store(partial + offs_m[:, None] * K + offs_k[None, :], acc, mask=dx_mask)
+    else:
+        tl.store(
+            dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+            _cast(acc, dx_ptr.dtype.element_ty, INTERPRETER_BF16),
+            mask=dx_mask,
+        )
+
+
+@triton.jit
+def _split_reduce_kernel(
+    ws_ptr, b_ptr, y_ptr, SIZE, N, SPLITS,
+    HAS_BIAS: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``y[i] = sum_s ws[s, i] (+ b[i % N])`` over the flat ``SIZE = M * N`` elements of a contiguous ``y``;
+    the splits are added in order, in fp32, so the result does not depend on which split finished first."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(ws_ptr + s * SIZE + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, _cast(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
 
 
 # --- launch configuration ------------------------------------------------------------------
@@ -176,6 +225,13 @@ def _key(c: triton.Config) -> tuple:
     return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
 
+# Tiles the split-K variant must not take: its loop over one split holds more registers. int4's
+# 16x128x64 forward tile (249 of 255 registers unsplit) spills on sm_90 (88 B, Triton 3.9); the
+# 16-row backward tile spills 8-16 B under Triton 3.6 (fp8 on sm_80, dense on sm_90), so split
+# backward launches take the 32-row tile with 8 warps.
+_SPLIT_EXCLUDED = {("fwd", "int4"): {(16, 128, 64, 4, 4)}, ("bwd", "any"): {(16, 64, 128, 4, 4)}}
+
+
 def _pruner(direction: str):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         # Triton's autotuner passes the positional arguments by name (M_BUCKET) and the launch's
@@ -183,6 +239,8 @@ def _pruner(direction: str):
         named_args = {**named_args, **kwargs}
         fmt = "int4" if named_args["FMT"] == FMT_CODES["int4"] else "any"
         allowed = set(_CANDIDATES[(direction, fmt)])
+        if named_args.get("SPLIT_K"):
+            allowed -= _SPLIT_EXCLUDED.get((direction, fmt), set())
         usable = [c for c in configs if _key(c) in allowed]
         m = named_args["M_BUCKET"]
         wanted = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 256 else 128
@@ -209,7 +267,7 @@ def _autotuned(kernel: triton.JITFunction, direction: str) -> triton.runtime.Aut
     options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _pruner(direction)})
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
-    return triton.autotune(gpu_configs(), key=["M_BUCKET", "N", "K", "FMT", "GROUP"], **options)(kernel)
+    return triton.autotune(gpu_configs(), key=["M_BUCKET", "N", "K", "SPLIT_LEN", "FMT", "GROUP"], **options)(kernel)
 
 
 _tuned_fwd = _autotuned(_frozen_linear_fwd_kernel, "fwd")
@@ -217,6 +275,67 @@ _tuned_bwd = _autotuned(_frozen_linear_bwd_kernel, "bwd")
 # after a key's first (autotuned) launch, its launches go straight to the kernel with the chosen config
 _cached_fwd = CachedAutotune(_tuned_fwd)
 _cached_bwd = CachedAutotune(_tuned_bwd)
+
+
+# --- split-K for few tokens ------------------------------------------------------------------
+# At M <= 16 an output tile of 16 rows covers every token, so the grid has one program per 64 or
+# 128 output columns: 16-64 programs for the projections of OPT-1.3B and GPT2-XL, too few to keep an
+# H200's 132 SMs streaming weight bytes. Splitting the reduction dimension multiplies the programs;
+# each split writes an fp32 partial and a second kernel adds them in a fixed order (deterministic),
+# adds the bias and rounds once. Not yet measured on a GPU: OFFSITE_SPLIT_K=off turns it off, and the
+# benchmark (bench/frozen_linear_gpu.py) reports both.
+SPLIT_ENV = "OFFSITE_SPLIT_K"
+SPLIT_ALIGN = 128  # a split's length is a multiple of every candidate BLOCK_K (forward) and BLOCK_N (backward)
+SPLIT_MAX_M = 16  # automatic splits only up to this many tokens: there the weight stream sets the time
+MIN_SPLIT_LEN = 512  # automatic splits reduce at least this many elements each
+MAX_SPLITS = 16
+REDUCE_BLOCK = 1024
+
+
+def split_setting() -> int | None:
+    """``OFFSITE_SPLIT_K``: "auto" or unset (None: :func:`split_length` decides), "off" (1), or a number
+    of splits to use at any M (tests and benchmarks)."""
+    raw = os.environ.get(SPLIT_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw == "off":
+        return 1
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise ValueError(f"{SPLIT_ENV}={raw!r}; use auto, off, or a whole number of splits (1 or more)")
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device) -> int:
+    """Length of one split of the reduction dimension (``K`` in the forward, ``N`` in the backward)
+    for ``m`` tokens and ``out_cols`` output columns: a multiple of ``SPLIT_ALIGN``; one split when
+    it is at least ``reduce_len``. Automatic on a CUDA device for ``m <= SPLIT_MAX_M``: enough
+    splits for about two programs per SM (at most ``MAX_SPLITS``, each at least ``MIN_SPLIT_LEN``)."""
+    whole = cdiv(reduce_len, SPLIT_ALIGN) * SPLIT_ALIGN
+    setting = split_setting()
+    if setting is None:
+        if m > SPLIT_MAX_M or device.type != "cuda":
+            return whole
+        tiles = cdiv(m, 16) * cdiv(out_cols, 64)  # the most programs an unsplit grid of 16-row tiles has
+        splits, shortest = min(cdiv(2 * _sm_count(device.index), tiles), MAX_SPLITS), MIN_SPLIT_LEN
+    else:
+        splits, shortest = setting, SPLIT_ALIGN
+    if splits <= 1:
+        return whole
+    return min(whole, max(cdiv(cdiv(reduce_len, splits), SPLIT_ALIGN) * SPLIT_ALIGN, shortest))
+
+
+def _reduce_splits(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """``y = ws.sum(0) (+ bias)`` in fp32, rounded once to y's dtype (y contiguous, ``ws [splits, *y's rows]``)."""
+    size = y.numel()
+    _split_reduce_kernel[(cdiv(size, REDUCE_BLOCK),)](
+        ws, bias if bias is not None else y, y, size, y.shape[-1], ws.shape[0],
+        HAS_BIAS=bias is not None, INTERPRETER_BF16=_interpreter_bf16(y.dtype), BLOCK=REDUCE_BLOCK, num_warps=4,
+    )  # fmt: skip
 
 
 def _interpreter_bf16(dtype: torch.dtype) -> bool:
@@ -240,14 +359,14 @@ def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.T
     return data, s, z, data.stride(0), stride_sn
 
 
-def _launch(kernel, tuned: CachedAutotune, args: tuple, meta: dict, rows: int, cols: int, col_block: str) -> None:
-    """One program per (BLOCK_M x ``col_block``) output tile: the fixed interpreter configuration on
-    the CPU, the autotuned one on a GPU."""
+def _launch(kernel, tuned: CachedAutotune, args: tuple, meta: dict, rows: int, cols: int, col_block: str, splits: int) -> None:
+    """One program per (BLOCK_M x ``col_block``) output tile and split: the fixed interpreter
+    configuration on the CPU, the autotuned one on a GPU."""
     if triton_interpreter_enabled():
         cfg = INTERPRETER_CONFIG
-        kernel[(cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg[col_block]),)](*args, **meta, **cfg)
+        kernel[(cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg[col_block]), splits)](*args, **meta, **cfg)
     else:
-        tuned(lambda c: (cdiv(rows, c["BLOCK_M"]) * cdiv(cols, c[col_block]),), args, meta)
+        tuned(lambda c: (cdiv(rows, c["BLOCK_M"]) * cdiv(cols, c[col_block]), splits), args, meta)
 
 
 def frozen_linear_fwd(
@@ -271,16 +390,22 @@ def frozen_linear_fwd(
         return y
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
-    args = (x, w, s, z, bias if bias is not None else y, y, m, n, k, m_bucket(m))
+    length = split_length(m, n, k, x.device)
+    splits = cdiv(k, length)
+    ws = x.new_empty((splits, m, n), dtype=torch.float32) if splits > 1 else y  # y: a placeholder, never written as ws
+    args = (x, w, s, z, bias if bias is not None else y, y, ws, m, n, k, m_bucket(m), length)
     args += (stride_xm, stride_xk, stride_wn, stride_sn, n, 1)
     meta = dict(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],
         HAS_BIAS=bias is not None,
+        SPLIT_K=splits > 1,
         DOT_PRECISION=_dot_precision(x.dtype),
         INTERPRETER_BF16=_interpreter_bf16(x.dtype),
     )
-    _launch(_frozen_linear_fwd_kernel, _cached_fwd, args, meta, m, n, "BLOCK_N")
+    _launch(_frozen_linear_fwd_kernel, _cached_fwd, args, meta, m, n, "BLOCK_N", splits)
+    if splits > 1:
+        _reduce_splits(ws, bias, y)
     return y
 
 
@@ -303,13 +428,19 @@ def frozen_linear_bwd(
     if m == 0:
         return dx
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
-    args = (grad_y, w, s, z, dx, m, n, k, m_bucket(m))
+    length = split_length(m, k, n, grad_y.device)
+    splits = cdiv(n, length)
+    ws = grad_y.new_empty((splits, m, k), dtype=torch.float32) if splits > 1 else dx  # dx: a placeholder
+    args = (grad_y, w, s, z, dx, ws, m, n, k, m_bucket(m), length)
     args += (stride_dym, stride_dyn, stride_wn, stride_sn, k, 1)
     meta = dict(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],
+        SPLIT_K=splits > 1,
         DOT_PRECISION=_dot_precision(grad_y.dtype),
         INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype),
     )
-    _launch(_frozen_linear_bwd_kernel, _cached_bwd, args, meta, m, k, "BLOCK_K")
+    _launch(_frozen_linear_bwd_kernel, _cached_bwd, args, meta, m, k, "BLOCK_K", splits)
+    if splits > 1:
+        _reduce_splits(ws, None, dx)
     return dx

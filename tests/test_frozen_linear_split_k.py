@@ -1,0 +1,149 @@
+"""Split-K of the Triton frozen linear (few tokens): the split kernels and the kernel adding their partials
+against float64, in Triton's interpreter; the choice of the split; its refusal of a bad setting."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import gen
+
+import offsite_kernels as ok
+
+pytest.importorskip("triton")
+flt = importlib.import_module("offsite_kernels.ops.frozen_linear_triton")
+
+FORMATS = [None, 8, 4, "fp8"]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # max |error| / max |reference|
+M, N, K = 3, 301, 397  # K and N past two splits of 128; none a multiple of a block or a group
+
+
+def rel_error(actual, reference):
+    assert not torch.isnan(actual).any(), "NaN in output: an element was never written"
+    return float((actual.double() - reference).abs().max() / reference.abs().max())
+
+
+def _run(qw, x, dy, bias, out_dtype):
+    """Forward and input gradient through the launchers, into NaN-poisoned outputs."""
+    y = torch.full((*x.shape[:-1], N), float("nan"), dtype=out_dtype)
+    flt.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, bias, qw.format, qw.group_size, N, out=y)
+    dx = torch.full((*dy.shape[:-1], K), float("nan"), dtype=out_dtype)
+    flt.frozen_linear_bwd(dy, qw.data, qw.scales, qw.zeros, qw.format, qw.group_size, K, out=dx)
+    return y, dx
+
+
+@pytest.mark.parametrize("bits", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits, lead, with_bias", [("2", (M,), True), ("3", (1,), False), ("5", (2, 2), True)])
+def test_split_kernels_match_float64(monkeypatch, bits, dtype, splits, lead, with_bias):
+    monkeypatch.setenv(flt.SPLIT_ENV, splits)
+    seed = 100 * len(lead) + int(splits)
+    qw = ok.quantize_weight(torch.randn(N, K, generator=gen(seed)), bits=bits, group_size=32)
+    w64 = qw.dequantize().double()
+    x = torch.randn(*lead, K, generator=gen(seed + 1)).to(dtype)
+    dy = torch.randn(*lead, N, generator=gen(seed + 2)).to(dtype)
+    bias = torch.randn(N, generator=gen(seed + 3)).to(dtype) if with_bias else None
+    assert flt.split_length(x[..., 0].numel(), N, K, x.device) < K  # the forward really splits
+    assert flt.split_length(x[..., 0].numel(), K, N, x.device) < N  # and so does the backward
+    y, dx = _run(qw, x, dy, bias, dtype)
+    expected = x.double() @ w64.T + (bias.double() if with_bias else 0)
+    assert rel_error(y, expected) < TOLERANCE[dtype]
+    assert rel_error(dx, dy.double() @ w64) < TOLERANCE[dtype]
+
+
+def test_split_results_are_deterministic_and_close_to_the_unsplit_kernel(monkeypatch):
+    qw = ok.quantize_weight(torch.randn(N, K, generator=gen(7)), bits=4, group_size=64)
+    x = torch.randn(2, K, generator=gen(8))
+    dy = torch.randn(2, N, generator=gen(9))
+    bias = torch.randn(N, generator=gen(10))
+    monkeypatch.setenv(flt.SPLIT_ENV, "3")
+    first, again = _run(qw, x, dy, bias, x.dtype), _run(qw, x, dy, bias, x.dtype)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # partials added in a fixed order
+    monkeypatch.setenv(flt.SPLIT_ENV, "off")
+    unsplit = _run(qw, x, dy, bias, x.dtype)
+    for a, b in zip(first, unsplit, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_the_autograd_op_takes_the_split_path(monkeypatch):
+    monkeypatch.setenv("OFFSITE_BACKEND", "triton")
+    monkeypatch.setenv(flt.SPLIT_ENV, "2")
+    qw = ok.quantize_weight(torch.randn(N, K, generator=gen(11)), bits=8)
+    x = torch.randn(2, K, generator=gen(12), requires_grad=True)
+    y = ok.frozen_linear(x, qw)
+    gy = torch.randn(y.shape, generator=gen(13))
+    y.backward(gy)
+    w64 = qw.dequantize().double()
+    assert rel_error(y.detach(), x.detach().double() @ w64.T) < TOLERANCE[torch.float32]
+    assert rel_error(x.grad, gy.double() @ w64) < TOLERANCE[torch.float32]
+
+
+# --- the choice of the split -------------------------------------------------------------------
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def sms(monkeypatch):
+    """A stand-in CUDA device of 132 SMs (an H200) for split_length's automatic choice."""
+    monkeypatch.delenv(flt.SPLIT_ENV, raising=False)
+    monkeypatch.setattr(flt, "_sm_count", lambda index: 132)
+    return 132
+
+
+def test_automatic_splits_fill_the_gpu_for_few_tokens(sms):
+    # 1 token, 2048 x 2048 (OPT-1.3B's attention projections): 32 column tiles, so 2 * 132 / 32 -> 9 splits
+    # wanted, each at least MIN_SPLIT_LEN (512) long: 4 splits of 512
+    assert flt.split_length(1, 2048, 2048, CUDA) == 512
+    # GPT2-XL's c_proj (1600 x 1600): 25 tiles -> 11 wanted, 512 each -> 4 splits (the last one shorter)
+    length = flt.split_length(16, 1600, 1600, CUDA)
+    assert length == 512 and -(-1600 // length) == 4
+    # Llama-2-7B's up projection (11008 columns, 172 tiles): 2 splits, two programs per SM
+    assert flt.split_length(1, 11008, 4096, CUDA) == 2048
+    # enough tiles already (a 32000-token vocabulary, 500 tiles): no split
+    assert flt.split_length(1, 32000, 4096, CUDA) == 4096
+    # never more than MAX_SPLITS, never shorter than MIN_SPLIT_LEN, always a multiple of SPLIT_ALIGN
+    for m, cols, red in [(1, 64, 1 << 16), (4, 300, 5000), (16, 1000, 777)]:
+        length = flt.split_length(m, cols, red, CUDA)
+        assert length % flt.SPLIT_ALIGN == 0 and -(-red // length) <= flt.MAX_SPLITS
+        assert length >= min(flt.MIN_SPLIT_LEN, -(-red // flt.SPLIT_ALIGN) * flt.SPLIT_ALIGN)
+
+
+def test_no_automatic_split_past_sixteen_tokens_or_off_the_gpu(sms):
+    assert flt.split_length(17, 2048, 2048, CUDA) == 2048
+    assert flt.split_length(1, 2048, 2048, torch.device("cpu")) == 2048
+    assert flt.split_length(1, 2048, 200, CUDA) == 256  # one split: the whole (aligned) reduction
+
+
+def test_the_setting_forces_or_turns_off_the_split(monkeypatch, sms):
+    monkeypatch.setenv(flt.SPLIT_ENV, "off")
+    assert flt.split_length(1, 2048, 2048, CUDA) == 2048
+    monkeypatch.setenv(flt.SPLIT_ENV, "3")  # at any M and on any device, 128-aligned
+    assert flt.split_length(4096, 2048, 2048, torch.device("cpu")) == 768
+    monkeypatch.setenv(flt.SPLIT_ENV, "1")
+    assert flt.split_length(1, 2048, 2048, CUDA) == 2048
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "0", "1.5"])
+def test_a_bad_setting_names_the_variable_and_the_choices(monkeypatch, value):
+    monkeypatch.setenv(flt.SPLIT_ENV, value)
+    with pytest.raises(ValueError, match=rf"{flt.SPLIT_ENV}=.*auto, off, or a whole number"):
+        flt.split_length(1, 64, 64, CUDA)
+
+
+def test_split_lengths_are_whole_blocks_of_every_candidate_tile():
+    for config in flt.gpu_configs():
+        assert flt.SPLIT_ALIGN % config.kwargs["BLOCK_K"] == 0 and flt.SPLIT_ALIGN % config.kwargs["BLOCK_N"] == 0
+    assert flt.SPLIT_ALIGN % flt.INTERPRETER_CONFIG["BLOCK_K"] == 0
+    assert flt.SPLIT_ALIGN % flt.INTERPRETER_CONFIG["BLOCK_N"] == 0
+
+
+@pytest.mark.parametrize("direction, fmt", [("fwd", "int4"), ("bwd", "int8"), ("fwd", "int8"), ("bwd", "int4")])
+def test_split_launches_never_tune_the_excluded_tiles(direction, fmt):
+    code = flt.FMT_CODES[fmt]
+    for m in (1, 16):
+        split = flt._pruner(direction)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=True)
+        unsplit = flt._pruner(direction)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=False)
+        kind = (direction, "int4" if fmt == "int4" else "any")
+        excluded = flt._SPLIT_EXCLUDED.get(kind, set())
+        kept = {flt._key(c) for c in split}
+        assert kept and not kept & excluded and kept <= set(flt._CANDIDATES[kind])
+        assert {flt._key(c) for c in unsplit} & excluded or kept == {flt._key(c) for c in unsplit}
