@@ -72,6 +72,20 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr)
 
 
 @triton.jit
+def _split_blocks(pid_s, length, SPLIT_LEN, BLOCK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The blocks ``[first, end)`` of a reduction of ``length`` that split ``pid_s`` covers (all of them
+    without ``SPLIT_K``: a loop from 0, as the unsplit kernel had, which takes fewer registers)."""
+    if SPLIT_K:
+        per_split = SPLIT_LEN // BLOCK  # SPLIT_LEN is a multiple of every candidate block
+        first = pid_s * per_split
+        end = tl.minimum(first + per_split, tl.cdiv(length, BLOCK))
+    else:
+        first = 0
+        end = tl.cdiv(length, BLOCK)
+    return first, end
+
+
+@triton.jit
 def _frozen_linear_fwd_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     M, N, K, M_BUCKET, SPLIT_LEN,
@@ -89,13 +103,7 @@ def _frozen_linear_fwd_kernel(
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_m, num_n, GROUP_M)  # neighbours share weight tiles in L2
     pid_s = tl.program_id(1)
-    if SPLIT_K:
-        blocks_per_split = SPLIT_LEN // BLOCK_K  # SPLIT_LEN is a multiple of every BLOCK_K
-        k_first = pid_s * blocks_per_split
-        k_end = tl.minimum(k_first + blocks_per_split, tl.cdiv(K, BLOCK_K))
-    else:  # the loop of the unsplit kernel as it was (a loop from 0 takes fewer registers)
-        k_first = 0
-        k_end = tl.cdiv(K, BLOCK_K)
+    k_first, k_end = _split_blocks(pid_s, K, SPLIT_LEN, BLOCK_K, SPLIT_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,13 +148,7 @@ def _frozen_linear_bwd_kernel(
     num_m, num_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = _grouped_tile(pid, num_m, num_k, GROUP_M)
     pid_s = tl.program_id(1)
-    if SPLIT_K:
-        blocks_per_split = SPLIT_LEN // BLOCK_N  # SPLIT_LEN is a multiple of every BLOCK_N
-        n_first = pid_s * blocks_per_split
-        n_end = tl.minimum(n_first + blocks_per_split, tl.cdiv(N, BLOCK_N))
-    else:
-        n_first = 0
-        n_end = tl.cdiv(N, BLOCK_N)
+    n_first, n_end = _split_blocks(pid_s, N, SPLIT_LEN, BLOCK_N, SPLIT_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
