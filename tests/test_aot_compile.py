@@ -14,8 +14,8 @@ The fp8 tensor-core path (``fp8_gemm_triton.aot_cases``) compiles for sm_90 and 
 has no fp8 tensor cores and runs weight-only fp8): its GEMM must show e4m3 x e4m3 -> fp32 MMAs
 (``QGMMA`` on sm_90, ``QMMA`` on sm_89) and its quantizer the hardware's saturating e4m3 cast.
 
-Coverage: every configuration the autotuner may pick for each kernel and weight format
-(``candidate_configs``), on both architectures, with bf16 activations; fp16 compiles to the same
+Coverage: every configuration the autotuner may pick for each kernel and weight format on each
+architecture (``candidate_configs``: sm_90 adds Hopper's larger tiles), with bf16 activations; fp16 compiles to the same
 resources, so it gets one configuration per (kernel, format), rotating through the list.
 ``bench/aot_report.py`` writes the full matrix (both dtypes) to bench/results/.
 Under ``TRITON_INTERPRET=1`` (set by conftest on CPU machines) the compiles run in one worker
@@ -39,17 +39,17 @@ pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile check unava
 
 def _cases() -> list:
     chosen = []
-    for kernel in aot.KERNELS:
-        for i, fmt in enumerate(aot.FORMATS):
-            configs = [aot.config_key(c) for c in candidate_configs(kernel, fmt)]
-            chosen += [(kernel, fmt, "bf16", cfg) for cfg in configs]
-            chosen.append((kernel, fmt, "fp16", configs[i % len(configs)]))
+    for arch in aot.ARCHS:
+        for kernel in aot.KERNELS:
+            for i, fmt in enumerate(aot.FORMATS):
+                configs = [aot.config_key(c) for c in candidate_configs(kernel, fmt, arch)]
+                chosen += [(kernel, fmt, "bf16", cfg, arch) for cfg in configs]
+                chosen.append((kernel, fmt, "fp16", configs[i % len(configs)], arch))
     return [
         pytest.param(
             kernel, fmt, dtype, cfg, arch, id=f"sm{arch}-{kernel}-{fmt}-{dtype}-{aot.config_label(cfg).replace(' ', '_')}"
         )
-        for arch in aot.ARCHS
-        for kernel, fmt, dtype, cfg in chosen
+        for kernel, fmt, dtype, cfg, arch in chosen
     ]
 
 

@@ -211,3 +211,47 @@ def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():
             for m in (1, 16, 33, 300, 20000):
                 assert picked(d, f, m) and set(picked(d, f, m)) <= allowed[(d, f)]
     assert k.m_bucket(1) == 1 and k.m_bucket(37) == 64 and k.m_bucket(10**6) == 16384
+
+
+def test_hopper_adds_its_larger_tiles_for_many_tokens_only(monkeypatch):
+    pytest.importorskip("triton")
+    from offsite_kernels.ops import aot
+    from offsite_kernels.ops import frozen_linear_triton as k
+
+    def picked(direction, fmt, m, arch):
+        monkeypatch.setattr(k, "_launch_arch", lambda named_args: arch)
+        pruned = k._pruner(direction)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
+        return {k._key(c) for c in pruned}
+
+    for d in ("fwd", "bwd"):
+        for f in ("int4", "int8", "dense"):
+            kind = (d, "int4" if f == "int4" else "any")
+            hopper = set(k._HOPPER_TILES.get(kind, ()))
+            for m in (1, 16, 300, 20000):
+                ampere, h = picked(d, f, m, 80), picked(d, f, m, k.HOPPER)
+                assert not ampere & hopper  # never on an A100 (they spill or overflow its shared memory)
+                assert ampere <= h <= ampere | hopper and h <= {k._key(c) for c in k.candidate_configs(d, f, k.HOPPER)}
+            assert hopper <= picked(d, f, 20000, k.HOPPER)  # all of them tuned for many tokens
+            assert picked(d, f, 1, k.HOPPER) == picked(d, f, 1, 80)  # few tokens: the same skinny tiles
+            for m in (1, 16):  # and split launches (M <= 16 only) take tiles the AOT checks compile split
+                monkeypatch.setattr(k, "_launch_arch", lambda named_args: k.HOPPER)
+                split = k._pruner(d)(k.gpu_configs(), {"M_BUCKET": m}, FMT=k.FMT_CODES[f], SPLIT_K=True)
+                covered = {case.label.split("split-K ")[1] for case in aot.split_k_cases() if case.label.startswith(f"{d} {f} ")}
+                assert {aot.config_label(c) for c in split} <= covered
+    assert not k._HOPPER_TILES.get(("bwd", "int4"))
+
+
+@pytest.mark.parametrize(
+    "capability, shared_kib, arch", [((9, 0), 227, 90), ((9, 0), 99, 80), ((8, 0), 163, 80), ((10, 0), 227, 80), ((8, 9), 99, 80)]
+)
+def test_gpu_arch_picks_the_hopper_list_only_for_hopper_class_devices(monkeypatch, capability, shared_kib, arch):
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from offsite_kernels.ops import frozen_linear_triton as k
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    props = SimpleNamespace(shared_memory_per_block_optin=shared_kib * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    assert k.gpu_arch.__wrapped__(0) == arch
+    assert k._launch_arch({"x_ptr": torch.zeros(1)}) == 80  # a CPU tensor (stubbed-launch host benchmark)

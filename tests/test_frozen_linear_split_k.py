@@ -116,8 +116,9 @@ def test_no_automatic_split_past_sixteen_tokens_or_off_the_gpu(sms):
 def test_the_setting_forces_or_turns_off_the_split(monkeypatch, sms):
     monkeypatch.setenv(flt.SPLIT_ENV, "off")
     assert flt.split_length(1, 2048, 2048, CUDA) == 2048
-    monkeypatch.setenv(flt.SPLIT_ENV, "3")  # at any M and on any device, 128-aligned
-    assert flt.split_length(4096, 2048, 2048, torch.device("cpu")) == 768
+    monkeypatch.setenv(flt.SPLIT_ENV, "3")  # on any device, 128-aligned, but never past 16 tokens
+    assert flt.split_length(16, 2048, 2048, torch.device("cpu")) == 768
+    assert flt.split_length(17, 2048, 2048, torch.device("cpu")) == 2048
     monkeypatch.setenv(flt.SPLIT_ENV, "1")
     assert flt.split_length(1, 2048, 2048, CUDA) == 2048
 
@@ -130,8 +131,11 @@ def test_a_bad_setting_names_the_variable_and_the_choices(monkeypatch, value):
 
 
 def test_split_lengths_are_whole_blocks_of_every_candidate_tile():
-    for config in flt.gpu_configs():
-        assert flt.SPLIT_ALIGN % config.kwargs["BLOCK_K"] == 0 and flt.SPLIT_ALIGN % config.kwargs["BLOCK_N"] == 0
+    # the reduction tile: BLOCK_K in the forward, BLOCK_N in the backward, on every architecture's list
+    for arch in (80, flt.HOPPER):
+        for fmt in flt.FMT_CODES:
+            assert all(flt.SPLIT_ALIGN % c.kwargs["BLOCK_K"] == 0 for c in flt.candidate_configs("fwd", fmt, arch))
+            assert all(flt.SPLIT_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in flt.candidate_configs("bwd", fmt, arch))
     assert flt.SPLIT_ALIGN % flt.INTERPRETER_CONFIG["BLOCK_K"] == 0
     assert flt.SPLIT_ALIGN % flt.INTERPRETER_CONFIG["BLOCK_N"] == 0
 

@@ -557,15 +557,15 @@ def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config 
 
 
 def full_report(archs: tuple[int, ...] = ARCHS) -> list[dict[str, Any]]:
-    """:func:`compile_report` for both kernels x every format x bf16/fp16 x every configuration the
-    autotuner may pick for that kernel and format x ``archs``."""
+    """:func:`compile_report` for both kernels x every format x bf16/fp16 x ``archs`` x every configuration
+    the autotuner may pick for that kernel and format on that architecture."""
     return [
         compile_report(kernel, fmt, dtype, config, arch)
         for arch in archs
         for kernel in KERNELS
         for fmt in FORMATS
         for dtype in ACT_DTYPES
-        for config in _flt.candidate_configs(kernel, fmt)
+        for config in _flt.candidate_configs(kernel, fmt, arch)
     ]
 
 

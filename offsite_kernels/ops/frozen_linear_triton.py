@@ -205,6 +205,17 @@ _CANDIDATES = {
     ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)),
     ("bwd", "int4"): ((64, 64, 64, 4, 4), (128, 128, 64, 8, 3)),
 }  # fmt: skip
+# Hopper adds larger tiles for many tokens (wider wgmma, deeper pipelines): each compiles for sm_90
+# without spills within its 227 KiB of shared memory (Triton 3.6 and 3.9), where on sm_80 most spill
+# or exceed the A100's 163 KiB. int4's backward gets none: every larger tile spills or needs more
+# than 227 KiB. Hopper-class: compute capability 9.x with at least 227 KiB per block (gpu_arch).
+HOPPER = 90
+HOPPER_SHARED = 227 * 1024
+_HOPPER_TILES = {
+    ("fwd", "any"): ((128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4)),
+    ("fwd", "int4"): ((128, 128, 64, 8, 4),),
+    ("bwd", "any"): ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4)),
+}  # fmt: skip
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
 
@@ -212,15 +223,35 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
 
 
-def candidate_configs(direction: str, fmt: str) -> list[triton.Config]:
-    """The configurations the autotuner may pick for ``direction`` ("fwd"/"bwd") and weight ``fmt``."""
-    return [_config(*c) for c in _CANDIDATES[(direction, "int4" if fmt == "int4" else "any")]]
+def _tiles(direction: str, kind: str, arch: int) -> tuple:
+    """The candidate tiles of ``(direction, kind)`` ("int4" or "any") on ``arch`` (80 or 90)."""
+    return _CANDIDATES[(direction, kind)] + (_HOPPER_TILES.get((direction, kind), ()) if arch == HOPPER else ())
+
+
+def candidate_configs(direction: str, fmt: str, arch: int = 80) -> list[triton.Config]:
+    """The configurations the autotuner may pick for ``direction`` ("fwd"/"bwd") and weight ``fmt`` on
+    ``arch`` (80: the list every GPU shares; 90: with Hopper's larger tiles)."""
+    return [_config(*c) for c in _tiles(direction, "int4" if fmt == "int4" else "any", arch)]
 
 
 def gpu_configs() -> list[triton.Config]:
-    """Every configuration of any direction and format (the autotuners' full lists)."""
-    seen = dict.fromkeys(c for cs in _CANDIDATES.values() for c in cs)
+    """Every configuration of any direction, format and architecture (the autotuners' full lists)."""
+    seen = dict.fromkeys(c for lists in (_CANDIDATES, _HOPPER_TILES) for cs in lists.values() for c in cs)
     return [_config(*c) for c in seen]
+
+
+@functools.cache
+def gpu_arch(device_index: int) -> int:
+    """The candidate list of a CUDA device: 90 (Hopper-class, see ``_HOPPER_TILES``), else 80."""
+    major, _ = torch.cuda.get_device_capability(device_index)
+    smem = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    return HOPPER if major == 9 and smem >= HOPPER_SHARED else 80
+
+
+def _launch_arch(named_args: dict) -> int:
+    """``gpu_arch`` of the launch's activation tensor; 80 off a GPU (the stubbed-launch host benchmark)."""
+    t = named_args.get("x_ptr", named_args.get("dy_ptr"))
+    return gpu_arch(t.device.index or 0) if isinstance(t, torch.Tensor) and t.is_cuda else 80
 
 
 def _key(c: triton.Config) -> tuple:
@@ -240,7 +271,7 @@ def _pruner(direction: str):
         # keyword arguments (FMT, the constexprs) separately
         named_args = {**named_args, **kwargs}
         fmt = "int4" if named_args["FMT"] == FMT_CODES["int4"] else "any"
-        allowed = set(_CANDIDATES[(direction, fmt)])
+        allowed = set(_tiles(direction, fmt, _launch_arch(named_args)))
         if named_args.get("SPLIT_K"):
             allowed -= _SPLIT_EXCLUDED.get((direction, fmt), set())
         usable = [c for c in configs if _key(c) in allowed]
@@ -296,7 +327,7 @@ REDUCE_BLOCK = 1024
 
 def split_setting() -> int | None:
     """``OFFSITE_SPLIT_K``: "auto" or unset (None: :func:`split_length` decides), "off" (1), or a number
-    of splits to use at any M (tests and benchmarks)."""
+    of splits to use at M <= ``SPLIT_MAX_M`` on any device (tests and benchmarks)."""
     raw = os.environ.get(SPLIT_ENV, "").strip().lower()
     if raw in ("", "auto"):
         return None
@@ -315,12 +346,15 @@ def _sm_count(device_index: int) -> int:
 def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device) -> int:
     """Length of one split of the reduction dimension (``K`` in the forward, ``N`` in the backward)
     for ``m`` tokens and ``out_cols`` output columns: a multiple of ``SPLIT_ALIGN``; one split when
-    it is at least ``reduce_len``. Automatic on a CUDA device for ``m <= SPLIT_MAX_M``: enough
-    splits for about two programs per SM (at most ``MAX_SPLITS``, each at least ``MIN_SPLIT_LEN``)."""
+    it is at least ``reduce_len``. Only for ``m <= SPLIT_MAX_M`` (the launches whose tiles the AOT
+    checks compile split, ``aot.split_k_cases``); automatic on a CUDA device: enough splits for about
+    two programs per SM (at most ``MAX_SPLITS``, each at least ``MIN_SPLIT_LEN``)."""
     whole = cdiv(reduce_len, SPLIT_ALIGN) * SPLIT_ALIGN
+    if m > SPLIT_MAX_M:
+        return whole
     setting = split_setting()
     if setting is None:
-        if m > SPLIT_MAX_M or device.type != "cuda":
+        if device.type != "cuda":
             return whole
         tiles = cdiv(m, 16) * cdiv(out_cols, 64)  # the most programs an unsplit grid of 16-row tiles has
         splits, shortest = min(cdiv(2 * _sm_count(device.index), tiles), MAX_SPLITS), MIN_SPLIT_LEN
