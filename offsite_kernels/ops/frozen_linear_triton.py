@@ -349,7 +349,7 @@ def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device) -
     it is at least ``reduce_len``. Only for ``m <= SPLIT_MAX_M`` (the launches whose tiles the AOT
     checks compile split, ``aot.split_k_cases``); automatic on a CUDA device: enough splits for about
     two programs per SM (at most ``MAX_SPLITS``, each at least ``MIN_SPLIT_LEN``)."""
-    whole = cdiv(reduce_len, SPLIT_ALIGN) * SPLIT_ALIGN
+    whole = max(cdiv(reduce_len, SPLIT_ALIGN), 1) * SPLIT_ALIGN
     if m > SPLIT_MAX_M:
         return whole
     setting = split_setting()
@@ -427,7 +427,7 @@ def frozen_linear_fwd(
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
     length = split_length(m, n, k, x.device)
-    splits = cdiv(k, length)
+    splits = max(cdiv(k, length), 1)  # K = 0: one program per tile still writes the bias (or zeros)
     ws = x.new_empty((splits, m, n), dtype=torch.float32) if splits > 1 else y  # y: a placeholder, never written as ws
     args = (x, w, s, z, bias if bias is not None else y, y, ws, m, n, k, m_bucket(m), length)
     args += (stride_xm, stride_xk, stride_wn, stride_sn, n, 1)
@@ -465,7 +465,7 @@ def frozen_linear_bwd(
         return dx
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     length = split_length(m, k, n, grad_y.device)
-    splits = cdiv(n, length)
+    splits = max(cdiv(n, length), 1)  # N = 0: one program per tile still writes the zeros
     ws = grad_y.new_empty((splits, m, k), dtype=torch.float32) if splits > 1 else dx  # dx: a placeholder
     args = (grad_y, w, s, z, dx, ws, m, n, k, m_bucket(m), length)
     args += (stride_dym, stride_dyn, stride_wn, stride_sn, k, 1)
