@@ -521,7 +521,7 @@ def bench_shape(
                 ctx.sync()
                 first_call_s = time.perf_counter() - t0
                 config = _best_config(direction, fp8_gemm) if ctx.backend == "triton" else None
-                splits = _splits(m, n, k, fwd, x.device) if ctx.backend == "triton" and not fp8_gemm else None
+                splits = _splits(x, fmt, m, n, k, fwd) if ctx.backend == "triton" and not fp8_gemm else None
                 err = _rel_err(torch, out, ref)
                 del out
                 times = ctx.timer(ok_fn)
@@ -563,12 +563,16 @@ def bench_shape(
     return rows
 
 
-def _splits(m: int, n: int, k: int, fwd: bool, device: Any) -> int:
-    """How many splits of the reduction the Triton frozen linear takes for this launch (split-K at few tokens)."""
+def _splits(x: Any, fmt: str, m: int, n: int, k: int, fwd: bool) -> int | None:
+    """How many splits of the reduction the Triton frozen linear takes for this call (split-K at few tokens);
+    None where another backend serves it (the native skinny GEMM, if the dispatch table picks it)."""
+    from offsite_kernels.ops.frozen_linear import _pick
     from offsite_kernels.ops.frozen_linear_triton import split_length
 
+    if _pick(x, fmt, "fwd" if fwd else "bwd") != "triton":
+        return None
     reduce_len, cols = (k, n) if fwd else (n, k)
-    return -(-reduce_len // split_length(m, cols, reduce_len, device))
+    return -(-reduce_len // split_length(m, cols, reduce_len, x.device))
 
 
 def _unsplit_variant(ctx: Context, base: dict[str, Any], fmt: str, fn: Callable, ref: Any, qw: Any, act_bytes: int) -> dict:
