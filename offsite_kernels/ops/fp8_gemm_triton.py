@@ -61,7 +61,7 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
-from .triton_common import _cast, _grouped_tile, triton_version
+from .triton_common import HOPPER_SHARED_BYTES, _cast, _grouped_tile, triton_version
 from .triton_launch import CachedAutotune, cdiv, next_power_of_2
 
 E4M3_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
@@ -194,15 +194,12 @@ def gemm_configs(target: int | None = None) -> list[triton.Config]:
     return [_config(*c) for c in dict.fromkeys(c for cs in lists for c in cs)]
 
 
-GEMM_SHARED_90 = 227 * 1024  # shared memory per block (opt-in) the sm_90 tiles need
-
-
 @functools.cache
 def gpu_target(device_index: int) -> int:
     """The candidate list for a CUDA device: 90 for sm_90+ with Hopper's shared memory, else 89 (Ada-class)."""
     cap = torch.cuda.get_device_capability(device_index)
     smem = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-    return 90 if cap >= (9, 0) and smem >= GEMM_SHARED_90 else 89
+    return 90 if cap >= (9, 0) and smem >= HOPPER_SHARED_BYTES else 89
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

@@ -23,7 +23,7 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
-from .triton_common import _cast, _grouped_tile, triton_version
+from .triton_common import HOPPER_SHARED_BYTES, _cast, _grouped_tile, triton_version
 from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2, output
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
@@ -86,6 +86,22 @@ def _split_blocks(pid_s, length, SPLIT_LEN, BLOCK: tl.constexpr, SPLIT_K: tl.con
 
 
 @triton.jit
+def _store_tile(
+    acc, out_ptr, ws_ptr, pid_s, offs_m, offs_c, M, C, stride_om, stride_oc,
+    SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+):  # fmt: skip
+    """Write an output tile of an ``[M, C]`` result: with ``SPLIT_K`` the fp32 partial of split ``pid_s``
+    to ``ws[pid_s, M, C]``, else ``acc`` rounded to the output's dtype."""
+    mask = (offs_m[:, None] < M) & (offs_c[None, :] < C)
+    if SPLIT_K:
+        partial = ws_ptr + pid_s.to(tl.int64) * M * C
+        tl.store(partial + offs_m[:, None] * C + offs_c[None, :], acc, mask=mask)
+    else:
+        out = out_ptr + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
+        tl.store(out, _cast(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+@triton.jit
 def _frozen_linear_fwd_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     M, N, K, M_BUCKET, SPLIT_LEN,
@@ -120,18 +136,9 @@ def _frozen_linear_fwd_kernel(
         else:
             w_t = _load_dequant_weight(w_ptr, s_ptr, z_ptr, offs_n[None, :], k[:, None], N, K, stride_wn, stride_sn, GROUP, FMT)
         acc = _dot(x, _cast(w_t, x.dtype, INTERPRETER_BF16), acc, DOT_PRECISION, INTERPRETER_BF16)
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K:
-        partial = ws_ptr + pid_s.to(tl.int64) * M * N
-        tl.store(partial + offs_m[:, None] * N + offs_n[None, :], acc, mask=y_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-            _cast(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16),
-            mask=y_mask,
-        )
+    if HAS_BIAS and not SPLIT_K:  # split launches: the reduction adds the bias once
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    _store_tile(acc, y_ptr, ws_ptr, pid_s, offs_m, offs_n, M, N, stride_ym, stride_yn, SPLIT_K, INTERPRETER_BF16)
 
 
 @triton.jit
@@ -163,16 +170,7 @@ def _frozen_linear_bwd_kernel(
         )
         w = _load_dequant_weight(w_ptr, s_ptr, z_ptr, n[:, None], offs_k[None, :], N, K, stride_wn, stride_sn, GROUP, FMT)
         acc = _dot(dy, _cast(w, dy.dtype, INTERPRETER_BF16), acc, DOT_PRECISION, INTERPRETER_BF16)
-    dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    if SPLIT_K:
-        partial = ws_ptr + pid_s.to(tl.int64) * M * K
-        tl.store(partial + offs_m[:, None] * K + offs_k[None, :], acc, mask=dx_mask)
-    else:
-        tl.store(
-            dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-            _cast(acc, dx_ptr.dtype.element_ty, INTERPRETER_BF16),
-            mask=dx_mask,
-        )
+    _store_tile(acc, dx_ptr, ws_ptr, pid_s, offs_m, offs_k, M, K, stride_dxm, stride_dxk, SPLIT_K, INTERPRETER_BF16)
 
 
 @triton.jit
@@ -210,7 +208,6 @@ _CANDIDATES = {
 # or exceed the A100's 163 KiB. int4's backward gets none: every larger tile spills or needs more
 # than 227 KiB. Hopper-class: compute capability 9.x with at least 227 KiB per block (gpu_arch).
 HOPPER = 90
-HOPPER_SHARED = 227 * 1024
 _HOPPER_TILES = {
     ("fwd", "any"): ((128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4)),
     ("fwd", "int4"): ((128, 128, 64, 8, 4),),
@@ -245,7 +242,7 @@ def gpu_arch(device_index: int) -> int:
     """The candidate list of a CUDA device: 90 (Hopper-class, see ``_HOPPER_TILES``), else 80."""
     major, _ = torch.cuda.get_device_capability(device_index)
     smem = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-    return HOPPER if major == 9 and smem >= HOPPER_SHARED else 80
+    return HOPPER if major == 9 and smem >= HOPPER_SHARED_BYTES else 80
 
 
 def _launch_arch(named_args: dict) -> int:

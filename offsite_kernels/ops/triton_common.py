@@ -8,6 +8,9 @@ import re
 import triton
 import triton.language as tl
 
+# shared memory one block may use (opt-in) on Hopper-class GPUs: what their own tile lists are checked against
+HOPPER_SHARED_BYTES = 227 * 1024
+
 
 @functools.cache
 def triton_version() -> tuple[int, int]:
