@@ -387,10 +387,15 @@ def _best_config(direction: str, fp8_gemm: bool = False) -> str | None:
         from offsite_kernels.ops import frozen_linear_triton as flt
     except ImportError:
         return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.empty(0, device="cuda")
     if fp8_gemm:
-        launcher = getattr(f8, "_cached_gemm", None)
+        launcher = f8.autotuned_gemm(f8.device_target(device))
     else:
-        launcher = getattr(flt, "_cached_fwd" if direction == "fwd" else "_cached_bwd", None)
+        launcher = flt.autotuned_launch(direction, flt.device_arch(device))
     config = getattr(launcher, "last_config", None)
     return None if config is None else str(config)
 

@@ -29,8 +29,6 @@ from offsite_kernels.backends import triton_interpreter_enabled
 
 # modules whose kernels the ops pick through their own ``requested_backend`` name
 _OP_MODULES = ("norm", "activation", "frozen_linear", "fused_head")
-_AUTOTUNED = ("_tuned_fwd", "_tuned_bwd")
-_CACHED = ("_cached_fwd", "_cached_bwd")
 _MISSING = object()  # an attribute the patched object did not have of its own
 
 
@@ -59,13 +57,11 @@ def stubbed_kernel_launches() -> Iterator[None]:
             patch(importlib.import_module(f"offsite_kernels.ops.{mod_name}"), "requested_backend", lambda: "triton")
         patch(JITFunction, "run", lambda self, *args, **kwargs: None)
         linear = importlib.import_module("offsite_kernels.ops.frozen_linear_triton")
-        for name in _AUTOTUNED:
-            tuner = getattr(linear, name)
-            patch(tuner, "_bench", _equal_timings)
-            patch(tuner, "cache_results", False)  # the on-disk cache asks the (absent) GPU driver for its target
-            patch(tuner, "cache", {})  # the configurations "picked" here never reach a real launch
-        for name in _CACHED:
-            patch(getattr(linear, name), "chosen", {})
+        for launcher in (linear.autotuned_launch(d, linear.device_arch(torch.empty(0))) for d in ("fwd", "bwd")):
+            patch(launcher.tuned, "_bench", _equal_timings)
+            patch(launcher.tuned, "cache_results", False)  # the on-disk cache asks the (absent) GPU driver for its target
+            patch(launcher.tuned, "cache", {})  # the configurations "picked" here never reach a real launch
+            patch(launcher, "chosen", {})
         yield
     finally:
         for owner, name, before in reversed(saved):

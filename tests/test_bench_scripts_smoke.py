@@ -149,7 +149,8 @@ from kernel_stubs import stubbed_kernel_launches
 import offsite_kernels as ok
 from offsite_kernels.ops import norm, norm_triton, frozen_linear_triton as flt
 from triton.runtime.jit import JITFunction
-run_before, cache_before = JITFunction.run, flt._tuned_fwd.cache
+fwd = flt.autotuned_launch("fwd", 80)
+run_before, cache_before = JITFunction.run, fwd.tuned.cache
 launched = []
 real_fwd = norm_triton.layer_norm_fwd
 norm_triton.layer_norm_fwd = lambda *a, **k: launched.append("ln") or real_fwd(*a, **k)
@@ -162,10 +163,10 @@ with stubbed_kernel_launches():
     norm.layer_norm(x, torch.ones(33))
     for _ in range(3):
         ok.frozen_linear(x, qw)
-    assert len(flt._cached_fwd.chosen) == 1  # first launch "tuned", then the cached path
+    assert len(fwd.chosen) == 1  # first launch "tuned", then the cached path
 assert launched == ["ln", "ln"]
-assert JITFunction.run is run_before and flt._tuned_fwd.cache is cache_before and "_bench" not in vars(flt._tuned_fwd)
-assert flt._cached_fwd.chosen == {}
+assert JITFunction.run is run_before and fwd.tuned.cache is cache_before and "_bench" not in vars(fwd.tuned)
+assert fwd.chosen == {}
 from offsite_kernels.ops import norm as norm_again
 from offsite_kernels import backends
 assert norm_again.requested_backend is backends.requested_backend

@@ -294,17 +294,13 @@ def test_triton_fp8_gemm_on_an_old_gpu_is_refused(monkeypatch):
         fp8_linear._check_triton_device(FakeCudaTensor())
 
 
-def test_gemm_autotuning_keeps_the_devices_own_tiles(monkeypatch):
+def test_gemm_autotuning_keeps_the_devices_own_tiles():
     kernels = _triton()
-
-    class FakePtr:
-        device = torch.device("cuda", 0)
-
     for target in kernels.AOT_TARGETS:
-        monkeypatch.setattr(kernels, "gpu_target", lambda index, target=target: target)
         own = {kernels._key(c) for c in kernels.gemm_configs(target)}
+        assert {kernels._key(c) for c in kernels.autotuned_gemm(target).tuned.configs} == own  # one autotuner per class
         for m in (1, 37, 64, 65, 4096, 20000):
-            kept = kernels._prune(kernels.gemm_configs(), {"a_ptr": FakePtr(), "M_BUCKET": kernels.m_bucket(m)})
+            kept = kernels._pruner(target)(kernels.gemm_configs(), {"M_BUCKET": kernels.m_bucket(m)})
             assert kept and {kernels._key(c) for c in kept} <= own
             if m <= 64:
                 assert len({c.kwargs["BLOCK_M"] for c in kept}) == 1  # the shortest tiles only
@@ -326,12 +322,11 @@ def test_gpu_target_reads_capability_and_shared_memory(monkeypatch):
         assert kernels.gpu_target.__wrapped__(0) == expected
 
 
-def test_autotuner_prunes_and_keys_on_the_launch_arguments(monkeypatch):
+def test_autotuner_prunes_and_keys_on_the_launch_arguments():
     """Through Triton's own Autotuner: its pruner sees only the positional arguments (the constexprs come as
     keyword arguments), so what the pruner and the key read must be positional or keyword as launched."""
     kernels = _triton()
-    monkeypatch.setattr(kernels, "gpu_target", lambda index: 90)
-    tuner = kernels._tuned_gemm
+    tuner = kernels.autotuned_gemm(90).tuned
     a = torch.zeros(5000, 64, dtype=torch.float8_e4m3fn)
     b = torch.zeros(48, 64, dtype=torch.float8_e4m3fn)
     c = torch.empty(5000, 48, dtype=torch.bfloat16)

@@ -199,7 +199,7 @@ def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():
     from offsite_kernels.ops import frozen_linear_triton as k
 
     def picked(direction, fmt, m):
-        pruned = k._pruner(direction)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
+        pruned = k._pruner(direction, 80)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
         return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in pruned})
 
     allowed = {(d, f): {k._key(c)[:3] for c in k.candidate_configs(d, f)} for d in ("fwd", "bwd") for f in ("int4", "int8")}
@@ -213,14 +213,13 @@ def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():
     assert k.m_bucket(1) == 1 and k.m_bucket(37) == 64 and k.m_bucket(10**6) == 16384
 
 
-def test_hopper_adds_its_larger_tiles_for_many_tokens_only(monkeypatch):
+def test_hopper_adds_its_larger_tiles_for_many_tokens_only():
     pytest.importorskip("triton")
     from offsite_kernels.ops import aot
     from offsite_kernels.ops import frozen_linear_triton as k
 
     def picked(direction, fmt, m, arch):
-        monkeypatch.setattr(k, "_launch_arch", lambda named_args: arch)
-        pruned = k._pruner(direction)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
+        pruned = k._pruner(direction, arch)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
         return {k._key(c) for c in pruned}
 
     for d in ("fwd", "bwd"):
@@ -234,8 +233,7 @@ def test_hopper_adds_its_larger_tiles_for_many_tokens_only(monkeypatch):
             assert hopper <= picked(d, f, 20000, k.HOPPER)  # all of them tuned for many tokens
             assert picked(d, f, 1, k.HOPPER) == picked(d, f, 1, 80)  # few tokens: the same skinny tiles
             for m in (1, 16):  # and split launches (M <= 16 only) take tiles the AOT checks compile split
-                monkeypatch.setattr(k, "_launch_arch", lambda named_args: k.HOPPER)
-                split = k._pruner(d)(k.gpu_configs(), {"M_BUCKET": m}, FMT=k.FMT_CODES[f], SPLIT_K=True)
+                split = k._pruner(d, k.HOPPER)(k.gpu_configs(), {"M_BUCKET": m}, FMT=k.FMT_CODES[f], SPLIT_K=True)
                 covered = {case.label.split("split-K ")[1] for case in aot.split_k_cases() if case.label.startswith(f"{d} {f} ")}
                 assert {aot.config_label(c) for c in split} <= covered
     assert not k._HOPPER_TILES.get(("bwd", "int4"))
@@ -254,4 +252,4 @@ def test_gpu_arch_picks_the_hopper_list_only_for_hopper_class_devices(monkeypatc
     props = SimpleNamespace(shared_memory_per_block_optin=shared_kib * 1024)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     assert k.gpu_arch.__wrapped__(0) == arch
-    assert k._launch_arch({"x_ptr": torch.zeros(1)}) == 80  # a CPU tensor (stubbed-launch host benchmark)
+    assert k.device_arch(torch.zeros(1)) == 80  # a CPU tensor (stubbed-launch host benchmark)

@@ -162,8 +162,8 @@ def test_split_lengths_are_whole_blocks_of_every_candidate_tile():
 def test_split_launches_never_tune_the_excluded_tiles(direction, fmt):
     code = flt.FMT_CODES[fmt]
     for m in (1, 16):
-        split = flt._pruner(direction)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=True)
-        unsplit = flt._pruner(direction)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=False)
+        split = flt._pruner(direction, 80)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=True)
+        unsplit = flt._pruner(direction, 80)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=False)
         kind = (direction, "int4" if fmt == "int4" else "any")
         excluded = flt._SPLIT_EXCLUDED.get(kind, set())
         kept = {flt._key(c) for c in split}

@@ -91,8 +91,10 @@ def test_frozen_linear_cached_configuration_launches_match(fmt, monkeypatch):
     from offsite_kernels.ops import frozen_linear_triton as flt
 
     tuner_runs = []
-    real_run = type(flt._tuned_fwd).run
-    monkeypatch.setattr(type(flt._tuned_fwd), "run", lambda self, *a, **kw: tuner_runs.append(1) or real_run(self, *a, **kw))
+    arch = flt.gpu_arch(torch.cuda.current_device())
+    fwd, bwd = flt.autotuned_launch("fwd", arch), flt.autotuned_launch("bwd", arch)
+    real_run = type(fwd.tuned).run
+    monkeypatch.setattr(type(fwd.tuned), "run", lambda self, *a, **kw: tuner_runs.append(1) or real_run(self, *a, **kw))
     n, k = 515, 1152
     w = rand(n, k, seed=1) * 0.05
     qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w.to(torch.bfloat16)
@@ -107,7 +109,7 @@ def test_frozen_linear_cached_configuration_launches_match(fmt, monkeypatch):
         if i == 0:
             first = len(tuner_runs)  # 0 when an earlier test already tuned this key, else 2 (fwd and bwd)
     assert len(tuner_runs) == first  # the later launches took the cached configuration
-    assert flt._cached_fwd.last_config is not None and flt._cached_bwd.last_config is not None
+    assert fwd.last_config is not None and bwd.last_config is not None
 
 
 @pytest.mark.parametrize("fmt", [4, 8, None])
@@ -251,6 +253,44 @@ def test_fused_head(tokens, hidden, vocab, chunk, dtype):
     (grad,) = torch.autograd.grad(loss, h)
     (grad_ref,) = torch.autograd.grad(ref, h64)
     assert rel_err(grad, grad_ref) < 2 * TOL[dtype]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_launch_on_their_inputs_device_not_the_current_one(dtype):
+    """Inputs on cuda:1 while cuda:0 is current: Triton launches on the current device, so each launcher must switch
+    (ops/triton_launch.on_input_device). Every op against float64 on the inputs' device; the current device stays."""
+    assert torch.cuda.current_device() == 0
+    dev = torch.device("cuda", 1)
+    g = torch.Generator(device=dev).manual_seed(31)
+    x = torch.randn(37, 640, device=dev, generator=g).to(dtype).requires_grad_(True)
+    w = torch.randn(130, 640, device=dev, generator=g) * 0.05
+    grad_y = torch.randn(37, 130, device=dev, generator=g).to(dtype)
+    for bits in (None, 8, 4):
+        qw = ok.quantize_weight(w, bits=bits, group_size=128) if bits else w.to(dtype)
+        w64 = (qw.dequantize() if bits else qw).double()
+        y = ok.frozen_linear(x, qw)
+        (grad_x,) = torch.autograd.grad(y, x, grad_y)
+        assert y.device == dev and rel_err(y, x.detach().double() @ w64.t()) < TOL[dtype], bits
+        assert rel_err(grad_x, grad_y.double() @ w64) < TOL[dtype], bits
+    hidden = x.shape[-1]
+    weight = 1 + 0.1 * torch.randn(hidden, device=dev, generator=g)
+    x64 = x.detach().double()
+    y = rms_norm(x, weight, 1e-6)
+    assert rel_err(y, x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()) < TOL[dtype]
+    (grad_x,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.isfinite(grad_x).all() and grad_x.device == dev
+    y = layer_norm(x, weight, None, 1e-5)
+    assert rel_err(y, torch.nn.functional.layer_norm(x64, (hidden,), weight.double(), None, 1e-5)) < TOL[dtype]
+    bias = torch.randn(hidden, device=dev, generator=g).to(dtype)
+    assert rel_err(bias_gelu(x, bias), torch.nn.functional.gelu(x64 + bias.double())) < TOL[dtype]
+    assert rel_err(swiglu(x, x), torch.nn.functional.silu(x64) * x64) < TOL[dtype]
+    labels = torch.randint(0, 130, (1, 37), device=dev, generator=g)
+    loss = fused_linear_cross_entropy(x.unsqueeze(0), w.to(dtype), labels)
+    logits = x64[:-1] @ w.to(dtype).double().t()
+    ref = torch.nn.functional.cross_entropy(logits, labels[0, 1:])
+    assert abs(float(loss) - float(ref)) / float(ref) < TOL[dtype]
+    assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(
 def autotuned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route the launches through the autotuners, each with a fresh cache and a stub timer."""
     monkeypatch.setattr(k, "triton_interpreter_enabled", lambda: False)  # _launch: the GPU branch
-    for cached in (k._cached_fwd, k._cached_bwd):
+    for cached in (k.autotuned_launch("fwd", 80), k.autotuned_launch("bwd", 80)):  # CPU tensors: class 80
         monkeypatch.setattr(cached, "chosen", {})
-    for tuned in (k._tuned_fwd, k._tuned_bwd):
+        tuned = cached.tuned
         monkeypatch.setattr(tuned, "cache", {})
         monkeypatch.setattr(tuned, "cache_results", False)
         monkeypatch.setattr(tuned, "do_bench", lambda fn, quantiles=None: [1.0, 1.0, 1.0] if quantiles else 1.0)
@@ -49,8 +49,8 @@ def test_autotuned_kernels_prune_launch_and_match(autotuned, bits, m):
     assert float((dx.double() - dy.double() @ w64).abs().max()) < 1e-3
     # the autotuner chose among the checked candidates of this format and M bucket
     fmt = "int4" if bits == 4 else "any"
-    for direction, tuned in (("fwd", k._tuned_fwd), ("bwd", k._tuned_bwd)):
-        (best,) = tuned.cache.values()
+    for direction in ("fwd", "bwd"):
+        (best,) = k.autotuned_launch(direction, 80).tuned.cache.values()
         assert k._key(best) in k._CANDIDATES[(direction, fmt)]
 
 
@@ -59,9 +59,10 @@ def test_a_keys_later_launches_skip_the_autotuner_with_its_choice(autotuned, mon
     configuration it chose, and match. A new M bucket, a bias or another dtype is a new key."""
     tuner_calls: list[str] = []
     direct_configs: list[dict] = []
-    real_run = type(k._tuned_fwd).run
-    monkeypatch.setattr(type(k._tuned_fwd), "run", lambda self, *a, **kw: tuner_calls.append("tuner") or real_run(self, *a, **kw))
-    kernel = k._cached_fwd.kernel
+    cached = k.autotuned_launch("fwd", 80)
+    real_run = type(cached.tuned).run
+    monkeypatch.setattr(type(cached.tuned), "run", lambda self, *a, **kw: tuner_calls.append("tuner") or real_run(self, *a, **kw))
+    kernel = cached.kernel
     real_getitem = type(kernel).__getitem__
 
     def direct(self, grid):
@@ -82,12 +83,38 @@ def test_a_keys_later_launches_skip_the_autotuner_with_its_choice(autotuned, mon
 
     run(20)
     assert tuner_calls == ["tuner"] and direct_configs == []
-    chosen = k._cached_fwd.last_config
+    chosen = cached.last_config
     for m in (20, 30, 17):  # one M bucket (32): the cached configuration, without the autotuner
         run(m)
     assert tuner_calls == ["tuner"] and len(direct_configs) == 3
-    assert all(c.items() >= chosen.all_kwargs().items() for c in direct_configs) and k._cached_fwd.last_config is chosen
+    assert all(c.items() >= chosen.all_kwargs().items() for c in direct_configs) and cached.last_config is chosen
     # (float16: bfloat16 needs the interpreter flag that this fixture turns off with the interpreter branch)
     for case in ({"m": 100}, {"m": 20, "with_bias": True}, {"m": 20, "dtype": torch.float16}):
         run(**case)
     assert tuner_calls == ["tuner"] * 4  # each a new key
+
+
+def test_each_gpu_class_has_its_own_autotuner_and_cache(autotuned, monkeypatch):
+    """Triton keys tuned choices on the arguments, never the device: a launch on a Hopper-class device goes
+    through the Hopper autotuner (with its larger tiles), and what it chose is never reused for another class."""
+    ampere, hopper = k.autotuned_launch("fwd", 80), k.autotuned_launch("fwd", k.HOPPER)
+    assert ampere is not hopper and ampere.tuned is not hopper.tuned and k.autotuned_launch("fwd", 80) is ampere
+    hopper_tiles = set(k._HOPPER_TILES[("fwd", "any")])
+    assert hopper_tiles <= {k._key(c) for c in hopper.tuned.configs}
+    assert not hopper_tiles & {k._key(c) for c in ampere.tuned.configs}
+    for cached in (hopper, k.autotuned_launch("bwd", k.HOPPER)):
+        monkeypatch.setattr(cached, "chosen", {})
+        monkeypatch.setattr(cached.tuned, "cache", {})
+        monkeypatch.setattr(cached.tuned, "cache_results", False)
+        monkeypatch.setattr(cached.tuned, "do_bench", lambda fn, quantiles=None: [1.0, 1.0, 1.0] if quantiles else 1.0)
+    n, kk = 24, 64
+    qw = ok.quantize_weight(torch.randn(n, kk, generator=gen(4)), bits=8)
+    x = torch.randn(9, kk, generator=gen(5))
+    launch_arch = [k.HOPPER]
+    monkeypatch.setattr(k, "device_arch", lambda t: launch_arch[0])  # as if x were on an H200, then an A100
+    y = k.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, None, qw.format, qw.group_size, n)
+    assert len(hopper.chosen) == 1 and not ampere.chosen
+    launch_arch[0] = 80
+    assert torch.equal(k.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, None, qw.format, qw.group_size, n), y)
+    assert len(ampere.chosen) == 1 and len(hopper.chosen) == 1  # tuned afresh for the other class
+    assert float((y.double() - x.double() @ qw.dequantize().double().T).abs().max()) < 1e-3

@@ -100,12 +100,12 @@ def test_cached_autotune_key_is_as_fine_as_the_autotuners():
         meta = dict(
             GROUP=32, FMT=flt.FMT_CODES[qw.format], HAS_BIAS=False, SPLIT_K=False, DOT_PRECISION="ieee", INTERPRETER_BF16=False
         )
-        launches.append((flt._cached_fwd, (x, w, s, z, y, y, y, 5, 24, 64, 8, 128, 64, 1, swn, ssn, 24, 1), meta))
+        launches.append((flt.autotuned_launch("fwd", 80), (x, w, s, z, y, y, y, 5, 24, 64, 8, 128, 64, 1, swn, ssn, 24, 1), meta))
         meta = {k: v for k, v in meta.items() if k != "HAS_BIAS"}
-        launches.append((flt._cached_bwd, (y, w, s, z, x, x, 5, 24, 64, 8, 128, 24, 1, swn, ssn, 64, 1), meta))
+        launches.append((flt.autotuned_launch("bwd", 80), (y, w, s, z, x, x, 5, 24, 64, 8, 128, 24, 1, swn, ssn, 64, 1), meta))
     a = torch.zeros(5, 64, dtype=torch.float8_e4m3fn)
     b = torch.zeros(24, 64, dtype=torch.float8_e4m3fn)
-    launches.append((f8._cached_gemm, *f8._launch_args(a, torch.ones(5), b, None, None, torch.empty(5, 24))))
+    launches.append((f8.autotuned_gemm(90), *f8._launch_args(a, torch.ones(5), b, None, None, torch.empty(5, 24))))
     for cached, args, meta in launches:
         key = cached.key(args, meta)
         names = cached.tuned.arg_names
@@ -154,3 +154,109 @@ def test_launchers_refuse_an_out_they_cannot_write_in_place():
         norm_triton.rms_norm_fwd(x, None, None, 1e-6, rstd_out=torch.empty(15))
     with pytest.raises(ValueError, match="out must be a contiguous"):
         norm_triton.layer_norm_bwd(x, x, None, torch.zeros(3, 5), torch.ones(3, 5), out=torch.empty(3, 32, 5).transpose(1, 2))
+
+
+class _FakeCudaTensor:
+    """What :func:`on_input_device` reads of a tensor on ``cuda:<index>``."""
+
+    is_cuda = True
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def get_device(self) -> int:
+        return self.index
+
+
+def test_launchers_run_with_their_inputs_device_current(monkeypatch):
+    """Triton launches on the current device: a launcher switches to its input's device when another is current,
+    restores it after (also on an error), and leaves it alone when they agree or the input is on the CPU."""
+    current = [0]
+    switches = []
+
+    class Device:
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def __enter__(self):
+            switches.append(self.index)
+            self.before, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", Device)
+
+    @tlaunch.on_input_device
+    def launcher(t, scale, *, fail=False):
+        """A launcher's docstring."""
+        if fail:
+            raise ValueError("bad input")
+        return current[0], scale
+
+    assert launcher(_FakeCudaTensor(1), 3) == (1, 3) and current == [0] and switches == [1]
+    assert launcher(_FakeCudaTensor(0), 4) == (0, 4) and switches == [1]  # already current: no switch
+    with pytest.raises(ValueError, match="bad input"):
+        launcher(_FakeCudaTensor(2), 5, fail=True)
+    assert current == [0] and switches == [1, 2]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("a CPU input asked for the CUDA device"))
+    assert launcher(torch.zeros(2), 6) == (0, 6)
+    assert launcher.__doc__ == "A launcher's docstring." and launcher.__wrapped__.__name__ == "launcher"
+
+
+def _launch_sites(tree) -> tuple[dict, dict, set]:
+    """Of a module's AST: each top-level function's callees (names), which of them launch a kernel
+    directly (``name[grid](...)`` or an autotuned launcher), and which are decorated ``on_input_device``."""
+    import ast
+
+    calls, launches, guarded = {}, set(), set()
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        names = set()
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Call):
+                fn = sub.func
+                if isinstance(fn, ast.Subscript):
+                    launches.add(node.name)  # kernel[grid](...)
+                while isinstance(fn, ast.Call):  # autotuned_launch(...)(grid, args, meta)
+                    fn = fn.func
+                if isinstance(fn, ast.Name):
+                    names.add(fn.id)
+                    if fn.id in ("autotuned_launch", "autotuned_gemm"):
+                        launches.add(node.name)
+        calls[node.name] = names
+        if any(isinstance(d, ast.Name) and d.id == "on_input_device" for d in node.decorator_list):
+            guarded.add(node.name)
+    return calls, launches, guarded
+
+
+def _reached_guarded(name: str, calls: dict, guarded: set, seen: frozenset = frozenset()) -> bool:
+    """``name`` is guarded, or has callers and each of them is reached only through guarded functions."""
+    if name in guarded:
+        return True
+    callers = [f for f, callees in calls.items() if name in callees and f not in seen]
+    return bool(callers) and all(_reached_guarded(f, calls, guarded, seen | {name}) for f in callers)
+
+
+def test_every_kernel_launch_is_reached_only_through_a_device_guarded_launcher():
+    """Read from the source of every ``ops/*_triton.py``: a function that launches a kernel is decorated with
+    ``on_input_device``, or every function of the module that calls it is (recursively), and it has callers."""
+    import ast
+    import importlib
+    import pathlib
+
+    ops_dir = pathlib.Path(tlaunch.__file__).parent
+    checked = 0
+    for path in sorted(ops_dir.glob("*_triton.py")):
+        calls, launches, guarded = _launch_sites(ast.parse(path.read_text()))
+
+        for name in launches:
+            assert _reached_guarded(name, calls, guarded), (
+                f"{path.name}: {name} launches a kernel outside an @on_input_device launcher"
+            )
+            checked += 1
+        module = importlib.import_module(f"offsite_kernels.ops.{path.stem}")
+        assert all(getattr(module, name).launches_on_input_device for name in guarded)
+    assert checked >= 8  # norms (2), activations (a helper), cross-entropy, fp8 (2), frozen linear (a helper, the reduction)

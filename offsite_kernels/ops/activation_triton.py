@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast
-from .triton_launch import as_rows, cdiv, output
+from .triton_launch import as_rows, cdiv, on_input_device, output
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 TILE = 2048  # elements per program: 16 per thread at 4 warps (two 16-byte vectors of bf16)
@@ -185,6 +185,7 @@ def _interpreter_bf16(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and triton_interpreter_enabled()
 
 
+@on_input_device
 def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """``act(x + bias)`` for ``x`` of any shape (bias over the last dimension, in ``x.dtype``);
     returns a contiguous tensor of ``x``'s shape and dtype (``out`` if given)."""
@@ -199,6 +200,7 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torc
     return y
 
 
+@on_input_device
 def bias_act_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, act: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -214,6 +216,7 @@ def bias_act_bwd(
     return dx
 
 
+@on_input_device
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(gate) * up`` for tensors of one shape and dtype; contiguous, of that shape (``out`` if given)."""
     y = output(out, gate.shape, gate.dtype, gate.device)
@@ -225,6 +228,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = 
     return y
 
 
+@on_input_device
 def swiglu_bwd(
     grad_y: torch.Tensor,
     gate: torch.Tensor,

@@ -408,7 +408,11 @@ def split_k_cases() -> list[KernelCase]:
     cases = []
     for kernel in KERNELS:
         for fmt in FORMATS:
-            configs = _flt._pruner(kernel)(_flt.gpu_configs(), {"M_BUCKET": 16}, FMT=_flt.FMT_CODES[fmt], SPLIT_K=True)
+            picks = (
+                _flt._pruner(kernel, arch)(_flt.gpu_configs(), {"M_BUCKET": 16}, FMT=_flt.FMT_CODES[fmt], SPLIT_K=True)
+                for arch in (80, _flt.HOPPER)
+            )
+            configs = {config_key(c): c for arch_configs in picks for c in arch_configs}.values()
             for config in configs:
                 key = config_key(config)
                 sig, constexprs, attrs = kernel_signature(kernel, fmt, "bf16", key, split_k=True)

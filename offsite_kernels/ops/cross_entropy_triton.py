@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import _cast
+from .triton_launch import on_input_device
 
 
 @triton.jit
@@ -76,6 +77,7 @@ def block_config(n_cols: int) -> tuple[int, int]:
     return BLOCK_CONFIGS[-1]
 
 
+@on_input_device
 def cross_entropy_fwd_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -62,7 +62,7 @@ import triton.testing
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import HOPPER_SHARED_BYTES, _cast, _grouped_tile, triton_version
-from .triton_launch import CachedAutotune, cdiv, next_power_of_2
+from .triton_launch import CachedAutotune, cdiv, next_power_of_2, on_input_device
 
 E4M3_MAX = tl.constexpr(448.0)  # the largest finite e4m3 value
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
@@ -202,31 +202,43 @@ def gpu_target(device_index: int) -> int:
     return 90 if cap >= (9, 0) and smem >= HOPPER_SHARED_BYTES else 89
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The device's own list; for M <= 64 its shortest tiles only (a taller tile would mostly multiply padding)."""
-    allowed = set(GEMM_CANDIDATES[gpu_target(named_args["a_ptr"].device.index or 0)])
-    usable = [c for c in configs if _key(c) in allowed]
-    if named_args["M_BUCKET"] <= 64:
-        shortest = min(c.kwargs["BLOCK_M"] for c in usable)
-        usable = [c for c in usable if c.kwargs["BLOCK_M"] == shortest]
-    return usable
+def device_target(t: torch.Tensor) -> int:
+    """:func:`gpu_target` of the device ``t`` is on; 90 off a GPU (the stubbed-launch host benchmark)."""
+    return gpu_target(t.get_device()) if t.is_cuda else 90
+
+
+def _pruner(target: int):
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        """``target``'s own list; for M <= 64 its shortest tiles only (a taller tile would mostly multiply padding)."""
+        allowed = set(GEMM_CANDIDATES[target])
+        usable = [c for c in configs if _key(c) in allowed]
+        if named_args["M_BUCKET"] <= 64:
+            shortest = min(c.kwargs["BLOCK_M"] for c in usable)
+            usable = [c for c in usable if c.kwargs["BLOCK_M"] == shortest]
+        return usable
+
+    return prune
 
 
 def _brief_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _autotuned() -> triton.runtime.Autotuner:
-    """The GEMM autotuned per (M bucket, N, K, B's layout, direction); winners kept on disk where Triton supports it."""
-    options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _prune})
+def _autotuned(target: int) -> triton.runtime.Autotuner:
+    """The GEMM autotuned over ``target``'s tiles per (M bucket, N, K, B's layout, direction); winners kept
+    on disk where Triton supports it."""
+    options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _pruner(target)})
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
     key = ["M_BUCKET", "N", "K", "stride_bk", "HAS_COL_SCALE"]
-    return triton.autotune(gemm_configs(), key=key, **options)(_fp8_gemm_kernel)
+    return triton.autotune(gemm_configs(target), key=key, **options)(_fp8_gemm_kernel)
 
 
-_tuned_gemm = _autotuned()
-_cached_gemm = CachedAutotune(_tuned_gemm)  # later launches of a key skip the autotuner's per-call work
+@functools.cache
+def autotuned_gemm(target: int) -> CachedAutotune:
+    """The autotuned GEMM launch on GPUs of class ``target`` (:func:`gpu_target`): one autotuner and cache per
+    class (Triton's key holds no device), whose later launches of a key skip the autotuner's per-call work."""
+    return CachedAutotune(_autotuned(target))
 
 
 def m_bucket(m: int) -> int:
@@ -319,6 +331,7 @@ def aot_cases(arch: int) -> list:
 
 
 # --- launchers -----------------------------------------------------------------------------
+@on_input_device
 def quantize_rows_fp8_triton(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantization of a 2-D ``x`` (times ``col_scale[None, :]`` if given).
 
@@ -366,6 +379,7 @@ def _launch_args(a, s_a, b, s_b, bias, c) -> tuple[tuple, dict]:
     return args, meta
 
 
+@on_input_device
 def fp8_gemm(
     a: torch.Tensor,
     s_a: torch.Tensor,
@@ -388,7 +402,7 @@ def fp8_gemm(
         cfg = INTERPRETER_GEMM_CONFIG
         _fp8_gemm_kernel[(cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
     else:
-        _cached_gemm(lambda cf: (cdiv(m, cf["BLOCK_M"]) * cdiv(n, cf["BLOCK_N"]),), args, meta)
+        autotuned_gemm(device_target(a))(lambda cf: (cdiv(m, cf["BLOCK_M"]) * cdiv(n, cf["BLOCK_N"]),), args, meta)
     return c
 
 

@@ -24,7 +24,7 @@ import triton.testing
 
 from ..backends import triton_interpreter_enabled
 from .triton_common import HOPPER_SHARED_BYTES, _cast, _grouped_tile, triton_version
-from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2, output
+from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2, on_input_device, output
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
 
@@ -245,10 +245,9 @@ def gpu_arch(device_index: int) -> int:
     return HOPPER if major == 9 and smem >= HOPPER_SHARED_BYTES else 80
 
 
-def _launch_arch(named_args: dict) -> int:
-    """``gpu_arch`` of the launch's activation tensor; 80 off a GPU (the stubbed-launch host benchmark)."""
-    t = named_args.get("x_ptr", named_args.get("dy_ptr"))
-    return gpu_arch(t.device.index or 0) if isinstance(t, torch.Tensor) and t.is_cuda else 80
+def device_arch(t: torch.Tensor) -> int:
+    """:func:`gpu_arch` of the device ``t`` is on; 80 off a GPU (the stubbed-launch host benchmark)."""
+    return gpu_arch(t.get_device()) if t.is_cuda else 80
 
 
 def _key(c: triton.Config) -> tuple:
@@ -262,13 +261,13 @@ def _key(c: triton.Config) -> tuple:
 _SPLIT_EXCLUDED = {("fwd", "int4"): {(16, 128, 64, 4, 4)}, ("bwd", "any"): {(16, 64, 128, 4, 4)}}
 
 
-def _pruner(direction: str):
+def _pruner(direction: str, arch: int):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         # Triton's autotuner passes the positional arguments by name (M_BUCKET) and the launch's
         # keyword arguments (FMT, the constexprs) separately
         named_args = {**named_args, **kwargs}
         fmt = "int4" if named_args["FMT"] == FMT_CODES["int4"] else "any"
-        allowed = set(_tiles(direction, fmt, _launch_arch(named_args)))
+        allowed = set(_tiles(direction, fmt, arch))
         if named_args.get("SPLIT_K"):
             allowed -= _SPLIT_EXCLUDED.get((direction, fmt), set())
         usable = [c for c in configs if _key(c) in allowed]
@@ -291,20 +290,28 @@ def _brief_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _autotuned(kernel: triton.JITFunction, direction: str) -> triton.runtime.Autotuner:
-    """``kernel`` autotuned per (M bucket, N, K, format, group): a few candidates after pruning, each
-    timed briefly (5 ms warm-up, 20 ms measurement); winners kept on disk where Triton supports it."""
-    options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _pruner(direction)})
+def _autotuned(kernel: triton.JITFunction, direction: str, arch: int) -> triton.runtime.Autotuner:
+    """``kernel`` autotuned over ``arch``'s tiles per (M bucket, N, K, split, format, group): a few candidates
+    after pruning, each timed briefly (5 ms warm-up, 20 ms measurement); winners kept on disk where
+    Triton supports it."""
+    tiles = dict.fromkeys(_tiles(direction, "any", arch) + _tiles(direction, "int4", arch))
+    options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _pruner(direction, arch)})
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
-    return triton.autotune(gpu_configs(), key=["M_BUCKET", "N", "K", "SPLIT_LEN", "FMT", "GROUP"], **options)(kernel)
+    key = ["M_BUCKET", "N", "K", "SPLIT_LEN", "FMT", "GROUP"]
+    return triton.autotune([_config(*c) for c in tiles], key=key, **options)(kernel)
 
 
-_tuned_fwd = _autotuned(_frozen_linear_fwd_kernel, "fwd")
-_tuned_bwd = _autotuned(_frozen_linear_bwd_kernel, "bwd")
-# after a key's first (autotuned) launch, its launches go straight to the kernel with the chosen config
-_cached_fwd = CachedAutotune(_tuned_fwd)
-_cached_bwd = CachedAutotune(_tuned_bwd)
+@functools.cache
+def autotuned_launch(direction: str, arch: int) -> CachedAutotune:
+    """The autotuned launch of ``direction`` ("fwd"/"bwd") on GPUs of class ``arch`` (:func:`gpu_arch`).
+
+    One autotuner, with its own cache, per class: Triton keys its choices on the arguments only,
+    never on the device, so one shared autotuner would hand a Hopper tile tuned on an H200 to an
+    A100 in the same process. After a key's first (autotuned) launch, its launches go straight to
+    the kernel with the chosen configuration (:class:`CachedAutotune`)."""
+    kernel = _frozen_linear_fwd_kernel if direction == "fwd" else _frozen_linear_bwd_kernel
+    return CachedAutotune(_autotuned(kernel, direction, arch))
 
 
 # --- split-K for few tokens ------------------------------------------------------------------
@@ -392,16 +399,18 @@ def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.T
     return data, s, z, data.stride(0), stride_sn
 
 
-def _launch(kernel, tuned: CachedAutotune, args: tuple, meta: dict, rows: int, cols: int, col_block: str, splits: int) -> None:
+def _launch(kernel, direction: str, args: tuple, meta: dict, rows: int, cols: int, col_block: str, splits: int) -> None:
     """One program per (BLOCK_M x ``col_block``) output tile and split: the fixed interpreter
-    configuration on the CPU, the autotuned one on a GPU."""
+    configuration on the CPU, on a GPU the one autotuned for the device of ``args[0]``."""
     if triton_interpreter_enabled():
         cfg = INTERPRETER_CONFIG
         kernel[(cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg[col_block]), splits)](*args, **meta, **cfg)
     else:
+        tuned = autotuned_launch(direction, device_arch(args[0]))
         tuned(lambda c: (cdiv(rows, c["BLOCK_M"]) * cdiv(cols, c[col_block]), splits), args, meta)
 
 
+@on_input_device
 def frozen_linear_fwd(
     x: torch.Tensor,
     data: torch.Tensor,
@@ -436,12 +445,13 @@ def frozen_linear_fwd(
         DOT_PRECISION=_dot_precision(x.dtype),
         INTERPRETER_BF16=_interpreter_bf16(x.dtype),
     )
-    _launch(_frozen_linear_fwd_kernel, _cached_fwd, args, meta, m, n, "BLOCK_N", splits)
+    _launch(_frozen_linear_fwd_kernel, "fwd", args, meta, m, n, "BLOCK_N", splits)
     if splits > 1:
         _reduce_splits(ws, bias, y)
     return y
 
 
+@on_input_device
 def frozen_linear_bwd(
     grad_y: torch.Tensor,
     data: torch.Tensor,
@@ -473,7 +483,7 @@ def frozen_linear_bwd(
         DOT_PRECISION=_dot_precision(grad_y.dtype),
         INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype),
     )
-    _launch(_frozen_linear_bwd_kernel, _cached_bwd, args, meta, m, k, "BLOCK_K", splits)
+    _launch(_frozen_linear_bwd_kernel, "bwd", args, meta, m, k, "BLOCK_K", splits)
     if splits > 1:
         _reduce_splits(ws, None, dx)
     return dx

@@ -23,7 +23,7 @@ import triton.language as tl
 from ..backends import triton_interpreter_enabled
 from ..errors import OffsiteError
 from .triton_common import _cast
-from .triton_launch import as_rows, cdiv, next_power_of_2, output
+from .triton_launch import as_rows, cdiv, next_power_of_2, on_input_device, output
 
 # Longest row the one-tile kernels take: a 16384-wide row (the hidden size of the largest released
 # transformers) is 16 fp32 values per thread at 32 warps. Longer rows run the PyTorch reference
@@ -179,6 +179,7 @@ def _grid(m: int, rows: int) -> tuple[int]:
     return (cdiv(m, rows),)
 
 
+@on_input_device
 def _norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -219,6 +220,7 @@ def _norm_fwd(
     return y, h, mean, rstd
 
 
+@on_input_device
 def _norm_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,

@@ -11,15 +11,23 @@ host's time is Python around each kernel launch. These helpers keep that short:
 - :class:`CachedAutotune`: a Triton autotuner asked once per key; later launches of that key go
   straight to the kernel with the configuration it chose (Triton's ``Autotuner.run`` rebuilds
   argument dictionaries and its key on every call).
+
+And one rule of correctness, :func:`on_input_device`: Triton launches on the *current* CUDA device
+and that device's current stream, whatever device the tensors are on. Every launcher runs with
+its input's device current, as PyTorch's own CUDA ops do.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+_Launcher = TypeVar("_Launcher", bound=Callable)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -63,6 +71,29 @@ def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
         return t, t.numel() // n if n else math.prod(t.shape[:-1]), n, 1
     t2 = t.reshape(-1, n)
     return t2, t2.shape[0], t2.stride(0), t2.stride(1)
+
+
+def on_input_device(launcher: _Launcher) -> _Launcher:
+    """Decorate a launcher whose first argument is a tensor: its kernels launch on that tensor's device.
+
+    Triton compiles for, launches on and orders against the current CUDA device and its current
+    stream. A model on ``cuda:1`` while ``cuda:0`` is current (``model.to("cuda:1")``, or layers
+    spread over GPUs by ``device_map="auto"``) would otherwise launch on the wrong GPU: an illegal
+    address, or a race with the stream that wrote the inputs. The check costs a device lookup per
+    call; the device switch happens only when the devices differ.
+    """
+
+    @functools.wraps(launcher)
+    def launch(t: torch.Tensor, *args, **kwargs):
+        if t.is_cuda:
+            index = t.get_device()
+            if index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return launcher(t, *args, **kwargs)
+        return launcher(t, *args, **kwargs)
+
+    launch.launches_on_input_device = True  # what tests/test_triton_launch.py checks every launcher for
+    return launch  # type: ignore[return-value]
 
 
 class CachedAutotune:
