@@ -577,7 +577,7 @@ def _splits(x: Any, fmt: str, m: int, n: int, k: int, fwd: bool) -> int | None:
     if _pick(x, fmt, "fwd" if fwd else "bwd") != "triton":
         return None
     reduce_len, cols = (k, n) if fwd else (n, k)
-    return -(-reduce_len // split_length(m, cols, reduce_len, x.device))
+    return -(-reduce_len // split_length(m, cols, reduce_len, x.device, "fwd" if fwd else "bwd", fmt))
 
 
 def _unsplit_variant(ctx: Context, base: dict[str, Any], fmt: str, fn: Callable, ref: Any, qw: Any, act_bytes: int) -> dict:

@@ -120,12 +120,13 @@ def test_frozen_linear_split_k_for_few_tokens_matches(fmt, m, monkeypatch):
     from offsite_kernels.ops import frozen_linear_triton as flt
 
     monkeypatch.delenv(flt.SPLIT_ENV, raising=False)
-    n, k = 1600, 2056  # GPT2-XL-like: 25 column tiles, far fewer than an SM count
+    n, k = 1600, 2056  # GPT2-XL-like: 13-33 output tiles, far fewer than an SM count
     w = rand(n, k, seed=3) * 0.05
     qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w.to(torch.bfloat16)
     w_hat = (qw.dequantize() if fmt is not None else qw).double()
     device = torch.device("cuda", torch.cuda.current_device())
-    assert flt.split_length(m, n, k, device) < k and flt.split_length(m, k, n, device) < n
+    fmt_name = qw.format if fmt is not None else "dense"
+    assert flt.split_length(m, n, k, device, "fwd", fmt_name) < k and flt.split_length(m, k, n, device, "bwd", fmt_name) < n
     bias = rand(n, seed=4, dtype=torch.bfloat16)
     x = rand(m, k, seed=5, dtype=torch.bfloat16).requires_grad_(True)
     grad_y = rand(m, n, seed=6, dtype=torch.bfloat16)

@@ -347,12 +347,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device) -> int:
+@functools.cache
+def split_tile(direction: str, fmt: str, arch: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the largest output tile the autotuner may give a split launch of ``direction``
+    and weight ``fmt`` on GPU class ``arch`` (``M <= SPLIT_MAX_M``): the split count is sized for it, so
+    whichever candidate the autotuner picks, the grid has at least the intended programs."""
+    cols = "BLOCK_N" if direction == "fwd" else "BLOCK_K"
+    configs = _pruner(direction, arch)(gpu_configs(), {"M_BUCKET": SPLIT_MAX_M}, FMT=FMT_CODES[fmt], SPLIT_K=True)
+    return max(c.kwargs["BLOCK_M"] for c in configs), max(c.kwargs[cols] for c in configs)
+
+
+def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str) -> int:
     """Length of one split of the reduction dimension (``K`` in the forward, ``N`` in the backward)
     for ``m`` tokens and ``out_cols`` output columns: a multiple of ``SPLIT_ALIGN``; one split when
     it is at least ``reduce_len``. Only for ``m <= SPLIT_MAX_M`` (the launches whose tiles the AOT
     checks compile split, ``aot.split_k_cases``); automatic on a CUDA device: enough splits for about
-    two programs per SM (at most ``MAX_SPLITS``, each at least ``MIN_SPLIT_LEN``)."""
+    two programs per SM with the largest tile the autotuner may pick (:func:`split_tile`; at most
+    ``MAX_SPLITS``, each at least ``MIN_SPLIT_LEN``)."""
     whole = max(cdiv(reduce_len, SPLIT_ALIGN), 1) * SPLIT_ALIGN
     if m > SPLIT_MAX_M:
         return whole
@@ -360,7 +371,8 @@ def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device) -
     if setting is None:
         if device.type != "cuda":
             return whole
-        tiles = cdiv(m, 16) * cdiv(out_cols, 64)  # the most programs an unsplit grid of 16-row tiles has
+        tile_rows, tile_cols = split_tile(direction, fmt, gpu_arch(device.index))
+        tiles = cdiv(m, tile_rows) * cdiv(out_cols, tile_cols)  # the fewest programs an unsplit grid may have
         splits, shortest = min(cdiv(2 * _sm_count(device.index), tiles), MAX_SPLITS), MIN_SPLIT_LEN
     else:
         splits, shortest = setting, SPLIT_ALIGN
@@ -432,7 +444,7 @@ def frozen_linear_fwd(
         return y
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
-    length = split_length(m, n, k, x.device)
+    length = split_length(m, n, k, x.device, "fwd", fmt)
     splits = max(cdiv(k, length), 1)  # K = 0: one program per tile still writes the bias (or zeros)
     ws = x.new_empty((splits, m, n), dtype=torch.float32) if splits > 1 else y  # y: a placeholder, never written as ws
     args = (x, w, s, z, bias if bias is not None else y, y, ws, m, n, k, m_bucket(m), length)
@@ -471,7 +483,7 @@ def frozen_linear_bwd(
     if m == 0:
         return dx
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
-    length = split_length(m, k, n, grad_y.device)
+    length = split_length(m, k, n, grad_y.device, "bwd", fmt)
     splits = max(cdiv(n, length), 1)  # N = 0: one program per tile still writes the zeros
     ws = grad_y.new_empty((splits, m, k), dtype=torch.float32) if splits > 1 else dx  # dx: a placeholder
     args = (grad_y, w, s, z, dx, ws, m, n, k, m_bucket(m), length)
