@@ -136,13 +136,15 @@ def test_automatic_splits_give_every_tile_the_autotuner_may_pick_two_programs_pe
         max(c.kwargs["BLOCK_M"] for c in configs),
         max(c.kwargs[cols] for c in configs),
     )
-    for m, out_cols, reduce_len in [(1, 2048, 2048), (16, 1600, 1600), (1, 11008, 4096), (5, 4096, 11008), (3, 300, 5000)]:
+    shapes = [(m, c, r) for m in (1, 16) for c in range(64, 12000, 331) for r in range(128, 20000, 487)]
+    shapes += [(1, 2048, 2048), (16, 1600, 1600), (1, 11008, 4096), (5, 4096, 11008), (1, 2304, 8192)]
+    for m, out_cols, reduce_len in shapes:
         length = flt.split_length(m, out_cols, reduce_len, CUDA, direction, fmt)
         splits = -(-reduce_len // length)
         assert length % flt.SPLIT_ALIGN == 0 and 1 <= splits <= flt.MAX_SPLITS
+        finest = length == min(flt.finest_split_length(reduce_len), -(-reduce_len // flt.SPLIT_ALIGN) * flt.SPLIT_ALIGN)
         for c in configs:
             programs = -(-m // c.kwargs["BLOCK_M"]) * -(-out_cols // c.kwargs[cols]) * splits
-            finest = splits == flt.MAX_SPLITS or length <= flt.MIN_SPLIT_LEN
             assert programs >= 2 * sms or finest, (m, out_cols, reduce_len, flt._key(c), splits)
 
 
@@ -152,6 +154,11 @@ def test_split_lengths_respect_their_bounds(sms):
         length = flt.split_length(m, cols, red, CUDA, "fwd", "int4")
         assert length % flt.SPLIT_ALIGN == 0 and -(-red // length) <= flt.MAX_SPLITS
         assert length >= min(flt.MIN_SPLIT_LEN, -(-red // flt.SPLIT_ALIGN) * flt.SPLIT_ALIGN)
+
+
+def test_an_empty_output_takes_one_split(sms):
+    for direction in ("fwd", "bwd"):  # N = 0 forward, K = 0 backward: no output tile, nothing to split
+        assert flt.split_length(1, 0, 4096, CUDA, direction, "int4") == 4096
 
 
 def test_no_automatic_split_past_sixteen_tokens_or_off_the_gpu(sms):

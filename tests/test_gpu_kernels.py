@@ -258,10 +258,18 @@ def test_fused_head(tokens, hidden, vocab, chunk, dtype):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernels_launch_on_their_inputs_device_not_the_current_one(dtype):
+def test_kernels_launch_on_their_inputs_device_not_the_current_one(dtype, monkeypatch):
     """Inputs on cuda:1 while cuda:0 is current: Triton launches on the current device, so each launcher must switch
-    (ops/triton_launch.on_input_device). Every op against float64 on the inputs' device; the current device stays."""
+    (ops/triton_launch.on_input_device). Every launch sees cuda:1 current (peer access could otherwise hide a
+    launch on cuda:0); every op against float64 on the inputs' device; the current device stays."""
+    from triton.runtime.jit import JITFunction
+
     assert torch.cuda.current_device() == 0
+    launched_on = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(
+        JITFunction, "run", lambda self, *a, **kw: launched_on.append(torch.cuda.current_device()) or real_run(self, *a, **kw)
+    )
     dev = torch.device("cuda", 1)
     g = torch.Generator(device=dev).manual_seed(31)
     x = torch.randn(37, 640, device=dev, generator=g).to(dtype).requires_grad_(True)
@@ -270,10 +278,11 @@ def test_kernels_launch_on_their_inputs_device_not_the_current_one(dtype):
     for bits in (None, 8, 4):
         qw = ok.quantize_weight(w, bits=bits, group_size=128) if bits else w.to(dtype)
         w64 = (qw.dequantize() if bits else qw).double()
-        y = ok.frozen_linear(x, qw)
-        (grad_x,) = torch.autograd.grad(y, x, grad_y)
-        assert y.device == dev and rel_err(y, x.detach().double() @ w64.t()) < TOL[dtype], bits
-        assert rel_err(grad_x, grad_y.double() @ w64) < TOL[dtype], bits
+        for rows in (37, 3):  # 3 tokens: the split-K launches and their reduction
+            y = ok.frozen_linear(x[:rows], qw)
+            (grad_x,) = torch.autograd.grad(y, x, grad_y[:rows])
+            assert y.device == dev and rel_err(y, x[:rows].detach().double() @ w64.t()) < TOL[dtype], bits
+            assert rel_err(grad_x[:rows], grad_y[:rows].double() @ w64) < TOL[dtype], bits
     hidden = x.shape[-1]
     weight = 1 + 0.1 * torch.randn(hidden, device=dev, generator=g)
     x64 = x.detach().double()
@@ -292,6 +301,7 @@ def test_kernels_launch_on_their_inputs_device_not_the_current_one(dtype):
     ref = torch.nn.functional.cross_entropy(logits, labels[0, 1:])
     assert abs(float(loss) - float(ref)) / float(ref) < TOL[dtype]
     assert torch.cuda.current_device() == 0
+    assert len(launched_on) >= 10 and set(launched_on) == {1}
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])

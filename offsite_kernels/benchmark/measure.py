@@ -181,7 +181,8 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         import triton.testing
 
-        ms = triton.testing.do_bench(lambda: torch.mm(a, b), warmup=50, rep=300)
+        with torch.cuda.device(device):  # do_bench's events and synchronisation use the current device
+            ms = triton.testing.do_bench(lambda: torch.mm(a, b), warmup=50, rep=300)
         return 2 * n**3 / (ms * 1e-3)
     times = []
     for i in range(6):

@@ -357,28 +357,51 @@ def split_tile(direction: str, fmt: str, arch: int) -> tuple[int, int]:
     return max(c.kwargs["BLOCK_M"] for c in configs), max(c.kwargs[cols] for c in configs)
 
 
+def _aligned(length: int) -> int:
+    """``length`` rounded up to a whole number of ``SPLIT_ALIGN`` (at least one)."""
+    return max(cdiv(length, SPLIT_ALIGN), 1) * SPLIT_ALIGN
+
+
+def finest_split_length(reduce_len: int) -> int:
+    """The shortest automatic split of ``reduce_len``: ``MIN_SPLIT_LEN`` long, or ``MAX_SPLITS`` pieces."""
+    return max(MIN_SPLIT_LEN, _aligned(cdiv(reduce_len, MAX_SPLITS)))
+
+
+def _balanced_length(reduce_len: int, wanted: int) -> int:
+    """The aligned length of near-equal pieces of ``reduce_len`` that makes at least ``wanted`` of them
+    (rounding a piece up to ``SPLIT_ALIGN`` can make fewer: then try more), else the finest split."""
+    finest = finest_split_length(reduce_len)
+    for pieces in range(wanted, MAX_SPLITS + 1):
+        length = _aligned(cdiv(reduce_len, pieces))
+        if length < finest:
+            break
+        if cdiv(reduce_len, length) >= wanted:
+            return length
+    return finest
+
+
 def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str) -> int:
     """Length of one split of the reduction dimension (``K`` in the forward, ``N`` in the backward)
     for ``m`` tokens and ``out_cols`` output columns: a multiple of ``SPLIT_ALIGN``; one split when
     it is at least ``reduce_len``. Only for ``m <= SPLIT_MAX_M`` (the launches whose tiles the AOT
-    checks compile split, ``aot.split_k_cases``); automatic on a CUDA device: enough splits for about
-    two programs per SM with the largest tile the autotuner may pick (:func:`split_tile`; at most
-    ``MAX_SPLITS``, each at least ``MIN_SPLIT_LEN``)."""
-    whole = max(cdiv(reduce_len, SPLIT_ALIGN), 1) * SPLIT_ALIGN
+    checks compile split, ``aot.split_k_cases``); automatic on a CUDA device: enough near-equal
+    splits for two programs per SM with the largest tile the autotuner may pick (:func:`split_tile`),
+    at most ``MAX_SPLITS`` of them and each at least ``MIN_SPLIT_LEN`` long."""
+    whole = _aligned(reduce_len)
     if m > SPLIT_MAX_M:
         return whole
     setting = split_setting()
-    if setting is None:
-        if device.type != "cuda":
-            return whole
-        tile_rows, tile_cols = split_tile(direction, fmt, gpu_arch(device.index))
-        tiles = cdiv(m, tile_rows) * cdiv(out_cols, tile_cols)  # the fewest programs an unsplit grid may have
-        splits, shortest = min(cdiv(2 * _sm_count(device.index), tiles), MAX_SPLITS), MIN_SPLIT_LEN
-    else:
-        splits, shortest = setting, SPLIT_ALIGN
-    if splits <= 1:
+    if setting is not None:  # forced: that many pieces, aligned (fewer when the reduction is short)
+        return whole if setting <= 1 else min(whole, _aligned(cdiv(reduce_len, setting)))
+    if device.type != "cuda":
         return whole
-    return min(whole, max(cdiv(cdiv(reduce_len, splits), SPLIT_ALIGN) * SPLIT_ALIGN, shortest))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    tile_rows, tile_cols = split_tile(direction, fmt, gpu_arch(index))
+    tiles = cdiv(m, tile_rows) * cdiv(out_cols, tile_cols)  # the fewest programs an unsplit grid may have
+    if tiles == 0:  # no output columns: nothing to split
+        return whole
+    wanted = min(cdiv(2 * _sm_count(index), tiles), MAX_SPLITS)
+    return whole if wanted <= 1 else min(whole, _balanced_length(reduce_len, wanted))
 
 
 def _reduce_splits(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
