@@ -1,7 +1,8 @@
-"""Ahead-of-time compile report of the frozen-linear Triton kernels for A100 (sm_80) and H100/H200 (sm_90).
+"""Ahead-of-time compile report of the frozen-linear Triton kernels for each GPU class: A100 (sm_80), GPUs
+with 99 KiB of shared memory per block (sm_86) and H100/H200 (sm_90).
 
-Needs no GPU: every kernel x weight format x activation dtype x autotune configuration is
-compiled for both architectures and its cubin inspected (registers, spills, shared memory,
+Needs no GPU: every kernel x weight format x activation dtype x autotune configuration of a class is
+compiled for its architecture and its cubin inspected (registers, spills, shared memory,
 tensor-core instructions); see ``offsite_kernels/ops/aot.py``. Writes
 ``bench/results/aot_frozen_linear.json`` (``{"stamp": ..., "rows": [...]}``, replaced
 atomically) and prints a compact table followed by every failed check.
@@ -11,7 +12,7 @@ goes to ``bench/results/aot_fp8_gemm.json`` the same way, for sm_90 and sm_89 (s
 tensor cores): every launch the path can make, each GEMM tile in its three operand layouts, with the
 MMA instruction, async copies (``LDGSTS``) and byte-wise shared stores (``STS.U8``) read from the SASS.
 
-    python bench/aot_report.py [--archs 80 90] [--out PATH] [--fp8-archs 89 90] [--fp8-out PATH]
+    python bench/aot_report.py [--archs 80 86 90] [--out PATH] [--fp8-archs 89 90] [--fp8-out PATH]
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def fp8_report(archs: tuple[int, ...]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", type=int, nargs="+", default=[80, 90], help="compute capabilities x10 (80, 90)")
+    parser.add_argument(
+        "--archs", type=int, nargs="+", default=[80, 86, 90], help="GPU classes, compiled for sm_<class> (80, 86, 90)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--fp8-archs", type=int, nargs="*", default=[89, 90], help="targets of the fp8 path (none: skip)")
     parser.add_argument("--fp8-out", type=Path, default=DEFAULT_FP8_OUT)
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     rows = aot.full_report(tuple(args.archs))
-    split_rows = [aot.compile_case(case, arch) for arch in args.archs for case in aot.split_k_cases()]
+    split_rows = [aot.compile_case(case, arch) for arch in args.archs for case in aot.split_k_cases(arch)]
     seconds = time.perf_counter() - t0
     report = {
         "stamp": _stamp(),

@@ -128,7 +128,7 @@ def _described(kernel: str, fmt: str, cfg: tuple) -> aot.KernelCase:
 
 @pytest.mark.parametrize("arch", aot.ARCHS)
 def test_described_case_compiles_like_the_builtin_report(arch):
-    cfg = aot.config_key(candidate_configs("fwd", "int4")[0])
+    cfg = aot.config_key(candidate_configs("fwd", "int4", arch)[0])
     case = _described("fwd", "int4", cfg)
     row, builtin = aot.compile_case(case, arch), aot.compile_report("fwd", "int4", "bf16", cfg, arch)
     assert row["ok"], aot.case_problems(row)
@@ -145,7 +145,9 @@ def test_described_case_missing_an_argument_is_reported():
 
 # --- split-K (few tokens): the partial-writing variants the autotuner may pick, and the kernel adding them ---------
 SPLIT_CASES = [
-    pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}") for arch in aot.ARCHS for case in aot.split_k_cases()
+    pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}")
+    for arch in aot.ARCHS
+    for case in aot.split_k_cases(arch)
 ]
 
 
@@ -156,8 +158,9 @@ def test_split_k_kernels_compile_without_spills(case, arch):
     assert row["ok"], f"sm_{arch} {case.label}: {aot.case_problems(row)}"
 
 
-def test_split_k_cases_cover_every_format_and_both_kernels():
-    labels = [case.label for case in aot.split_k_cases()]
+@pytest.mark.parametrize("arch", aot.ARCHS)
+def test_split_k_cases_cover_every_format_and_both_kernels(arch):
+    labels = [case.label for case in aot.split_k_cases(arch)]
     for kernel in aot.KERNELS:
         for fmt in aot.FORMATS:
             assert any(label.startswith(f"{kernel} {fmt} bf16 split-K") for label in labels), (kernel, fmt)

@@ -198,18 +198,20 @@ def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():
     pytest.importorskip("triton")
     from offsite_kernels.ops import frozen_linear_triton as k
 
-    def picked(direction, fmt, m):
-        pruned = k._pruner(direction, 80)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
+    def picked(direction, fmt, m, arch=80):
+        pruned = k._pruner(direction, arch)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
         return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in pruned})
 
-    allowed = {(d, f): {k._key(c)[:3] for c in k.candidate_configs(d, f)} for d in ("fwd", "bwd") for f in ("int4", "int8")}
     assert {bm for bm, _, _ in picked("fwd", "int8", 1)} == {16}
     assert {bm for bm, _, _ in picked("fwd", "int8", 5000)} == {64, 128}
     assert {bm for bm, _, _ in picked("bwd", "int4", 8)} == {64}  # int4 backward has no spill-free skinny tile
-    for d in ("fwd", "bwd"):
-        for f in ("int4", "int8"):
-            for m in (1, 16, 33, 300, 20000):
-                assert picked(d, f, m) and set(picked(d, f, m)) <= allowed[(d, f)]
+    assert {bm for bm, _, _ in picked("fwd", "int4", 1, k.SMALL_SHARED)} == {16}  # 3-stage skinny tiles within 99 KiB
+    for arch in (80, k.SMALL_SHARED, k.HOPPER):
+        for d in ("fwd", "bwd"):
+            for f in ("int4", "int8"):
+                allowed = {k._key(c)[:3] for c in k.candidate_configs(d, f, arch)}
+                for m in (1, 16, 33, 300, 20000):
+                    assert picked(d, f, m, arch) and set(picked(d, f, m, arch)) <= allowed, (arch, d, f, m)
     assert k.m_bucket(1) == 1 and k.m_bucket(37) == 64 and k.m_bucket(10**6) == 16384
 
 
@@ -234,13 +236,24 @@ def test_hopper_adds_its_larger_tiles_for_many_tokens_only():
             assert picked(d, f, 1, k.HOPPER) == picked(d, f, 1, 80)  # few tokens: the same skinny tiles
             for m in (1, 16):  # and split launches (M <= 16 only) take tiles the AOT checks compile split
                 split = k._pruner(d, k.HOPPER)(k.gpu_configs(), {"M_BUCKET": m}, FMT=k.FMT_CODES[f], SPLIT_K=True)
-                covered = {case.label.split("split-K ")[1] for case in aot.split_k_cases() if case.label.startswith(f"{d} {f} ")}
+                covered = {
+                    case.label.split("split-K ")[1] for case in aot.split_k_cases(k.HOPPER) if case.label.startswith(f"{d} {f} ")
+                }
                 assert {aot.config_label(c) for c in split} <= covered
     assert not k._HOPPER_TILES.get(("bwd", "int4"))
 
 
 @pytest.mark.parametrize(
-    "capability, shared_kib, arch", [((9, 0), 227, 90), ((9, 0), 99, 80), ((8, 0), 163, 80), ((10, 0), 227, 80), ((8, 9), 99, 80)]
+    "capability, shared_kib, arch",
+    [
+        ((9, 0), 227, 90),
+        ((9, 0), 99, 86),
+        ((8, 0), 163, 80),
+        ((8, 7), 163, 80),
+        ((10, 0), 227, 80),
+        ((8, 9), 99, 86),
+        ((8, 6), 99, 86),
+    ],
 )
 def test_gpu_arch_picks_the_hopper_list_only_for_hopper_class_devices(monkeypatch, capability, shared_kib, arch):
     pytest.importorskip("triton")

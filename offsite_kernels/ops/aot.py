@@ -39,10 +39,15 @@ from . import frozen_linear_triton as _flt
 KERNELS = ("fwd", "bwd")
 FORMATS = tuple(_flt.FMT_CODES)  # dense, int8, int4, fp8
 ACT_DTYPES = ("bf16", "fp16")
-ARCHS = (80, 90)
-ARCH_NAMES = {80: "A100 (sm_80)", 89: "L40S/RTX 4090 (sm_89)", 90: "H100/H200 (sm_90)"}
+ARCHS = (80, 86, 90)  # the frozen linear's GPU classes (frozen_linear_triton.gpu_arch), each compiled for its sm_
+ARCH_NAMES = {
+    80: "A100 (sm_80)",
+    86: "RTX 3090/A10 (sm_86; sm_89's L4/L40S/RTX 4090 share its 99 KiB)",
+    89: "L40S/RTX 4090 (sm_89)",
+    90: "H100/H200 (sm_90)",
+}
 # cudaDevAttrMaxSharedMemoryPerBlockOptin: what one block may use, static + dynamic.
-SHARED_LIMITS = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # 166912, 101376, 232448 bytes
+SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # 166912, 101376, 101376, 232448 bytes
 # tensor-core MMAs in SASS: bf16/fp16 (HMMA; HGMMA = Hopper's warpgroup MMA) and fp8 (QMMA on Ada; QGMMA on Hopper)
 MMA_MNEMONICS = ("HGMMA", "HMMA", "QGMMA", "QMMA")
 TENSOR_CORE_MNEMONICS = {80: "HMMA", 90: "HGMMA"}
@@ -401,18 +406,15 @@ def _compile_case_report(case_json: str, arch: int) -> tuple[tuple[str, Any], ..
     return tuple(row.items())
 
 
-def split_k_cases() -> list[KernelCase]:
-    """The split-K launches (``frozen_linear_triton.split_length``): for each kernel and weight format, the
-    configurations the autotuner keeps for M <= 16 with the partial-writing epilogue (bf16 activations),
-    and the kernel that adds the partials (bf16, fp16 and fp32 outputs, with and without a bias)."""
+def split_k_cases(arch: int) -> list[KernelCase]:
+    """The split-K launches (``frozen_linear_triton.split_length``) on GPU class ``arch``: for each kernel and
+    weight format, the configurations its autotuner keeps for M <= 16 with the partial-writing epilogue
+    (bf16 activations), and the kernel that adds the partials (bf16, fp16 and fp32 outputs, with and
+    without a bias)."""
     cases = []
     for kernel in KERNELS:
         for fmt in FORMATS:
-            picks = (
-                _flt._pruner(kernel, arch)(_flt.gpu_configs(), {"M_BUCKET": 16}, FMT=_flt.FMT_CODES[fmt], SPLIT_K=True)
-                for arch in (80, _flt.HOPPER)
-            )
-            configs = {config_key(c): c for arch_configs in picks for c in arch_configs}.values()
+            configs = _flt._pruner(kernel, arch)(_flt.gpu_configs(), {"M_BUCKET": 16}, FMT=_flt.FMT_CODES[fmt], SPLIT_K=True)
             for config in configs:
                 key = config_key(config)
                 sig, constexprs, attrs = kernel_signature(kernel, fmt, "bf16", key, split_k=True)

@@ -213,6 +213,19 @@ _HOPPER_TILES = {
     ("fwd", "int4"): ((128, 128, 64, 8, 4),),
     ("bwd", "any"): ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4)),
 }  # fmt: skip
+# GPUs with less shared memory per block than an A100's 163 KiB (sm_86 and sm_89: RTX 3090/4090, A10,
+# L4, L40S; 99 KiB) cannot run the tiles above that need more: int4's 16- and 32-row forward tiles
+# (118-136 KiB with 4 stages) and the 128x128x64 tiles of both directions but the dense/int8 forward.
+# Their own lists swap in 3-stage skinny int4 tiles (84-96 KiB) and drop the rest: every tile compiles
+# for sm_86 without spills within 99 KiB (Triton 3.6 and 3.9). Without them an int4 forward at
+# M <= 32 had no tile that fits, and failed.
+SMALL_SHARED = 86
+A100_SHARED_BYTES = 163 * 1024
+_SMALL_SHARED_TILES = {
+    ("fwd", "int4"): ((16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 128, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3)),
+    ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)),
+    ("bwd", "int4"): ((64, 64, 64, 4, 4),),
+}  # fmt: skip
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
 
@@ -221,28 +234,33 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 
 def _tiles(direction: str, kind: str, arch: int) -> tuple:
-    """The candidate tiles of ``(direction, kind)`` ("int4" or "any") on ``arch`` (80 or 90)."""
+    """The candidate tiles of ``(direction, kind)`` ("int4" or "any") on GPU class ``arch`` (80, 86 or 90)."""
+    if arch == SMALL_SHARED:
+        return _SMALL_SHARED_TILES.get((direction, kind), _CANDIDATES[(direction, kind)])
     return _CANDIDATES[(direction, kind)] + (_HOPPER_TILES.get((direction, kind), ()) if arch == HOPPER else ())
 
 
 def candidate_configs(direction: str, fmt: str, arch: int = 80) -> list[triton.Config]:
-    """The configurations the autotuner may pick for ``direction`` ("fwd"/"bwd") and weight ``fmt`` on
-    ``arch`` (80: the list every GPU shares; 90: with Hopper's larger tiles)."""
+    """The configurations the autotuner may pick for ``direction`` ("fwd"/"bwd") and weight ``fmt`` on GPU
+    class ``arch`` (80: A100-class; 86: 99 KiB of shared memory per block; 90: with Hopper's larger tiles)."""
     return [_config(*c) for c in _tiles(direction, "int4" if fmt == "int4" else "any", arch)]
 
 
 def gpu_configs() -> list[triton.Config]:
     """Every configuration of any direction, format and architecture (the autotuners' full lists)."""
-    seen = dict.fromkeys(c for lists in (_CANDIDATES, _HOPPER_TILES) for cs in lists.values() for c in cs)
-    return [_config(*c) for c in seen]
+    lists = (_CANDIDATES, _HOPPER_TILES, _SMALL_SHARED_TILES)
+    return [_config(*c) for c in dict.fromkeys(c for tiles in lists for cs in tiles.values() for c in cs)]
 
 
 @functools.cache
 def gpu_arch(device_index: int) -> int:
-    """The candidate list of a CUDA device: 90 (Hopper-class, see ``_HOPPER_TILES``), else 80."""
+    """The candidate list of a CUDA device: 90 (Hopper-class, see ``_HOPPER_TILES``), 86 (less shared
+    memory per block than an A100, see ``_SMALL_SHARED_TILES``), else 80."""
     major, _ = torch.cuda.get_device_capability(device_index)
     smem = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-    return HOPPER if major == 9 and smem >= HOPPER_SHARED_BYTES else 80
+    if major == 9 and smem >= HOPPER_SHARED_BYTES:
+        return HOPPER
+    return SMALL_SHARED if smem < A100_SHARED_BYTES else 80
 
 
 def device_arch(t: torch.Tensor) -> int:
