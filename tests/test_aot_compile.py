@@ -144,11 +144,12 @@ def test_described_case_missing_an_argument_is_reported():
 
 
 # --- split-K (few tokens): the partial-writing variants the autotuner may pick, and the kernel adding them ---------
-SPLIT_CASES = [
-    pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}")
-    for arch in aot.ARCHS
-    for case in aot.split_k_cases(arch)
-]
+def _case_params(archs, cases_of) -> list:
+    """One pytest parameter per (case, arch), ``cases_of(arch)`` giving an architecture's cases."""
+    return [pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}") for arch in archs for case in cases_of(arch)]
+
+
+SPLIT_CASES = _case_params(aot.ARCHS, aot.split_k_cases)
 
 
 @pytest.mark.parametrize("case,arch", SPLIT_CASES)
@@ -168,11 +169,7 @@ def test_split_k_cases_cover_every_format_and_both_kernels(arch):
 
 
 # --- the fp8 tensor-core path (offsite_kernels/ops/fp8_gemm_triton.py): sm_90 and sm_89, never sm_80 ---------
-FP8_CASES = [
-    pytest.param(case, arch, id=f"sm{arch}-{case.label.replace(' ', '_')}")
-    for arch in fp8k.AOT_TARGETS
-    for case in fp8k.aot_cases(arch)
-]
+FP8_CASES = _case_params(fp8k.AOT_TARGETS, fp8k.aot_cases)
 
 
 @pytest.mark.parametrize("case,arch", FP8_CASES)
