@@ -391,11 +391,8 @@ def _best_config(direction: str, fp8_gemm: bool = False) -> str | None:
 
     if not torch.cuda.is_available():
         return None
-    device = torch.empty(0, device="cuda")
-    if fp8_gemm:
-        launcher = f8.autotuned_gemm(f8.device_target(device))
-    else:
-        launcher = flt.autotuned_launch(direction, flt.device_arch(device))
+    index = torch.cuda.current_device()  # where the benchmark's tensors are
+    launcher = f8.autotuned_gemm(f8.gpu_target(index)) if fp8_gemm else flt.autotuned_launch(direction, flt.gpu_arch(index))
     config = getattr(launcher, "last_config", None)
     return None if config is None else str(config)
 
@@ -572,12 +569,13 @@ def _splits(x: Any, fmt: str, m: int, n: int, k: int, fwd: bool) -> int | None:
     """How many splits of the reduction the Triton frozen linear takes for this call (split-K at few tokens);
     None where another backend serves it (the native skinny GEMM, if the dispatch table picks it)."""
     from offsite_kernels.ops.frozen_linear import _pick
-    from offsite_kernels.ops.frozen_linear_triton import split_length
+    from offsite_kernels.ops.frozen_linear_triton import split_plan
 
-    if _pick(x, fmt, "fwd" if fwd else "bwd") != "triton":
+    direction = "fwd" if fwd else "bwd"
+    if _pick(x, fmt, direction) != "triton":
         return None
     reduce_len, cols = (k, n) if fwd else (n, k)
-    return -(-reduce_len // split_length(m, cols, reduce_len, x.device, "fwd" if fwd else "bwd", fmt))
+    return split_plan(m, cols, reduce_len, x.device, direction, fmt)[1]
 
 
 def _unsplit_variant(ctx: Context, base: dict[str, Any], fmt: str, fn: Callable, ref: Any, qw: Any, act_bytes: int) -> dict:

@@ -288,8 +288,12 @@ def test_kernels_launch_on_their_inputs_device_not_the_current_one(dtype, monkey
     x64 = x.detach().double()
     y = rms_norm(x, weight, 1e-6)
     assert rel_err(y, x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()) < TOL[dtype]
-    (grad_x,) = torch.autograd.grad(y, x, torch.ones_like(y))
-    assert torch.isfinite(grad_x).all() and grad_x.device == dev
+    grad_y = torch.randn(y.shape, device=dev, generator=g).to(dtype)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    x64_leaf = x64.clone().requires_grad_(True)
+    y64 = x64_leaf * torch.rsqrt(x64_leaf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    (grad_ref,) = torch.autograd.grad(y64, x64_leaf, grad_y.double())
+    assert grad_x.device == dev and rel_err(grad_x, grad_ref) < TOL[dtype]
     y = layer_norm(x, weight, None, 1e-5)
     assert rel_err(y, torch.nn.functional.layer_norm(x64, (hidden,), weight.double(), None, 1e-5)) < TOL[dtype]
     bias = torch.randn(hidden, device=dev, generator=g).to(dtype)

@@ -35,6 +35,7 @@ import triton
 import triton.language
 
 from . import frozen_linear_triton as _flt
+from . import triton_common
 
 KERNELS = ("fwd", "bwd")
 FORMATS = tuple(_flt.FMT_CODES)  # dense, int8, int4, fp8
@@ -47,7 +48,12 @@ ARCH_NAMES = {
     90: "H100/H200 (sm_90)",
 }
 # cudaDevAttrMaxSharedMemoryPerBlockOptin: what one block may use, static + dynamic.
-SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # 166912, 101376, 101376, 232448 bytes
+SHARED_LIMITS = {  # 166912, 101376, 101376, 232448 bytes
+    80: triton_common.A100_SHARED_BYTES,
+    86: triton_common.SMALL_SHARED_BYTES,
+    89: triton_common.SMALL_SHARED_BYTES,
+    90: triton_common.HOPPER_SHARED_BYTES,
+}
 # tensor-core MMAs in SASS: bf16/fp16 (HMMA; HGMMA = Hopper's warpgroup MMA) and fp8 (QMMA on Ada; QGMMA on Hopper)
 MMA_MNEMONICS = ("HGMMA", "HMMA", "QGMMA", "QMMA")
 TENSOR_CORE_MNEMONICS = {80: "HMMA", 90: "HGMMA"}

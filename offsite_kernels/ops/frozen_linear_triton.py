@@ -23,7 +23,7 @@ import triton.language as tl
 import triton.testing
 
 from ..backends import triton_interpreter_enabled
-from .triton_common import HOPPER_SHARED_BYTES, _cast, _grouped_tile, triton_version
+from .triton_common import A100_SHARED_BYTES, HOPPER_SHARED_BYTES, _cast, _grouped_tile, triton_version
 from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2, on_input_device, output
 
 FMT_CODES = {"dense": 0, "int8": 1, "int4": 2, "fp8": 3}
@@ -220,7 +220,6 @@ _HOPPER_TILES = {
 # for sm_86 without spills within 99 KiB (Triton 3.6 and 3.9). Without them an int4 forward at
 # M <= 32 had no tile that fits, and failed.
 SMALL_SHARED = 86
-A100_SHARED_BYTES = 163 * 1024
 _SMALL_SHARED_TILES = {
     ("fwd", "int4"): ((16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 128, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3)),
     ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)),
@@ -398,6 +397,13 @@ def _balanced_length(reduce_len: int, wanted: int) -> int:
     return finest
 
 
+def split_plan(m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str) -> tuple[int, int]:
+    """``(length of a split, number of splits)`` of a launch (:func:`split_length`); one split, at least,
+    when the reduction is empty (each output tile still writes the bias or zeros)."""
+    length = split_length(m, out_cols, reduce_len, device, direction, fmt)
+    return length, max(cdiv(reduce_len, length), 1)
+
+
 def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str) -> int:
     """Length of one split of the reduction dimension (``K`` in the forward, ``N`` in the backward)
     for ``m`` tokens and ``out_cols`` output columns: a multiple of ``SPLIT_ALIGN``; one split when
@@ -485,8 +491,7 @@ def frozen_linear_fwd(
         return y
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
-    length = split_length(m, n, k, x.device, "fwd", fmt)
-    splits = max(cdiv(k, length), 1)  # K = 0: one program per tile still writes the bias (or zeros)
+    length, splits = split_plan(m, n, k, x.device, "fwd", fmt)
     ws = x.new_empty((splits, m, n), dtype=torch.float32) if splits > 1 else y  # y: a placeholder, never written as ws
     args = (x, w, s, z, bias if bias is not None else y, y, ws, m, n, k, m_bucket(m), length)
     args += (stride_xm, stride_xk, stride_wn, stride_sn, n, 1)
@@ -524,8 +529,7 @@ def frozen_linear_bwd(
     if m == 0:
         return dx
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
-    length = split_length(m, k, n, grad_y.device, "bwd", fmt)
-    splits = max(cdiv(n, length), 1)  # N = 0: one program per tile still writes the zeros
+    length, splits = split_plan(m, k, n, grad_y.device, "bwd", fmt)
     ws = grad_y.new_empty((splits, m, k), dtype=torch.float32) if splits > 1 else dx  # dx: a placeholder
     args = (grad_y, w, s, z, dx, ws, m, n, k, m_bucket(m), length)
     args += (stride_dym, stride_dyn, stride_wn, stride_sn, k, 1)

@@ -8,8 +8,11 @@ import re
 import triton
 import triton.language as tl
 
-# shared memory one block may use (opt-in) on Hopper-class GPUs: what their own tile lists are checked against
+# shared memory one block may use (opt-in): Hopper-class GPUs, A100s, and sm_86/sm_89 cards (RTX 3090/4090, A10,
+# L4, L40S); what each class's tile lists are checked against ahead of time (ops/aot.py)
 HOPPER_SHARED_BYTES = 227 * 1024
+A100_SHARED_BYTES = 163 * 1024
+SMALL_SHARED_BYTES = 99 * 1024
 
 
 @functools.cache
