@@ -1,7 +1,8 @@
 """Ahead-of-time compile report of the frozen-linear Triton kernels for each GPU class: A100 (sm_80), GPUs
 with 99 KiB of shared memory per block (sm_86) and H100/H200 (sm_90).
 
-Needs no GPU: every kernel x weight format x activation dtype x autotune configuration of a class is
+Needs no GPU: every kernel x weight format x activation dtype (bf16, fp16, fp32 on TF32 tensor cores
+"tf32", exact fp32 "fp32") x autotune configuration of a class is
 compiled for its architecture and its cubin inspected (registers, spills, shared memory,
 tensor-core instructions); see ``offsite_kernels/ops/aot.py``. Writes
 ``bench/results/aot_frozen_linear.json`` (``{"stamp": ..., "rows": [...]}``, replaced
@@ -83,7 +84,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if not r["compiled"]:
             lines.append(f"sm{r['arch']:<3} {r['kernel']:<4} {r['fmt']:<5} {r['act_dtype']:<5} {r['config']:<17} COMPILE ERROR")
             continue
-        checks = (("spills", r["spills"]), ("shared", not r["shared_ok"]), ("no-mma", not r["tensor_core_ok"]))
+        mma_check = "no-mma" if r["tensor_core_expected"] else "mma-in-fp32"  # exact fp32 must not use tensor cores
+        checks = (("spills", r["spills"]), ("shared", not r["shared_ok"]), (mma_check, not r["tensor_core_ok"]))
         status = "ok" if r["ok"] else "FAIL: " + ", ".join(name for name, bad in checks if bad)
         lines.append(
             f"sm{r['arch']:<3} {r['kernel']:<4} {r['fmt']:<5} {r['act_dtype']:<5} {r['config']:<17} {r['registers']:>4} "
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(seconds, 1),
         "shared_limits": {f"sm_{a}": aot.SHARED_LIMITS[a] for a in args.archs},
         "assumptions": "contiguous row-major tensors, 16-byte-aligned pointers, N/K/row strides multiples of 16, "
-        f"int4 group size {aot.INT4_GROUP}, forward with bias, DOT_PRECISION=ieee, UPCAST_DOT=False",
+        f"int4 group size {aot.INT4_GROUP}, forward with bias, DOT_PRECISION=ieee (tf32 for the tf32 rows: fp32 "
+        "activations with TF32 allowed; fp32 rows: exact fp32), INTERPRETER_BF16=False",
         "rows": rows,
         "split_k_rows": split_rows,  # the split-K launches of M <= 16 and the kernel that adds their partials
     }

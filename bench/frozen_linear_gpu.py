@@ -569,13 +569,13 @@ def _splits(x: Any, fmt: str, m: int, n: int, k: int, fwd: bool) -> int | None:
     """How many splits of the reduction the Triton frozen linear takes for this call (split-K at few tokens);
     None where another backend serves it (the native skinny GEMM, if the dispatch table picks it)."""
     from offsite_kernels.ops.frozen_linear import _pick
-    from offsite_kernels.ops.frozen_linear_triton import split_plan
+    from offsite_kernels.ops.frozen_linear_triton import gemm_operands, split_plan
 
     direction = "fwd" if fwd else "bwd"
     if _pick(x, fmt, direction) != "triton":
         return None
     reduce_len, cols = (k, n) if fwd else (n, k)
-    return split_plan(m, cols, reduce_len, x.device, direction, fmt)[1]
+    return split_plan(m, cols, reduce_len, x.device, direction, fmt, gemm_operands(x.dtype))[1]
 
 
 def _unsplit_variant(ctx: Context, base: dict[str, Any], fmt: str, fn: Callable, ref: Any, qw: Any, act_bytes: int) -> dict:

@@ -16,7 +16,9 @@ has no fp8 tensor cores and runs weight-only fp8): its GEMM must show e4m3 x e4m
 
 Coverage: every configuration the autotuner may pick for each kernel and weight format on each
 architecture (``candidate_configs``: sm_90 adds Hopper's larger tiles), with bf16 activations; fp16 compiles to the same
-resources, so it gets one configuration per (kernel, format), rotating through the list.
+resources, so it gets one configuration per (kernel, format), rotating through the list. fp32 activations
+have their own lists, each checked whole: on TF32 tensor cores ("tf32": HMMA/HGMMA with TF32 operands)
+and as exact fp32 FMAs ("fp32": no tensor-core MMA may appear).
 ``bench/aot_report.py`` writes the full matrix (both dtypes) to bench/results/.
 Under ``TRITON_INTERPRET=1`` (set by conftest on CPU machines) the compiles run in one worker
 process with the interpreter off.
@@ -45,6 +47,9 @@ def _cases() -> list:
                 configs = [aot.config_key(c) for c in candidate_configs(kernel, fmt, arch)]
                 chosen += [(kernel, fmt, "bf16", cfg, arch) for cfg in configs]
                 chosen.append((kernel, fmt, "fp16", configs[i % len(configs)], arch))
+                for dtype in ("tf32", "fp32"):  # fp32 activations: their own lists, every tile
+                    fp32 = candidate_configs(kernel, fmt, arch, aot.ACT_OPERANDS[dtype])
+                    chosen += [(kernel, fmt, dtype, aot.config_key(c), arch) for c in fp32]
     return [
         pytest.param(
             kernel, fmt, dtype, cfg, arch, id=f"sm{arch}-{kernel}-{fmt}-{dtype}-{aot.config_label(cfg).replace(' ', '_')}"
@@ -72,8 +77,11 @@ def test_compiles(kernel, fmt, dtype, cfg, arch):
 @pytest.mark.parametrize(ARGS, CASES)
 def test_uses_tensor_cores(kernel, fmt, dtype, cfg, arch):
     row = _report(kernel, fmt, dtype, cfg, arch)
-    want = aot.expected_tensor_core(arch, cfg[0])
-    assert row["tensor_core_ok"], f"no {want} in the sm_{arch} SASS (found: {row['tensor_core_mnemonic']})"
+    want = aot.expected_tensor_core(arch, cfg[0], dtype)
+    if want is None:  # exact fp32 (PyTorch's default for fp32 matmuls): FMAs, never TF32 tensor cores
+        assert not row["tensor_core"], f"{row['tensor_core_mnemonic']} in an exact-fp32 GEMM on sm_{arch}"
+    else:
+        assert row["tensor_core_ok"], f"no {want} in the sm_{arch} SASS (found: {row['tensor_core_mnemonic']})"
 
 
 @pytest.mark.parametrize(ARGS, CASES)
@@ -160,11 +168,12 @@ def test_split_k_kernels_compile_without_spills(case, arch):
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS)
-def test_split_k_cases_cover_every_format_and_both_kernels(arch):
+def test_split_k_cases_cover_every_format_dtype_and_both_kernels(arch):
     labels = [case.label for case in aot.split_k_cases(arch)]
     for kernel in aot.KERNELS:
         for fmt in aot.FORMATS:
-            assert any(label.startswith(f"{kernel} {fmt} bf16 split-K") for label in labels), (kernel, fmt)
+            for dtype in ("bf16", "tf32", "fp32"):
+                assert any(label.startswith(f"{kernel} {fmt} {dtype} split-K") for label in labels), (kernel, fmt, dtype)
     assert sum(label.startswith("split-K reduce") for label in labels) == 6
 
 

@@ -199,7 +199,7 @@ def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():
     from offsite_kernels.ops import frozen_linear_triton as k
 
     def picked(direction, fmt, m, arch=80):
-        pruned = k._pruner(direction, arch)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
+        pruned = k.pruned_configs(k.gpu_configs(), direction, arch, fmt, k.m_bucket(m))
         return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in pruned})
 
     assert {bm for bm, _, _ in picked("fwd", "int8", 1)} == {16}
@@ -221,7 +221,7 @@ def test_hopper_adds_its_larger_tiles_for_many_tokens_only():
     from offsite_kernels.ops import frozen_linear_triton as k
 
     def picked(direction, fmt, m, arch):
-        pruned = k._pruner(direction, arch)(k.gpu_configs(), {"FMT": k.FMT_CODES[fmt], "M_BUCKET": k.m_bucket(m)})
+        pruned = k.pruned_configs(k.gpu_configs(), direction, arch, fmt, k.m_bucket(m))
         return {k._key(c) for c in pruned}
 
     for d in ("fwd", "bwd"):
@@ -235,9 +235,11 @@ def test_hopper_adds_its_larger_tiles_for_many_tokens_only():
             assert hopper <= picked(d, f, 20000, k.HOPPER)  # all of them tuned for many tokens
             assert picked(d, f, 1, k.HOPPER) == picked(d, f, 1, 80)  # few tokens: the same skinny tiles
             for m in (1, 16):  # and split launches (M <= 16 only) take tiles the AOT checks compile split
-                split = k._pruner(d, k.HOPPER)(k.gpu_configs(), {"M_BUCKET": m}, FMT=k.FMT_CODES[f], SPLIT_K=True)
+                split = k.pruned_configs(k.gpu_configs(), d, k.HOPPER, f, m, split=True)
                 covered = {
-                    case.label.split("split-K ")[1] for case in aot.split_k_cases(k.HOPPER) if case.label.startswith(f"{d} {f} ")
+                    case.label.split("split-K ")[1]
+                    for case in aot.split_k_cases(k.HOPPER)
+                    if case.label.startswith(f"{d} {f} bf16 ")
                 }
                 assert {aot.config_label(c) for c in split} <= covered
     assert not k._HOPPER_TILES.get(("bwd", "int4"))

@@ -127,19 +127,21 @@ def test_automatic_splits_fill_the_gpu_for_few_tokens(sms):
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4", "fp8"])
-def test_automatic_splits_give_every_tile_the_autotuner_may_pick_two_programs_per_sm(sms, direction, fmt):
+@pytest.mark.parametrize("operands", flt.OPERANDS)
+def test_automatic_splits_give_every_tile_the_autotuner_may_pick_two_programs_per_sm(sms, direction, fmt, operands):
     """Whichever tile the autotuner keeps for a split launch, the grid has at least two programs per SM,
-    unless the split is already as fine as allowed (MAX_SPLITS, or MIN_SPLIT_LEN long)."""
-    configs = flt._pruner(direction, flt.HOPPER)(flt.gpu_configs(), {"M_BUCKET": 16}, FMT=flt.FMT_CODES[fmt], SPLIT_K=True)
+    unless the split is already as fine as allowed (MAX_SPLITS, or MIN_SPLIT_LEN long); for bf16/fp16 and
+    both kinds of fp32 activations, whose tiles differ."""
+    configs = flt.pruned_configs(flt.gpu_configs(), direction, flt.HOPPER, fmt, 16, split=True, operands=operands)
     cols = "BLOCK_N" if direction == "fwd" else "BLOCK_K"
-    assert flt.split_tile(direction, fmt, flt.HOPPER) == (
+    assert flt.split_tile(direction, fmt, flt.HOPPER, operands) == (
         max(c.kwargs["BLOCK_M"] for c in configs),
         max(c.kwargs[cols] for c in configs),
     )
     shapes = [(m, c, r) for m in (1, 16) for c in range(64, 12000, 331) for r in range(128, 20000, 487)]
     shapes += [(1, 2048, 2048), (16, 1600, 1600), (1, 11008, 4096), (5, 4096, 11008), (1, 2304, 8192)]
     for m, out_cols, reduce_len in shapes:
-        length = flt.split_length(m, out_cols, reduce_len, CUDA, direction, fmt)
+        length = flt.split_length(m, out_cols, reduce_len, CUDA, direction, fmt, operands)
         splits = -(-reduce_len // length)
         assert length % flt.SPLIT_ALIGN == 0 and 1 <= splits <= flt.MAX_SPLITS
         finest = length == min(flt.finest_split_length(reduce_len), -(-reduce_len // flt.SPLIT_ALIGN) * flt.SPLIT_ALIGN)
@@ -186,20 +188,20 @@ def test_a_bad_setting_names_the_variable_and_the_choices(monkeypatch, value):
 
 def test_split_lengths_are_whole_blocks_of_every_candidate_tile():
     # the reduction tile: BLOCK_K in the forward, BLOCK_N in the backward, on every architecture's list
-    for arch in (80, flt.HOPPER):
+    for arch in (80, flt.SMALL_SHARED, flt.HOPPER):
         for fmt in flt.FMT_CODES:
-            assert all(flt.SPLIT_ALIGN % c.kwargs["BLOCK_K"] == 0 for c in flt.candidate_configs("fwd", fmt, arch))
-            assert all(flt.SPLIT_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in flt.candidate_configs("bwd", fmt, arch))
+            for ops in flt.OPERANDS:
+                assert all(flt.SPLIT_ALIGN % c.kwargs["BLOCK_K"] == 0 for c in flt.candidate_configs("fwd", fmt, arch, ops))
+                assert all(flt.SPLIT_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in flt.candidate_configs("bwd", fmt, arch, ops))
     assert flt.SPLIT_ALIGN % flt.INTERPRETER_CONFIG["BLOCK_K"] == 0
     assert flt.SPLIT_ALIGN % flt.INTERPRETER_CONFIG["BLOCK_N"] == 0
 
 
 @pytest.mark.parametrize("direction, fmt", [("fwd", "int4"), ("bwd", "int8"), ("fwd", "int8"), ("bwd", "int4")])
 def test_split_launches_never_tune_the_excluded_tiles(direction, fmt):
-    code = flt.FMT_CODES[fmt]
     for m in (1, 16):
-        split = flt._pruner(direction, 80)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=True)
-        unsplit = flt._pruner(direction, 80)(flt.gpu_configs(), {"M_BUCKET": m}, FMT=code, SPLIT_K=False)
+        split = flt.pruned_configs(flt.gpu_configs(), direction, 80, fmt, m, split=True)
+        unsplit = flt.pruned_configs(flt.gpu_configs(), direction, 80, fmt, m, split=False)
         kind = (direction, "int4" if fmt == "int4" else "any")
         excluded = flt._SPLIT_EXCLUDED.get(kind, set())
         kept = {flt._key(c) for c in split}

@@ -84,6 +84,32 @@ def test_frozen_linear_forward_and_input_grad(fmt, m, n, k, dtype):
     assert rel_err(grad_x, grad_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("fmt", [8, 4, "fp8", None])
+@pytest.mark.parametrize("m", [1, 37, 1029])
+def test_frozen_linear_fp32_runs_on_its_own_tiles(fmt, m, tf32, monkeypatch):
+    """fp32 activations: TF32 tensor cores where PyTorch allows them, else exact fp32 FMAs, each on its own
+    tile list (the 16-bit tiles spill or overflow shared memory on fp32 operands)."""
+    from offsite_kernels.ops import frozen_linear_triton as flt
+
+    monkeypatch.setattr(flt, "tf32_enabled", lambda: tf32)
+    n, k = 515, 1152
+    w = rand(n, k, seed=1) * 0.05
+    qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w
+    w_hat = (qw.dequantize() if fmt is not None else qw).double()
+    x = rand(m, k, seed=5).requires_grad_(True)
+    y = ok.frozen_linear(x, qw)
+    grad_y = rand(*y.shape, seed=6)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    tol = 1e-2 if tf32 else TOL[torch.float32]
+    assert rel_err(y, x.detach().double() @ w_hat.t()) < tol
+    assert rel_err(grad_x, grad_y.double() @ w_hat) < tol
+    arch, operands = flt.gpu_arch(torch.cuda.current_device()), flt.TF32 if tf32 else flt.FP32
+    for direction in ("fwd", "bwd"):
+        chosen = flt._key(flt.autotuned_launch(direction, arch).last_config)
+        assert chosen in {flt._key(c) for c in flt.candidate_configs(direction, qw.format if fmt else "dense", arch, operands)}
+
+
 @pytest.mark.parametrize("fmt", [8, 4, None])
 def test_frozen_linear_cached_configuration_launches_match(fmt, monkeypatch):
     """After a key's first launch through Triton's autotuner, launches of that key go straight to the kernel

@@ -35,23 +35,32 @@ def autotuned(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(tuned, "do_bench", lambda fn, quantiles=None: [1.0, 1.0, 1.0] if quantiles else 1.0)
 
 
+# fp32 activations with exact fp32 FMAs (PyTorch's default) or with TF32 allowed, and fp16 (bf16 needs the
+# interpreter flag that this fixture turns off with the interpreter branch): each has its own tile lists
+ACTIVATIONS = [(torch.float32, False), (torch.float32, True), (torch.float16, False)]
+
+
 @pytest.mark.parametrize("bits", [None, 8, 4])
 @pytest.mark.parametrize("m", [1, 40, 300])
-def test_autotuned_kernels_prune_launch_and_match(autotuned, bits, m):
+@pytest.mark.parametrize("dtype,tf32", ACTIVATIONS, ids=["fp32", "fp32-tf32", "fp16"])
+def test_autotuned_kernels_prune_launch_and_match(autotuned, monkeypatch, bits, m, dtype, tf32):
+    monkeypatch.setattr(k, "tf32_enabled", lambda: tf32)
     n, kk = 48, 256
     qw = ok.quantize_weight(torch.randn(n, kk, generator=gen(m)), bits=bits, group_size=128)
     w64 = qw.dequantize().double()
-    x = torch.randn(m, kk, generator=gen(m + 1))
+    x = torch.randn(m, kk, generator=gen(m + 1)).to(dtype)
+    tol = 1e-3 if dtype == torch.float32 else 0.05
     y = k.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, None, qw.format, qw.group_size, n)
-    assert float((y.double() - x.double() @ w64.T).abs().max()) < 1e-3
-    dy = torch.randn(m, n, generator=gen(m + 2))
+    assert float((y.double() - x.double() @ w64.T).abs().max()) < tol
+    dy = torch.randn(m, n, generator=gen(m + 2)).to(dtype)
     dx = k.frozen_linear_bwd(dy, qw.data, qw.scales, qw.zeros, qw.format, qw.group_size, kk)
-    assert float((dx.double() - dy.double() @ w64).abs().max()) < 1e-3
-    # the autotuner chose among the checked candidates of this format and M bucket
-    fmt = "int4" if bits == 4 else "any"
+    assert float((dx.double() - dy.double() @ w64).abs().max()) < tol
+    # the autotuner chose among the checked candidates of this format, operands and M bucket
+    operands = k.HALF if dtype != torch.float32 else k.TF32 if tf32 else k.FP32
+    assert k.gemm_operands(dtype) == operands
     for direction in ("fwd", "bwd"):
         (best,) = k.autotuned_launch(direction, 80).tuned.cache.values()
-        assert k._key(best) in k._CANDIDATES[(direction, fmt)]
+        assert k._key(best) in {k._key(c) for c in k.candidate_configs(direction, qw.format, 80, operands)}
 
 
 def test_a_keys_later_launches_skip_the_autotuner_with_its_choice(autotuned, monkeypatch):

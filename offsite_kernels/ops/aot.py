@@ -5,13 +5,15 @@ Triton compiles for any NVIDIA target on a CPU-only machine (``triton.compile`` 
 resource usage and its SASS. For every kernel x weight format x activation dtype x autotune
 configuration x architecture this module reports registers, stack bytes (register spills),
 shared memory against the device limit, and whether the GEMM runs on tensor cores (``HGMMA``,
-Hopper's warpgroup MMA, on sm_90; ``HMMA`` on sm_80). Other kernels describe their launches as
+Hopper's warpgroup MMA, on sm_90; ``HMMA`` on sm_80; TF32 ones for fp32 activations where TF32 is
+allowed) or, for exact fp32 activations, on none. Other kernels describe their launches as
 :class:`KernelCase` objects (the fp8 GEMM: ``QGMMA ... E4M3`` on sm_90, ``QMMA`` on sm_89).
 
 Arguments are specialised the way the JIT specialises a typical launch: contiguous row-major
 tensors (unit inner strides become the constant 1), 16-byte-aligned pointers, ``N``, ``K`` and
 the row strides multiples of 16, ``M`` arbitrary; int4 uses group size 128, its per-group
-scale stride is left unspecialised. ``DOT_PRECISION="ieee"`` and the interpreter-only switch (``INTERPRETER_BF16``) False, as on a GPU.
+scale stride is left unspecialised. ``DOT_PRECISION`` "ieee" ("tf32" for the TF32 variants) and the
+interpreter-only switch (``INTERPRETER_BF16``) False, as on a GPU.
 
 Nothing here needs a GPU, and nothing here runs a kernel.
 """
@@ -39,7 +41,10 @@ from . import triton_common
 
 KERNELS = ("fwd", "bwd")
 FORMATS = tuple(_flt.FMT_CODES)  # dense, int8, int4, fp8
-ACT_DTYPES = ("bf16", "fp16")
+# activation dtypes: "tf32" is fp32 activations with TF32 allowed (DOT_PRECISION "tf32"), "fp32" with exact fp32 FMAs
+ACT_DTYPES = ("bf16", "fp16", "tf32", "fp32")
+ACT_OPERANDS = {"bf16": _flt.HALF, "fp16": _flt.HALF, "tf32": _flt.TF32, "fp32": _flt.FP32}
+_ACT_POINTERS = {"bf16": "*bf16", "fp16": "*fp16", "tf32": "*fp32", "fp32": "*fp32"}
 ARCHS = (80, 86, 90)  # the frozen linear's GPU classes (frozen_linear_triton.gpu_arch), each compiled for its sm_
 ARCH_NAMES = {
     80: "A100 (sm_80)",
@@ -57,13 +62,17 @@ SHARED_LIMITS = {  # 166912, 101376, 101376, 232448 bytes
 # tensor-core MMAs in SASS: bf16/fp16 (HMMA; HGMMA = Hopper's warpgroup MMA) and fp8 (QMMA on Ada; QGMMA on Hopper)
 MMA_MNEMONICS = ("HGMMA", "HMMA", "QGMMA", "QMMA")
 TENSOR_CORE_MNEMONICS = {80: "HMMA", 90: "HGMMA"}
+_TENSOR_CORE_PATTERNS = tuple(rf"\b{m}\b" for m in MMA_MNEMONICS)
 # Hopper's warpgroup MMA (HGMMA) works on 64-row tiles; a tile of fewer rows (the skinny-M
 # configurations, which are bandwidth-bound) runs on the classic tensor-core MMA (HMMA) instead.
 WGMMA_MIN_BLOCK_M = 64
 
 
-def expected_tensor_core(arch: int, block_m: int) -> str:
-    """The tensor-core instruction a GEMM tile of ``block_m`` rows must use on ``arch``."""
+def expected_tensor_core(arch: int, block_m: int, act_dtype: str = "bf16") -> str | None:
+    """The tensor-core instruction a GEMM tile of ``block_m`` rows must use on ``arch``; None for exact fp32
+    (``act_dtype`` "fp32"), whose SASS must show no tensor-core MMA at all."""
+    if act_dtype == "fp32":
+        return None
     return "HGMMA" if arch >= 90 and block_m >= WGMMA_MIN_BLOCK_M else "HMMA"
 
 
@@ -163,7 +172,7 @@ def kernel_signature(
     """
     if kernel not in KERNELS or fmt not in FORMATS or act_dtype not in ACT_DTYPES:
         raise ValueError(f"unknown kernel/format/dtype {kernel!r}, {fmt!r}, {act_dtype!r}")
-    act = "*" + act_dtype
+    act = _ACT_POINTERS[act_dtype]
     w = _WEIGHT_DTYPES.get(fmt, act)
     s = "*fp32" if fmt != "dense" else w  # placeholders (the weight pointer) where a format has none
     z = "*u8" if fmt == "int4" else w
@@ -184,7 +193,7 @@ def kernel_signature(
         runtime.update(
             {"stride_dym": ("i32", True), "stride_dyn": (1, False), "stride_dxm": ("i32", True), "stride_dxk": (1, False)}
         )
-    meta.update(DOT_PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+    meta.update(DOT_PRECISION="tf32" if act_dtype == "tf32" else "ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
     meta.update(dict.fromkeys(INTERPRETER_FLAGS, False))
 
     fn = kernel_fn(kernel)
@@ -248,7 +257,7 @@ def _compile_here(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) 
         num_stages=stages,
         arch=arch,
         shared_limit=SHARED_LIMITS[arch],
-        tensor_core_expected=expected_tensor_core(arch, bm),
+        tensor_core_expected=expected_tensor_core(arch, bm, act_dtype),
     )
     try:
         signature, constexprs, attrs = kernel_signature(kernel, fmt, act_dtype, key)
@@ -257,7 +266,8 @@ def _compile_here(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) 
     except Exception as e:  # recorded, never raised: one bad combination must not hide the others
         row.update(compiled=False, error=f"{type(e).__name__}: {e}"[:4000])
         return row
-    row["tensor_core_ok"] = row["mma_counts"][expected_tensor_core(arch, bm)] > 0
+    expected = row["tensor_core_expected"]
+    row["tensor_core_ok"] = row["mma_counts"][expected] > 0 if expected else not row["tensor_core"]
     row["ok"] = row["shared_ok"] and row["tensor_core_ok"] and not row["spills"]
     return row
 
@@ -413,35 +423,36 @@ def _compile_case_report(case_json: str, arch: int) -> tuple[tuple[str, Any], ..
 
 
 def split_k_cases(arch: int) -> list[KernelCase]:
-    """The split-K launches (``frozen_linear_triton.split_length``) on GPU class ``arch``: for each kernel and
-    weight format, the configurations its autotuner keeps for M <= 16 with the partial-writing epilogue
-    (bf16 activations), and the kernel that adds the partials (bf16, fp16 and fp32 outputs, with and
-    without a bias)."""
+    """The split-K launches (``frozen_linear_triton.split_length``) on GPU class ``arch``: for each kernel,
+    weight format and activations (bf16, fp32 with TF32, exact fp32), the configurations its autotuner keeps
+    for M <= 16 with the partial-writing epilogue, and the kernel that adds the partials (bf16, fp16 and
+    fp32 outputs, with and without a bias)."""
     cases = []
-    for kernel in KERNELS:
-        for fmt in FORMATS:
-            configs = _flt._pruner(kernel, arch)(_flt.gpu_configs(), {"M_BUCKET": 16}, FMT=_flt.FMT_CODES[fmt], SPLIT_K=True)
-            for config in configs:
-                key = config_key(config)
-                sig, constexprs, attrs = kernel_signature(kernel, fmt, "bf16", key, split_k=True)
-                names = list(sig)
-                types = {n: t for n, t in sig.items() if t != "constexpr"}
-                types.update({n: v for n, v in constexprs.items() if n.startswith("stride") and v == 1})
-                consts = {n: v for n, v in constexprs.items() if n not in types}
-                cases.append(
-                    KernelCase(
-                        module=_flt.__name__,
-                        fn=kernel_fn(kernel).__name__,
-                        types=types,
-                        constexprs=consts,
-                        div16=tuple(names[i] for (i,) in attrs),
-                        num_warps=key[4],
-                        num_stages=key[5],
-                        label=f"{kernel} {fmt} bf16 split-K {config_label(key)}",
-                        tensor_core=True,
-                        mma="HMMA" if key[0] < WGMMA_MIN_BLOCK_M else None,  # 64-row tiles: HGMMA on sm_90, HMMA on sm_80
-                    )
+    for kernel, fmt, act_dtype in ((k, f, a) for k in KERNELS for f in FORMATS for a in ("bf16", "tf32", "fp32")):
+        operands = ACT_OPERANDS[act_dtype]
+        for config in _flt.pruned_configs(_flt.gpu_configs(), kernel, arch, fmt, 16, split=True, operands=operands):
+            key = config_key(config)
+            sig, constexprs, attrs = kernel_signature(kernel, fmt, act_dtype, key, split_k=True)
+            names = list(sig)
+            types = {n: t for n, t in sig.items() if t != "constexpr"}
+            types.update({n: v for n, v in constexprs.items() if n.startswith("stride") and v == 1})
+            consts = {n: v for n, v in constexprs.items() if n not in types}
+            exact = act_dtype == "fp32"  # fp32 FMAs: no tensor-core MMA may appear
+            cases.append(
+                KernelCase(
+                    module=_flt.__name__,
+                    fn=kernel_fn(kernel).__name__,
+                    types=types,
+                    constexprs=consts,
+                    div16=tuple(names[i] for (i,) in attrs),
+                    num_warps=key[4],
+                    num_stages=key[5],
+                    label=f"{kernel} {fmt} {act_dtype} split-K {config_label(key)}",
+                    tensor_core=not exact,
+                    mma="HMMA" if key[0] < WGMMA_MIN_BLOCK_M and not exact else None,  # 64-row tiles: HGMMA on sm_90
+                    sass_forbid=_TENSOR_CORE_PATTERNS if exact else (),
                 )
+            )
     for out in ("bf16", "fp16", "fp32"):
         for bias in (False, True):
             cases.append(
@@ -552,8 +563,8 @@ def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config 
     """Compile one kernel variant for ``sm_<arch>`` and describe the cubin.
 
     ``kernel``: "fwd" or "bwd" (the forward runs with a bias); ``fmt``: dense, int8, int4 or
-    fp8; ``act_dtype``: bf16 or fp16; ``config``: a ``triton.Config`` from
-    ``gpu_configs()`` (or its :func:`config_key` tuple); ``arch``: 80 or 90.
+    fp8; ``act_dtype``: one of :data:`ACT_DTYPES` (bf16, fp16, fp32 with TF32 "tf32", exact fp32 "fp32");
+    ``config``: a ``triton.Config`` from ``gpu_configs()`` (or its :func:`config_key` tuple); ``arch``: one of :data:`ARCHS`.
 
     Keys: ``compiled`` (else ``error`` holds the message), ``registers``, ``stack_bytes``,
     ``local_bytes``, ``spill_stores``/``spill_loads`` (STL/LDL instructions in the SASS),
@@ -569,15 +580,15 @@ def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config 
 
 
 def full_report(archs: tuple[int, ...] = ARCHS) -> list[dict[str, Any]]:
-    """:func:`compile_report` for both kernels x every format x bf16/fp16 x ``archs`` x every configuration
-    the autotuner may pick for that kernel and format on that architecture."""
+    """:func:`compile_report` for both kernels x every format x every activation dtype x ``archs`` x every
+    configuration the autotuner may pick for that kernel, format and dtype on that architecture."""
     return [
         compile_report(kernel, fmt, dtype, config, arch)
         for arch in archs
         for kernel in KERNELS
         for fmt in FORMATS
         for dtype in ACT_DTYPES
-        for config in _flt.candidate_configs(kernel, fmt, arch)
+        for config in _flt.candidate_configs(kernel, fmt, arch, ACT_OPERANDS[dtype])
     ]
 
 
@@ -591,8 +602,10 @@ def problems(row: dict[str, Any]) -> list[str]:
         out.append(f"spills: stack {row['stack_bytes']} B, {row['spill_stores']} STL / {row['spill_loads']} LDL")
     if not row["shared_ok"]:
         out.append(f"shared {row['shared_bytes']} B > limit {row['shared_limit']} B")
-    if not row["tensor_core_ok"]:
+    if not row["tensor_core_ok"] and row["tensor_core_expected"]:
         out.append(f"no {row['tensor_core_expected']} in SASS (found {row['tensor_core_mnemonic']})")
+    elif not row["tensor_core_ok"]:
+        out.append(f"tensor-core MMA ({row['tensor_core_mnemonic']}) in an exact-fp32 GEMM")
     out += [f"SASS lacks /{p}/" for p in row.get("sass_missing", [])]
     out += [f"SASS has /{p}/ ({row['sass_matches'][p]} times)" for p in row.get("sass_forbidden", [])]
     return out

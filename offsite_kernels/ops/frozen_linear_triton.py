@@ -225,29 +225,50 @@ _SMALL_SHARED_TILES = {
     ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)),
     ("bwd", "int4"): ((64, 64, 64, 4, 4),),
 }  # fmt: skip
+# fp32 activations: every operand tile takes twice the shared memory, and the dot runs either on TF32
+# tensor cores (where PyTorch allows TF32 for fp32 matmuls: tf32_enabled) or, PyTorch's default, as
+# exact fp32 FMAs that hold their operands in registers. The 16-bit lists do not fit: with TF32 about
+# half of their variants spill or need more shared memory than the GPU has, and as FMAs every one spills
+# (240 B to 21 KB of stack). These smaller tiles serve every format and GPU class: each compiles for sm_80, sm_86 and
+# sm_90 without spills within 99 KiB, split launches included (Triton 3.6 and 3.9). The TF32 backward
+# has no 16-row tile (each spilled 8-32 B for some format or class): few tokens take its 32-row one.
+_FP32_TILES = {
+    ("fwd", "tf32"): ((16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3)),
+    ("bwd", "tf32"): ((32, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3)),
+    ("fwd", "fp32"): ((16, 64, 32, 4, 2), (32, 64, 32, 8, 2), (64, 64, 16, 4, 3), (64, 128, 16, 8, 2)),
+    ("bwd", "fp32"): ((16, 32, 32, 8, 2), (32, 32, 32, 8, 2), (64, 32, 32, 8, 2), (128, 32, 16, 8, 2)),
+}  # fmt: skip
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+# How the GEMM's operands run: bf16/fp16 on tensor cores ("half"), fp32 on TF32 tensor cores ("tf32"),
+# or fp32 as exact fp32 FMAs ("fp32"); see gemm_operands.
+HALF, TF32, FP32 = "half", "tf32", "fp32"
+OPERANDS = (HALF, TF32, FP32)
 
 
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
 
 
-def _tiles(direction: str, kind: str, arch: int) -> tuple:
-    """The candidate tiles of ``(direction, kind)`` ("int4" or "any") on GPU class ``arch`` (80, 86 or 90)."""
+def _tiles(direction: str, kind: str, arch: int, operands: str = HALF) -> tuple:
+    """The candidate tiles of ``(direction, kind)`` ("int4" or "any") on GPU class ``arch`` (80, 86 or 90)
+    for the GEMM ``operands`` (:data:`OPERANDS`)."""
+    if operands != HALF:
+        return _FP32_TILES[(direction, operands)]
     if arch == SMALL_SHARED:
         return _SMALL_SHARED_TILES.get((direction, kind), _CANDIDATES[(direction, kind)])
     return _CANDIDATES[(direction, kind)] + (_HOPPER_TILES.get((direction, kind), ()) if arch == HOPPER else ())
 
 
-def candidate_configs(direction: str, fmt: str, arch: int = 80) -> list[triton.Config]:
+def candidate_configs(direction: str, fmt: str, arch: int = 80, operands: str = HALF) -> list[triton.Config]:
     """The configurations the autotuner may pick for ``direction`` ("fwd"/"bwd") and weight ``fmt`` on GPU
-    class ``arch`` (80: A100-class; 86: 99 KiB of shared memory per block; 90: with Hopper's larger tiles)."""
-    return [_config(*c) for c in _tiles(direction, "int4" if fmt == "int4" else "any", arch)]
+    class ``arch`` (80: A100-class; 86: 99 KiB of shared memory per block; 90: with Hopper's larger tiles),
+    for bf16/fp16 activations or, with ``operands`` "tf32" or "fp32", fp32 ones (:func:`gemm_operands`)."""
+    return [_config(*c) for c in _tiles(direction, "int4" if fmt == "int4" else "any", arch, operands)]
 
 
 def gpu_configs() -> list[triton.Config]:
-    """Every configuration of any direction, format and architecture (the autotuners' full lists)."""
-    lists = (_CANDIDATES, _HOPPER_TILES, _SMALL_SHARED_TILES)
+    """Every configuration of any direction, format, architecture and operands (the autotuners' full lists)."""
+    lists = (_CANDIDATES, _HOPPER_TILES, _SMALL_SHARED_TILES, _FP32_TILES)
     return [_config(*c) for c in dict.fromkeys(c for tiles in lists for cs in tiles.values() for c in cs)]
 
 
@@ -278,22 +299,43 @@ def _key(c: triton.Config) -> tuple:
 _SPLIT_EXCLUDED = {("fwd", "int4"): {(16, 128, 64, 4, 4)}, ("bwd", "any"): {(16, 64, 128, 4, 4)}}
 
 
+def pruned_configs(
+    configs: list[triton.Config], direction: str, arch: int, fmt: str, bucket: int, split: bool = False, operands: str = HALF
+) -> list[triton.Config]:
+    """The configurations of ``configs`` the autotuner times for one launch: those of ``direction``, weight
+    ``fmt``, GPU class ``arch`` and ``operands`` (less the tiles a ``split`` launch must not take), with the
+    tile height nearest ``bucket`` tokens (:func:`m_bucket`; and 64 rows too for many tokens)."""
+    kind = "int4" if fmt == "int4" else "any"
+    allowed = set(_tiles(direction, kind, arch, operands))
+    if split:
+        allowed -= _SPLIT_EXCLUDED.get((direction, kind), set())
+    usable = [c for c in configs if _key(c) in allowed]
+    wanted = 16 if bucket <= 16 else 32 if bucket <= 32 else 64 if bucket <= 256 else 128
+    sizes = sorted({c.kwargs["BLOCK_M"] for c in usable})
+    best = min(sizes, key=lambda bm: (abs(bm.bit_length() - wanted.bit_length()), -bm))
+    keep = {best} | ({64} if wanted == 128 and 64 in sizes else set())
+    return [c for c in usable if c.kwargs["BLOCK_M"] in keep]
+
+
+_FMT_NAMES = {code: name for name, code in FMT_CODES.items()}
+
+
+def _launch_operands(dtype: torch.dtype, dot_precision: str) -> str:
+    """The :data:`OPERANDS` of a launch on ``dtype`` activations with the kernel's ``DOT_PRECISION``."""
+    if dtype != torch.float32:
+        return HALF
+    return TF32 if dot_precision == "tf32" else FP32
+
+
 def _pruner(direction: str, arch: int):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        # Triton's autotuner passes the positional arguments by name (M_BUCKET) and the launch's
-        # keyword arguments (FMT, the constexprs) separately
-        named_args = {**named_args, **kwargs}
-        fmt = "int4" if named_args["FMT"] == FMT_CODES["int4"] else "any"
-        allowed = set(_tiles(direction, fmt, arch))
-        if named_args.get("SPLIT_K"):
-            allowed -= _SPLIT_EXCLUDED.get((direction, fmt), set())
-        usable = [c for c in configs if _key(c) in allowed]
-        m = named_args["M_BUCKET"]
-        wanted = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 256 else 128
-        sizes = sorted({c.kwargs["BLOCK_M"] for c in usable})
-        best = min(sizes, key=lambda bm: (abs(bm.bit_length() - wanted.bit_length()), -bm))
-        keep = {best} | ({64} if wanted == 128 and 64 in sizes else set())
-        return [c for c in usable if c.kwargs["BLOCK_M"] in keep]
+        # Triton's autotuner passes the positional arguments by name (the tensors, M_BUCKET) and the
+        # launch's keyword arguments (FMT and the other constexprs) separately
+        args = {**named_args, **kwargs}
+        activations = args["x_ptr" if direction == "fwd" else "dy_ptr"]
+        operands = _launch_operands(activations.dtype, args["DOT_PRECISION"])
+        fmt = _FMT_NAMES[args["FMT"]]
+        return pruned_configs(configs, direction, arch, fmt, args["M_BUCKET"], bool(args.get("SPLIT_K")), operands)
 
     return prune
 
@@ -308,14 +350,15 @@ def _brief_bench(fn, quantiles=None):
 
 
 def _autotuned(kernel: triton.JITFunction, direction: str, arch: int) -> triton.runtime.Autotuner:
-    """``kernel`` autotuned over ``arch``'s tiles per (M bucket, N, K, split, format, group): a few candidates
+    """``kernel`` autotuned over ``arch``'s tiles per (M bucket, N, K, split, format, group, operands): a few candidates
     after pruning, each timed briefly (5 ms warm-up, 20 ms measurement); winners kept on disk where
     Triton supports it."""
-    tiles = dict.fromkeys(_tiles(direction, "any", arch) + _tiles(direction, "int4", arch))
+    tiles = dict.fromkeys(t for kind in ("any", "int4") for ops in OPERANDS for t in _tiles(direction, kind, arch, ops))
     options: dict = dict(do_bench=_brief_bench, prune_configs_by={"early_config_prune": _pruner(direction, arch)})
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
-    key = ["M_BUCKET", "N", "K", "SPLIT_LEN", "FMT", "GROUP"]
+    # Triton adds the tensors' dtypes to the key; DOT_PRECISION tells fp32's two tile lists apart
+    key = ["M_BUCKET", "N", "K", "SPLIT_LEN", "FMT", "GROUP", "DOT_PRECISION"]
     return triton.autotune([_config(*c) for c in tiles], key=key, **options)(kernel)
 
 
@@ -365,12 +408,12 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.cache
-def split_tile(direction: str, fmt: str, arch: int) -> tuple[int, int]:
-    """``(rows, columns)`` of the largest output tile the autotuner may give a split launch of ``direction``
-    and weight ``fmt`` on GPU class ``arch`` (``M <= SPLIT_MAX_M``): the split count is sized for it, so
-    whichever candidate the autotuner picks, the grid has at least the intended programs."""
+def split_tile(direction: str, fmt: str, arch: int, operands: str = HALF) -> tuple[int, int]:
+    """``(rows, columns)`` of the largest output tile the autotuner may give a split launch of ``direction``,
+    weight ``fmt`` and ``operands`` on GPU class ``arch`` (``M <= SPLIT_MAX_M``): the split count is sized
+    for it, so whichever candidate the autotuner picks, the grid has at least the intended programs."""
     cols = "BLOCK_N" if direction == "fwd" else "BLOCK_K"
-    configs = _pruner(direction, arch)(gpu_configs(), {"M_BUCKET": SPLIT_MAX_M}, FMT=FMT_CODES[fmt], SPLIT_K=True)
+    configs = pruned_configs(gpu_configs(), direction, arch, fmt, SPLIT_MAX_M, split=True, operands=operands)
     return max(c.kwargs["BLOCK_M"] for c in configs), max(c.kwargs[cols] for c in configs)
 
 
@@ -397,14 +440,18 @@ def _balanced_length(reduce_len: int, wanted: int) -> int:
     return finest
 
 
-def split_plan(m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str) -> tuple[int, int]:
+def split_plan(
+    m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str, operands: str = HALF
+) -> tuple[int, int]:
     """``(length of a split, number of splits)`` of a launch (:func:`split_length`); one split, at least,
     when the reduction is empty (each output tile still writes the bias or zeros)."""
-    length = split_length(m, out_cols, reduce_len, device, direction, fmt)
+    length = split_length(m, out_cols, reduce_len, device, direction, fmt, operands)
     return length, max(cdiv(reduce_len, length), 1)
 
 
-def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str) -> int:
+def split_length(
+    m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str, operands: str = HALF
+) -> int:
     """Length of one split of the reduction dimension (``K`` in the forward, ``N`` in the backward)
     for ``m`` tokens and ``out_cols`` output columns: a multiple of ``SPLIT_ALIGN``; one split when
     it is at least ``reduce_len``. Only for ``m <= SPLIT_MAX_M`` (the launches whose tiles the AOT
@@ -420,7 +467,7 @@ def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device, d
     if device.type != "cuda":
         return whole
     index = device.index if device.index is not None else torch.cuda.current_device()
-    tile_rows, tile_cols = split_tile(direction, fmt, gpu_arch(index))
+    tile_rows, tile_cols = split_tile(direction, fmt, gpu_arch(index), operands)
     tiles = cdiv(m, tile_rows) * cdiv(out_cols, tile_cols)  # the fewest programs an unsplit grid may have
     if tiles == 0:  # no output columns: nothing to split
         return whole
@@ -441,10 +488,27 @@ def _interpreter_bf16(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and triton_interpreter_enabled()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def tf32_enabled() -> bool:
+    """Whether PyTorch lets fp32 matmuls on CUDA run on TF32 tensor cores, as cuBLAS would.
+
+    Read from ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9; "none" there resolves to
+    the global ``torch.backends.fp32_precision``): once a program has set the TF32 flag through that
+    API, reading the legacy ``allow_tf32`` raises. Older torch: ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:
+        return bool(matmul.allow_tf32)
+
+
+def gemm_operands(dtype: torch.dtype) -> str:
+    """How the GEMM on ``dtype`` activations runs (:data:`OPERANDS`): "half" for bf16/fp16, and for fp32
+    "tf32" where PyTorch allows TF32 (:func:`tf32_enabled`), else "fp32" (exact fp32 FMAs, as cuBLAS then)."""
+    return _launch_operands(dtype, "tf32" if tf32_enabled() else "ieee")
+
+
+def _dot_precision(operands: str) -> str:
+    return "tf32" if operands == TF32 else "ieee"
 
 
 def _weight_args(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None) -> tuple:
@@ -491,7 +555,8 @@ def frozen_linear_fwd(
         return y
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
     bias = None if bias is None else bias.contiguous()
-    length, splits = split_plan(m, n, k, x.device, "fwd", fmt)
+    operands = gemm_operands(x.dtype)
+    length, splits = split_plan(m, n, k, x.device, "fwd", fmt, operands)
     ws = x.new_empty((splits, m, n), dtype=torch.float32) if splits > 1 else y  # y: a placeholder, never written as ws
     args = (x, w, s, z, bias if bias is not None else y, y, ws, m, n, k, m_bucket(m), length)
     args += (stride_xm, stride_xk, stride_wn, stride_sn, n, 1)
@@ -500,7 +565,7 @@ def frozen_linear_fwd(
         FMT=FMT_CODES[fmt],
         HAS_BIAS=bias is not None,
         SPLIT_K=splits > 1,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=_dot_precision(operands),
         INTERPRETER_BF16=_interpreter_bf16(x.dtype),
     )
     _launch(_frozen_linear_fwd_kernel, "fwd", args, meta, m, n, "BLOCK_N", splits)
@@ -529,7 +594,8 @@ def frozen_linear_bwd(
     if m == 0:
         return dx
     w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
-    length, splits = split_plan(m, k, n, grad_y.device, "bwd", fmt)
+    operands = gemm_operands(grad_y.dtype)
+    length, splits = split_plan(m, k, n, grad_y.device, "bwd", fmt, operands)
     ws = grad_y.new_empty((splits, m, k), dtype=torch.float32) if splits > 1 else dx  # dx: a placeholder
     args = (grad_y, w, s, z, dx, ws, m, n, k, m_bucket(m), length)
     args += (stride_dym, stride_dyn, stride_wn, stride_sn, k, 1)
@@ -537,7 +603,7 @@ def frozen_linear_bwd(
         GROUP=max(group_size, 1),
         FMT=FMT_CODES[fmt],
         SPLIT_K=splits > 1,
-        DOT_PRECISION=_dot_precision(grad_y.dtype),
+        DOT_PRECISION=_dot_precision(operands),
         INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype),
     )
     _launch(_frozen_linear_bwd_kernel, "bwd", args, meta, m, k, "BLOCK_K", splits)
