@@ -1,21 +1,30 @@
 """Kernel backends and how one is chosen.
 
-``torch`` (pure PyTorch, the reference) always runs. ``triton`` runs on a CUDA GPU, or on the
-CPU in Triton's interpreter when ``TRITON_INTERPRET=1``. ``native`` needs the compiled
+``torch`` (pure PyTorch, the reference) always runs. ``triton`` runs on a CUDA GPU of compute
+capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell), or on the CPU in Triton's interpreter when
+``TRITON_INTERPRET=1``; on older GPUs (T4, V100) the reference serves by default. ``native`` needs the compiled
 extension from ``csrc/`` (``offsite_kernels.native`` loads it; see csrc/README.md). ``OFFSITE_BACKEND=torch|triton|native`` forces one; forcing one
 that cannot run is an error, never a silent fallback.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import BackendError
 
+if TYPE_CHECKING:
+    import torch
+
 BACKENDS = ("torch", "triton", "native")
 ENV_VAR = "OFFSITE_BACKEND"
+# The Triton kernels' tiles (at least 99 KiB of shared memory per block, cp.async pipelines) and their
+# bf16 tensor-core GEMMs are built and checked for Ampere and newer; older GPUs run the reference.
+MIN_TRITON_CAPABILITY = (8, 0)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,33 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
+def _cuda_index(device: torch.device) -> int:
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def gpu_runs_triton(device: torch.device) -> bool:
+    """Whether the Triton kernels serve tensors on CUDA ``device``: compute capability 8.0 or newer."""
+    return _capability(_cuda_index(device)) >= MIN_TRITON_CAPABILITY
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op runs its Triton kernels on ``t``: forced by ``OFFSITE_BACKEND=triton``; by default on a CUDA
+    tensor of a GPU that runs them (:func:`gpu_runs_triton`); never when another backend is forced."""
+    forced = requested_backend()
+    if forced is not None:  # "torch" (and "native", for ops it lacks, runs the reference)
+        return forced == "triton"
+    return t.is_cuda and gpu_runs_triton(t.device)
+
+
 def triton_interpreter_enabled() -> bool:
     """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -44,6 +80,18 @@ def backend_status(name: str) -> BackendStatus:
         if importlib.util.find_spec("triton") is None:
             return BackendStatus(name, False, "triton is not installed (pip install triton)")
         if _cuda_available():
+            import torch
+
+            index = torch.cuda.current_device()
+            major, minor = _capability(index)
+            if (major, minor) < MIN_TRITON_CAPABILITY:
+                need = ".".join(map(str, MIN_TRITON_CAPABILITY))
+                return BackendStatus(
+                    name,
+                    False,
+                    f"cuda:{index} ({torch.cuda.get_device_name(index)}) has compute capability {major}.{minor}; the Triton "
+                    f"kernels need {need} or newer (Ampere+). Unset {ENV_VAR} to run the torch reference there",
+                )
             return BackendStatus(name, True, "CUDA GPU")
         if triton_interpreter_enabled():
             return BackendStatus(name, True, "Triton interpreter on CPU (TRITON_INTERPRET=1)")

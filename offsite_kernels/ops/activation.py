@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backends import requested_backend
+from ..backends import use_triton
 from ..errors import OffsiteError
 from .eager import EagerOp
 
@@ -83,13 +83,6 @@ def swiglu_input_grad_torch(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.
 
 
 # --- dispatch ---------------------------------------------------------------------------------
-def _use_triton(t: torch.Tensor) -> bool:
-    forced = requested_backend()
-    if forced == "triton":
-        return True
-    if forced is not None:  # "torch" (and "native", until it has these ops, runs the reference)
-        return False
-    return t.is_cuda
 
 
 def _bias_for(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -97,7 +90,7 @@ def _bias_for(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None
 
 
 def _bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
-    if _use_triton(x):
+    if use_triton(x):
         from .activation_triton import bias_act_fwd
 
         return bias_act_fwd(x, _bias_for(x, bias), act)
@@ -105,7 +98,7 @@ def _bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Ten
 
 
 def _bias_act_input_grad(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
-    if _use_triton(x):
+    if use_triton(x):
         from .activation_triton import bias_act_bwd
 
         return bias_act_bwd(grad_y, x, _bias_for(x, bias), act)
@@ -187,7 +180,7 @@ _bias_silu_op, _bias_silu_backward_op = _bias_silu.op, _bias_silu_backward.op
 
 # --- custom ops: SwiGLU -----------------------------------------------------------------------
 def _swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if _use_triton(gate):
+    if use_triton(gate):
         from .activation_triton import swiglu_fwd
 
         return swiglu_fwd(gate, up)
@@ -203,7 +196,7 @@ def _(gate, up):
 
 
 def _swiglu_backward_impl(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(gate):
+    if use_triton(gate):
         from .activation_triton import swiglu_bwd
 
         return swiglu_bwd(grad_y, gate, up)

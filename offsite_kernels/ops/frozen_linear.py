@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ..backends import requested_backend
+from ..backends import gpu_runs_triton, requested_backend
 from ..errors import OffsiteError
 from ..quant.formats import dequantize_fields
 from ..quant.weight import QuantizedWeight
@@ -69,14 +69,16 @@ def _pick(t: torch.Tensor, fmt: str, direction: str) -> str:
     Forced (``OFFSITE_BACKEND``): that backend; "native" runs the C++ tiled kernels on the CPU for int8/int4/fp8
     weights, the CUDA skinny GEMM for an int8/int4 forward with M <= 16, and the reference elsewhere (a dense weight
     needs no dequantization; the extension has no general GPU GEMM). Default: the Triton kernels on a GPU, except
-    the M buckets where ``offsite_kernels.native.dispatch`` (measured on a GPU, kept in the repo) picks another;
-    on the CPU the native kernels for low-bit weights where the extension is built, else the reference.
+    the M buckets where ``offsite_kernels.native.dispatch`` (measured on a GPU, kept in the repo) picks another,
+    and GPUs older than Ampere (the reference: ``backends.gpu_runs_triton``); on the CPU the native kernels for
+    low-bit weights where the extension is built, else the reference.
     """
     forced = requested_backend()
     if forced in ("triton", "torch"):
         return forced
     skinny = direction == "fwd" and fmt in ("int8", "int4")
-    if t.is_cuda and forced is None and not skinny:
+    triton_ok = t.is_cuda and gpu_runs_triton(t.device)
+    if triton_ok and forced is None and not skinny:
         return "triton"  # the common GPU case decides without the extension's import
     from .. import native
 
@@ -85,6 +87,8 @@ def _pick(t: torch.Tensor, fmt: str, direction: str) -> str:
         return "native" if fmt != "dense" and native.supports_device(t.device) else "torch"
     if forced == "native":
         return "native" if skinny and m <= 16 else "torch"
+    if not triton_ok:
+        return "torch"
     if skinny:
         from ..native.dispatch import choose
 

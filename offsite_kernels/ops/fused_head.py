@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ..backends import requested_backend
+from ..backends import use_triton
 from ..errors import OffsiteError
 from ..memtrack import register_workspace
 
@@ -104,15 +104,6 @@ def default_chunk_size(vocab: int, dtype: torch.dtype, budget_bytes: int = DEFAU
     return rows - rows % 16 if rows >= 16 else rows
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    forced = requested_backend()
-    if forced == "triton":
-        return True
-    if forced is not None:  # "torch" (and "native", which has no fused head: the reference)
-        return False
-    return t.is_cuda
-
-
 def _chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -126,7 +117,7 @@ def _chunked(
     """Per-row losses ``[N]`` (fp32) and, if ``compute_grad``, ``dLoss/dHidden [N, H]`` for 2-D ``hidden``."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
-    triton_path = _use_triton(hidden)
+    triton_path = use_triton(hidden)
     if triton_path:
         from .cross_entropy_triton import cross_entropy_fwd_bwd
     losses = torch.empty(n, device=hidden.device, dtype=torch.float32)

@@ -42,7 +42,7 @@ from numbers import Real
 
 import torch
 
-from ..backends import requested_backend
+from ..backends import requested_backend, use_triton
 from ..errors import OffsiteError
 from .eager import EagerOp
 
@@ -156,15 +156,12 @@ def layer_norm_input_grad_torch(
 
 # --- dispatch ---------------------------------------------------------------------------------
 def _use_triton(t: torch.Tensor) -> bool:
-    """Forced by ``OFFSITE_BACKEND``, else on a CUDA tensor whose rows fit one tile (longer rows:
-    the reference). A forced Triton backend with too long rows fails in the launcher."""
-    forced = requested_backend()
-    if forced == "triton":
+    """Forced by ``OFFSITE_BACKEND``, else on a CUDA tensor (:func:`use_triton`) whose rows fit one tile
+    (longer rows: the reference). A forced Triton backend with too long rows fails in the launcher."""
+    if not use_triton(t):
+        return False
+    if requested_backend() == "triton":
         return True
-    if forced is not None:  # "torch" (and "native", until it has norms, runs the reference)
-        return False
-    if not t.is_cuda:
-        return False
     from .norm_triton import MAX_N
 
     return t.shape[-1] <= MAX_N
