@@ -6,8 +6,9 @@ allocation, launch configuration, autotuner lookup, autograd. :func:`stubbed_ker
 runs that Python for real on any machine and replaces only the last step, Triton's own launcher
 (``JITFunction.run``: argument binding, the compiled-kernel lookup, the driver call), by a no-op:
 
-- the ops' backend choice is forced to ``"triton"`` (their ``requested_backend``), so CPU tensors
-  take the GPU code path (``OFFSITE_BACKEND=triton`` without the interpreter);
+- the ops' backend choice is forced to ``"triton"`` (``requested_backend``, in ``offsite_kernels.backends``
+  and in each op module that imports it by name), so CPU tensors take the GPU code path
+  (``OFFSITE_BACKEND=triton`` without the interpreter);
 - ``JITFunction.run`` returns at once; outputs stay as allocated (uninitialised): host timing only;
 - the frozen linear's autotuners "time" every configuration as equal, so the first call of a
   shape picks one and later calls take the cached-config path they take on a GPU.
@@ -27,8 +28,9 @@ from triton.runtime.jit import JITFunction
 
 from offsite_kernels.backends import triton_interpreter_enabled
 
-# modules whose kernels the ops pick through their own ``requested_backend`` name
-_OP_MODULES = ("norm", "activation", "frozen_linear", "fused_head")
+# modules holding a ``requested_backend`` name that the ops' backend choice reads: backends.use_triton (the
+# activation and fused-head ops) and the ops that also read it themselves
+_BACKEND_CHOOSERS = ("offsite_kernels.backends", "offsite_kernels.ops.norm", "offsite_kernels.ops.frozen_linear")
 _MISSING = object()  # an attribute the patched object did not have of its own
 
 
@@ -53,8 +55,11 @@ def stubbed_kernel_launches() -> Iterator[None]:
         setattr(owner, name, value)
 
     try:
-        for mod_name in _OP_MODULES:
-            patch(importlib.import_module(f"offsite_kernels.ops.{mod_name}"), "requested_backend", lambda: "triton")
+        for mod_name in _BACKEND_CHOOSERS:
+            module = importlib.import_module(mod_name)
+            if not hasattr(module, "requested_backend"):  # a patch that would silently force nothing
+                raise RuntimeError(f"{mod_name} no longer reads requested_backend: update bench/kernel_stubs.py")
+            patch(module, "requested_backend", lambda: "triton")
         patch(JITFunction, "run", lambda self, *args, **kwargs: None)
         linear = importlib.import_module("offsite_kernels.ops.frozen_linear_triton")
         for launcher in (linear.autotuned_launch(d, linear.device_arch(torch.empty(0))) for d in ("fwd", "bwd")):

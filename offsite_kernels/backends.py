@@ -58,13 +58,35 @@ def gpu_runs_triton(device: torch.device) -> bool:
     return _capability(_cuda_index(device)) >= MIN_TRITON_CAPABILITY
 
 
+def check_triton_device(t: torch.Tensor) -> None:
+    """Raise :class:`BackendError` when Triton is forced on a CUDA tensor of a GPU older than Ampere (the forced
+    backend was checked on the current device only; ``t`` may live on another)."""
+    if t.is_cuda and not gpu_runs_triton(t.device):
+        raise BackendError(f"{ENV_VAR}=triton cannot run on {t.device}: {_old_gpu_reason(_cuda_index(t.device))}")
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op runs its Triton kernels on ``t``: forced by ``OFFSITE_BACKEND=triton``; by default on a CUDA
-    tensor of a GPU that runs them (:func:`gpu_runs_triton`); never when another backend is forced."""
+    """Whether an op runs its Triton kernels on ``t``: forced by ``OFFSITE_BACKEND=triton`` (on a GPU that runs
+    them: :func:`check_triton_device`); by default on a CUDA tensor of a GPU that runs them
+    (:func:`gpu_runs_triton`); never when another backend is forced."""
     forced = requested_backend()
+    if forced == "triton":
+        check_triton_device(t)
+        return True
     if forced is not None:  # "torch" (and "native", for ops it lacks, runs the reference)
-        return forced == "triton"
+        return False
     return t.is_cuda and gpu_runs_triton(t.device)
+
+
+def _old_gpu_reason(index: int) -> str:
+    import torch
+
+    major, minor = _capability(index)
+    need = ".".join(map(str, MIN_TRITON_CAPABILITY))
+    return (
+        f"cuda:{index} ({torch.cuda.get_device_name(index)}) has compute capability {major}.{minor}; the Triton "
+        f"kernels need {need} or newer (Ampere+). Unset {ENV_VAR} to run the torch reference there"
+    )
 
 
 def triton_interpreter_enabled() -> bool:
@@ -79,22 +101,15 @@ def backend_status(name: str) -> BackendStatus:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return BackendStatus(name, False, "triton is not installed (pip install triton)")
+        if triton_interpreter_enabled():
+            return BackendStatus(name, True, "Triton interpreter on CPU (TRITON_INTERPRET=1)")
         if _cuda_available():
             import torch
 
             index = torch.cuda.current_device()
-            major, minor = _capability(index)
-            if (major, minor) < MIN_TRITON_CAPABILITY:
-                need = ".".join(map(str, MIN_TRITON_CAPABILITY))
-                return BackendStatus(
-                    name,
-                    False,
-                    f"cuda:{index} ({torch.cuda.get_device_name(index)}) has compute capability {major}.{minor}; the Triton "
-                    f"kernels need {need} or newer (Ampere+). Unset {ENV_VAR} to run the torch reference there",
-                )
+            if _capability(index) < MIN_TRITON_CAPABILITY:
+                return BackendStatus(name, False, _old_gpu_reason(index))
             return BackendStatus(name, True, "CUDA GPU")
-        if triton_interpreter_enabled():
-            return BackendStatus(name, True, "Triton interpreter on CPU (TRITON_INTERPRET=1)")
         return BackendStatus(name, False, "no CUDA GPU; set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
     if name == "native":
         from . import native  # loads the extension (or, with OFFSITE_NATIVE_JIT=1, builds it) on first use

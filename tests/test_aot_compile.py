@@ -19,7 +19,7 @@ architecture (``candidate_configs``: sm_90 adds Hopper's larger tiles), with bf1
 resources, so it gets one configuration per (kernel, format), rotating through the list. fp32 activations
 have their own lists, each checked whole: on TF32 tensor cores ("tf32": HMMA/HGMMA with TF32 operands)
 and as exact fp32 FMAs ("fp32": no tensor-core MMA may appear).
-``bench/aot_report.py`` writes the full matrix (both dtypes) to bench/results/.
+``bench/aot_report.py`` writes the full matrix (every activation dtype) to bench/results/.
 Under ``TRITON_INTERPRET=1`` (set by conftest on CPU machines) the compiles run in one worker
 process with the interpreter off.
 Skipped only where Triton's NVIDIA backend or its ``cuobjdump`` is missing.

@@ -69,8 +69,11 @@ def gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("capability", [(7, 5), (7, 0), (6, 1)])
-def test_pre_ampere_gpus_run_the_reference(gpu, capability):
+def test_pre_ampere_gpus_run_the_reference(gpu, capability, monkeypatch):
+    pytest.importorskip("triton")
     from offsite_kernels.backends import gpu_runs_triton, use_triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
     activation, frozen_linear, fused_head, norm = (
         _module(name) for name in ("activation", "frozen_linear", "fused_head", "norm")
@@ -90,15 +93,38 @@ def test_pre_ampere_gpus_run_the_reference(gpu, capability):
 
 def test_forcing_triton_on_a_pre_ampere_gpu_fails_loudly(gpu, monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     gpu(7, 5)
     monkeypatch.setenv("OFFSITE_BACKEND", "triton")
     with pytest.raises(BackendError, match=r"cuda:0 \(Tesla T4\) has compute capability 7.5.*Unset OFFSITE_BACKEND"):
         requested_backend()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs anywhere
+    assert backend_status("triton").available
+
+
+def test_forcing_triton_on_a_tensor_of_an_older_second_gpu_fails_loudly(gpu, monkeypatch):
+    """The forced backend is checked on the current GPU (an A100 here); a tensor on an older cuda:1 is refused
+    at the op, never launched there."""
+    pytest.importorskip("triton")
+    import offsite_kernels.backends as backends
+    from offsite_kernels.backends import use_triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backends, "_capability", lambda index: {0: (8, 0), 1: (7, 0)}[index])
+    monkeypatch.setenv("OFFSITE_BACKEND", "triton")
+    assert requested_backend() == "triton"
+    on_first, on_second = _CudaTensor(), _CudaTensor()
+    on_second.device = torch.device("cuda", 1)
+    assert use_triton(on_first) and _module("frozen_linear")._pick(on_first, "int4", "fwd") == "triton"
+    for check in (use_triton, _module("norm")._use_triton, lambda t: _module("frozen_linear")._pick(t, "int4", "fwd")):
+        with pytest.raises(BackendError, match=r"cannot run on cuda:1: cuda:1 .* compute capability 7.0"):
+            check(on_second)
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)])
-def test_ampere_and_newer_run_triton(gpu, capability):
+def test_ampere_and_newer_run_triton(gpu, capability, monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from offsite_kernels.backends import use_triton
 
     frozen_linear = _module("frozen_linear")

@@ -101,10 +101,3 @@ def test_fp32_tiles_are_their_own_and_cover_every_size():
         assert not set(tiles) & half
         assert max(t[0] for t in tiles) >= 64 and min(t[0] for t in tiles) <= 32
     assert {flt._key(c) for c in flt.gpu_configs()} >= {t for ts in flt._FP32_TILES.values() for t in ts}
-
-
-def test_the_autotune_key_tells_the_two_fp32_gemms_apart():
-    """Triton keys tuned choices on the key arguments and the tensors' dtypes: both fp32 GEMMs have fp32
-    tensors, so DOT_PRECISION must be in the key or a TF32 choice would serve an exact-fp32 launch."""
-    for direction in ("fwd", "bwd"):
-        assert "DOT_PRECISION" in flt.autotuned_launch(direction, 80).tuned.keys

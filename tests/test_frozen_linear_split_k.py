@@ -42,8 +42,12 @@ def test_split_kernels_match_float64(monkeypatch, bits, dtype, splits, lead, wit
     x = torch.randn(*lead, K, generator=gen(seed + 1)).to(dtype)
     dy = torch.randn(*lead, N, generator=gen(seed + 2)).to(dtype)
     bias = torch.randn(N, generator=gen(seed + 3)).to(dtype) if with_bias else None
-    assert flt.split_length(x[..., 0].numel(), N, K, x.device, "fwd", qw.format) < K  # the forward really splits
-    assert flt.split_length(x[..., 0].numel(), K, N, x.device, "bwd", qw.format) < N  # and so does the backward
+    assert (
+        flt.split_length(x[..., 0].numel(), N, K, x.device, "fwd", qw.format, flt.gemm_operands(x.dtype)) < K
+    )  # the forward really splits
+    assert (
+        flt.split_length(x[..., 0].numel(), K, N, x.device, "bwd", qw.format, flt.gemm_operands(x.dtype)) < N
+    )  # and so does the backward
     y, dx = _run(qw, x, dy, bias, dtype)
     expected = x.double() @ w64.T + (bias.double() if with_bias else 0)
     assert rel_error(y, expected) < TOLERANCE[dtype]
@@ -111,18 +115,18 @@ def sms(monkeypatch):
 def test_automatic_splits_fill_the_gpu_for_few_tokens(sms):
     # forward, int8: 16 x 128 output tiles at most. 1 token, 2048 x 2048 (OPT-1.3B's attention projections):
     # 16 column tiles, so 2 * 132 / 16 -> 17 splits wanted, at most 16, each at least MIN_SPLIT_LEN (512): 4 of 512
-    assert flt.split_length(1, 2048, 2048, CUDA, "fwd", "int8") == 512
+    assert flt.split_length(1, 2048, 2048, CUDA, "fwd", "int8", flt.HALF) == 512
     # GPT2-XL's c_proj (1600 x 1600): 13 tiles -> 16 splits wanted, 512 each -> 4 splits (the last one shorter)
-    length = flt.split_length(16, 1600, 1600, CUDA, "fwd", "int8")
+    length = flt.split_length(16, 1600, 1600, CUDA, "fwd", "int8", flt.HALF)
     assert length == 512 and -(-1600 // length) == 4
     # Llama-2-7B's up projection (11008 columns): 86 tiles of 128 columns -> 4 splits; int4's forward tiles
     # are at most 64 columns wide (172 tiles) -> 2 splits
-    assert flt.split_length(1, 11008, 4096, CUDA, "fwd", "int8") == 1024
-    assert flt.split_length(1, 11008, 4096, CUDA, "fwd", "int4") == 2048
+    assert flt.split_length(1, 11008, 4096, CUDA, "fwd", "int8", flt.HALF) == 1024
+    assert flt.split_length(1, 11008, 4096, CUDA, "fwd", "int4", flt.HALF) == 2048
     # its down projection's input gradient (11008 output columns, N = 4096 reduced): 32 x 128 tiles -> 4 splits
-    assert flt.split_length(1, 11008, 4096, CUDA, "bwd", "int8") == 1024
+    assert flt.split_length(1, 11008, 4096, CUDA, "bwd", "int8", flt.HALF) == 1024
     # enough tiles already (a 32000-token vocabulary in 64-column tiles: 500): no split
-    assert flt.split_length(1, 32000, 4096, CUDA, "fwd", "int4") == 4096
+    assert flt.split_length(1, 32000, 4096, CUDA, "fwd", "int4", flt.HALF) == 4096
 
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
@@ -153,37 +157,37 @@ def test_automatic_splits_give_every_tile_the_autotuner_may_pick_two_programs_pe
 def test_split_lengths_respect_their_bounds(sms):
     # never more than MAX_SPLITS, never shorter than MIN_SPLIT_LEN, always a multiple of SPLIT_ALIGN
     for m, cols, red in [(1, 64, 1 << 16), (4, 300, 5000), (16, 1000, 777)]:
-        length = flt.split_length(m, cols, red, CUDA, "fwd", "int4")
+        length = flt.split_length(m, cols, red, CUDA, "fwd", "int4", flt.HALF)
         assert length % flt.SPLIT_ALIGN == 0 and -(-red // length) <= flt.MAX_SPLITS
         assert length >= min(flt.MIN_SPLIT_LEN, -(-red // flt.SPLIT_ALIGN) * flt.SPLIT_ALIGN)
 
 
 def test_an_empty_output_takes_one_split(sms):
     for direction in ("fwd", "bwd"):  # N = 0 forward, K = 0 backward: no output tile, nothing to split
-        assert flt.split_length(1, 0, 4096, CUDA, direction, "int4") == 4096
+        assert flt.split_length(1, 0, 4096, CUDA, direction, "int4", flt.HALF) == 4096
 
 
 def test_no_automatic_split_past_sixteen_tokens_or_off_the_gpu(sms):
-    assert flt.split_length(17, 2048, 2048, CUDA, "fwd", "int8") == 2048
-    assert flt.split_length(1, 2048, 2048, torch.device("cpu"), "fwd", "int8") == 2048
-    assert flt.split_length(1, 2048, 200, CUDA, "fwd", "int8") == 256  # one split: the whole (aligned) reduction
+    assert flt.split_length(17, 2048, 2048, CUDA, "fwd", "int8", flt.HALF) == 2048
+    assert flt.split_length(1, 2048, 2048, torch.device("cpu"), "fwd", "int8", flt.HALF) == 2048
+    assert flt.split_length(1, 2048, 200, CUDA, "fwd", "int8", flt.HALF) == 256  # one split: the whole (aligned) reduction
 
 
 def test_the_setting_forces_or_turns_off_the_split(monkeypatch, sms):
     monkeypatch.setenv(flt.SPLIT_ENV, "off")
-    assert flt.split_length(1, 2048, 2048, CUDA, "fwd", "int8") == 2048
+    assert flt.split_length(1, 2048, 2048, CUDA, "fwd", "int8", flt.HALF) == 2048
     monkeypatch.setenv(flt.SPLIT_ENV, "3")  # on any device, 128-aligned, but never past 16 tokens
-    assert flt.split_length(16, 2048, 2048, torch.device("cpu"), "bwd", "int4") == 768
-    assert flt.split_length(17, 2048, 2048, torch.device("cpu"), "bwd", "int4") == 2048
+    assert flt.split_length(16, 2048, 2048, torch.device("cpu"), "bwd", "int4", flt.HALF) == 768
+    assert flt.split_length(17, 2048, 2048, torch.device("cpu"), "bwd", "int4", flt.HALF) == 2048
     monkeypatch.setenv(flt.SPLIT_ENV, "1")
-    assert flt.split_length(1, 2048, 2048, CUDA, "fwd", "int8") == 2048
+    assert flt.split_length(1, 2048, 2048, CUDA, "fwd", "int8", flt.HALF) == 2048
 
 
 @pytest.mark.parametrize("value", ["two", "-1", "0", "1.5"])
 def test_a_bad_setting_names_the_variable_and_the_choices(monkeypatch, value):
     monkeypatch.setenv(flt.SPLIT_ENV, value)
     with pytest.raises(ValueError, match=rf"{flt.SPLIT_ENV}=.*auto, off, or a whole number"):
-        flt.split_length(1, 64, 64, CUDA, "fwd", "int8")
+        flt.split_length(1, 64, 64, CUDA, "fwd", "int8", flt.HALF)
 
 
 def test_split_lengths_are_whole_blocks_of_every_candidate_tile():

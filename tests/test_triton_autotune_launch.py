@@ -127,3 +127,18 @@ def test_each_gpu_class_has_its_own_autotuner_and_cache(autotuned, monkeypatch):
     assert torch.equal(k.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, None, qw.format, qw.group_size, n), y)
     assert len(ampere.chosen) == 1 and len(hopper.chosen) == 1  # tuned afresh for the other class
     assert float((y.double() - x.double() @ qw.dequantize().double().T).abs().max()) < 1e-3
+
+
+def test_the_two_fp32_gemms_never_share_a_tuned_choice(autotuned, monkeypatch):
+    """Exact-fp32 and TF32 launches of one shape have the same tensors and dtypes: only DOT_PRECISION in the
+    autotune key keeps Triton from handing the exact-fp32 tile it tuned first to the TF32 launch."""
+    n, kk = 40, 128
+    qw = ok.quantize_weight(torch.randn(n, kk, generator=gen(11)), bits=8)
+    x = torch.randn(24, kk, generator=gen(12))
+    tuned = k.autotuned_launch("fwd", 80).tuned
+    for tf32, operands in ((False, k.FP32), (True, k.TF32)):
+        monkeypatch.setattr(k, "tf32_enabled", lambda tf32=tf32: tf32)
+        k.frozen_linear_fwd(x, qw.data, qw.scales, qw.zeros, None, qw.format, qw.group_size, n)
+        allowed = {k._key(c) for c in k.candidate_configs("fwd", "int8", 80, operands)}
+        assert k._key(k.autotuned_launch("fwd", 80).last_config) in allowed
+    assert len(tuned.cache) == 2

@@ -59,7 +59,7 @@ SHARED_LIMITS = {  # 166912, 101376, 101376, 232448 bytes
     89: triton_common.SMALL_SHARED_BYTES,
     90: triton_common.HOPPER_SHARED_BYTES,
 }
-# tensor-core MMAs in SASS: bf16/fp16 (HMMA; HGMMA = Hopper's warpgroup MMA) and fp8 (QMMA on Ada; QGMMA on Hopper)
+# tensor-core MMAs in SASS: bf16/fp16 and TF32 (HMMA; HGMMA = Hopper's warpgroup MMA) and fp8 (QMMA on Ada; QGMMA on Hopper)
 MMA_MNEMONICS = ("HGMMA", "HMMA", "QGMMA", "QMMA")
 TENSOR_CORE_MNEMONICS = {80: "HMMA", 90: "HGMMA"}
 _TENSOR_CORE_PATTERNS = tuple(rf"\b{m}\b" for m in MMA_MNEMONICS)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ..backends import gpu_runs_triton, requested_backend
+from ..backends import check_triton_device, gpu_runs_triton, requested_backend
 from ..errors import OffsiteError
 from ..quant.formats import dequantize_fields
 from ..quant.weight import QuantizedWeight
@@ -74,6 +74,8 @@ def _pick(t: torch.Tensor, fmt: str, direction: str) -> str:
     low-bit weights where the extension is built, else the reference.
     """
     forced = requested_backend()
+    if forced == "triton":
+        check_triton_device(t)
     if forced in ("triton", "torch"):
         return forced
     skinny = direction == "fwd" and fmt in ("int8", "int4")

@@ -441,7 +441,7 @@ def _balanced_length(reduce_len: int, wanted: int) -> int:
 
 
 def split_plan(
-    m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str, operands: str = HALF
+    m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str, operands: str
 ) -> tuple[int, int]:
     """``(length of a split, number of splits)`` of a launch (:func:`split_length`); one split, at least,
     when the reduction is empty (each output tile still writes the bias or zeros)."""
@@ -449,9 +449,7 @@ def split_plan(
     return length, max(cdiv(reduce_len, length), 1)
 
 
-def split_length(
-    m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str, operands: str = HALF
-) -> int:
+def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device, direction: str, fmt: str, operands: str) -> int:
     """Length of one split of the reduction dimension (``K`` in the forward, ``N`` in the backward)
     for ``m`` tokens and ``out_cols`` output columns: a multiple of ``SPLIT_ALIGN``; one split when
     it is at least ``reduce_len``. Only for ``m <= SPLIT_MAX_M`` (the launches whose tiles the AOT
