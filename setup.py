@@ -9,7 +9,7 @@ Environment variables:
 
 - ``OFFSITE_NO_NATIVE=1``: build nothing (a pure-Python install; every op runs on another backend).
 - ``OFFSITE_NO_CUDA=1``: build the CPU part only, even with a CUDA torch.
-- ``OFFSITE_CUDA_ARCH_LIST`` (else ``TORCH_CUDA_ARCH_LIST``): GPU targets, e.g. ``"8.0;9.0"`` (the default).
+- ``OFFSITE_CUDA_ARCH_LIST`` (else ``TORCH_CUDA_ARCH_LIST``): GPU targets, e.g. ``"8.0;9.0+PTX"`` (the default: PTX for GPUs newer than sm_90).
 - ``MAX_JOBS``: parallel compile jobs (torch's variable).
 
 ninja is used when it is on PATH (``pip install ninja``), else setuptools compiles the sources one by one.

@@ -92,6 +92,33 @@ def test_build_config_lists_existing_sources():
     assert build_config.parse_archs(build_config.DEFAULT_CUDA_ARCHS) == ["80", "90"]
 
 
+def test_default_gpu_targets_reach_newer_gpus_through_ptx():
+    """sm_80 and sm_90 code, plus compute_90 PTX: a GPU newer than Hopper (sm_100, sm_120) has no binary in the
+    build and runs the PTX, compiled by its driver; without it the kernels would fail to launch there."""
+    assert build_config.DEFAULT_CUDA_ARCHS.split(";")[-1] == "9.0+PTX"
+    assert build_config.MIN_CUDA_CAPABILITY == (8, 0)
+
+
+@pytest.mark.parametrize(
+    "capability,runs", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 9), True), ((9, 0), True), ((12, 0), True)]
+)
+def test_cuda_kernels_serve_only_gpus_the_build_has_code_for(monkeypatch, capability, runs):
+    """A CUDA build's kernels serve GPUs of compute capability 8.0 or newer; on older ones (T4, V100) the weight
+    quantizers and the frozen linear take another backend instead of failing to launch."""
+
+    class CudaBuild:
+        @staticmethod
+        def build_info():
+            return {"cuda": True}
+
+    monkeypatch.setattr(native, "get", lambda: CudaBuild)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert native.supports_device(torch.device("cpu"))
+    assert native.supports_device(torch.device("cuda")) is runs
+    assert native.supports_device(torch.device("cuda", 1)) is runs
+
+
 def test_dispatch_table_is_well_formed():
     from offsite_kernels.native import dispatch
 

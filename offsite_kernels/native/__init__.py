@@ -126,10 +126,18 @@ def require() -> ModuleType:
 
 
 def supports_device(device: torch.device) -> bool:
-    """Whether the extension has kernels for tensors on ``device`` (CPU always; CUDA in a CUDA build)."""
+    """Whether the extension has kernels for tensors on ``device``: CPU always; CUDA in a CUDA build, on GPUs of
+    compute capability 8.0 or newer (older ones have no code in the default build, ``build_config``)."""
     if get() is None:
         return False
-    return device.type == "cpu" or (device.type == "cuda" and has_cuda())
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or not has_cuda():
+        return False
+    from .build_config import MIN_CUDA_CAPABILITY
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= MIN_CUDA_CAPABILITY
 
 
 def _reset_for_tests() -> None:

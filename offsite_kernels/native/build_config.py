@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0"  # sm_80 (A100) and sm_90 (H100/H200)
+# sm_80 code (A100; runs on every 8.x GPU too) and sm_90 code (H100/H200), plus compute_90 PTX that the driver
+# compiles for newer GPUs (Blackwell's sm_100/sm_120), which have no binary here and would otherwise fail to launch
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# the oldest GPU the default build runs on (native.supports_device)
+MIN_CUDA_CAPABILITY = (8, 0)
 CPU_SOURCES = ("csrc/module.cpp", "csrc/cpu/kernels.cpp")
 # plain CUDA C++ (kernels + extern "C" launchers, no torch headers) and their torch bindings, compiled apart
 CUDA_KERNEL_SOURCES = ("csrc/cuda/quant.cu", "csrc/cuda/skinny_gemm.cu")
