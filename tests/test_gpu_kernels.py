@@ -89,11 +89,12 @@ def test_frozen_linear_forward_and_input_grad(fmt, m, n, k, dtype):
 
 
 @pytest.mark.parametrize("tf32", [False, True])
-@pytest.mark.parametrize("fmt", [8, 4, "fp8", None])
-@pytest.mark.parametrize("m", [1, 37, 1029])
+@pytest.mark.parametrize("fmt", [4, None])
+@pytest.mark.parametrize("m", [1, 1029])
 def test_frozen_linear_fp32_runs_on_its_own_tiles(fmt, m, tf32, monkeypatch):
     """fp32 activations: TF32 tensor cores where PyTorch allows them, else exact fp32 FMAs, each on its own
-    tile list (the 16-bit tiles spill or overflow shared memory on fp32 operands)."""
+    tile list (the 16-bit tiles spill or overflow shared memory on fp32 operands). Few cases: each compiles its
+    own kernels, and the suite's test stage has two minutes (exact fp32 on every format: the test above)."""
     from offsite_kernels.ops import frozen_linear_triton as flt
 
     monkeypatch.setattr(flt, "tf32_enabled", lambda: tf32)
