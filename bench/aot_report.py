@@ -1,5 +1,6 @@
 """Ahead-of-time compile report of the frozen-linear Triton kernels for each GPU class: A100 (sm_80), GPUs
-with 99 KiB of shared memory per block (sm_86) and H100/H200 (sm_90).
+with 99 KiB of shared memory per block (sm_86; consumer Blackwell's sm_120 runs its lists), H100/H200 (sm_90)
+and B200 (sm_100).
 
 Needs no GPU: every kernel x weight format x activation dtype (bf16, fp16, fp32 on TF32 tensor cores
 "tf32", exact fp32 "fp32") x autotune configuration of a class is
@@ -118,16 +119,20 @@ def fp8_report(archs: tuple[int, ...]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from offsite_kernels.ops import aot
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--archs", type=int, nargs="+", default=[80, 86, 90], help="GPU classes, compiled for sm_<class> (80, 86, 90)"
+        "--archs",
+        type=int,
+        nargs="+",
+        default=list(aot.ARCHS),
+        help=f"compile targets sm_<arch> (default {' '.join(map(str, aot.ARCHS))})",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--fp8-archs", type=int, nargs="*", default=[89, 90], help="targets of the fp8 path (none: skip)")
     parser.add_argument("--fp8-out", type=Path, default=DEFAULT_FP8_OUT)
     args = parser.parse_args(argv)
-
-    from offsite_kernels.ops import aot
 
     ok, why = aot.availability()
     if not ok:

@@ -1,14 +1,17 @@
-"""Ahead-of-time compile checks of the frozen-linear Triton kernels for sm_80 (A100) and sm_90 (H100/H200).
+"""Ahead-of-time compile checks of the frozen-linear Triton kernels for every GPU class: sm_80 (A100), sm_86
+(99 KiB of shared memory per block: RTX 3090/4090, A10, L4, L40S), sm_90 (H100/H200), sm_100 (B200) and
+sm_120 (consumer Blackwell, which runs sm_86's lists).
 
 No GPU is needed: Triton compiles for the real targets on the CPU and the ``cuobjdump`` bundled
 with its NVIDIA backend reads the cubins (``offsite_kernels/ops/aot.py``). For each case:
 
 - it compiles;
-- the GEMM runs on tensor cores: ``HGMMA`` (warpgroup MMA) in the sm_90 SASS for tiles of 64 or
-  more rows, ``HMMA`` for the skinny 16- and 32-row tiles there (warpgroup MMA needs 64 rows; these
-  tiles serve M <= 32, where the weight bytes, not the math, set the time) and on sm_80;
+- the GEMM runs on tensor cores: ``HGMMA`` (warpgroup MMA) on sm_90 and ``UTCHMMA`` (tcgen05) on sm_100
+  for tiles of 64 or more rows, ``HMMA`` for the skinny 16- and 32-row tiles there (these serve M <= 32,
+  where the weight bytes, not the math, set the time) and on sm_80, sm_86 and sm_120;
 - no register spills (stack 0, no local stores);
-- shared memory (dynamic + static) fits one block: 163 KiB on A100, 227 KiB on H100/H200.
+- shared memory (dynamic + static) fits one block: 163 KiB on A100, 99 KiB on sm_86/sm_120, 227 KiB on
+  H100/H200/B200.
 
 The fp8 tensor-core path (``fp8_gemm_triton.aot_cases``) compiles for sm_90 and sm_89 only (sm_80
 has no fp8 tensor cores and runs weight-only fp8): its GEMM must show e4m3 x e4m3 -> fp32 MMAs
@@ -44,11 +47,11 @@ def _cases() -> list:
     for arch in aot.ARCHS:
         for kernel in aot.KERNELS:
             for i, fmt in enumerate(aot.FORMATS):
-                configs = [aot.config_key(c) for c in candidate_configs(kernel, fmt, arch)]
+                configs = [aot.config_key(c) for c in candidate_configs(kernel, fmt, aot.gpu_class(arch))]
                 chosen += [(kernel, fmt, "bf16", cfg, arch) for cfg in configs]
                 chosen.append((kernel, fmt, "fp16", configs[i % len(configs)], arch))
                 for dtype in ("tf32", "fp32"):  # fp32 activations: their own lists, every tile
-                    fp32 = candidate_configs(kernel, fmt, arch, aot.ACT_OPERANDS[dtype])
+                    fp32 = candidate_configs(kernel, fmt, aot.gpu_class(arch), aot.ACT_OPERANDS[dtype])
                     chosen += [(kernel, fmt, dtype, aot.config_key(c), arch) for c in fp32]
     return [
         pytest.param(
@@ -136,7 +139,7 @@ def _described(kernel: str, fmt: str, cfg: tuple) -> aot.KernelCase:
 
 @pytest.mark.parametrize("arch", aot.ARCHS)
 def test_described_case_compiles_like_the_builtin_report(arch):
-    cfg = aot.config_key(candidate_configs("fwd", "int4", arch)[0])
+    cfg = aot.config_key(candidate_configs("fwd", "int4", aot.gpu_class(arch))[0])
     case = _described("fwd", "int4", cfg)
     row, builtin = aot.compile_case(case, arch), aot.compile_report("fwd", "int4", "bf16", cfg, arch)
     assert row["ok"], aot.case_problems(row)

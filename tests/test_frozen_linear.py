@@ -252,12 +252,14 @@ def test_hopper_adds_its_larger_tiles_for_many_tokens_only():
         ((9, 0), 99, 86),
         ((8, 0), 163, 80),
         ((8, 7), 163, 80),
-        ((10, 0), 227, 80),
+        ((10, 0), 227, 100),
+        ((10, 3), 227, 100),
+        ((12, 0), 99, 86),
         ((8, 9), 99, 86),
         ((8, 6), 99, 86),
     ],
 )
-def test_gpu_arch_picks_the_hopper_list_only_for_hopper_class_devices(monkeypatch, capability, shared_kib, arch):
+def test_gpu_arch_picks_the_list_of_each_gpu_class(monkeypatch, capability, shared_kib, arch):
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
@@ -268,3 +270,25 @@ def test_gpu_arch_picks_the_hopper_list_only_for_hopper_class_devices(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     assert k.gpu_arch.__wrapped__(0) == arch
     assert k.device_arch(torch.zeros(1)) == 80  # a CPU tensor (stubbed-launch host benchmark)
+
+
+def test_datacenter_blackwell_runs_the_a100_lists_but_splits_without_the_16_row_int4_forward_tile():
+    """Class 100 (B200) has the A100-class lists (checked ahead of time for sm_100) and its own autotuner; a split
+    int4 forward there takes the 32-row tile, since the 16-row one spills on sm_100 when split; exact fp32
+    keeps its tiles under 64 rows."""
+    pytest.importorskip("triton")
+    from offsite_kernels.ops import frozen_linear_triton as k
+
+    for d in ("fwd", "bwd"):
+        for f in ("dense", "int8", "int4", "fp8"):
+            for ops in (k.HALF, k.TF32):
+                keys = [k._key(c) for c in k.candidate_configs(d, f, k.BLACKWELL, ops)]
+                assert keys == [k._key(c) for c in k.candidate_configs(d, f, 80, ops)]
+            # exact fp32: only tiles below 64 rows (Triton 3.6 turns taller ones into TF32 MMAs on sm_100)
+            exact = [k._key(c) for c in k.candidate_configs(d, f, k.BLACKWELL, k.FP32)]
+            assert exact and all(t[0] < 64 for t in exact)
+            assert set(exact) < {k._key(c) for c in k.candidate_configs(d, f, 80, k.FP32)}
+    split = {k._key(c) for c in k.pruned_configs(k.gpu_configs(), "fwd", k.BLACKWELL, "int4", 16, split=True)}
+    assert split == {(32, 64, 128, 8, 4)}
+    assert (16, 64, 128, 4, 4) in {k._key(c) for c in k.pruned_configs(k.gpu_configs(), "fwd", 80, "int4", 16, split=True)}
+    assert k.autotuned_launch("fwd", k.BLACKWELL) is not k.autotuned_launch("fwd", 80)

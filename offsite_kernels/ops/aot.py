@@ -5,8 +5,9 @@ Triton compiles for any NVIDIA target on a CPU-only machine (``triton.compile`` 
 resource usage and its SASS. For every kernel x weight format x activation dtype x autotune
 configuration x architecture this module reports registers, stack bytes (register spills),
 shared memory against the device limit, and whether the GEMM runs on tensor cores (``HGMMA``,
-Hopper's warpgroup MMA, on sm_90; ``HMMA`` on sm_80; TF32 ones for fp32 activations where TF32 is
-allowed) or, for exact fp32 activations, on none. Other kernels describe their launches as
+Hopper's warpgroup MMA, on sm_90; ``UTCHMMA``, Blackwell's tcgen05 MMA, on sm_100; ``HMMA`` on sm_80,
+sm_86 and sm_120; TF32 ones for fp32 activations where TF32 is allowed) or, for exact fp32
+activations, on none. Other kernels describe their launches as
 :class:`KernelCase` objects (the fp8 GEMM: ``QGMMA ... E4M3`` on sm_90, ``QMMA`` on sm_89).
 
 Arguments are specialised the way the JIT specialises a typical launch: contiguous row-major
@@ -45,27 +46,39 @@ FORMATS = tuple(_flt.FMT_CODES)  # dense, int8, int4, fp8
 ACT_DTYPES = ("bf16", "fp16", "tf32", "fp32")
 ACT_OPERANDS = {"bf16": _flt.HALF, "fp16": _flt.HALF, "tf32": _flt.TF32, "fp32": _flt.FP32}
 _ACT_POINTERS = {"bf16": "*bf16", "fp16": "*fp16", "tf32": "*fp32", "fp32": "*fp32"}
-ARCHS = (80, 86, 90)  # the frozen linear's GPU classes (frozen_linear_triton.gpu_arch), each compiled for its sm_
+# compile targets: one per GPU class of the frozen linear (frozen_linear_triton.gpu_arch), and consumer Blackwell's
+# sm_120, which runs class 86's lists (gpu_class)
+ARCHS = (80, 86, 90, 100, 120)
 ARCH_NAMES = {
     80: "A100 (sm_80)",
     86: "RTX 3090/A10 (sm_86; sm_89's L4/L40S/RTX 4090 share its 99 KiB)",
     89: "L40S/RTX 4090 (sm_89)",
     90: "H100/H200 (sm_90)",
+    100: "B200/GB200 (sm_100)",
+    120: "RTX 5090/RTX PRO 6000 Blackwell (sm_120)",
 }
 # cudaDevAttrMaxSharedMemoryPerBlockOptin: what one block may use, static + dynamic.
-SHARED_LIMITS = {  # 166912, 101376, 101376, 232448 bytes
+SHARED_LIMITS = {  # 166912, 101376, 101376, 232448, 232448, 101376 bytes
     80: triton_common.A100_SHARED_BYTES,
     86: triton_common.SMALL_SHARED_BYTES,
     89: triton_common.SMALL_SHARED_BYTES,
     90: triton_common.HOPPER_SHARED_BYTES,
+    100: triton_common.HOPPER_SHARED_BYTES,
+    120: triton_common.SMALL_SHARED_BYTES,
 }
-# tensor-core MMAs in SASS: bf16/fp16 and TF32 (HMMA; HGMMA = Hopper's warpgroup MMA) and fp8 (QMMA on Ada; QGMMA on Hopper)
-MMA_MNEMONICS = ("HGMMA", "HMMA", "QGMMA", "QMMA")
-TENSOR_CORE_MNEMONICS = {80: "HMMA", 90: "HGMMA"}
+# tensor-core MMAs in SASS: bf16/fp16 and TF32 (HMMA; HGMMA = Hopper's warpgroup MMA; UTCHMMA = Blackwell's
+# tcgen05 MMA) and fp8 (QMMA on Ada; QGMMA on Hopper; UTCQMMA on Blackwell)
+MMA_MNEMONICS = ("HGMMA", "HMMA", "QGMMA", "QMMA", "UTCHMMA", "UTCQMMA")
 _TENSOR_CORE_PATTERNS = tuple(rf"\b{m}\b" for m in MMA_MNEMONICS)
-# Hopper's warpgroup MMA (HGMMA) works on 64-row tiles; a tile of fewer rows (the skinny-M
-# configurations, which are bandwidth-bound) runs on the classic tensor-core MMA (HMMA) instead.
+# Hopper's warpgroup MMA (HGMMA) and Blackwell's tcgen05 MMA (UTCHMMA) work on tiles of 64 rows or more; a
+# tile of fewer rows (the skinny-M configurations, which are bandwidth-bound) runs on the classic MMA (HMMA).
 WGMMA_MIN_BLOCK_M = 64
+_WIDE_MMA = {90: "HGMMA", 100: "UTCHMMA"}  # sm_120 (consumer Blackwell) has neither: HMMA
+
+
+def gpu_class(arch: int) -> int:
+    """The frozen linear's GPU class (its tile lists) that compile target ``sm_<arch>`` runs."""
+    return _flt.SMALL_SHARED if arch == 120 else arch
 
 
 def expected_tensor_core(arch: int, block_m: int, act_dtype: str = "bf16") -> str | None:
@@ -73,7 +86,7 @@ def expected_tensor_core(arch: int, block_m: int, act_dtype: str = "bf16") -> st
     (``act_dtype`` "fp32"), whose SASS must show no tensor-core MMA at all."""
     if act_dtype == "fp32":
         return None
-    return "HGMMA" if arch >= 90 and block_m >= WGMMA_MIN_BLOCK_M else "HMMA"
+    return _WIDE_MMA.get(arch, "HMMA") if block_m >= WGMMA_MIN_BLOCK_M else "HMMA"
 
 
 INT4_GROUP = 128
@@ -385,7 +398,7 @@ def _compile_case_here(case: KernelCase, arch: int) -> dict[str, Any]:
         num_stages=case.num_stages,
         arch=arch,
         shared_limit=SHARED_LIMITS[arch],
-        tensor_core_expected=(case.mma or ("HGMMA" if arch >= 90 else "HMMA")) if case.tensor_core else None,
+        tensor_core_expected=(case.mma or _WIDE_MMA.get(arch, "HMMA")) if case.tensor_core else None,
     )
     try:
         signature, constexprs, attrs = case_signature(case)
@@ -430,7 +443,8 @@ def split_k_cases(arch: int) -> list[KernelCase]:
     cases = []
     for kernel, fmt, act_dtype in ((k, f, a) for k in KERNELS for f in FORMATS for a in ("bf16", "tf32", "fp32")):
         operands = ACT_OPERANDS[act_dtype]
-        for config in _flt.pruned_configs(_flt.gpu_configs(), kernel, arch, fmt, 16, split=True, operands=operands):
+        configs = _flt.pruned_configs(_flt.gpu_configs(), kernel, gpu_class(arch), fmt, 16, split=True, operands=operands)
+        for config in configs:
             key = config_key(config)
             sig, constexprs, attrs = kernel_signature(kernel, fmt, act_dtype, key, split_k=True)
             names = list(sig)
@@ -449,7 +463,7 @@ def split_k_cases(arch: int) -> list[KernelCase]:
                     num_stages=key[5],
                     label=f"{kernel} {fmt} {act_dtype} split-K {config_label(key)}",
                     tensor_core=not exact,
-                    mma="HMMA" if key[0] < WGMMA_MIN_BLOCK_M and not exact else None,  # 64-row tiles: HGMMA on sm_90
+                    mma=expected_tensor_core(arch, key[0], act_dtype),
                     sass_forbid=_TENSOR_CORE_PATTERNS if exact else (),
                 )
             )
@@ -581,14 +595,14 @@ def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config 
 
 def full_report(archs: tuple[int, ...] = ARCHS) -> list[dict[str, Any]]:
     """:func:`compile_report` for both kernels x every format x every activation dtype x ``archs`` x every
-    configuration the autotuner may pick for that kernel, format and dtype on that architecture."""
+    configuration the autotuner may pick for that kernel, format and dtype on that architecture's class."""
     return [
         compile_report(kernel, fmt, dtype, config, arch)
         for arch in archs
         for kernel in KERNELS
         for fmt in FORMATS
         for dtype in ACT_DTYPES
-        for config in _flt.candidate_configs(kernel, fmt, arch, ACT_OPERANDS[dtype])
+        for config in _flt.candidate_configs(kernel, fmt, gpu_class(arch), ACT_OPERANDS[dtype])
     ]
 
 

@@ -220,6 +220,10 @@ _HOPPER_TILES = {
 # for sm_86 without spills within 99 KiB (Triton 3.6 and 3.9). Without them an int4 forward at
 # M <= 32 had no tile that fits, and failed.
 SMALL_SHARED = 86
+# Datacenter Blackwell (compute capability 10.x: B200, GB200, B300) runs the A100-class lists (its larger
+# tiles go to tcgen05 tensor cores; checked for sm_100 ahead of time) with its own autotuner, and a split
+# launch there never takes the 16-row int4 forward tile (spills 8-16 B on sm_100 split).
+BLACKWELL = 100
 _SMALL_SHARED_TILES = {
     ("fwd", "int4"): ((16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 128, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3)),
     ("bwd", "any"): ((16, 64, 128, 4, 4), (32, 64, 128, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)),
@@ -229,15 +233,21 @@ _SMALL_SHARED_TILES = {
 # tensor cores (where PyTorch allows TF32 for fp32 matmuls: tf32_enabled) or, PyTorch's default, as
 # exact fp32 FMAs that hold their operands in registers. The 16-bit lists do not fit: with TF32 about
 # half of their variants spill or need more shared memory than the GPU has, and as FMAs every one spills
-# (240 B to 21 KB of stack). These smaller tiles serve every format and GPU class: each compiles for sm_80, sm_86 and
-# sm_90 without spills within 99 KiB, split launches included (Triton 3.6 and 3.9). The TF32 backward
-# has no 16-row tile (each spilled 8-32 B for some format or class): few tokens take its 32-row one.
+# (240 B to 21 KB of stack). These smaller tiles serve every format and GPU class: each compiles for sm_80,
+# sm_86, sm_90, sm_100 and sm_120 without spills within 99 KiB, split launches included (Triton 3.6 and
+# 3.9). The TF32 backward has neither a 16-row tile nor a 64-row one (each candidate spilled 8-32 B for
+# some format or target): few tokens take its 32-row tile, the rest its 128-row ones.
 _FP32_TILES = {
     ("fwd", "tf32"): ((16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3)),
-    ("bwd", "tf32"): ((32, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3)),
+    ("bwd", "tf32"): ((32, 64, 32, 8, 3), (128, 32, 32, 8, 3), (128, 64, 32, 8, 2)),
     ("fwd", "fp32"): ((16, 64, 32, 4, 2), (32, 64, 32, 8, 2), (64, 64, 16, 4, 3), (64, 128, 16, 8, 2)),
     ("bwd", "fp32"): ((16, 32, 32, 8, 2), (32, 32, 32, 8, 2), (64, 32, 32, 8, 2), (128, 32, 16, 8, 2)),
 }  # fmt: skip
+# Triton 3.6 lowers an exact-fp32 dot whose weight operand is dequantized in registers (int8, int4, fp8) to
+# TF32 tcgen05 MMAs on sm_100 when the tile has 64 rows or more: TF32's precision, silently (the AOT check
+# found UTCHMMA, and kind::tf32 in the PTX, where exact fp32 must have none). Datacenter Blackwell's
+# exact-fp32 list keeps the tiles below that, which run on FMAs under every Triton checked.
+_BLACKWELL_EXACT_FP32_MAX_ROWS = 32
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 # How the GEMM's operands run: bf16/fp16 on tensor cores ("half"), fp32 on TF32 tensor cores ("tf32"),
 # or fp32 as exact fp32 FMAs ("fp32"); see gemm_operands.
@@ -252,16 +262,19 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 def _tiles(direction: str, kind: str, arch: int, operands: str = HALF) -> tuple:
     """The candidate tiles of ``(direction, kind)`` ("int4" or "any") on GPU class ``arch`` (80, 86 or 90)
     for the GEMM ``operands`` (:data:`OPERANDS`)."""
+    if operands == FP32 and arch == BLACKWELL:  # see _BLACKWELL_EXACT_FP32_MAX_ROWS
+        return tuple(t for t in _FP32_TILES[(direction, operands)] if t[0] <= _BLACKWELL_EXACT_FP32_MAX_ROWS)
     if operands != HALF:
         return _FP32_TILES[(direction, operands)]
     if arch == SMALL_SHARED:
         return _SMALL_SHARED_TILES.get((direction, kind), _CANDIDATES[(direction, kind)])
-    return _CANDIDATES[(direction, kind)] + (_HOPPER_TILES.get((direction, kind), ()) if arch == HOPPER else ())
+    return _CANDIDATES[(direction, kind)] + (_HOPPER_TILES.get((direction, kind), ()) if arch == HOPPER else ())  # 80, 100
 
 
 def candidate_configs(direction: str, fmt: str, arch: int = 80, operands: str = HALF) -> list[triton.Config]:
     """The configurations the autotuner may pick for ``direction`` ("fwd"/"bwd") and weight ``fmt`` on GPU
-    class ``arch`` (80: A100-class; 86: 99 KiB of shared memory per block; 90: with Hopper's larger tiles),
+    class ``arch`` (80: A100-class; 86: 99 KiB of shared memory per block; 90: with Hopper's larger tiles;
+    100: datacenter Blackwell, A100-class lists),
     for bf16/fp16 activations or, with ``operands`` "tf32" or "fp32", fp32 ones (:func:`gemm_operands`)."""
     return [_config(*c) for c in _tiles(direction, "int4" if fmt == "int4" else "any", arch, operands)]
 
@@ -274,12 +287,13 @@ def gpu_configs() -> list[triton.Config]:
 
 @functools.cache
 def gpu_arch(device_index: int) -> int:
-    """The candidate list of a CUDA device: 90 (Hopper-class, see ``_HOPPER_TILES``), 86 (less shared
-    memory per block than an A100, see ``_SMALL_SHARED_TILES``), else 80."""
+    """The candidate list of a CUDA device: 90 (Hopper-class, see ``_HOPPER_TILES``), 100 (datacenter
+    Blackwell, see ``BLACKWELL``), 86 (less shared memory per block than an A100, see ``_SMALL_SHARED_TILES``:
+    sm_86, sm_89 and consumer Blackwell's sm_120 among them), else 80."""
     major, _ = torch.cuda.get_device_capability(device_index)
     smem = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-    if major == 9 and smem >= HOPPER_SHARED_BYTES:
-        return HOPPER
+    if major in (9, 10) and smem >= HOPPER_SHARED_BYTES:
+        return HOPPER if major == 9 else BLACKWELL
     return SMALL_SHARED if smem < A100_SHARED_BYTES else 80
 
 
@@ -297,6 +311,13 @@ def _key(c: triton.Config) -> tuple:
 # 16-row backward tile spills 8-16 B under Triton 3.6 (fp8 on sm_80, dense on sm_90), so split
 # backward launches take the 32-row tile with 8 warps.
 _SPLIT_EXCLUDED = {("fwd", "int4"): {(16, 128, 64, 4, 4)}, ("bwd", "any"): {(16, 64, 128, 4, 4)}}
+_BLACKWELL_SPLIT_EXCLUDED = {("fwd", "int4"): {(16, 64, 128, 4, 4)}}  # spills 8-16 B on sm_100 (Triton 3.6, 3.9)
+
+
+def _split_excluded(direction: str, kind: str, arch: int) -> set:
+    """The tiles a split launch of ``(direction, kind)`` must not take on GPU class ``arch``."""
+    extra = _BLACKWELL_SPLIT_EXCLUDED.get((direction, kind), set()) if arch == BLACKWELL else set()
+    return _SPLIT_EXCLUDED.get((direction, kind), set()) | extra
 
 
 def pruned_configs(
@@ -308,7 +329,7 @@ def pruned_configs(
     kind = "int4" if fmt == "int4" else "any"
     allowed = set(_tiles(direction, kind, arch, operands))
     if split:
-        allowed -= _SPLIT_EXCLUDED.get((direction, kind), set())
+        allowed -= _split_excluded(direction, kind, arch)
     usable = [c for c in configs if _key(c) in allowed]
     wanted = 16 if bucket <= 16 else 32 if bucket <= 32 else 64 if bucket <= 256 else 128
     sizes = sorted({c.kwargs["BLOCK_M"] for c in usable})
