@@ -10,11 +10,11 @@ tensor-core instructions); see ``offsite_kernels/ops/aot.py``. Writes
 atomically) and prints a compact table followed by every failed check.
 
 The fp8 tensor-core path (``offsite_kernels/ops/fp8_gemm_triton.py``: row quantizer and e4m3 GEMM)
-goes to ``bench/results/aot_fp8_gemm.json`` the same way, for sm_90 and sm_89 (sm_80 has no fp8
+goes to ``bench/results/aot_fp8_gemm.json`` the same way, for sm_89, sm_90, sm_100 and sm_120 (sm_80 has no fp8
 tensor cores): every launch the path can make, each GEMM tile in its three operand layouts, with the
 MMA instruction, async copies (``LDGSTS``) and byte-wise shared stores (``STS.U8``) read from the SASS.
 
-    python bench/aot_report.py [--archs 80 86 90] [--out PATH] [--fp8-archs 89 90] [--fp8-out PATH]
+    python bench/aot_report.py [--archs 80 86 90 100 120] [--out PATH] [--fp8-archs 89 90 100 120] [--fp8-out PATH]
 """
 
 from __future__ import annotations
@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"compile targets sm_<arch> (default {' '.join(map(str, aot.ARCHS))})",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--fp8-archs", type=int, nargs="*", default=[89, 90], help="targets of the fp8 path (none: skip)")
+    from offsite_kernels.ops import fp8_gemm_triton
+
+    targets = list(fp8_gemm_triton.AOT_TARGETS)
+    parser.add_argument("--fp8-archs", type=int, nargs="*", default=targets, help="targets of the fp8 path (none: skip)")
     parser.add_argument("--fp8-out", type=Path, default=DEFAULT_FP8_OUT)
     args = parser.parse_args(argv)
 

@@ -13,9 +13,10 @@ with its NVIDIA backend reads the cubins (``offsite_kernels/ops/aot.py``). For e
 - shared memory (dynamic + static) fits one block: 163 KiB on A100, 99 KiB on sm_86/sm_120, 227 KiB on
   H100/H200/B200.
 
-The fp8 tensor-core path (``fp8_gemm_triton.aot_cases``) compiles for sm_90 and sm_89 only (sm_80
-has no fp8 tensor cores and runs weight-only fp8): its GEMM must show e4m3 x e4m3 -> fp32 MMAs
-(``QGMMA`` on sm_90, ``QMMA`` on sm_89) and its quantizer the hardware's saturating e4m3 cast.
+The fp8 tensor-core path (``fp8_gemm_triton.aot_cases``) compiles for sm_89, sm_90, sm_100 and sm_120
+(sm_80 has no fp8 tensor cores and runs weight-only fp8): its GEMM must show e4m3 x e4m3 -> fp32 MMAs
+(``QGMMA`` on sm_90, ``QMMA`` on sm_89/sm_120, ``UTCQMMA`` on sm_100) and its quantizer the hardware's
+saturating e4m3 cast.
 
 Coverage: every configuration the autotuner may pick for each kernel and weight format on each
 architecture (``candidate_configs``: sm_90 adds Hopper's larger tiles), with bf16 activations; fp16 compiles to the same
@@ -186,25 +187,28 @@ FP8_CASES = _case_params(fp8k.AOT_TARGETS, fp8k.aot_cases)
 
 @pytest.mark.parametrize("case,arch", FP8_CASES)
 def test_fp8_kernels_compile_on_fp8_tensor_cores_without_spills(case, arch):
-    """Every fp8 launch: compiles; the GEMM on e4m3 x e4m3 -> fp32 MMAs (QGMMA on sm_90, QMMA on sm_89), K-major
+    """Every fp8 launch: compiles; the GEMM on e4m3 x e4m3 -> fp32 MMAs (QGMMA on sm_90, QMMA on sm_89 and sm_120,
+    tcgen05's UTCQMMA on sm_100, whose SASS names no operand types), K-major
     layouts without byte-wise shared stores; the quantizer on the hardware's saturating e4m3 cast; no spills;
     shared memory within the target's limit."""
     row = aot.compile_case(case, arch)
     assert row["compiled"], f"sm_{arch} {case.label}: {aot.case_problems(row)}\n{row['error']}"
     assert row["ok"], f"sm_{arch} {case.label}: {aot.case_problems(row)}"
-    if case.tensor_core:
+    if case.tensor_core and arch != 100:
         assert row["mma_instruction"].endswith(".F32.E4M3.E4M3"), row["mma_instruction"]
+    elif case.tensor_core:
+        assert row["mma_counts"]["UTCQMMA"] > 0 and row["tensor_core_mnemonic"] == "UTCQMMA"
 
 
 def test_fp8_candidates_are_all_covered_and_sm80_is_no_target():
-    assert 80 not in fp8k.AOT_TARGETS and set(fp8k.GEMM_CANDIDATES) == set(fp8k.AOT_TARGETS)
+    assert 80 not in fp8k.AOT_TARGETS and set(fp8k.GEMM_CANDIDATES) == {fp8k.list_target(a) for a in fp8k.AOT_TARGETS}
     for arch in fp8k.AOT_TARGETS:
         covered = {
             (c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"], c.constexprs["BLOCK_K"], c.num_warps, c.num_stages)
             for c in fp8k.aot_cases(arch)
             if c.fn == "_fp8_gemm_kernel" and c.types["c_ptr"] == "*bf16"
         }
-        assert covered == set(fp8k.GEMM_CANDIDATES[arch])
+        assert covered == set(fp8k.GEMM_CANDIDATES[fp8k.list_target(arch)])
         assert all(c.constexprs["BLOCK_M"] >= aot.WGMMA_MIN_BLOCK_M for c in fp8k.aot_cases(90) if "BLOCK_M" in c.constexprs)
 
 

@@ -160,7 +160,9 @@ def _fp8_gemm_kernel(
 # in both operand layouts with the fp8 MMA (sm_90: QGMMA, the warpgroup MMA, on 64-row tiles;
 # sm_89: QMMA), without spills and within the target's shared memory (227 KiB on H100, 99 KiB on
 # Ada), checked ahead of time by tests/test_aot_compile.py. The Hopper tiles spill on Ada
-# (mma.sync keeps the accumulators of every warp in registers), hence two lists.
+# (mma.sync keeps the accumulators of every warp in registers), hence two lists. Datacenter Blackwell
+# (sm_100: tcgen05's UTCQMMA) keeps the Hopper tiles that do not spill there (four forward tiles spilled
+# 56-376 B); consumer Blackwell (sm_120, 99 KiB) runs the Ada list, checked for sm_120.
 GEMM_CANDIDATES = {
     90: (
         (64, 128, 128, 4, 4),
@@ -172,8 +174,13 @@ GEMM_CANDIDATES = {
         (128, 256, 64, 8, 4),
     ),
     89: ((128, 64, 128, 4, 3), (128, 128, 128, 8, 4)),
+    100: ((64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 128, 128, 8, 4)),
 }
-TARGET_NAMES = {90: "Hopper-class (sm_90, >= 227 KiB shared memory per block)", 89: "Ada-class (sm_89, 99 KiB)"}
+TARGET_NAMES = {
+    90: "Hopper-class (sm_90, >= 227 KiB shared memory per block)",
+    89: "Ada-class (sm_89, 99 KiB; sm_120 too)",
+    100: "datacenter Blackwell (sm_100, 227 KiB)",
+}
 INTERPRETER_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 QUANTIZE_BLOCK_K = 1024  # the quantizer's chunk: next_power_of_2(K) up to this
 INTERPRETER_QUANTIZE_BLOCK_K = 64
@@ -189,17 +196,20 @@ def _key(c: triton.Config) -> tuple:
 
 
 def gemm_configs(target: int | None = None) -> list[triton.Config]:
-    """The configurations the fp8 GEMM's autotuner may pick on ``target`` (90 or 89; None: all)."""
+    """The configurations the fp8 GEMM's autotuner may pick on ``target`` (89, 90 or 100; None: all)."""
     lists = [GEMM_CANDIDATES[target]] if target else GEMM_CANDIDATES.values()
     return [_config(*c) for c in dict.fromkeys(c for cs in lists for c in cs)]
 
 
 @functools.cache
 def gpu_target(device_index: int) -> int:
-    """The candidate list for a CUDA device: 90 for sm_90+ with Hopper's shared memory, else 89 (Ada-class)."""
+    """The candidate list for a CUDA device: 100 for compute capability 10.x (datacenter Blackwell), 90 for other
+    sm_90+ GPUs with Hopper's shared memory, else 89 (Ada-class, consumer Blackwell's sm_120 included)."""
     cap = torch.cuda.get_device_capability(device_index)
     smem = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-    return 90 if cap >= (9, 0) and smem >= HOPPER_SHARED_BYTES else 89
+    if cap >= (9, 0) and smem >= HOPPER_SHARED_BYTES:
+        return 100 if cap[0] == 10 else 90
+    return 89
 
 
 def device_target(t: torch.Tensor) -> int:
@@ -247,9 +257,14 @@ def m_bucket(m: int) -> int:
 
 
 # --- ahead-of-time compile cases -------------------------------------------------------------
-AOT_TARGETS = (89, 90)  # sm_80 has no fp8 tensor cores: no target of this path
+AOT_TARGETS = (89, 90, 100, 120)  # sm_80 has no fp8 tensor cores: no target of this path
 GEMM_LAYOUTS = ("fwd", "bwd", "bwd_strided")  # B K-major (weight; cached Wq^T) or N-major (Wq read in place)
-_MMA = {90: "QGMMA", 89: "QMMA"}
+_MMA = {90: "QGMMA", 89: "QMMA", 100: "UTCQMMA", 120: "QMMA"}
+
+
+def list_target(arch: int) -> int:
+    """The candidate list (:func:`gpu_target`) that compile target ``sm_<arch>`` runs: sm_120 runs the Ada list."""
+    return 89 if arch == 120 else arch
 
 
 def _gemm_case(arch: int, layout: str, cfg: tuple, dtype: str = "bf16"):
@@ -266,6 +281,8 @@ def _gemm_case(arch: int, layout: str, cfg: tuple, dtype: str = "bf16"):
     fwd = layout == "fwd"
     constexprs = dict(HAS_COL_SCALE=fwd, HAS_BIAS=fwd, INTERPRETER_BF16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
     mma = _MMA[arch]
+    # the e4m3 x e4m3 -> fp32 MMA; tcgen05's UTCQMMA names no operand types in the SASS (kind::f8f6f4 in the PTX)
+    expect = rf"\b{mma}\b" if mma.startswith("UTC") else rf"\b{mma}\.\S*\.F32\.E4M3\.E4M3\b"
     return KernelCase(
         module=__name__,
         fn="_fp8_gemm_kernel",
@@ -277,9 +294,10 @@ def _gemm_case(arch: int, layout: str, cfg: tuple, dtype: str = "bf16"):
         label=f"fp8 gemm {layout} {dtype} {bm}x{bn}x{bk} w{warps} s{stages}",
         tensor_core=True,
         mma=mma,
-        sass_expect=(rf"\b{mma}\.\S*\.F32\.E4M3\.E4M3\b",),  # e4m3 x e4m3 operands, fp32 accumulator
-        # K-major operands reach shared memory by async copies; byte-wise register stores mean a transpose
-        sass_forbid=() if strided else (r"\bSTS\.U8\b",),
+        # K-major operands reach shared memory by async copies; byte-wise register stores mean a transpose (sm_100
+        # stores one flag byte outside the loop for its tensor memory: there the async copies are what is checked)
+        sass_expect=(expect, r"\bLDGSTS\b") if not strided and arch == 100 else (expect,),
+        sass_forbid=() if strided or arch == 100 else (r"\bSTS\.U8\b",),
     )
 
 
@@ -315,13 +333,14 @@ def _quantize_case(arch: int, dtype: str, block_k: int, col_scale: bool):
 
 
 def aot_cases(arch: int) -> list:
-    """:class:`~offsite_kernels.ops.aot.KernelCase` for every launch the fp8 path can make on ``arch`` (89 or 90).
+    """:class:`~offsite_kernels.ops.aot.KernelCase` for every launch the fp8 path can make on ``arch`` (one of
+    :data:`AOT_TARGETS`, with the candidate list :func:`list_target` gives it).
 
     The GEMM: every configuration of the target's list in each operand layout (forward; backward on the
     cached ``Wq^T``; backward reading ``Wq`` in place) with bf16 output, plus fp16 output in each layout on
     a configuration rotating through the list. The quantizer: the largest chunk and two short-row chunks,
     bf16 and fp16, with and without the weight's column scale (the backward's)."""
-    configs = GEMM_CANDIDATES[arch]
+    configs = GEMM_CANDIDATES[list_target(arch)]
     cases = [_gemm_case(arch, layout, cfg) for layout in GEMM_LAYOUTS for cfg in configs]
     cases += [_gemm_case(arch, layout, configs[i % len(configs)], "fp16") for i, layout in enumerate(GEMM_LAYOUTS)]
     for dtype in ("bf16", "fp16"):
