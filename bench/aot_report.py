@@ -119,7 +119,7 @@ def fp8_report(archs: tuple[int, ...]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from offsite_kernels.ops import aot
+    from offsite_kernels.ops import aot, fp8_gemm_triton
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -130,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"compile targets sm_<arch> (default {' '.join(map(str, aot.ARCHS))})",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    from offsite_kernels.ops import fp8_gemm_triton
-
-    targets = list(fp8_gemm_triton.AOT_TARGETS)
-    parser.add_argument("--fp8-archs", type=int, nargs="*", default=targets, help="targets of the fp8 path (none: skip)")
+    parser.add_argument(
+        "--fp8-archs", type=int, nargs="*", default=list(fp8_gemm_triton.AOT_TARGETS), help="targets of the fp8 path (none: skip)"
+    )
     parser.add_argument("--fp8-out", type=Path, default=DEFAULT_FP8_OUT)
     args = parser.parse_args(argv)
 

@@ -47,22 +47,28 @@ def _capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
 
 
-def _cuda_index(device: torch.device) -> int:
+def cuda_index(device: torch.device) -> int:
+    """The index of CUDA ``device`` (the current device for a bare ``torch.device("cuda")``)."""
     import torch
 
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` compute capability of CUDA ``device``, cached per device."""
+    return _capability(cuda_index(device))
+
+
 def gpu_runs_triton(device: torch.device) -> bool:
     """Whether the Triton kernels serve tensors on CUDA ``device``: compute capability 8.0 or newer."""
-    return _capability(_cuda_index(device)) >= MIN_TRITON_CAPABILITY
+    return cuda_capability(device) >= MIN_TRITON_CAPABILITY
 
 
 def check_triton_device(t: torch.Tensor) -> None:
     """Raise :class:`BackendError` when Triton is forced on a CUDA tensor of a GPU older than Ampere (the forced
     backend was checked on the current device only; ``t`` may live on another)."""
     if t.is_cuda and not gpu_runs_triton(t.device):
-        raise BackendError(f"{ENV_VAR}=triton cannot run on {t.device}: {_old_gpu_reason(_cuda_index(t.device))}")
+        raise BackendError(f"{ENV_VAR}=triton cannot run on {t.device}: {_old_gpu_reason(cuda_index(t.device))}")
 
 
 def use_triton(t: torch.Tensor) -> bool:

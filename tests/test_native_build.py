@@ -111,9 +111,11 @@ def test_cuda_kernels_serve_only_gpus_the_build_has_code_for(monkeypatch, capabi
         def build_info():
             return {"cuda": True}
 
+    import offsite_kernels.backends as backends
+
     monkeypatch.setattr(native, "get", lambda: CudaBuild)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(backends, "_capability", lambda index: capability)  # the cached per-device lookup
     assert native.supports_device(torch.device("cpu"))
     assert native.supports_device(torch.device("cuda")) is runs
     assert native.supports_device(torch.device("cuda", 1)) is runs

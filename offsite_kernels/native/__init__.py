@@ -134,10 +134,10 @@ def supports_device(device: torch.device) -> bool:
         return True
     if device.type != "cuda" or not has_cuda():
         return False
+    from ..backends import cuda_capability
     from .build_config import MIN_CUDA_CAPABILITY
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return tuple(torch.cuda.get_device_capability(index)) >= MIN_CUDA_CAPABILITY
+    return cuda_capability(device) >= MIN_CUDA_CAPABILITY
 
 
 def _reset_for_tests() -> None:

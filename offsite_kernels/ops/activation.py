@@ -82,9 +82,6 @@ def swiglu_input_grad_torch(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.
     return torch.ops.aten.silu_backward(grad_y * up, gate), grad_y * F.silu(gate)
 
 
-# --- dispatch ---------------------------------------------------------------------------------
-
-
 def _bias_for(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.to(x.dtype)
 

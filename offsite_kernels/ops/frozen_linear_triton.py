@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from ..backends import triton_interpreter_enabled
+from ..backends import cuda_index, triton_interpreter_enabled
 from .triton_common import A100_SHARED_BYTES, HOPPER_SHARED_BYTES, _cast, _grouped_tile, triton_version
 from .triton_launch import CachedAutotune, as_rows, cdiv, next_power_of_2, on_input_device, output
 
@@ -485,7 +485,7 @@ def split_length(m: int, out_cols: int, reduce_len: int, device: torch.device, d
         return whole if setting <= 1 else min(whole, _aligned(cdiv(reduce_len, setting)))
     if device.type != "cuda":
         return whole
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     tile_rows, tile_cols = split_tile(direction, fmt, gpu_arch(index), operands)
     tiles = cdiv(m, tile_rows) * cdiv(out_cols, tile_cols)  # the fewest programs an unsplit grid may have
     if tiles == 0:  # no output columns: nothing to split
@@ -523,7 +523,9 @@ def tf32_enabled() -> bool:
 def gemm_operands(dtype: torch.dtype) -> str:
     """How the GEMM on ``dtype`` activations runs (:data:`OPERANDS`): "half" for bf16/fp16, and for fp32
     "tf32" where PyTorch allows TF32 (:func:`tf32_enabled`), else "fp32" (exact fp32 FMAs, as cuBLAS then)."""
-    return _launch_operands(dtype, "tf32" if tf32_enabled() else "ieee")
+    if dtype != torch.float32:  # every launch passes here: PyTorch's flag is read for fp32 only
+        return HALF
+    return TF32 if tf32_enabled() else FP32
 
 
 def _dot_precision(operands: str) -> str:
