@@ -15,6 +15,7 @@ tensor cores): every launch the path can make, each GEMM tile in its three opera
 MMA instruction, async copies (``LDGSTS``) and byte-wise shared stores (``STS.U8``) read from the SASS.
 
     python bench/aot_report.py [--archs 80 86 90 100 120] [--out PATH] [--fp8-archs 89 90 100 120] [--fp8-out PATH]
+                               [--workers N]
 """
 
 from __future__ import annotations
@@ -111,11 +112,13 @@ def format_case_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def fp8_report(archs: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Every fp8-path launch (``fp8_gemm_triton.aot_cases``) compiled for each of ``archs``."""
+def fp8_report(archs: tuple[int, ...], workers: int = 1) -> list[dict[str, Any]]:
+    """Every fp8-path launch (``fp8_gemm_triton.aot_cases``) compiled for each of ``archs``, ``workers`` at a time."""
     from offsite_kernels.ops import aot, fp8_gemm_triton
 
-    return [aot.compile_case(case, arch) for arch in archs for case in fp8_gemm_triton.aot_cases(arch)]
+    cases = [(case, arch) for arch in archs for case in fp8_gemm_triton.aot_cases(arch)]
+    aot.prefetch(cases=cases, workers=workers)
+    return [aot.compile_case(case, arch) for case, arch in cases]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "--fp8-archs", type=int, nargs="*", default=list(fp8_gemm_triton.AOT_TARGETS), help="targets of the fp8 path (none: skip)"
     )
     parser.add_argument("--fp8-out", type=Path, default=DEFAULT_FP8_OUT)
+    parser.add_argument(
+        "--workers", type=int, default=aot.default_workers(), help="compiles run at once (default: the CPUs available)"
+    )
     args = parser.parse_args(argv)
 
     ok, why = aot.availability()
@@ -141,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot run the AOT check here: {why}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    rows = aot.full_report(tuple(args.archs))
-    split_rows = [aot.compile_case(case, arch) for arch in args.archs for case in aot.split_k_cases(arch)]
+    rows = aot.full_report(tuple(args.archs), workers=args.workers)
+    split_cases = [(case, arch) for arch in args.archs for case in aot.split_k_cases(arch)]
+    aot.prefetch(cases=split_cases, workers=args.workers)
+    split_rows = [aot.compile_case(case, arch) for case, arch in split_cases]
     seconds = time.perf_counter() - t0
     report = {
         "stamp": _stamp(),
         "seconds": round(seconds, 1),
+        "workers": args.workers,
         "shared_limits": {f"sm_{a}": aot.SHARED_LIMITS[a] for a in args.archs},
         "assumptions": "contiguous row-major tensors, 16-byte-aligned pointers, N/K/row strides multiples of 16, "
         f"int4 group size {aot.INT4_GROUP}, forward with bias, DOT_PRECISION=ieee (tf32 for the tf32 rows: fp32 "
@@ -168,11 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  sm_{r['arch']} {r['label']}: {'; '.join(why)}")
     if args.fp8_archs:
         t0 = time.perf_counter()
-        fp8_rows = fp8_report(tuple(args.fp8_archs))
+        fp8_rows = fp8_report(tuple(args.fp8_archs), args.workers)
         seconds = time.perf_counter() - t0
         fp8 = {
             "stamp": report["stamp"],
             "seconds": round(seconds, 1),
+            "workers": args.workers,
             "shared_limits": {f"sm_{a}": aot.SHARED_LIMITS[a] for a in args.fp8_archs},
             "assumptions": "fp8 e4m3 operands, contiguous row-major activations and outputs, 16-byte-aligned pointers, "
             "N/K/row strides multiples of 16, M arbitrary; GEMM layouts: fwd (B = Wq, K-major), bwd (B = cached Wq^T, "

@@ -36,6 +36,29 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return request.param
 
 
+_AOT_VARIANT_ARGS = ("kernel", "fmt", "dtype", "cfg", "arch")  # test_aot_compile's frozen-linear parameters
+
+
+@pytest.fixture(scope="module")
+def aot_prefetched(request: pytest.FixtureRequest) -> None:
+    """Compile every ahead-of-time case selected in the requesting module at once, one compile per CPU
+    (``aot.prefetch``); each test then checks its cached report row. Parametrized tests name either
+    ``case`` and ``arch`` (an ``aot.KernelCase``) or the frozen-linear variant's ``kernel, fmt, dtype, cfg, arch``."""
+    aot = pytest.importorskip("offsite_kernels.ops.aot", reason="triton is not installed")
+    if not aot.availability()[0]:
+        return  # the tests skip themselves and say why
+    variants, cases = [], []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "module", None) is not request.module:
+            continue
+        if "case" in params and "arch" in params:
+            cases.append((params["case"], params["arch"]))
+        elif all(name in params for name in _AOT_VARIANT_ARGS):
+            variants.append(tuple(params[name] for name in _AOT_VARIANT_ARGS))
+    aot.prefetch(variants, cases)
+
+
 def gen(seed: int) -> torch.Generator:
     """A seeded CPU generator: fresh random inputs, the same in every process."""
     return torch.Generator().manual_seed(seed)

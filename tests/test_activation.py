@@ -458,6 +458,7 @@ def test_aot_compile_every_case(arch):
     if not available:
         pytest.skip(f"AOT compile check unavailable: {why}")
     failures = []
+    aot.prefetch(cases=[(case, arch) for case in aot_cases()])  # compiled one per CPU, then read from the cache
     for case in aot_cases():
         row = aot.compile_case(case, arch)
         if not row["ok"]:

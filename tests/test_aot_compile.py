@@ -24,8 +24,8 @@ resources, so it gets one configuration per (kernel, format), rotating through t
 have their own lists, each checked whole: on TF32 tensor cores ("tf32": HMMA/HGMMA with TF32 operands)
 and as exact fp32 FMAs ("fp32": no tensor-core MMA may appear).
 ``bench/aot_report.py`` writes the full matrix (every activation dtype) to bench/results/.
-Under ``TRITON_INTERPRET=1`` (set by conftest on CPU machines) the compiles run in one worker
-process with the interpreter off.
+The selected cases compile up front, in worker processes with the interpreter off, one per CPU
+(conftest's ``aot_prefetched``); each test then checks its case's cached report row.
 Skipped only where Triton's NVIDIA backend or its ``cuobjdump`` is missing.
 """
 
@@ -40,7 +40,10 @@ from offsite_kernels.ops import fp8_gemm_triton as fp8k
 from offsite_kernels.ops.frozen_linear_triton import candidate_configs
 
 _AVAILABLE, _WHY = aot.availability()
-pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile check unavailable: {_WHY}")
+pytestmark = [
+    pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile check unavailable: {_WHY}"),
+    pytest.mark.usefixtures("aot_prefetched"),  # the selected cases compile up front, one per CPU (conftest)
+]
 
 
 def _cases() -> list:
@@ -222,3 +225,49 @@ def test_fp8_backward_layout_choice_is_backed_by_the_sass():
         assert cached["byte_shared_stores"] == fwd["byte_shared_stores"] == 0
         assert cached["async_copies"] == fwd["async_copies"] >= strided["async_copies"]
         assert cached["shared_bytes"] == fwd["shared_bytes"] >= strided["shared_bytes"]
+
+
+# --- compiling many cases at once ------------------------------------------------------------------------
+def _quick_cases() -> list:
+    """Four cheap compiles: the split-K reduce kernel, two outputs, for sm_80 and sm_90."""
+    reduce_cases = [case for case in aot.split_k_cases(80) if case.label.startswith("split-K reduce")][:2]
+    return [(case, arch) for case in reduce_cases for arch in (80, 90)]
+
+
+@pytest.fixture
+def fresh_pool(monkeypatch):
+    """An empty row cache and no workers; the workers a test starts are closed after it."""
+    monkeypatch.setattr(aot, "_ROWS", {})
+    monkeypatch.setattr(aot, "_WORKERS", [])
+    yield aot._WORKERS
+    for worker in aot._WORKERS:
+        worker.close()
+
+
+def test_prefetch_compiles_each_case_once_over_workers_with_the_rows_one_compile_gives(fresh_pool, monkeypatch):
+    cases = _quick_cases()
+    aot.prefetch(cases=cases + cases[:2], workers=8)  # duplicates compile once; no more workers than cases
+    assert len(aot._ROWS) == 4 and len(aot._WORKERS) == 4
+    parallel = [aot.compile_case(case, arch) for case, arch in cases]
+    monkeypatch.setattr(aot, "_ROWS", {})
+    one_by_one = [aot.compile_case(case, arch) for case, arch in cases]
+    for a, b in zip(parallel, one_by_one, strict=True):
+        assert a["ok"] and b["ok"], (aot.case_problems(a), aot.case_problems(b))
+        assert [a[k] for k in ("arch", "label", "registers", "shared_bytes")] == [
+            b[k] for k in ("arch", "label", "registers", "shared_bytes")
+        ]
+    assert {r["arch"] for r in parallel} == {80, 90}
+
+
+def test_prefetch_rejects_an_unknown_target_and_reports_a_dead_worker(fresh_pool):
+    case, _ = _quick_cases()[0]
+    with pytest.raises(ValueError, match="arch must be one of"):
+        aot.prefetch(cases=[(case, 75)])
+    with pytest.raises(ValueError, match="arch must be one of"):
+        aot.prefetch([("fwd", "int4", "bf16", (64, 64, 32, 8, 4, 3), 61)])
+    dead = aot._Worker()
+    dead.proc.kill()
+    dead.proc.wait()
+    fresh_pool.append(dead)
+    with pytest.raises(RuntimeError, match="AOT compile worker exited"):
+        aot.prefetch(cases=[(case, 80)], workers=2)

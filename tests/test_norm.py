@@ -520,6 +520,7 @@ def test_aot_cases_cover_every_launch_configuration_and_switch():
     assert not any(c.constexprs["INTERPRETER_BF16"] for c in AOT_CASES + AOT_CASES_F64)
 
 
+@pytest.mark.usefixtures("aot_prefetched")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("case", AOT_CASES, ids=[c.label.replace(" ", "_") for c in AOT_CASES])
 def test_aot_compiles_without_spills(case, arch):
@@ -530,6 +531,7 @@ def test_aot_compiles_without_spills(case, arch):
     assert row["registers"] > 0
 
 
+@pytest.mark.usefixtures("aot_prefetched")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("case", AOT_CASES_F64, ids=[c.label.replace(" ", "_") for c in AOT_CASES_F64])
 def test_aot_float64_variants_compile(case, arch):

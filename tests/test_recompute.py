@@ -23,15 +23,23 @@ def _loss_and_grads(emu, ids, mask=None):
     return out.loss.detach(), grads
 
 
+def _assert_same_grads(grads, grads2, rtol):
+    """Each gradient within ``rtol`` of its largest entry. A gradient that is zero in exact arithmetic (the
+    key projection's bias: softmax ignores a shift shared by all keys) holds only rounding noise, which the
+    order of float32 sums sets; so no tensor's scale is taken below 1e-4 of the model's largest gradient."""
+    assert grads.keys() == grads2.keys() and grads
+    floor = 1e-4 * max(float(g.abs().max()) for g in grads.values())
+    for name in grads:
+        scale = max(float(grads[name].abs().max()), floor, 1e-30)
+        err = float((grads2[name] - grads[name]).abs().max()) / scale
+        assert err <= rtol, f"{name}: error {err:.2e} of the gradient's scale {scale:.2e}"
+
+
 def _assert_same(reference, other, rtol):
     loss, grads = reference
     loss2, grads2 = other
     torch.testing.assert_close(loss2, loss, rtol=rtol, atol=0)
-    assert grads.keys() == grads2.keys() and grads
-    for name in grads:
-        scale = grads[name].abs().max().clamp_min(1e-12)
-        err = float((grads2[name] - grads[name]).abs().max() / scale)
-        assert err <= rtol, f"{name}: relative error {err:.2e}"
+    _assert_same_grads(grads, grads2, rtol)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -184,8 +192,7 @@ def test_two_forwards_one_backward_and_retain_graph():
         loss.backward(retain_graph=True)
         loss.backward()  # a second backward through the same graph
         grads.append({n: p.grad.clone() for n, p in emu.named_parameters() if p.requires_grad})
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-8)
+    _assert_same_grads(grads[0], grads[1], rtol=1e-5)
 
 
 class _ToyBlock(torch.nn.Module):

@@ -22,9 +22,9 @@ Nothing here needs a GPU, and nothing here runs a kernel.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import importlib
 import json
 import os
@@ -32,6 +32,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import triton
@@ -423,18 +425,6 @@ def _compile_case_here(case: KernelCase, arch: int) -> dict[str, Any]:
     return row
 
 
-@functools.cache
-def _compile_case_report(case_json: str, arch: int) -> tuple[tuple[str, Any], ...]:
-    global _WORKER
-    if compiles_in_process():
-        row = _compile_case_here(KernelCase(**json.loads(case_json)), arch)
-    else:
-        if _WORKER is None:
-            _WORKER = _Worker()
-        row = _WORKER.request({"case": json.loads(case_json)}, arch)
-    return tuple(row.items())
-
-
 def split_k_cases(arch: int) -> list[KernelCase]:
     """The split-K launches (``frozen_linear_triton.split_length``) on GPU class ``arch``: for each kernel,
     weight format and activations (bf16, fp32 with TF32, exact fp32), the configurations its autotuner keeps
@@ -489,7 +479,7 @@ def compile_case(case: KernelCase, arch: int) -> dict[str, Any]:
     Cached per process; under ``TRITON_INTERPRET=1`` the compile runs in the worker process."""
     if arch not in SHARED_LIMITS:
         raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {arch}")
-    return dict(_compile_case_report(case.to_json(), arch))
+    return _rows([_case_request(case, arch)])[0]
 
 
 def case_problems(row: dict[str, Any]) -> list[str]:
@@ -515,13 +505,13 @@ class _Worker:
         )
         atexit.register(self.close)
 
-    def request(self, *args: Any) -> dict[str, Any]:
+    def request(self, request: list) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
-            self.proc.stdin.write(json.dumps(args) + "\n")
+            self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, ValueError):
             line = ""
         if not line:
             self.log.seek(0)
@@ -540,7 +530,24 @@ class _Worker:
         self.log.close()
 
 
-_WORKER: _Worker | None = None
+_WORKERS: list[_Worker] = []  # started on first need, reused for the life of the process
+_ROWS: dict[str, tuple[tuple[str, Any], ...]] = {}  # request (JSON) -> its report row: each variant compiles once
+
+
+def _variant_request(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple, arch: int) -> list:
+    return [kernel, fmt, act_dtype, list(config_key(config)), arch]
+
+
+def _case_request(case: KernelCase, arch: int) -> list:
+    return [{"case": json.loads(case.to_json())}, arch]
+
+
+def _compile_request(request: list) -> dict[str, Any]:
+    """Compile one request in this process: a frozen-linear variant or a described :class:`KernelCase`."""
+    if isinstance(request[0], dict):
+        return _compile_case_here(KernelCase(**request[0]["case"]), request[1])
+    kernel, fmt, act_dtype, key, arch = request
+    return _compile_here(kernel, fmt, act_dtype, tuple(key), arch)
 
 
 def _serve() -> None:
@@ -551,26 +558,63 @@ def _serve() -> None:
     if not compiles_in_process():
         raise SystemExit("the AOT worker was started with the Triton interpreter on")
     for line in sys.stdin:
-        request = json.loads(line)
-        if isinstance(request[0], dict):  # a described KernelCase
-            row = _compile_case_here(KernelCase(**request[0]["case"]), request[1])
-        else:
-            kernel, fmt, act_dtype, key, arch = request
-            row = _compile_here(kernel, fmt, act_dtype, tuple(key), arch)
-        out.write(json.dumps(row) + "\n")
+        out.write(json.dumps(_compile_request(json.loads(line))) + "\n")
         out.flush()
 
 
-@functools.cache
-def _compile_report(kernel: str, fmt: str, act_dtype: str, key: tuple, arch: int) -> tuple[tuple[str, Any], ...]:
-    global _WORKER
-    if compiles_in_process():
-        row = _compile_here(kernel, fmt, act_dtype, key, arch)
-    else:
-        if _WORKER is None:
-            _WORKER = _Worker()
-        row = _WORKER.request(kernel, fmt, act_dtype, key, arch)
-    return tuple(row.items())
+def default_workers() -> int:
+    """The CPUs this process may run on: how many compiles :func:`prefetch` runs at once by default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _rows(requests: list[list], workers: int = 1) -> list[dict[str, Any]]:
+    """The report row of each request, compiling those not yet cached: in this process when it can compile
+    and ``workers`` is 1, else over ``workers`` worker processes (at least one), each fed by its own thread."""
+    keys = [json.dumps(r, sort_keys=True) for r in requests]
+    todo = list({k: r for k, r in zip(keys, requests, strict=True) if k not in _ROWS}.items())
+    if todo and workers <= 1 and compiles_in_process():
+        for key, request in todo:
+            _ROWS[key] = tuple(_compile_request(request).items())
+    elif todo:
+        while len(_WORKERS) < min(max(workers, 1), len(todo)):
+            _WORKERS.append(_Worker())
+        pending = iter(todo)
+        lock = threading.Lock()
+
+        def drain(worker: _Worker) -> None:
+            while True:
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                _ROWS[item[0]] = tuple(worker.request(item[1]).items())
+
+        with concurrent.futures.ThreadPoolExecutor(len(_WORKERS)) as pool:
+            for done in [pool.submit(drain, worker) for worker in _WORKERS[: min(max(workers, 1), len(todo))]]:
+                done.result()  # a worker that died raises here, with its log
+    return [dict(_ROWS[k]) for k in keys]
+
+
+def prefetch(
+    variants: Iterable[tuple[str, str, str, triton.Config | tuple, int]] = (),
+    cases: Iterable[tuple[KernelCase, int]] = (),
+    workers: int | None = None,
+) -> None:
+    """Compile many variants at once, ``workers`` at a time (default: :func:`default_workers`), into the
+    per-process cache that :func:`compile_report` and :func:`compile_case` read.
+
+    ``variants``: ``(kernel, fmt, act_dtype, config, arch)`` tuples as :func:`compile_report` takes them;
+    ``cases``: ``(KernelCase, arch)`` pairs as :func:`compile_case` takes them. Failures are recorded in
+    the rows, never raised (a worker process that dies raises ``RuntimeError`` with its log).
+    """
+    requests = [_variant_request(*v) for v in variants] + [_case_request(c, a) for c, a in cases]
+    for request in requests:
+        if request[-1] not in SHARED_LIMITS:
+            raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {request[-1]}")
+    _rows(requests, default_workers() if workers is None else workers)
 
 
 def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple, arch: int) -> dict[str, Any]:
@@ -590,20 +634,23 @@ def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config 
     """
     if arch not in SHARED_LIMITS:
         raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {arch}")
-    return dict(_compile_report(kernel, fmt, act_dtype, config_key(config), arch))
+    return _rows([_variant_request(kernel, fmt, act_dtype, config, arch)])[0]
 
 
-def full_report(archs: tuple[int, ...] = ARCHS) -> list[dict[str, Any]]:
+def full_report(archs: tuple[int, ...] = ARCHS, workers: int = 1) -> list[dict[str, Any]]:
     """:func:`compile_report` for both kernels x every format x every activation dtype x ``archs`` x every
-    configuration the autotuner may pick for that kernel, format and dtype on that architecture's class."""
-    return [
-        compile_report(kernel, fmt, dtype, config, arch)
+    configuration the autotuner may pick for that kernel, format and dtype on that architecture's class,
+    compiled ``workers`` at a time (:func:`prefetch`)."""
+    variants = [
+        (kernel, fmt, dtype, config_key(config), arch)
         for arch in archs
         for kernel in KERNELS
         for fmt in FORMATS
         for dtype in ACT_DTYPES
         for config in _flt.candidate_configs(kernel, fmt, gpu_class(arch), ACT_OPERANDS[dtype])
     ]
+    prefetch(variants, workers=workers)
+    return [compile_report(*variant) for variant in variants]
 
 
 def problems(row: dict[str, Any]) -> list[str]:
