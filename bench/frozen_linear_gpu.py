@@ -763,7 +763,10 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
     t_start = time.perf_counter()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cuda = args.device == "cuda"
-    timer = do_bench_timer(args.warmup_ms, args.rep_ms) if cuda else perf_counter_timer()
+    if cuda:
+        timer = do_bench_timer(args.warmup_ms, args.rep_ms)
+    else:  # in the interpreter a smoke run: each measurement a warm-up call and one timed call
+        timer = perf_counter_timer(budget_s=0.0, min_reps=1, max_reps=1) if args.interpret else perf_counter_timer()
     shapes, tokens, fp8_tokens = select_shapes(args), select_tokens(args), select_fp8_tokens(args)
     formats = [f for f in FORMATS if f in args.formats.split(",")]
     if args.fp8_gemm:

@@ -163,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OffsiteError as exc:
         print(f"offsite {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that may have joined a launcher's process group
+            from .workflow.distributed import leave_process_group
+
+            leave_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ import torch
 # Triton kernels run in the interpreter on machines without a GPU (set before triton loads).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (``-n``) the test processes share the CPUs: one thread each, for this process and the
+# scripts its tests start, since threads that outnumber the cores spin and wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -36,21 +41,23 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return request.param
 
 
+AOT_GROUP = pytest.mark.xdist_group("aot")  # the tests that use aot_prefetched: one xdist worker for them all
 _AOT_VARIANT_ARGS = ("kernel", "fmt", "dtype", "cfg", "arch")  # test_aot_compile's frozen-linear parameters
 
 
 @pytest.fixture(scope="module")
 def aot_prefetched(request: pytest.FixtureRequest) -> None:
-    """Compile every ahead-of-time case selected in the requesting module at once, one compile per CPU
-    (``aot.prefetch``); each test then checks its cached report row. Parametrized tests name either
-    ``case`` and ``arch`` (an ``aot.KernelCase``) or the frozen-linear variant's ``kernel, fmt, dtype, cfg, arch``."""
+    """Compile the ahead-of-time cases of the requesting module's selected tests that use this fixture at once,
+    one compile per CPU (``aot.prefetch``); each test then checks its cached report row. Parametrized tests name
+    either ``case`` and ``arch`` (an ``aot.KernelCase``) or the frozen-linear variant's ``kernel, fmt, dtype, cfg, arch``.
+    Such tests also carry ``AOT_GROUP``: under pytest-xdist's ``--dist loadgroup`` one process runs them all."""
     aot = pytest.importorskip("offsite_kernels.ops.aot", reason="triton is not installed")
     if not aot.availability()[0]:
         return  # the tests skip themselves and say why
     variants, cases = [], []
     for item in request.session.items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if getattr(item, "module", None) is not request.module:
+        if getattr(item, "module", None) is not request.module or "aot_prefetched" not in getattr(item, "fixturenames", ()):
             continue
         if "case" in params and "arch" in params:
             cases.append((params["case"], params["arch"]))

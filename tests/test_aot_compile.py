@@ -35,6 +35,8 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
 
+from conftest import AOT_GROUP
+
 from offsite_kernels.ops import aot
 from offsite_kernels.ops import fp8_gemm_triton as fp8k
 from offsite_kernels.ops.frozen_linear_triton import candidate_configs
@@ -43,6 +45,7 @@ _AVAILABLE, _WHY = aot.availability()
 pytestmark = [
     pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile check unavailable: {_WHY}"),
     pytest.mark.usefixtures("aot_prefetched"),  # the selected cases compile up front, one per CPU (conftest)
+    AOT_GROUP,
 ]
 
 

@@ -86,7 +86,10 @@ def test_frozen_linear_gpu_cpu_smoke(tmp_path):
     # no TRITON_INTERPRET in the environment: --interpret must set it before triton is imported
     # --fp8-gemm on: the fp8 tensor-core path and its variants run too (in the interpreter)
     # OFFSITE_SPLIT_K=2: split-K at every M (automatic only on a GPU), so the unsplit rows are timed beside it
-    _run("frozen_linear_gpu.py", tmp_path, "--tokens", "1,40", "--fp8-gemm", "on", env=_env(OFFSITE_SPLIT_K="2"))
+    # one shape: "odd" (136 x 136) pads both an int4 group and a block, which the square one would not add
+    _run(
+        "frozen_linear_gpu.py", tmp_path, "--shapes", "odd", "--tokens", "1,40", "--fp8-gemm", "on", env=_env(OFFSITE_SPLIT_K="2")
+    )
     rows = _rows(tmp_path / "frozen_linear_gpu.jsonl")
     cases = [r for r in rows if r.get("kind") == "case"]
     assert cases and not [r for r in rows if r.get("error")]

@@ -279,3 +279,21 @@ def test_shipped_configs_are_accepted(work):
     for path in sorted((ROOT / "examples" / "deepspeed").glob("*.json")):
         config = check_config(path, settings, World(8, 0, 0), allow_stage3="zero3" in path.name)
         assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 2, path.name
+
+
+# --- leaving the process group -------------------------------------------------------------------
+@pytest.mark.parametrize(("world_size", "destroyed"), [("2", True), ("1", False), (None, False), ("two", False)])
+def test_cli_leaves_a_launched_process_group_and_keeps_a_one_process_one(monkeypatch, capsys, world_size, destroyed):
+    """A launched command destroys its group before exiting (gloo's threads alive at shutdown can abort a
+    finished process); a one-process group (DeepSpeed's, cached for the process) and a bad launch are left alone."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append(a))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    if world_size is not None:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert main(["env"]) == 0
+    assert len(calls) == int(destroyed)

@@ -116,6 +116,21 @@ def init_process_group(world: World, device: torch.device, timeout_s: float = 18
     )
 
 
+def leave_process_group() -> None:
+    """Destroy the process group of a launched run (``WORLD_SIZE`` > 1) once its work is done.
+
+    gloo's and NCCL's threads, left running into interpreter shutdown, can abort a process whose
+    work already finished ("terminate called without an active exception"), failing the launch.
+    A one-process group (DeepSpeed in a plain process) stays: DeepSpeed caches it for the process's life.
+    """
+    try:
+        launched = launch_world().distributed
+    except DistributedError:
+        return  # an inconsistent launch never joined a group
+    if launched and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def move_to_device(module: torch.nn.Module, device: torch.device) -> None:
     """Move a model to ``device`` unless it is there already (an emulator loaded on the CPU goes to its GPU)."""
     current = next(module.parameters()).device
