@@ -457,9 +457,9 @@ def test_aot_compile_every_case(arch):
     available, why = aot.availability()
     if not available:
         pytest.skip(f"AOT compile check unavailable: {why}")
-    failures = []
-    aot.prefetch(cases=[(case, arch) for case in aot_cases()])  # compiled one per CPU, then read from the cache
-    for case in aot_cases():
+    failures, cases = [], aot_cases()
+    aot.prefetch(cases=[(case, arch) for case in cases])  # compiled one per CPU, then read from the cache
+    for case in cases:
         row = aot.compile_case(case, arch)
         if not row["ok"]:
             failures.append(f"{case.label}: {'; '.join(aot.case_problems(row))}")

@@ -477,8 +477,6 @@ def compile_case(case: KernelCase, arch: int) -> dict[str, Any]:
     """Compile ``case`` for ``sm_<arch>`` and describe the cubin (keys as :func:`compile_report`;
     ``ok``: compiled, no spills, shared memory within the limit, tensor cores where asked).
     Cached per process; under ``TRITON_INTERPRET=1`` the compile runs in the worker process."""
-    if arch not in SHARED_LIMITS:
-        raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {arch}")
     return _rows([_case_request(case, arch)])[0]
 
 
@@ -572,14 +570,19 @@ def default_workers() -> int:
 
 def _rows(requests: list[list], workers: int = 1) -> list[dict[str, Any]]:
     """The report row of each request, compiling those not yet cached: in this process when it can compile
-    and ``workers`` is 1, else over ``workers`` worker processes (at least one), each fed by its own thread."""
+    and ``workers`` is 1, else over ``workers`` worker processes (at least one), each fed by its own thread.
+    Every request's target (its last item) must be one of :data:`SHARED_LIMITS`."""
+    for request in requests:
+        if request[-1] not in SHARED_LIMITS:
+            raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {request[-1]}")
     keys = [json.dumps(r, sort_keys=True) for r in requests]
     todo = list({k: r for k, r in zip(keys, requests, strict=True) if k not in _ROWS}.items())
     if todo and workers <= 1 and compiles_in_process():
         for key, request in todo:
             _ROWS[key] = tuple(_compile_request(request).items())
     elif todo:
-        while len(_WORKERS) < min(max(workers, 1), len(todo)):
+        count = min(max(workers, 1), len(todo))
+        while len(_WORKERS) < count:
             _WORKERS.append(_Worker())
         pending = iter(todo)
         lock = threading.Lock()
@@ -592,8 +595,8 @@ def _rows(requests: list[list], workers: int = 1) -> list[dict[str, Any]]:
                     return
                 _ROWS[item[0]] = tuple(worker.request(item[1]).items())
 
-        with concurrent.futures.ThreadPoolExecutor(len(_WORKERS)) as pool:
-            for done in [pool.submit(drain, worker) for worker in _WORKERS[: min(max(workers, 1), len(todo))]]:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            for done in [pool.submit(drain, worker) for worker in _WORKERS[:count]]:
                 done.result()  # a worker that died raises here, with its log
     return [dict(_ROWS[k]) for k in keys]
 
@@ -611,9 +614,6 @@ def prefetch(
     the rows, never raised (a worker process that dies raises ``RuntimeError`` with its log).
     """
     requests = [_variant_request(*v) for v in variants] + [_case_request(c, a) for c, a in cases]
-    for request in requests:
-        if request[-1] not in SHARED_LIMITS:
-            raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {request[-1]}")
     _rows(requests, default_workers() if workers is None else workers)
 
 
@@ -632,8 +632,6 @@ def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config 
     (the architecture's own MMA found) and ``ok`` (all checks pass). Cached per process;
     under ``TRITON_INTERPRET=1`` the compile runs in a worker process (see :func:`compiles_in_process`).
     """
-    if arch not in SHARED_LIMITS:
-        raise ValueError(f"arch must be one of {sorted(SHARED_LIMITS)}, got {arch}")
     return _rows([_variant_request(kernel, fmt, act_dtype, config, arch)])[0]
 
 

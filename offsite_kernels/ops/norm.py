@@ -158,9 +158,11 @@ def layer_norm_input_grad_torch(
 def _use_triton(t: torch.Tensor) -> bool:
     """Forced by ``OFFSITE_BACKEND``, else on a CUDA tensor (:func:`use_triton`) whose rows fit one tile
     (longer rows: the reference). A forced Triton backend with too long rows fails in the launcher."""
+    if not use_triton(t):  # first: the common CPU case imports no Triton module
+        return False
     from .norm_triton import MAX_N
 
-    return use_triton(t) and (t.shape[-1] <= MAX_N or requested_backend() == "triton")
+    return t.shape[-1] <= MAX_N or requested_backend() == "triton"
 
 
 def _no_residual_output(x: torch.Tensor) -> torch.Tensor:
