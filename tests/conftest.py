@@ -41,16 +41,16 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return request.param
 
 
-AOT_GROUP = pytest.mark.xdist_group("aot")  # the tests that use aot_prefetched: one xdist worker for them all
 _AOT_VARIANT_ARGS = ("kernel", "fmt", "dtype", "cfg", "arch")  # test_aot_compile's frozen-linear parameters
 
 
 @pytest.fixture(scope="module")
-def aot_prefetched(request: pytest.FixtureRequest) -> None:
+def aot_prefetched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Compile the ahead-of-time cases of the requesting module's selected tests that use this fixture at once,
     one compile per CPU (``aot.prefetch``); each test then checks its cached report row. Parametrized tests name
     either ``case`` and ``arch`` (an ``aot.KernelCase``) or the frozen-linear variant's ``kernel, fmt, dtype, cfg, arch``.
-    Such tests also carry ``AOT_GROUP``: under pytest-xdist's ``--dist loadgroup`` one process runs them all."""
+    Under pytest-xdist every worker that runs such a test asks for the whole set: the workers share the rows
+    through one file in the run's temporary directory (``prefetch(share=)``), so each case compiles once."""
     aot = pytest.importorskip("offsite_kernels.ops.aot", reason="triton is not installed")
     if not aot.availability()[0]:
         return  # the tests skip themselves and say why
@@ -63,7 +63,8 @@ def aot_prefetched(request: pytest.FixtureRequest) -> None:
             cases.append((params["case"], params["arch"]))
         elif all(name in params for name in _AOT_VARIANT_ARGS):
             variants.append(tuple(params[name] for name in _AOT_VARIANT_ARGS))
-    aot.prefetch(variants, cases)
+    share = tmp_path_factory.getbasetemp().parent / "aot-rows.json" if os.environ.get("PYTEST_XDIST_WORKER") else None
+    aot.prefetch(variants, cases, share=share)
 
 
 def gen(seed: int) -> torch.Generator:

@@ -31,11 +31,11 @@ Skipped only where Triton's NVIDIA backend or its ``cuobjdump`` is missing.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
-
-from conftest import AOT_GROUP
 
 from offsite_kernels.ops import aot
 from offsite_kernels.ops import fp8_gemm_triton as fp8k
@@ -45,7 +45,6 @@ _AVAILABLE, _WHY = aot.availability()
 pytestmark = [
     pytest.mark.skipif(not _AVAILABLE, reason=f"AOT compile check unavailable: {_WHY}"),
     pytest.mark.usefixtures("aot_prefetched"),  # the selected cases compile up front, one per CPU (conftest)
-    AOT_GROUP,
 ]
 
 
@@ -274,3 +273,33 @@ def test_prefetch_rejects_an_unknown_target_and_reports_a_dead_worker(fresh_pool
     fresh_pool.append(dead)
     with pytest.raises(RuntimeError, match="AOT compile worker exited"):
         aot.prefetch(cases=[(case, 80)], workers=2)
+
+
+def test_prefetch_shares_rows_through_a_file_so_each_case_compiles_once_across_processes(fresh_pool, monkeypatch, tmp_path):
+    cases = _quick_cases()
+    share = tmp_path / "rows.json"
+    aot.prefetch(cases=cases[:2], workers=2, share=share)
+    first = [aot.compile_case(case, arch) for case, arch in cases[:2]]
+    assert all(row["ok"] for row in first) and len(json.loads(share.read_text())) == 2
+
+    # Another process (a fresh cache) that asks for the same cases reads them and compiles nothing ...
+    compile_request, worker = aot._compile_request, aot._Worker
+    monkeypatch.setattr(aot, "_ROWS", {})
+    monkeypatch.setattr(aot, "_compile_request", _no_compile)
+    monkeypatch.setattr(aot, "_Worker", _no_compile)
+    aot.prefetch(cases=cases[:2], share=share)
+    assert [aot.compile_case(case, arch) for case, arch in cases[:2]] == first
+
+    # ... and what it still lacks compiles there and is added to the file, beside the rows it found.
+    monkeypatch.setattr(aot, "_ROWS", {})
+    monkeypatch.setattr(aot, "_compile_request", compile_request)
+    monkeypatch.setattr(aot, "_Worker", worker)
+    aot.prefetch(cases=cases, workers=1, share=share)
+    assert len(json.loads(share.read_text())) == 4
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+    assert [aot.compile_case(case, arch) for case, arch in cases[:2]] == first
+    assert all(aot.compile_case(case, arch)["ok"] for case, arch in cases[2:])
+
+
+def _no_compile(*args, **kwargs):
+    raise AssertionError("compiled although the shared file holds the row")

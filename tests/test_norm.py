@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import AOT_GROUP, gen
+from conftest import gen
 from torch import nn
 
 import offsite_kernels as ok
@@ -521,7 +521,6 @@ def test_aot_cases_cover_every_launch_configuration_and_switch():
 
 
 @pytest.mark.usefixtures("aot_prefetched")
-@AOT_GROUP
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("case", AOT_CASES, ids=[c.label.replace(" ", "_") for c in AOT_CASES])
 def test_aot_compiles_without_spills(case, arch):
@@ -533,7 +532,6 @@ def test_aot_compiles_without_spills(case, arch):
 
 
 @pytest.mark.usefixtures("aot_prefetched")
-@AOT_GROUP
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("case", AOT_CASES_F64, ids=[c.label.replace(" ", "_") for c in AOT_CASES_F64])
 def test_aot_float64_variants_compile(case, arch):

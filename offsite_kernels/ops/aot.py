@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import triton
@@ -605,6 +606,7 @@ def prefetch(
     variants: Iterable[tuple[str, str, str, triton.Config | tuple, int]] = (),
     cases: Iterable[tuple[KernelCase, int]] = (),
     workers: int | None = None,
+    share: str | os.PathLike[str] | None = None,
 ) -> None:
     """Compile many variants at once, ``workers`` at a time (default: :func:`default_workers`), into the
     per-process cache that :func:`compile_report` and :func:`compile_case` read.
@@ -612,9 +614,29 @@ def prefetch(
     ``variants``: ``(kernel, fmt, act_dtype, config, arch)`` tuples as :func:`compile_report` takes them;
     ``cases``: ``(KernelCase, arch)`` pairs as :func:`compile_case` takes them. Failures are recorded in
     the rows, never raised (a worker process that dies raises ``RuntimeError`` with its log).
+
+    ``share``: a JSON file of rows that processes asking for the same compiles share (pytest-xdist's
+    workers, say). Under its lock (``<share>.lock``) the rows it holds are taken as compiled, the others
+    compile here, and the file is rewritten atomically with every row this process has: each request
+    compiles once across the processes, and a process that waits for the lock finds the rows there.
     """
     requests = [_variant_request(*v) for v in variants] + [_case_request(c, a) for c, a in cases]
-    _rows(requests, default_workers() if workers is None else workers)
+    workers = default_workers() if workers is None else workers
+    if share is None:
+        _rows(requests, workers)
+        return
+    from filelock import FileLock
+
+    path = Path(share)
+    with FileLock(f"{path}.lock"):
+        shared = json.loads(path.read_text()) if path.exists() else {}
+        for key, row in shared.items():
+            _ROWS.setdefault(key, tuple(row.items()))
+        _rows(requests, workers)
+        if _ROWS.keys() - shared.keys():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({key: dict(row) for key, row in _ROWS.items()}))
+            os.replace(tmp, path)
 
 
 def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple, arch: int) -> dict[str, Any]:
