@@ -301,5 +301,20 @@ def test_prefetch_shares_rows_through_a_file_so_each_case_compiles_once_across_p
     assert all(aot.compile_case(case, arch)["ok"] for case, arch in cases[2:])
 
 
+def test_a_failed_write_of_the_shared_rows_keeps_the_old_file_and_leaves_no_temporary_file(monkeypatch, tmp_path):
+    share = tmp_path / "rows.json"
+    share.write_text("{}")
+    monkeypatch.setattr(aot, "_ROWS", {"a row this process compiled": (("ok", True),)})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aot.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        aot.prefetch(share=share)
+    assert share.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir() if p.name != "rows.json.lock"] == ["rows.json"]
+
+
 def _no_compile(*args, **kwargs):
     raise AssertionError("compiled although the shared file holds the row")

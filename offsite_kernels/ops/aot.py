@@ -635,8 +635,12 @@ def prefetch(
         _rows(requests, workers)
         if _ROWS.keys() - shared.keys():
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({key: dict(row) for key, row in _ROWS.items()}))
-            os.replace(tmp, path)
+            try:
+                tmp.write_text(json.dumps({key: dict(row) for key, row in _ROWS.items()}))
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a failed write (full disk, interrupt) leaves nothing behind
+                raise
 
 
 def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple, arch: int) -> dict[str, Any]:
