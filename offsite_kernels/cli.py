@@ -8,6 +8,17 @@ from collections.abc import Sequence
 
 from .errors import OffsiteError
 
+DEFAULT_LAYOUT = "2-8-2"
+
+
+def _parse_layers(text: str) -> list[int]:
+    from .errors import LayoutError
+
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise LayoutError(f"--layers must be comma-separated block indices such as 3,7,11; got {text!r}") from None
+
 
 def _cmd_emulate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
@@ -17,9 +28,11 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     from .io import check_output_dir
     from .quant.formats import check_format
 
-    bottom, k, top = parse_layout(args.layout)
+    layers = _parse_layers(args.layers) if args.layers else None
+    bottom, k, top = parse_layout(args.layout or DEFAULT_LAYOUT)
+    if layers and args.layout is None:
+        k = len(layers)  # the kept blocks set the emulator's size
     check_format(args.bits, args.group_size)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     check_output_dir(args.output, args.overwrite)
     with tqdm(total=3, desc="emulate", unit="step", disable=args.quiet) as bar:
         bar.set_postfix_str("loading model")
@@ -73,9 +86,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings(
-        distill_steps=args.distill_steps, finetune_steps=args.finetune_steps, seed=args.seed, progress=not args.quiet
+        layout=args.layout,
+        downstream=args.downstream,
+        method=args.method,
+        distill_steps=args.distill_steps,
+        finetune_steps=args.finetune_steps,
+        seed=args.seed,
+        progress=not args.quiet,
     )
-    run_demo(settings, workdir=args.workdir, json_out=args.json)
+    run_demo(settings, workdir=args.workdir, json_out=args.json, overwrite=args.overwrite)
     return 0
 
 
@@ -103,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("emulate", help="split a model into adapter + compressed emulator package")
     p.add_argument("model_dir", help="local Hugging Face causal LM directory")
     p.add_argument("-o", "--output", required=True, help="emulator package directory to create")
-    p.add_argument("--layout", default="2-8-2", help="BOTTOM-EMULATOR-TOP block counts, as in the paper (default 2-8-2)")
+    p.add_argument(
+        "--layout",
+        help=f"BOTTOM-EMULATOR-TOP block counts, as in the paper (default {DEFAULT_LAYOUT}; with --layers, 2-<count>-2)",
+    )
     p.add_argument("--layers", help="explicit comma-separated source indices of the kept middle blocks (instead of uniform drop)")
     p.add_argument("--prune", type=float, default=0.0, help="magnitude-prune this fraction of each emulator weight matrix")
     p.add_argument("--bits", type=_bits, default=None, help="store the emulator's linears as 8 (int8), 4 (int4) or fp8")
@@ -147,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the emulator package and adapter in this directory")
     p.add_argument("--json", help="write the table as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file and the packages in --workdir")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 

@@ -52,20 +52,32 @@ class DemoSettings:
 
 
 def run_demo(
-    settings: DemoSettings | None = None, workdir: str | Path | None = None, json_out: str | Path | None = None
+    settings: DemoSettings | None = None,
+    workdir: str | Path | None = None,
+    json_out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the loop; print the four-setting table; return its rows."""
+    """Run the loop; print the four-setting table; return its rows.
+
+    ``workdir`` keeps the emulator package and the adapter (``workdir/emulator``, ``workdir/adapter``) and
+    ``json_out`` receives the table; an existing one of them is refused before any work unless ``overwrite``.
+    """
     from transformers import AutoTokenizer
 
     from .emulator import make_emulator, parse_layout
     from .emulator.offsite_model import OffsiteModel
     from .hf_io import load_local_model
+    from .io import check_output_dir, write_text_atomic
     from .workflow import TrainSettings, check_tokenizer, distill, finetune, load_blocks
     from .workflow.report import format_table, four_settings, ordering_holds
 
     s = settings or DemoSettings()
     if s.downstream not in DOWNSTREAM:
         raise ValueError(f"unknown downstream text {s.downstream!r}; choose one of {', '.join(DOWNSTREAM)}")
+    bottom, k, top = parse_layout(s.layout)
+    outputs = [Path(workdir) / "emulator", Path(workdir) / "adapter"] if workdir else []
+    for path in [*outputs, *([Path(json_out)] if json_out else [])]:
+        check_output_dir(path, overwrite)
     torch.manual_seed(s.seed)
     started = time.perf_counter()
     model = load_local_model(MODEL_DIR, dtype=torch.float32)
@@ -94,7 +106,6 @@ def run_demo(
 
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(workdir) if workdir else Path(scratch)
-        bottom, k, top = parse_layout(s.layout)
         print(f"\n[owner] emulate {s.layout} and distill on the owner's text ({s.distill_steps} steps)")
         emu = make_emulator(model, bottom=bottom, top=top, emulator_layers=k)
         owner_valid = load_blocks(ASSETS / "pydoc" / "distill.txt", tokenizer, s.block_size, max_blocks=16)
@@ -102,12 +113,12 @@ def run_demo(
             distill(
                 emu, model, owner_text, training(s.distill_steps, s.distill_lr), valid=owner_valid, lm_weight=s.distill_lm_weight
             )
-        emu.save_pretrained(work / "emulator", tokenizer=tokenizer, overwrite=True)
+        emu.save_pretrained(work / "emulator", tokenizer=tokenizer, overwrite=overwrite)
 
         print(f"[data owner] fine-tune the adapter through the frozen emulator ({s.finetune_steps} steps)")
         received = OffsiteModel.from_pretrained(work / "emulator")
         result = finetune(received, train, training(s.finetune_steps, s.finetune_lr), valid=valid, method=s.method)
-        received.save_adapter(work / "adapter", overwrite=True)
+        received.save_adapter(work / "adapter", overwrite=overwrite)
         print(f"  {result.tokens_per_second:,.0f} training tokens/s on {'GPU' if torch.cuda.is_available() else 'CPU'}")
 
         print("[owner] plug the adapter in and evaluate on the held-out text")
@@ -122,5 +133,6 @@ def run_demo(
     )
     print(f"demo took {time.perf_counter() - started:.0f} s")
     if json_out:
-        Path(json_out).write_text(json.dumps({"settings": s.__dict__, "rows": rows, "ordering_holds": holds}, indent=2) + "\n")
+        report = {"settings": s.__dict__, "rows": rows, "ordering_holds": holds}
+        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n", overwrite)
     return rows

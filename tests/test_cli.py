@@ -76,6 +76,16 @@ def test_emulate_low_bit(model_dir, tmp_path, capsys):
 def test_emulate_with_explicit_layers(model_dir, tmp_path):
     assert main(["emulate", str(model_dir), "-o", str(tmp_path / "emu"), "--layout", "1-3-1", "--layers", "2,3,4", "-q"]) == 0
     assert ok.OffsiteModel.from_pretrained(tmp_path / "emu").layout.emulator == (2, 3, 4)
+    # without --layout the kept blocks set the emulator's size: 2-<count>-2
+    assert main(["emulate", str(model_dir), "-o", str(tmp_path / "emu2"), "--layers", "2,3", "-q"]) == 0
+    layout = ok.OffsiteModel.from_pretrained(tmp_path / "emu2").layout
+    assert (layout.bottom, layout.emulator, layout.top) == (2, (2, 3), 2)
+
+
+def test_layers_that_are_not_numbers_exit_non_zero_and_write_nothing(model_dir, tmp_path, capsys):
+    assert main(["emulate", str(model_dir), "-o", str(tmp_path / "emu"), "--layers", "2,x", "-q"]) == 2
+    assert "--layers must be comma-separated block indices such as 3,7,11; got '2,x'" in capsys.readouterr().err
+    assert not (tmp_path / "emu").exists()
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,7 @@ def test_existing_output_is_refused_before_work(workdir, capsys):
     [
         (["--eval-every", "0"], "--eval-every must be at least 1"),
         (["--checkpoint-every", "1", "--checkpoint-dir", "OUT/ckpt"], "must lie outside the output"),
+        (["--loss-log", "OUT/no-such-folder/loss.jsonl"], "its folder does not exist"),
     ],
 )
 def test_bad_training_options_fail_before_work(workdir, capsys, extra, message):
@@ -154,6 +155,19 @@ def test_bad_training_options_fail_before_work(workdir, capsys, extra, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (w / "out").exists()
+
+
+def test_blocks_longer_than_a_gpt2_position_table_exit_non_zero_with_the_limit(tmp_path, capsys):
+    tiny_model("gpt2", seed=3, n_positions=24).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "train.txt").write_text(TEXT)
+    assert main(["emulate", str(tmp_path / "model"), "-o", str(tmp_path / "emu"), "--layout", "1-2-1", "-q"]) == 0
+    train = ["finetune", str(tmp_path / "emu"), "--train", str(tmp_path / "train.txt"), "-o", str(tmp_path / "out")]
+    assert main([*train, *TRAIN]) == 2  # TRAIN's blocks are 32 tokens
+    assert "longer than the 24 positions the model learned" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "model"), "--data", str(tmp_path / "train.txt"), "--block-size", "25"]) == 2
+    assert "use a block size of at most 24" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def _assert_same_adapter(a, b, rtol: float = 1e-4) -> None:

@@ -92,6 +92,22 @@ def test_adapter_from_another_model_or_layout_is_refused(tmp_path):
     assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())
 
 
+def test_an_emulator_or_a_base_model_in_place_of_the_full_model_is_refused_by_name(tmp_path):
+    model = tiny_model("llama", seed=1)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    emu.save_adapter(tmp_path / "adapter")
+    with pytest.raises(ok.UnsupportedModelError, match=r"not an OffsiteModel; .* use its load_adapter"):
+        ok.plug_in(emu, tmp_path / "adapter")
+    with pytest.raises(ok.UnsupportedModelError, match="already an emulator"):
+        ok.make_emulator(emu, bottom=1, top=1, emulator_layers=2)
+    parts = {model.model: "LlamaModel has no 'model.layers'", model.model.layers: "a ModuleList is not a Hugging Face model"}
+    for part, message in parts.items():
+        with pytest.raises(ok.UnsupportedModelError, match=rf"{message}.*pass the whole causal LM"):
+            ok.plug_in(part, tmp_path / "adapter")
+        with pytest.raises(ok.UnsupportedModelError, match=rf"{message}.*pass the whole causal LM"):
+            ok.make_emulator(part, bottom=1, top=1, emulator_layers=2)
+
+
 def test_missing_or_corrupt_adapter_files(tmp_path):
     model = tiny_model("llama", seed=1)
     emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)

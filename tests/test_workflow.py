@@ -253,6 +253,54 @@ def test_distill_refuses_wrong_teacher_or_lowbit_emulator(tokenizer, text_file):
     lowbit = ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2, bits=8)
     with pytest.raises(DistillError, match="already low-bit"):
         distill(lowbit, tiny_model("llama"), data, quiet(steps=1))
+    with pytest.raises(DistillError, match="not those the emulator was made from"):
+        distill(emu, tiny_model("llama", seed=7), data, quiet(steps=1))  # same shape, other weights
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_blocks_longer_than_learned_positions_are_refused_with_the_limit(tokenizer, text_file, model_type):
+    model = tiny_model(model_type, max_position_embeddings=16)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    long, fits = load_blocks(text_file, tokenizer, 17), load_blocks(text_file, tokenizer, 16, max_blocks=2)
+    for run in (
+        lambda: perplexity(model, long),
+        lambda: finetune(emu, long, quiet(steps=1)),
+        lambda: finetune(emu, fits, quiet(steps=1), valid=long),
+        lambda: distill(emu, model, long, quiet(steps=1)),
+    ):
+        with pytest.raises(DataError, match=r"blocks of 17 tokens .* longer than the 16 positions"):
+            run()
+    assert math.isfinite(perplexity(model, fits)["loss"])
+
+
+def test_rotary_and_alibi_models_take_blocks_of_any_length(tokenizer, text_file):
+    for model_type in ("llama", "bloom"):
+        model = tiny_model(model_type, max_position_embeddings=16) if model_type == "llama" else tiny_model(model_type)
+        assert math.isfinite(perplexity(model, load_blocks(text_file, tokenizer, 40, max_blocks=1))["loss"])
+
+
+def test_multiple_choice_keeps_the_end_of_a_context_longer_than_the_positions(tokenizer):
+    model = tiny_model("gpt2", max_position_embeddings=16, seed=3)
+    context, choices = "a long context that the model cannot take whole", ["xy", "zw"]
+    short = context[-(16 - 2) :]  # a character tokenizer: one token per character
+    assert multiple_choice(model, tokenizer, [ChoiceItem(context, tuple(choices), 0)]) == multiple_choice(
+        model, tokenizer, [ChoiceItem(short, tuple(choices), 0)]
+    )
+    with pytest.raises(DataError, match="has 16 tokens; the model takes 16 positions"):
+        multiple_choice(model, tokenizer, [ChoiceItem("ab", ("x" * 16, "y"), 0)])
+
+
+def test_finetune_refuses_an_unknown_method_and_adapter_methods_on_a_plain_model(tokenizer, text_file):
+    data = load_blocks(text_file, tokenizer, 24, max_blocks=2)
+    with pytest.raises(MethodError, match="unknown fine-tuning method 'no-such'"):
+        finetune(
+            ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2), data, quiet(steps=1), method="no-such"
+        )
+    plain = tiny_model("llama")
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(MethodError, match=r"plain Hugging Face model .* trains with method 'full'"):
+        finetune(plain, data, quiet(steps=1), method="lora")
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
 
 
 # --- evaluation ----------------------------------------------------------------------------

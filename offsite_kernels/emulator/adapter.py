@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import AdapterMismatchError, PackageError
+from ..errors import AdapterMismatchError, PackageError, UnsupportedModelError
 from ..io import atomic_output_dir, load_tensors, read_json, save_tensors, write_json
 from ..models import ModelFamily, get_family
 from .bottleneck import ATTR as BOTTLENECK_ATTR
@@ -50,6 +50,16 @@ def embedding_probe(model: nn.Module, family: ModelFamily) -> list[float]:
     weight = family.get(model, family.token_embedding).weight.detach()
     rows = torch.linspace(0, weight.shape[0] - 1, _PROBE_SIZE).round().long()
     return weight[rows.to(weight.device), : min(_PROBE_SIZE, weight.shape[1])].float().flatten().cpu().tolist()
+
+
+def probe_matches(probe: Any, model: nn.Module, family: ModelFamily) -> bool:
+    """Whether ``probe`` (an :func:`embedding_probe`) was taken from ``model``'s weights, to a relative tolerance."""
+    try:
+        theirs = torch.tensor(probe, dtype=torch.float64)
+    except (TypeError, ValueError):
+        return False
+    mine = torch.tensor(embedding_probe(model, family), dtype=torch.float64)
+    return theirs.shape == mine.shape and bool((theirs - mine).norm() <= _PROBE_RTOL * mine.norm())
 
 
 def save_adapter(emu: OffsiteModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -109,14 +119,11 @@ def _check_compatible(model: nn.Module, family: ModelFamily, manifest: dict[str,
     if expected != found:
         diff = {k: (expected.get(k), found.get(k)) for k in set(expected) | set(found) if expected.get(k) != found.get(k)}
         raise AdapterMismatchError(f"adapter's architecture differs from this model's (adapter, model): {diff}")
-    if check_weights:
-        probe = torch.tensor(manifest.get("embedding_probe", []), dtype=torch.float64)
-        mine = torch.tensor(embedding_probe(model, family), dtype=torch.float64)
-        if probe.shape != mine.shape or (probe - mine).norm() > _PROBE_RTOL * mine.norm():
-            raise AdapterMismatchError(
-                "adapter comes from a model with other weights (its embedding probe does not match this model's); "
-                "plug it into the model its emulator was made from, or pass check_weights=False to force it"
-            )
+    if check_weights and not probe_matches(manifest.get("embedding_probe", []), model, family):
+        raise AdapterMismatchError(
+            "adapter comes from a model with other weights (its embedding probe does not match this model's); "
+            "plug it into the model its emulator was made from, or pass check_weights=False to force it"
+        )
     return layout
 
 
@@ -183,6 +190,13 @@ def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = T
     Every check (model type, layout, architecture, tensor names and shapes, embedding probe)
     runs before any weight changes. With ``inplace=False`` the model is copied first.
     """
+    from .offsite_model import OffsiteModel
+
+    if isinstance(model, OffsiteModel):
+        raise UnsupportedModelError(
+            "plug_in takes the full model the emulator was made from, not an OffsiteModel; "
+            "to put an adapter back into an emulator use its load_adapter()"
+        )
     family = get_family(model)
     manifest, tensors = read_adapter(adapter_path)
     layout = _check_compatible(model, family, manifest, check_weights)
@@ -206,11 +220,8 @@ def load_adapter(emu: OffsiteModel, adapter_path: str | os.PathLike, check_weigh
         raise AdapterMismatchError(
             f"adapter's layout {layout} {list(layout.emulator)} differs from the emulator's {emu.layout} {list(emu.layout.emulator)}"
         )
-    if check_weights:
-        probe = torch.tensor(manifest.get("embedding_probe", []), dtype=torch.float64)
-        mine = torch.tensor(embedding_probe(emu.model, emu.family), dtype=torch.float64)
-        if probe.shape != mine.shape or (probe - mine).norm() > _PROBE_RTOL * mine.norm():
-            raise AdapterMismatchError("adapter comes from an emulator of another model (embedding probe differs)")
+    if check_weights and not probe_matches(manifest.get("embedding_probe", []), emu.model, emu.family):
+        raise AdapterMismatchError("adapter comes from an emulator of another model (embedding probe differs)")
     positions = dict(zip(layout.adapter_indices, layout.adapter_positions(), strict=True))
     per_block = _split_and_check(tensors, emu.family, layout, emu.blocks, positions, emu.config.hidden_size)
     _load_blocks(per_block, emu.blocks, positions, emu.config.hidden_size)

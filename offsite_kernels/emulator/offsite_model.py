@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LayoutError, OffsiteError
+from ..errors import LayoutError, OffsiteError, UnsupportedModelError
 from ..models import ModelFamily, get_family
 from ..nn.compiled_blocks import (
     CompileError,
@@ -361,6 +361,8 @@ def make_emulator(
             ("default", "reduce-overhead", ...; True means "default"; :meth:`OffsiteModel.set_compile`);
             not with ``recompute`` or ``cuda_graphs``.
     """
+    if isinstance(model, OffsiteModel):
+        raise UnsupportedModelError("make_emulator takes the full Hugging Face model; this is already an emulator (OffsiteModel)")
     family = get_family(model)
     n_layers = len(family.get_blocks(model))
     if getattr(model.config, "num_hidden_layers", n_layers) != n_layers:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -43,7 +45,13 @@ class ModelFamily:
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
         """Return the submodule of ``model`` at the dotted ``path``."""
-        return model.get_submodule(path)
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no {path!r}: pass the whole causal LM ({self.name}: the *ForCausalLM "
+                "model), not its base model or a part of it"
+            ) from None
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         """Return the model's list of transformer blocks."""

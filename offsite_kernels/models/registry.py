@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..errors import UnsupportedModelError
 from .family import ModelFamily
 
@@ -31,6 +33,11 @@ def get_family(model_or_config: Any) -> ModelFamily:
     """
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    if model_type is None and isinstance(model_or_config, nn.Module):
+        raise UnsupportedModelError(
+            f"a {type(model_or_config).__name__} is not a Hugging Face model (it has no config); "
+            "pass the whole causal LM (the *ForCausalLM model)"
+        )
     if model_type not in _FAMILIES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported types: {', '.join(supported_model_types())}. "

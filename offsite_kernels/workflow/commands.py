@@ -62,6 +62,8 @@ def settings_from(args: argparse.Namespace, allow_stage3: bool = False):
     for name in ("steps", "batch_size", "grad_accum", "block_size", "eval_every", "max_valid_blocks"):
         if getattr(args, name) < 1:
             raise PackageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.loss_log and not Path(args.loss_log).resolve().parent.is_dir():
+        raise PackageError(f"--loss-log {args.loss_log!r}: its folder does not exist; create it or choose another path")
     if args.checkpoint_every < 0:
         raise PackageError(f"--checkpoint-every must be 0 (off) or positive, got {args.checkpoint_every}")
     world = launch_world()
@@ -259,22 +261,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, rows: list[dict[str, Any]], overwrite: bool) -> None:
-    import os
-    import tempfile
+    from ..io import write_text_atomic
 
-    from ..io import check_output_dir
-
-    target = check_output_dir(path, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(rows, indent=2) + "\n", overwrite)
 
 
 def register(sub: Any, bits_type: Any) -> None:

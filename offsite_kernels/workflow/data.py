@@ -73,6 +73,26 @@ def check_tokenizer(tokenizer: Any, model: Any) -> None:
         raise DataError("the tokenizer has no end-of-text token; set tokenizer.eos_token")
 
 
+def max_positions(model: Any) -> int | None:
+    """How many tokens a model with a learned position table takes at most; None when positions are computed."""
+    from ..models import get_family
+
+    if get_family(model).position_embedding is None:  # rotary or ALiBi: no fixed table
+        return None
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def check_fits(data: TextBlocks, model: Any) -> None:
+    """Refuse blocks longer than the model's learned position table."""
+    limit = max_positions(model)
+    if limit is not None and data.block_size > limit:
+        raise DataError(
+            f"blocks of {data.block_size} tokens ({data.source!r}) are longer than the {limit} positions the model "
+            f"learned; use a block size of at most {limit} (--block-size)"
+        )
+
+
 @dataclass
 class TextBlocks:
     """A file tokenized into ``[n_blocks, block_size]`` token ids."""

@@ -19,11 +19,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..emulator.adapter import embedding_probe, probe_matches
 from ..emulator.build import freeze_all_but_adapter_
 from ..emulator.offsite_model import OffsiteModel
 from ..errors import OffsiteError
 from ..nn.frozen_linear import FrozenLinear
-from .data import TextBlocks
+from .data import TextBlocks, check_fits
 from .evaluate import perplexity
 from .loop import TrainResult, TrainSettings, train
 
@@ -73,6 +74,13 @@ def distill(
             f"the teacher is a {len(emu.family.get_blocks(teacher))}-block {teacher.config.model_type!r} model; "
             f"the emulator was made from a {emu.layout.n_layers}-block {emu.config.model_type!r} model"
         )
+    if not probe_matches(embedding_probe(emu.model, emu.family), teacher, emu.family):
+        raise DistillError(
+            "the teacher's weights are not those the emulator was made from (their input embeddings differ); "
+            "distill against the full model the emulator was cut from"
+        )
+    for blocks in (data, valid) if valid is not None else (data,):
+        check_fits(blocks, emu)
     if any(isinstance(m, FrozenLinear) for _, b in emu.emulator_blocks() for m in b.modules()):
         raise DistillError("the emulator's blocks are already low-bit; distill the dense emulator, then quantize it")
     if emu.fast_blocks:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ChoiceItem, TextBlocks
+from .data import ChoiceItem, DataError, TextBlocks, check_fits, max_positions
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -20,6 +20,7 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def perplexity(model: nn.Module, data: TextBlocks, batch_size: int = 8) -> dict[str, float]:
     """Token-level mean negative log-likelihood and perplexity of ``model`` on ``data``."""
+    check_fits(data, model)
     was_training = model.training
     model.eval()
     device = _device_of(model)
@@ -52,12 +53,20 @@ def multiple_choice(model: nn.Module, tokenizer: Any, items: list[ChoiceItem]) -
     was_training = model.training
     model.eval()
     device = _device_of(model)
+    limit = max_positions(model)
     correct = correct_norm = 0
-    for item in items:
-        context = tokenizer(item.context, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    for n, item in enumerate(items):
+        full_context = tokenizer(item.context, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         scores, scores_norm = [], []
         for choice in item.choices:
             target = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            context = full_context
+            if limit is not None and len(context) + len(target) > limit:
+                if len(target) >= limit:
+                    raise DataError(
+                        f"choice {choice[:40]!r} of item {n} has {len(target)} tokens; the model takes {limit} positions"
+                    )
+                context = context[len(context) + len(target) - limit :]  # keep the end of the context, as harnesses do
             ids = torch.tensor([context + target], device=device)
             logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
             positions = torch.arange(len(context) - 1, ids.shape[1] - 1, device=device)

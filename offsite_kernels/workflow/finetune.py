@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from ..emulator.offsite_model import OffsiteModel
-from .data import TextBlocks
+from .data import TextBlocks, check_fits
 from .evaluate import perplexity
 from .loop import TrainResult, TrainSettings, train
-from .methods import BottleneckSettings, LoraSettings, export, prepare
+from .methods import METHODS, BottleneckSettings, LoraSettings, MethodError, export, prepare
 
 
 def finetune(
@@ -30,6 +30,15 @@ def finetune(
     """
     from .distributed import move_to_device, training_device
 
+    if method not in METHODS:
+        raise MethodError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "full" and not isinstance(model, OffsiteModel):
+        raise MethodError(
+            f"method {method!r} trains an emulator's adapter; a plain Hugging Face model (the full fine-tune "
+            "baseline) trains with method 'full'"
+        )
+    for blocks in (data, valid) if valid is not None else (data,):
+        check_fits(blocks, model)
     move_to_device(model, training_device(settings, model))  # under a launcher: this process's GPU
     torch.manual_seed(settings.seed)  # LoRA and bottleneck weights are initialised from the seed
     if isinstance(model, OffsiteModel):
