@@ -34,6 +34,13 @@ def load_local_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
         )
     if not (path / "config.json").is_file():
         raise PackageError(f"model: {str(path)!r} has no config.json; is it a Hugging Face model directory?")
+    if not any(path.glob("*.safetensors")):
+        raise PackageError(
+            f"model: {str(path)!r} holds no .safetensors weights; weights are read only from safetensors (a pickle "
+            "checkpoint such as pytorch_model.bin can run code when loaded). Convert it where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst) writes safetensors"
+        )
+    hf_kwargs.setdefault("use_safetensors", True)
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
     except OffsiteError:

@@ -35,3 +35,11 @@ def test_device_moves_still_move_the_scales():
     layer = FrozenLinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32)
     moved = layer.to("meta")
     assert moved.weight_scales.device.type == "meta" and moved.weight_scales.dtype == torch.float32
+
+
+def test_a_cast_dense_layer_reports_the_dtype_it_now_holds():
+    layer = FrozenLinear.from_linear(nn.Linear(64, 16), bits=None)
+    layer.to(torch.bfloat16)
+    assert layer.weight_dtype == torch.bfloat16 and layer.weight.dequantize().dtype == torch.bfloat16
+    quantized = FrozenLinear.from_linear(nn.Linear(64, 16), bits=8).to(torch.bfloat16)
+    assert quantized.weight_dtype == torch.float32  # a quantized weight keeps the dtype it was quantized from

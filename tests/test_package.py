@@ -140,6 +140,47 @@ def test_package_missing_a_tensor_is_refused(tmp_path, bits):
         ok.OffsiteModel.from_pretrained(tmp_path / "emu")
 
 
+def _edit_record(path, edit):
+    import json
+
+    record = json.loads((path / "offsite.json").read_text())
+    edit(record)
+    (path / "offsite.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r.update(quantized=["x"]), "'quantized' in offsite.json is malformed"),
+        (lambda r: r.update(prune="abc"), "'prune' in offsite.json is 'abc'; expected a fraction"),
+        (lambda r: r["quantized"]["1"]["mlp.down_proj"].update(dtype="torch.float64"), "has dtype 'torch.float64'"),
+        (lambda r: r["quantized"]["1"]["mlp.down_proj"].update(group_size=64), r"data of a int4 .* must be \[\d+, \d+\]"),
+        (lambda r: r["quantized"]["1"]["mlp.down_proj"].update(shape=[7, 7]), "does not fit its record"),
+        (lambda r: r["quantized"]["1"]["mlp.down_proj"].update(format="int8"), "does not fit its record"),
+        (lambda r: r["quantized"]["1"].update({"mlp.nothing": r["quantized"]["1"]["mlp.down_proj"]}), "not a linear layer"),
+    ],
+)
+def test_a_package_whose_record_does_not_fit_its_tensors_is_refused_at_load(tmp_path, edit, message):
+    from offsite_kernels.tiny import tiny_model
+
+    emu = ok.make_emulator(tiny_model("llama", seed=3), bottom=1, top=1, emulator_layers=2, bits=4, group_size=32)
+    emu.save_pretrained(tmp_path / "emu")
+    _edit_record(tmp_path / "emu", edit)
+    with pytest.raises(ok.PackageError, match=message):
+        ok.OffsiteModel.from_pretrained(tmp_path / "emu")
+
+
+def test_weights_load_only_from_safetensors(tmp_path):
+    from offsite_kernels.hf_io import load_local_model
+    from offsite_kernels.tiny import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    model.config.save_pretrained(tmp_path / "model")
+    torch.save(model.state_dict(), tmp_path / "model" / "pytorch_model.bin")  # a pickle checkpoint
+    with pytest.raises(ok.PackageError, match=r"holds no \.safetensors weights"):
+        load_local_model(tmp_path / "model")
+
+
 def test_outputs_get_the_usual_permissions(full_model, tmp_path):
     import os
     import stat

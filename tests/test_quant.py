@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import offsite_kernels as ok
+from offsite_kernels.ops.frozen_linear import FrozenLinearInputError
 from offsite_kernels.quant import QuantizationError, pack_int4, snr_db, unpack_int4
 
 
@@ -119,3 +120,44 @@ def test_bad_weights():
     w[1, 3] = float("nan")
     with pytest.raises(QuantizationError, match="NaN"):
         ok.quantize_weight(w, bits=4, group_size=32)
+    for bits in (8, 4, "fp8", None):
+        for shape in ((4, 0), (0, 8)):
+            with pytest.raises(QuantizationError, match=r"the weight is empty \(shape"):
+                ok.quantize_weight(torch.zeros(shape), bits=bits, group_size=32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8", None])
+def test_float64_weights_quantize_by_the_reference_but_no_frozen_linear_takes_them(bits):
+    from offsite_kernels.quant.formats import dequantize_fields, quantize_fp8, quantize_int4, quantize_int8
+
+    w = gaussian(6, 40, seed=9).double()
+    qw = ok.quantize_weight(w, bits=bits, group_size=32)  # the same on every backend: float64 runs the reference
+    reference = {8: quantize_int8, 4: lambda t: quantize_int4(t, 32), "fp8": quantize_fp8, None: lambda t: None}[bits](w)
+    if reference is not None:
+        assert all(torch.equal(a, b) for a, b in zip(qw.tensors().values(), reference.tensors().values(), strict=True))
+    fields = (qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, qw.dtype)
+    assert qw.dtype == torch.float64 and torch.equal(qw.dequantize(), dequantize_fields(*fields))
+    with pytest.raises(FrozenLinearInputError, match=r"runs in float32, float16 or bfloat16, and this weight is torch\.float64"):
+        ok.nn.FrozenLinear(qw)
+
+
+def test_a_float64_model_is_refused_by_make_emulator_with_bits_and_named():
+    from offsite_kernels.tiny import tiny_model
+
+    with pytest.raises(ok.LayoutError, match=r"is torch.float64; .* cast the model first"):
+        ok.make_emulator(tiny_model("llama", dtype=torch.float64), bottom=1, top=1, emulator_layers=2, bits=4, group_size=32)
+
+
+def test_quantized_weight_moves_between_devices_but_refuses_a_dtype_cast():
+    qw = ok.quantize_weight(gaussian(6, 64, seed=1), bits=4, group_size=32)
+    moved = qw.to("meta")
+    assert moved.data.device.type == "meta" and moved.scales.dtype == torch.float32 and moved.zeros.dtype == torch.uint8
+    with pytest.raises(QuantizationError, match="would corrupt them"):
+        qw.to(torch.bfloat16)
+
+
+def test_frozen_linear_refuses_a_bias_that_is_not_a_float_tensor():
+    qw = ok.quantize_weight(gaussian(6, 64, seed=1), bits=8)
+    for bias in ([0.0] * 6, torch.zeros(6, dtype=torch.int32)):
+        with pytest.raises(FrozenLinearInputError, match="bias must be a floating-point tensor"):
+            ok.frozen_linear(torch.randn(2, 64), qw, bias)

@@ -28,6 +28,7 @@ from ..nn.cuda_graphs import (
     reset_cuda_graphs,
 )
 from ..nn.frozen_blocks import wrapped_by
+from ..nn.frozen_linear import RUNS_IN
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
 from .build import copy_with_blocks, freeze_all_but_adapter_
@@ -133,6 +134,11 @@ class OffsiteModel(nn.Module):
         # all or nothing: the one data-dependent failure (a non-finite weight) is found before any swap
         for _, block in self.emulator_blocks():
             for name, p in block.named_parameters():
+                if p.dim() == 2 and p.dtype not in RUNS_IN:
+                    raise LayoutError(
+                        f"emulator weight {name} is {p.dtype}; low-bit frozen linears run in float32, float16 or "
+                        "bfloat16: cast the model first (.float() or .to(torch.bfloat16))"
+                    )
                 if p.dim() == 2 and p.device.type != "meta" and not torch.isfinite(p).all():
                     raise LayoutError(f"emulator weight {name} holds NaN or infinite values; it cannot be quantized")
         for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):

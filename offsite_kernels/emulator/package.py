@@ -97,15 +97,22 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
     if not (path / "config.json").is_file():
         raise PackageError(f"emulator package: missing config.json in {str(path)!r}")
     quantized = record.get("quantized") or {}
+    prune = record.get("prune", 0.0)
+    if not isinstance(quantized, dict) or not all(isinstance(r, dict) for r in quantized.values()):
+        raise PackageError(f"emulator package {str(path)!r}: 'quantized' in {PACKAGE_FILE} is malformed; the file is corrupt")
+    if isinstance(prune, bool) or not isinstance(prune, int | float) or not 0.0 <= prune < 1.0:
+        raise PackageError(
+            f"emulator package {str(path)!r}: 'prune' in {PACKAGE_FILE} is {prune!r}; expected a fraction in [0, 1)"
+        )
     try:
         # low-bit modules are rebuilt below from the stored tensors; transformers would report their keys
         with _quiet_transformers() if quantized else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(path), **{"use_safetensors": True, **hf_kwargs})
     except OffsiteError:
         raise
     except Exception as exc:  # transformers raises many kinds; name the package in one message
         raise PackageError(f"emulator package {str(path)!r} could not be loaded: {exc}") from exc
-    emu = OffsiteModel(model, layout, prune=float(record.get("prune", 0.0)), quantized=quantized)
+    emu = OffsiteModel(model, layout, prune=float(prune), quantized=quantized)
     files = check_safetensors_files(path, "emulator package")
     if quantized:
         tensors: dict = {}

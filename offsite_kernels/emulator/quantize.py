@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from ..errors import PackageError
-from ..nn.frozen_linear import FrozenLinear
-from ..quant.formats import check_format
+from ..nn.frozen_linear import RUNS_IN, FrozenLinear
+from ..quant.formats import check_format, check_stored
 from ..quant.weight import QuantizedWeight
 
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+_DTYPES = {str(d): d for d in RUNS_IN}
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -49,6 +49,17 @@ def restore_quantized_linears_(
     for name, rec in records.items():
         key = f"{prefix}{name}."
         try:
+            target = block.get_submodule(name)
+        except AttributeError:
+            target = None
+        if not (_is_linear(target) or isinstance(target, FrozenLinear)):
+            raise PackageError(f"emulator package: quantized module {key[:-1]!r} is not a linear layer of its block")
+        if not isinstance(rec, dict) or rec.get("dtype") not in _DTYPES:
+            dtype = rec.get("dtype") if isinstance(rec, dict) else None
+            raise PackageError(
+                f"emulator package: quantized module {key[:-1]!r} has dtype {dtype!r}; expected one of {sorted(_DTYPES)}"
+            )
+        try:
             weight = QuantizedWeight(
                 rec["format"],
                 tensors[key + "weight_data"],
@@ -59,6 +70,14 @@ def restore_quantized_linears_(
                 _DTYPES[rec["dtype"]],
             )
             bias = tensors[key + "bias"] if rec["bias"] else None
+            check_stored(weight)
         except KeyError as exc:
             raise PackageError(f"emulator package: quantized module {key[:-1]!r} is missing tensor or field {exc}") from exc
+        except (TypeError, ValueError, IndexError) as exc:  # a malformed record, or tensors that do not fit it
+            raise PackageError(f"emulator package: quantized module {key[:-1]!r} does not fit its record: {exc}") from exc
+        if bias is not None and tuple(bias.shape) != (weight.out_features,):
+            raise PackageError(
+                f"emulator package: quantized module {key[:-1]!r} has a bias of shape {list(bias.shape)}; "
+                f"its weight has {weight.out_features} outputs"
+            )
         _replace(block, name, FrozenLinear(weight, bias))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.frozen_linear import frozen_linear_from_fields
+from ..ops.frozen_linear import FrozenLinearInputError, frozen_linear_from_fields
 from ..quant.formats import quantize_weight
 from ..quant.weight import QuantizedWeight
+
+RUNS_IN = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of a frozen linear's weight and input
 
 
 def _linear_weight(layer: nn.Module) -> torch.Tensor:
@@ -30,6 +32,11 @@ class FrozenLinear(nn.Module):
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        if weight.dtype not in RUNS_IN:
+            raise FrozenLinearInputError(
+                f"a frozen linear runs in float32, float16 or bfloat16, and this weight is {weight.dtype}: "
+                "cast the layer or the model first (.float() or .to(torch.bfloat16))"
+            )
         self.format = weight.format
         self.group_size = weight.group_size
         self.in_features, self.out_features = weight.in_features, weight.out_features
@@ -48,6 +55,8 @@ class FrozenLinear(nn.Module):
             after = getattr(self, name)
             if before is not None and after is not None and after.dtype != before.dtype:
                 setattr(self, name, before.to(after.device))  # the values as quantized, not re-rounded
+        if self.format == "dense":
+            self.weight_dtype = self.weight_data.dtype  # a dense weight is what the cast made it
         return out
 
     @classmethod

@@ -235,6 +235,10 @@ def _check_inputs(
     if x.device != weight_device:
         raise FrozenLinearInputError(f"x is on {x.device} but the weight is on {weight_device}; move one of them (.to(device))")
     if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise FrozenLinearInputError(
+                f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias).__name__)}"
+            )
         if bias.dim() != 1 or bias.shape[0] != out_features:
             raise FrozenLinearInputError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         if bias.device != x.device:

@@ -44,10 +44,49 @@ def check_format(bits: int | str | None, group_size: int = 128) -> str:
 def _check_weight(w: torch.Tensor) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise QuantizationError(f"expected a 2-D [out_features, in_features] weight, got {getattr(w, 'shape', type(w))}")
+    if w.numel() == 0:
+        raise QuantizationError(f"the weight is empty (shape {tuple(w.shape)}); there is nothing to quantize")
     if not w.is_floating_point():
         raise QuantizationError(f"expected a floating-point weight, got {w.dtype}")
     if w.device.type != "meta" and not torch.isfinite(w).all():  # a meta tensor has no values to check
         raise QuantizationError("the weight holds NaN or infinite values; it cannot be quantized")
+
+
+def stored_layout(fmt: str, shape: tuple[int, int], group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """The shape and dtype of each stored field (``data``, ``scales``, ``zeros``) of a format; dtype None: any float."""
+    n, k = shape
+    if fmt == "dense":
+        return {"data": ((n, k), None)}
+    if fmt in ("int8", "fp8"):
+        return {"data": ((n, k), torch.int8 if fmt == "int8" else torch.float8_e4m3fn), "scales": ((n,), torch.float32)}
+    groups = -(-k // group_size)
+    return {
+        "data": ((n, groups * group_size // 2), torch.uint8),
+        "scales": ((n, groups), torch.float32),
+        "zeros": ((n, groups), torch.uint8),
+    }
+
+
+def check_stored(qw: QuantizedWeight) -> None:
+    """Raise :class:`QuantizationError` unless ``qw``'s tensors have the shapes and dtypes its format and shape call for."""
+    check_format(qw.format, qw.group_size)
+    layout = stored_layout(qw.format, qw.shape, qw.group_size)
+    for field in ("data", "scales", "zeros"):
+        tensor, want = getattr(qw, field), layout.get(field)
+        if want is None:
+            if tensor is not None:
+                raise QuantizationError(f"a {qw.format} weight stores no {field}, but one was given")
+            continue
+        if tensor is None:
+            raise QuantizationError(f"a {qw.format} weight of shape {list(qw.shape)} needs its {field}")
+        shape, dtype = want
+        dtype_ok = tensor.is_floating_point() if dtype is None else tensor.dtype == dtype
+        if tuple(tensor.shape) != shape or not dtype_ok:
+            raise QuantizationError(
+                f"the {field} of a {qw.format} weight of shape {list(qw.shape)}"
+                f"{f' in groups of {qw.group_size}' if qw.format == 'int4' else ''} must be {list(shape)} "
+                f"{dtype or 'floating point'}; it is {list(tensor.shape)} {tensor.dtype}"
+            )
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -128,8 +167,11 @@ def _native_module(t: torch.Tensor):
     return native.get() if native.supports_device(t.device) else None
 
 
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the native kernels take; float64 runs the reference
+
+
 def _quantize_native(module, w: torch.Tensor, fmt: str, group_size: int) -> QuantizedWeight:
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.numel() == 0:
         _check_weight(w)  # raises the reference's error
     w = w.detach().contiguous()
     try:
@@ -150,7 +192,7 @@ def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int
     where it is built (bit-exact with the PyTorch reference, which runs otherwise).
     """
     fmt = check_format(bits, group_size)
-    if fmt in ("int8", "int4") and isinstance(w, torch.Tensor):
+    if fmt in ("int8", "int4") and isinstance(w, torch.Tensor) and w.dtype in _NATIVE_DTYPES:
         module = _native_module(w)
         if module is not None:
             return _quantize_native(module, w, fmt, group_size)
@@ -188,7 +230,7 @@ def dequantize_fields(
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The dense ``[out_features, in_features]`` weight of ``qw`` in its original dtype (native kernels where built)."""
-    if qw.format != "dense" and qw.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if qw.format != "dense" and qw.dtype in _NATIVE_DTYPES:
         module = _native_module(qw.data)
         if module is not None:
             from .. import native

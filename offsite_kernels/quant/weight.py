@@ -70,7 +70,15 @@ class QuantizedWeight:
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy on ``device`` (the format and every field kept)."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        if isinstance(device, torch.dtype):
+            from .formats import QuantizationError
+
+            raise QuantizationError(
+                f"QuantizedWeight.to() moves between devices; casting its stored codes to {device} would corrupt them. "
+                "Use .dequantize().to(dtype) for a dense copy, or quantize again"
+            )
+        device = torch.device(device)
+        move = lambda t: None if t is None else t.to(device=device)  # noqa: E731
         return replace(self, data=move(self.data), scales=move(self.scales), zeros=move(self.zeros))
 
     def dequantize(self) -> torch.Tensor:
