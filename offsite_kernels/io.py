@@ -53,7 +53,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         if path.exists():
             check_output_dir(path, overwrite)  # it may have appeared meanwhile
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, backup / path.name)
+            try:
+                os.replace(path, backup / path.name)
+            except BaseException:
+                shutil.rmtree(backup, ignore_errors=True)  # the old output never moved: only the empty backup goes
+                raise
             try:
                 os.replace(tmp, path)
             except BaseException:

@@ -94,6 +94,37 @@ def test_failed_overwrite_keeps_old_content(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"] and (out / "old.txt").read_text() == "old"
 
 
+def test_an_output_that_cannot_be_moved_aside_is_kept_and_nothing_is_left_behind(tmp_path, monkeypatch):
+    import os
+
+    from offsite_kernels import io
+
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def busy(src, dst):
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(io.os, "replace", busy)
+    with pytest.raises(OSError, match="busy"), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(io.os, "replace", os.replace)
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"] and (out / "old.txt").read_text() == "old"
+
+
+def test_text_files_are_written_whole_and_never_clobbered(tmp_path):
+    from offsite_kernels.io import write_text_atomic
+
+    target = tmp_path / "sub" / "table.json"
+    write_text_atomic(target, "first\n")
+    with pytest.raises(ok.OutputExistsError, match="already exists"):
+        write_text_atomic(target, "second\n")
+    assert target.read_text() == "first\n"
+    write_text_atomic(target, "second\n", overwrite=True)
+    assert target.read_text() == "second\n" and [p.name for p in target.parent.iterdir()] == ["table.json"]
+
+
 def test_load_errors_name_the_problem(full_model, tmp_path):
     with pytest.raises(ok.PackageError, match="not a directory"):
         ok.OffsiteModel.from_pretrained(tmp_path / "missing")

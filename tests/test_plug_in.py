@@ -125,3 +125,11 @@ def test_missing_or_corrupt_adapter_files(tmp_path):
     emu.save_pretrained(tmp_path / "pkg")
     with pytest.raises(ok.PackageError, match=r"missing file.*adapter\.json"):
         ok.plug_in(model, tmp_path / "pkg")
+    import json
+
+    for field, value in (("tensors", 5), ("embedding_probe", "abc"), ("architecture", [1]), ("layout", "2-2-2")):
+        emu.save_adapter(tmp_path / field)
+        manifest = json.loads((tmp_path / field / "adapter.json").read_text())
+        (tmp_path / field / "adapter.json").write_text(json.dumps({**manifest, field: value}))
+        with pytest.raises(ok.PackageError, match=f"'{field}' in adapter.json is a .* the file is corrupt"):
+            ok.plug_in(model, tmp_path / field)

@@ -97,8 +97,15 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         raise PackageError(
             f"{what}: {str(path)!r} has format version {version!r}; this library reads up to {FORMAT_VERSION} (upgrade offsite-kernels)"
         )
+    expected_types = {"tensors": list, "layout": dict, "architecture": dict, "embedding_probe": list}
+    for field, kind in expected_types.items():
+        if field in manifest and not isinstance(manifest[field], kind):
+            raise PackageError(
+                f"{what}: {str(path)!r}: {field!r} in {MANIFEST_FILE} is a {type(manifest[field]).__name__}, "
+                f"not a {kind.__name__}; the file is corrupt"
+            )
     tensors = load_tensors(path / ADAPTER_FILE, what)
-    if sorted(tensors) != sorted(manifest.get("tensors", [])):
+    if sorted(tensors) != sorted(map(str, manifest.get("tensors", []))):
         raise PackageError(f"{what}: tensors in {ADAPTER_FILE} do not match the manifest's list; the directory is corrupt")
     return manifest, tensors
 
