@@ -82,6 +82,16 @@ def test_source_model_is_left_untouched(full_model):
     assert not any(p.data_ptr() in source_ptrs for p in emu.parameters())
 
 
+def test_the_emulator_reports_the_mode_of_the_model_it_wraps(full_model, tmp_path):
+    for mode in (False, True):
+        emu = ok.make_emulator(full_model.train(mode), bottom=1, top=1, emulator_layers=2)
+        assert emu.training == emu.model.training == mode
+    full_model.eval()
+    emu.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu")
+    assert loaded.training == loaded.model.training
+
+
 def test_only_adapter_requires_grad_and_only_adapter_changes(full_model):
     emu = ok.make_emulator(full_model, bottom=2, top=1, emulator_layers=2)
     adapter_ids = {id(p) for p in emu.adapter_parameters()}

@@ -55,6 +55,7 @@ class OffsiteModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training  # the wrapper's mode is the wrapped model's (set both with .train()/.eval())
         self.family: ModelFamily = get_family(model)
         self.layout = layout
         self.prune = prune
