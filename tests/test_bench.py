@@ -282,12 +282,43 @@ def test_cli_bench_accounted(tmp_path, capsys):
         (["--batch", "0"], "--batch"),
         (["--batch", "one"], "--batch"),
         (["--steps", "0"], "at least one"),
+        (["--methods", ""], "--methods names nothing"),
+        (["--models", " , "], "--models names nothing"),
+        (["--models", "gpt2-xl", "--seq", "1025"], "--seq 1025 is longer than the 1024 positions gpt2-xl"),
     ],
 )
 def test_cli_bench_bad_input(args, words, tmp_path, capsys):
     assert main(["bench", *args, "-o", str(tmp_path), "-q"]) == 2
     assert words in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written before the input was checked
+
+
+def test_cli_bench_refuses_an_output_that_is_a_file_before_any_row(tmp_path, capsys):
+    (tmp_path / "results.txt").write_text("mine")
+    assert main(["bench", "--models", "gpt2-xl", "--source", "accounted", "-o", str(tmp_path / "results.txt"), "-q"]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.txt"] and (tmp_path / "results.txt").read_text() == "mine"
+
+
+def test_a_bench_where_every_row_failed_reports_the_failures_and_writes_no_plot(tmp_path, monkeypatch, capsys):
+    import stat
+
+    import offsite_kernels.benchmark.runner as runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(runner, "account_memory", broken)
+    umask = os.umask(0o022)
+    try:
+        code = main(["bench", "--models", "gpt2-xl", "--methods", "ot", "--source", "accounted", "-o", str(tmp_path), "-q"])
+    finally:
+        os.umask(umask)
+    out = capsys.readouterr().out
+    assert code == 1 and "no plot (no row ran)" in out and "failed: gpt2-xl ot batch 1 (accounted): RuntimeError" in out
+    [table] = tmp_path.glob("offsite_bench-*.md")
+    assert "failed: RuntimeError: kernel exploded" in table.read_text() and not list(tmp_path.glob("*.png"))
+    assert stat.S_IMODE(table.stat().st_mode) == 0o644  # the usual permissions, like the rows file
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default")

@@ -192,6 +192,14 @@ def test_bad_inputs_name_the_problem():
         ok.frozen_linear(torch.randn(2, 16), [[1.0]])
     with pytest.raises(FrozenLinearInputError, match="2-D floating-point"):
         ok.frozen_linear(torch.randn(2, 16), torch.ones(8, 16, dtype=torch.int8))
+    # a dense weight in a dtype no kernel reads: an fp8 one would be read as raw bytes, a float64 one cast per call
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        with pytest.raises(FrozenLinearInputError, match=f"must be float32, float16 or bfloat16, got {dtype}; .*bits='fp8'"):
+            ok.frozen_linear(torch.randn(2, 16), torch.randn(8, 16).to(dtype))
+        with pytest.raises(FrozenLinearInputError, match="must be float32, float16 or bfloat16"):
+            ok.frozen_linear(torch.randn(2, 16), ok.quantize_weight(torch.randn(8, 16).to(dtype), bits=None))
+    with pytest.raises(FrozenLinearInputError, match=r"got torch\.float64$"):
+        ok.frozen_linear(torch.randn(2, 16), torch.randn(8, 16, dtype=torch.float64))
 
 
 def test_autotune_pruning_keeps_checked_configs_near_the_m_bucket():

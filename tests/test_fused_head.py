@@ -274,6 +274,11 @@ def test_frozen_weight_and_bad_inputs_name_the_problem():
         fused_linear_cross_entropy(hidden, w[0], labels)
     with pytest.raises(FusedHeadInputError, match="is on meta"):
         fused_linear_cross_entropy(hidden.to("meta"), w, labels)
+    with pytest.raises(FusedHeadInputError, match=r"with shift_labels=True hidden must be \[\.\.\., T, H\]"):
+        fused_linear_cross_entropy(hidden[0], w, labels[0])
+    # without the shift a single token is a legal input
+    single = fused_linear_cross_entropy(hidden[0], w, labels[0], shift_labels=False)
+    assert torch.isclose(single, F.cross_entropy(F.linear(hidden[0].double(), w.double())[None], labels[:1]).float())
     # int32 labels are accepted (converted)
     assert torch.isclose(fused_linear_cross_entropy(hidden, w, labels.int()), fused_linear_cross_entropy(hidden, w, labels))
 

@@ -161,3 +161,12 @@ def test_frozen_linear_refuses_a_bias_that_is_not_a_float_tensor():
     for bias in ([0.0] * 6, torch.zeros(6, dtype=torch.int32)):
         with pytest.raises(FrozenLinearInputError, match="bias must be a floating-point tensor"):
             ok.frozen_linear(torch.randn(2, 64), qw, bias)
+
+
+def test_a_float8_weight_quantizes_from_its_values():
+    w8 = gaussian(6, 64, seed=2).to(torch.float8_e4m3fn)
+    qw = ok.quantize_weight(w8, bits=8)
+    assert torch.equal(qw.data, ok.quantize_weight(w8.float(), bits=8).data)
+    w8[2, 5] = float("nan")
+    with pytest.raises(QuantizationError, match="NaN"):
+        ok.quantize_weight(w8, bits=8)

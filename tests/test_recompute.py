@@ -153,6 +153,24 @@ def test_switching_modes_and_bad_requests():
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
+def test_a_block_called_without_its_hidden_states_gets_a_named_error(mode):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8).requires_grad_(False)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    blocks = [Block() for _ in range(3)]
+    apply_recompute(blocks, mode)
+    h = torch.randn(2, 8, requires_grad=True)
+    assert blocks[0](h).shape == (2, 8)
+    with pytest.raises(RecomputeError, match=r"first positional argument or as hidden_states=.*keywords \['x'\]"):
+        blocks[0](x=h)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
 def test_bf16_autocast_is_replayed_in_the_backward(mode):
     model = tiny_model("llama", n_layers=6, seed=7)
     ids = random_ids(2, 10, seed=8)

@@ -8,13 +8,16 @@ from .methods import ALL_METHODS, DEFAULT_METHODS, BenchError
 from .models import BENCH_MODELS, PAPER_MODELS
 
 
-def _list(text: str, every: tuple[str, ...], default: tuple[str, ...]) -> list[str]:
+def _list(option: str, text: str, every: tuple[str, ...], default: tuple[str, ...]) -> list[str]:
     text = text.strip().lower()
     if text == "all":
         return list(every)
     if text == "default":
         return list(default)
-    return [t.strip() for t in text.split(",") if t.strip()]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise BenchError(f"{option} names nothing; give comma-separated names, 'default' or 'all'")
+    return names
 
 
 def _batches(text: str) -> list[int]:
@@ -38,10 +41,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     sources = {"auto": None, "both": ("measured", "accounted"), "measured": ("measured",), "accounted": ("accounted",)}
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise BenchError(f"-o {args.output!r} is a file; give a directory for the rows, table and plot")
     provenance = stamp()
     settings = BenchSettings(
-        models=_list(args.models, tuple(BENCH_MODELS), PAPER_MODELS),
-        methods=_list(args.methods, ALL_METHODS, DEFAULT_METHODS),
+        models=_list("--models", args.models, tuple(BENCH_MODELS), PAPER_MODELS),
+        methods=_list("--methods", args.methods, ALL_METHODS, DEFAULT_METHODS),
         batches=None if args.batch is None else _batches(args.batch),
         seq=args.seq,
         device=args.device,
@@ -60,8 +65,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"rows appended to {paths['rows']}; table {paths['table']}", end="")
     if paths["plot"] is not None:
         print(f"; plot {paths['plot']}")
+    elif args.no_plot:
+        print("")
+    elif all("error" in row for row in result.rows):
+        print("; no plot (no row ran)")
     else:
-        print("" if args.no_plot else "; no plot (matplotlib is not installed: pip install 'offsite-kernels[bench]')")
+        print("; no plot (matplotlib is not installed: pip install 'offsite-kernels[bench]')")
     print(f"({result.seconds:.0f} s)")
     failures = check_rows(result.rows)
     for line in failures:
@@ -91,9 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="where measured rows run (default: cuda if present)")
     p.add_argument(
         "--source",
-        choices=("both", "measured", "accounted"),
-        default="both",
-        help="measured steps, fake-tensor accounting, or both",
+        choices=("auto", "both", "measured", "accounted"),
+        default="auto",
+        help="measured steps, fake-tensor accounting, or both; auto (default): measured on a GPU, both on a CPU",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--scaled", action="store_true", help="measure the scaled-down configs (the default on a CPU)")

@@ -137,6 +137,9 @@ def _write_new(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets the usual permissions
         os.link(tmp, path)  # fails if path exists
     finally:
         with contextlib.suppress(OSError):
@@ -173,7 +176,7 @@ def write_outputs(
     _write_new(markdown, format_markdown(rows).encode())
     paths["table"] = markdown
     paths["plot"] = None
-    if plot:
+    if plot and any("error" not in row for row in rows):  # rows that all failed have nothing to plot
         from .plot import matplotlib_available, render_png
 
         if matplotlib_available():

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..models import get_family
 from .account import MemoryBreakdown, account_memory, account_zero_memory, count_model_flops
 from .measure import Measurement, matmul_ceiling, measure_training
 from .methods import DEFAULT_METHODS, BenchError, BenchMethod
@@ -130,6 +131,18 @@ def run_bench(settings: BenchSettings) -> BenchResult:
     if settings.warmup < 1 or settings.steps < 1:
         raise BenchError(f"need at least one warm-up and one timed step, got warmup={settings.warmup}, steps={settings.steps}")
     scaled = settings.scaled if settings.scaled is not None else not on_gpu
+    sizes = {False} if "accounted" in sources else set()  # accounted rows run at full size
+    if "measured" in sources:
+        sizes.add(scaled)
+    for bench_model in models:
+        for size in sizes:
+            config = bench_model.hf_config(scaled=size)
+            limit = get_family(config).max_positions(config)
+            if limit is not None and settings.seq > limit:
+                raise BenchError(
+                    f"--seq {settings.seq} is longer than the {limit} positions {bench_model.name}"
+                    f"{' (scaled down)' if size else ''} learned; use --seq {limit} or less"
+                )
     say = settings.progress or (lambda _msg: None)
     start = time.perf_counter()
     result = BenchResult()

@@ -43,6 +43,14 @@ class ModelFamily:
         name = getattr(config, self.activation_config, None) if self.activation_config else None
         return name if isinstance(name, str) else self.activation_default
 
+    def max_positions(self, config: object) -> int | None:
+        """How many tokens a sequence may hold: the learned position table's size; None where positions are
+        computed (rotary, ALiBi) and no table limits them."""
+        if self.position_embedding is None:
+            return None
+        limit = getattr(config, "max_position_embeddings", None)
+        return limit if isinstance(limit, int) else None
+
     def get(self, model: nn.Module, path: str) -> nn.Module:
         """Return the submodule of ``model`` at the dotted ``path``."""
         try:

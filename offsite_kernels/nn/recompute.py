@@ -55,7 +55,13 @@ class RecomputeError(OffsiteError, ValueError):
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise RecomputeError(
+            "a recomputed block takes its hidden states as its first positional argument or as hidden_states=, "
+            f"as Hugging Face blocks do; got positional {[type(a).__name__ for a in args]} and keywords {sorted(kwargs)}"
+        )
+    return hidden
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:

@@ -261,6 +261,15 @@ def frozen_linear_from_fields(
     ``(out_features, in_features)``, the format, the stored ``(data, scales, zeros)`` and the group size
     (no weight object built per call)."""
     data, scales, zeros = stored
+    if fmt == "dense" and data.dtype not in _ACTIVATION_DTYPES:
+        raise FrozenLinearInputError(
+            f"a dense weight must be float32, float16 or bfloat16, got {data.dtype}"
+            + (
+                "; store an fp8 weight with quantize_weight(w, bits='fp8') (it carries the scales)"
+                if data.element_size() == 1
+                else ""
+            )
+        )
     _check_inputs(x, data.device, weight_shape[0], weight_shape[1], bias)
     return _frozen_linear(x, _to_op_storage(fmt, data), scales, zeros, bias, fmt, group_size, weight_shape[0])
 

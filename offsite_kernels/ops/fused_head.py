@@ -292,6 +292,11 @@ def fused_linear_cross_entropy(
     ``[0, V)`` other than ``ignore_index`` give a NaN loss (HF raises; checking would cost a sync).
     """
     _check_inputs(hidden, weight, labels, bias, reduction, chunk_size)
+    if shift_labels and hidden.dim() < 2:
+        raise FusedHeadInputError(
+            f"with shift_labels=True hidden must be [..., T, H] (a sequence of tokens), got shape {tuple(hidden.shape)}; "
+            "add a sequence dimension or pass shift_labels=False"
+        )
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0], hidden.dtype)
     compute_grad = hidden.requires_grad and torch.is_grad_enabled()

@@ -48,7 +48,8 @@ def _check_weight(w: torch.Tensor) -> None:
         raise QuantizationError(f"the weight is empty (shape {tuple(w.shape)}); there is nothing to quantize")
     if not w.is_floating_point():
         raise QuantizationError(f"expected a floating-point weight, got {w.dtype}")
-    if w.device.type != "meta" and not torch.isfinite(w).all():  # a meta tensor has no values to check
+    values = w.float() if w.element_size() == 1 else w  # torch has no isfinite for float8
+    if w.device.type != "meta" and not torch.isfinite(values).all():  # a meta tensor has no values to check
         raise QuantizationError("the weight holds NaN or infinite values; it cannot be quantized")
 
 

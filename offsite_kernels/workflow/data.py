@@ -77,10 +77,7 @@ def max_positions(model: Any) -> int | None:
     """How many tokens a model with a learned position table takes at most; None when positions are computed."""
     from ..models import get_family
 
-    if get_family(model).position_embedding is None:  # rotary or ALiBi: no fixed table
-        return None
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) else None
+    return get_family(model).max_positions(model.config)
 
 
 def check_fits(data: TextBlocks, model: Any) -> None:
