@@ -87,3 +87,17 @@ def test_bad_bits_fail_before_any_work(full_model):
         ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=3)
     with pytest.raises(QuantizationError, match="group_size must be one of"):
         ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=4, group_size=100)
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+def test_under_bf16_autocast_every_frozen_linear_runs_in_bf16_like_the_dense_linears(full_model, bits):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
+    outputs = {}
+    for name, module in emu.named_modules():
+        if isinstance(module, ok.nn.FrozenLinear | torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            module.register_forward_hook(lambda m, i, o, name=name: outputs.update({name: o.dtype}) and None)
+    ids = random_ids(2, 8, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emu(input_ids=ids, labels=ids).loss.backward()
+    frozen = {n for n, m in emu.named_modules() if isinstance(m, ok.nn.FrozenLinear)}
+    assert frozen and {outputs[n] for n in frozen} == {torch.bfloat16}

@@ -178,6 +178,26 @@ def test_empty_batch():
     assert y.shape == (0, 8)
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4, "fp8"])
+def test_under_autocast_the_gemm_runs_in_the_autocast_dtype_as_nn_linear_does(backend, bits):
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(40, 13)
+    weight = ok.quantize_weight(linear.weight.detach(), bits=bits, group_size=32)
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    bias = linear.bias.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ok.frozen_linear(x, weight, bias)
+        assert linear(x).dtype == y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    # the same as running it on the bf16 input: the cast is autocast's, and the gradient comes back in x's dtype
+    x16 = x.detach().bfloat16().requires_grad_(True)
+    y16 = ok.frozen_linear(x16, weight, bias)
+    y16.float().square().sum().backward()
+    assert torch.equal(y, y16) and x.grad.dtype == torch.float32 and torch.equal(x.grad, x16.grad.float())
+    with torch.autocast("cpu", enabled=False):
+        assert ok.frozen_linear(x, weight, bias).dtype == torch.float32  # no autocast: x's dtype
+
+
 def test_bad_inputs_name_the_problem():
     qw = ok.quantize_weight(torch.randn(8, 16), bits=8)
     with pytest.raises(FrozenLinearInputError, match="in_features=16"):

@@ -222,6 +222,22 @@ def as_quantized(weight: torch.Tensor | QuantizedWeight) -> QuantizedWeight:
     raise FrozenLinearInputError(f"weight must be a tensor or a QuantizedWeight, got {type(weight).__name__}")
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype where autocast is on for its device, as ``nn.Linear`` runs there: the GEMM then
+    runs in bf16/fp16 (tensor cores) and returns that dtype; its backward casts the gradient back to ``x``'s dtype."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in _AUTOCAST_DEVICES or not x.is_floating_point():
+        return x
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        compute = torch.get_autocast_dtype(kind)
+        if compute in _ACTIVATION_DTYPES and x.dtype != compute and x.dtype in _ACTIVATION_DTYPES:
+            return x.to(compute)
+    return x
+
+
 def _check_inputs(
     x: torch.Tensor, weight_device: torch.device, out_features: int, in_features: int, bias: torch.Tensor | None
 ) -> None:
@@ -261,6 +277,7 @@ def frozen_linear_from_fields(
     ``(out_features, in_features)``, the format, the stored ``(data, scales, zeros)`` and the group size
     (no weight object built per call)."""
     data, scales, zeros = stored
+    x = _autocast_input(x)
     if fmt == "dense" and data.dtype not in _ACTIVATION_DTYPES:
         raise FrozenLinearInputError(
             f"a dense weight must be float32, float16 or bfloat16, got {data.dtype}"
