@@ -234,6 +234,26 @@ def _gpt2_xl_rows() -> list[dict]:
     ]
 
 
+def test_the_plot_command_draws_rows_and_refuses_bad_paths_by_name(tmp_path, capsys):
+    from offsite_kernels.benchmark import plot
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({**r, "device": "cpu"}) for r in _gpt2_xl_rows()) + "\n")
+    (tmp_path / "taken.png").write_bytes(b"mine")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    for args, words in [
+        ([tmp_path / "missing.jsonl", tmp_path / "a.png"], "is not a file of benchmark rows"),
+        ([rows, tmp_path / "taken.png"], "already exists"),
+        ([rows, tmp_path / "no" / "a.png"], "does not exist"),
+        ([tmp_path / "bad.jsonl", tmp_path / "a.png"], "is not JSON lines"),
+    ]:
+        assert plot.main([str(a) for a in args]) == 2
+        assert words in capsys.readouterr().err
+    assert (tmp_path / "taken.png").read_bytes() == b"mine" and not (tmp_path / "a.png").exists()
+    assert plot.main([str(rows), str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_markdown_puts_the_paper_beside_our_figures():
     rows = _gpt2_xl_rows()
     text = format_markdown(rows)

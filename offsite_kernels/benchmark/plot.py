@@ -82,8 +82,29 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m offsite_kernels.benchmark.plot ROWS.jsonl OUT.png", file=sys.stderr)
         return 2
-    rows = [r for r in read_rows(args[0]) if r.get("bench") == "offsite_bench"]
-    _write_new(Path(args[1]), render_png(rows))
+    source, target = Path(args[0]), Path(args[1])
+    problem = None
+    if not source.is_file():
+        problem = f"{args[0]!r} is not a file of benchmark rows"
+    elif target.exists():
+        problem = f"{args[1]!r} already exists; choose a new file name"
+    elif not target.parent.is_dir():
+        problem = f"the folder of {args[1]!r} does not exist"
+    if problem is None:
+        try:
+            rows = [r for r in read_rows(source) if r.get("bench") == "offsite_bench"]
+        except (ValueError, UnicodeDecodeError) as exc:
+            problem = f"{args[0]!r} is not JSON lines: {exc}"
+        else:
+            if not any("error" not in r for r in rows):
+                problem = f"{args[0]!r} holds no offsite bench row that ran"
+    if problem is not None:
+        print(f"offsite bench plot: error: {problem}", file=sys.stderr)
+        return 2
+    if not matplotlib_available():
+        print("offsite bench plot: error: matplotlib is not installed: pip install 'offsite-kernels[bench]'", file=sys.stderr)
+        return 2
+    _write_new(target, render_png(rows))
     print(f"wrote {args[1]}")
     return 0
 
