@@ -254,6 +254,19 @@ def test_the_plot_command_draws_rows_and_refuses_bad_paths_by_name(tmp_path, cap
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_casting_the_frozen_tensors_keeps_a_tied_head_one_tensor():
+    from offsite_kernels.benchmark.methods import cast_frozen_
+    from offsite_kernels.tiny import tiny_model
+
+    for model_type in ("gpt2", "opt"):
+        emu = ok.make_emulator(tiny_model(model_type, seed=1), bottom=1, top=1, emulator_layers=2, bits=4, group_size=32)
+        embedding, head = emu.model.get_input_embeddings(), emu.model.get_output_embeddings()
+        assert embedding.weight is head.weight
+        cast_frozen_(emu, torch.bfloat16)
+        assert embedding.weight is head.weight and head.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in emu.adapter_parameters())  # trainable: left in fp32
+
+
 def test_markdown_puts_the_paper_beside_our_figures():
     rows = _gpt2_xl_rows()
     text = format_markdown(rows)

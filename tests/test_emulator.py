@@ -92,6 +92,16 @@ def test_the_emulator_reports_the_mode_of_the_model_it_wraps(full_model, tmp_pat
     assert loaded.training == loaded.model.training
 
 
+def test_a_training_call_with_labels_fills_no_kv_cache(full_model):
+    emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2)
+    ids = random_ids(2, 7, seed=3)
+    out = emu(input_ids=ids, labels=ids, return_logits=True)
+    assert out.loss.requires_grad and not out.past_key_values
+    with torch.no_grad():  # evaluation and generation keep the model's own default
+        assert emu(input_ids=ids).past_key_values is not None
+    assert emu(input_ids=ids, labels=ids, use_cache=True, return_logits=True).past_key_values is not None  # asked for
+
+
 def test_only_adapter_requires_grad_and_only_adapter_changes(full_model):
     emu = ok.make_emulator(full_model, bottom=2, top=1, emulator_layers=2)
     adapter_ids = {id(p) for p in emu.adapter_parameters()}

@@ -199,10 +199,13 @@ def cast_frozen_(module: nn.Module, dtype: torch.dtype) -> None:
     Low-bit weight data, scales and zero points of the frozen linears are left as quantized."""
     from ..nn.frozen_linear import FrozenLinear
 
+    cast: dict[int, nn.Parameter] = {}  # tied parameters (embedding and LM head) stay one tensor
     for sub in module.modules():
         for name, p in sub._parameters.items():
             if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-                sub._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                if id(p) not in cast:
+                    cast[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                sub._parameters[name] = cast[id(p)]
         if isinstance(sub, FrozenLinear):
             if sub.bias is not None and sub.bias.is_floating_point():
                 sub.bias = sub.bias.to(dtype)

@@ -90,8 +90,10 @@ class OffsiteModel(nn.Module):
         Trainer keeps them; every other argument (``inputs_embeds``, caches, ...) goes through
         to the wrapped model as given.
         """
-        if torch.is_grad_enabled() and "use_cache" not in kwargs and self._emulator_wrapped():
-            kwargs["use_cache"] = False  # a recomputed, graphed or compiled emulator must not fill a KV cache while training
+        if torch.is_grad_enabled() and "use_cache" not in kwargs and (labels is not None or self._emulator_wrapped()):
+            # training: no KV cache to fill (two copies per block and its memory, for nothing); a recomputed,
+            # graphed or compiled emulator must not fill one at all while grad is on
+            kwargs["use_cache"] = False
         if (
             labels is not None
             and not return_logits

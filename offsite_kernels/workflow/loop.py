@@ -141,16 +141,16 @@ def train(
         for step in bar:
             lr = settings.lr * lr_factor(step, settings)
             engine.set_lr(lr)
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync per step
             for micro in range(settings.grad_accum):
                 ids = engine.shard(data.ids[batch_indices(step, micro, len(data), settings)]).to(device)
                 with autocast:
                     loss = engine.forward(loss_fn, ids) / settings.grad_accum
                 engine.backward(loss)
-                total += float(loss.detach())
+                total += loss.detach().to(torch.float64)
                 tokens += ids.numel() * world.size
             engine.step()
-            loss_value = engine.global_loss(total)
+            loss_value = engine.global_loss(float(total))
             losses.append(loss_value)
             if log is not None:
                 log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr}) + "\n")
