@@ -72,6 +72,23 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
 
 
+def _temp_file_beside(target: Path, data: bytes) -> Path:
+    """A complete, synced temporary file holding ``data`` in ``target``'s folder, with the usual permissions."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets the usual permissions
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
     """Write ``text`` to the file ``path`` through a temporary file beside it, moved into place when complete.
 
@@ -80,21 +97,24 @@ def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = Fals
     """
     target = check_output_dir(path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = _temp_file_beside(target, text.encode("utf-8"))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets the usual permissions
         check_output_dir(target, overwrite)  # it may have appeared meanwhile
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create the file ``path`` holding ``data``, atomically; an existing file is an error (``FileExistsError``),
+    never replaced, even one that appears while writing."""
+    tmp = _temp_file_beside(path, data)
+    try:
+        os.link(tmp, path)  # fails if path exists
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

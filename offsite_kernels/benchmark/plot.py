@@ -75,7 +75,7 @@ def render_png(rows: list[dict[str, Any]]) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from .report import _write_new
+    from ..io import write_new_file
     from .stamp import read_rows
 
     args = sys.argv[1:] if argv is None else argv
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not matplotlib_available():
         print("offsite bench plot: error: matplotlib is not installed: pip install 'offsite-kernels[bench]'", file=sys.stderr)
         return 2
-    _write_new(target, render_png(rows))
+    write_new_file(target, render_png(rows))
     print(f"wrote {args[1]}")
     return 0
 

@@ -7,13 +7,13 @@ place, so an existing file is never replaced and a crash never leaves half a fil
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ..io import write_new_file
 
 MiB = 2**20
 
@@ -129,23 +129,6 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     return ["", *notes] if notes else []
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data``, atomically; an existing file is an error, never replaced."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output gets the usual permissions
-        os.link(tmp, path)  # fails if path exists
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
 def new_output_path(directory: Path, stem: str, suffix: str) -> Path:
     """``directory/stem-<UTC time>.suffix``, with a counter if that name is taken."""
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -173,7 +156,7 @@ def write_outputs(
     directory.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path | None] = {"rows": append_rows(directory / ROWS_FILE, rows) if append else directory / ROWS_FILE}
     markdown = new_output_path(directory, "offsite_bench", ".md")
-    _write_new(markdown, format_markdown(rows).encode())
+    write_new_file(markdown, format_markdown(rows).encode())
     paths["table"] = markdown
     paths["plot"] = None
     if plot and any("error" not in row for row in rows):  # rows that all failed have nothing to plot
@@ -181,7 +164,7 @@ def write_outputs(
 
         if matplotlib_available():
             png = new_output_path(directory, "offsite_bench", ".png")
-            _write_new(png, render_png(rows))
+            write_new_file(png, render_png(rows))
             paths["plot"] = png
     return paths
 
