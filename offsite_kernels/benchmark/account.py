@@ -19,8 +19,11 @@ not counted as useful work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +46,36 @@ class MemoryBreakdown:
     activations: int
     peak: int
     host: int = 0  # training state offloaded to host memory (``ft+zero``), not part of the peak
+
+
+@contextlib.contextmanager
+def _cacheless_mask_decisions() -> Iterator[None]:
+    """Let Hugging Face skip the causal mask on fake tensors where it skips it on real ones.
+
+    A training step has no KV cache and no attention mask, so HF looks for sequences packed into one row
+    in the position ids (``find_packed_sequence_indices``); unable to read fake ones, it builds the
+    ``[batch, 1, seq, seq]`` mask that a real step, whose positions run 0..seq-1, leaves to SDPA's
+    ``is_causal``. Here fake position ids are taken as unpacked, as the bench's always are."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+
+    def unpacked_if_fake(position_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return None if isinstance(position_ids, FakeTensor) else original(position_ids, *args, **kwargs)
+
+    masking_utils.find_packed_sequence_indices = unpacked_if_fake
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
 
 
 def _fake_mode():
@@ -119,7 +152,7 @@ def account_memory(
     """Peak memory of a training step of ``method`` on ``bench_model``, on fake tensors."""
     mode = _fake_mode()
     trainee = _fake_trainee(bench_model, method, scaled, amp_dtype, mode)
-    with mode:
+    with mode, _cacheless_mask_decisions():
         ids = torch.zeros((batch, seq), dtype=torch.long)
         optimizer = make_optimizer(trainee.params)
         weights = weight_bytes(trainee.module)
@@ -156,7 +189,7 @@ def account_zero_memory(bench_model: BenchModel, batch: int, seq: int, scaled: b
     mode = _fake_mode()
     trainee = _fake_trainee(bench_model, BenchMethod("ft"), scaled, None, mode, weights_dtype=torch.bfloat16)
     model = trainee.module
-    with mode:
+    with mode, _cacheless_mask_decisions():
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
@@ -195,7 +228,7 @@ def count_model_flops(
     counted = dataclasses.replace(method, recompute=False)
     mode = _fake_mode()
     trainee = _fake_trainee(bench_model, counted, scaled, amp_dtype, mode)
-    with mode:
+    with mode, _cacheless_mask_decisions():
         ids = torch.zeros((batch, seq), dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
             forward_loss(trainee, ids, amp_dtype).backward()
