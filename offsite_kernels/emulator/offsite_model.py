@@ -28,9 +28,9 @@ from ..nn.cuda_graphs import (
     reset_cuda_graphs,
 )
 from ..nn.frozen_blocks import wrapped_by
-from ..nn.frozen_linear import RUNS_IN
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
+from ..quant.weight import COMPUTE_DTYPES
 from .build import copy_with_blocks, freeze_all_but_adapter_
 from .fused_loss import fused_head_loss, fused_head_supported
 from .layout import Layout, resolve_layout
@@ -137,7 +137,7 @@ class OffsiteModel(nn.Module):
         # all or nothing: the one data-dependent failure (a non-finite weight) is found before any swap
         for _, block in self.emulator_blocks():
             for name, p in block.named_parameters():
-                if p.dim() == 2 and p.dtype not in RUNS_IN:
+                if p.dim() == 2 and p.dtype not in COMPUTE_DTYPES:
                     raise LayoutError(
                         f"emulator weight {name} is {p.dtype}; low-bit frozen linears run in float32, float16 or "
                         "bfloat16: cast the model first (.float() or .to(torch.bfloat16))"

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from ..errors import PackageError
-from ..nn.frozen_linear import RUNS_IN, FrozenLinear
+from ..nn.frozen_linear import FrozenLinear
 from ..quant.formats import check_format, check_stored
-from ..quant.weight import QuantizedWeight
+from ..quant.weight import COMPUTE_DTYPES, QuantizedWeight
 
-_DTYPES = {str(d): d for d in RUNS_IN}
+_DTYPES = {str(d): d for d in COMPUTE_DTYPES}
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -7,9 +7,7 @@ from torch import nn
 
 from ..ops.frozen_linear import FrozenLinearInputError, frozen_linear_from_fields
 from ..quant.formats import quantize_weight
-from ..quant.weight import QuantizedWeight
-
-RUNS_IN = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of a frozen linear's weight and input
+from ..quant.weight import COMPUTE_DTYPES, QuantizedWeight
 
 
 def _linear_weight(layer: nn.Module) -> torch.Tensor:
@@ -32,7 +30,7 @@ class FrozenLinear(nn.Module):
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        if weight.dtype not in RUNS_IN:
+        if weight.dtype not in COMPUTE_DTYPES:
             raise FrozenLinearInputError(
                 f"a frozen linear runs in float32, float16 or bfloat16, and this weight is {weight.dtype}: "
                 "cast the layer or the model first (.float() or .to(torch.bfloat16))"

@@ -634,13 +634,9 @@ def prefetch(
             _ROWS.setdefault(key, tuple(row.items()))
         _rows(requests, workers)
         if _ROWS.keys() - shared.keys():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text(json.dumps({key: dict(row) for key, row in _ROWS.items()}))
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)  # a failed write (full disk, interrupt) leaves nothing behind
-                raise
+            from ..io import write_text_atomic
+
+            write_text_atomic(path, json.dumps({key: dict(row) for key, row in _ROWS.items()}), overwrite=True)
 
 
 def compile_report(kernel: str, fmt: str, act_dtype: str, config: triton.Config | tuple, arch: int) -> dict[str, Any]:

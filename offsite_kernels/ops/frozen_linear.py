@@ -25,11 +25,11 @@ from torch.utils.flop_counter import register_flop_formula
 from ..backends import check_triton_device, gpu_runs_triton, requested_backend
 from ..errors import OffsiteError
 from ..quant.formats import dequantize_fields
-from ..quant.weight import QuantizedWeight
+from ..quant.weight import COMPUTE_DTYPES, QuantizedWeight
 from .eager import EagerOp
 from .fp8_linear import fp8_linear_bwd, fp8_linear_fwd, uses_fp8_gemm
 
-_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATION_DTYPES = COMPUTE_DTYPES
 
 
 class FrozenLinearInputError(OffsiteError, ValueError):

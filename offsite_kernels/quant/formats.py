@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OffsiteError
-from .weight import FORMATS, INT4_GROUP_SIZES, QuantizedWeight
+from .weight import COMPUTE_DTYPES, FORMATS, INT4_GROUP_SIZES, QuantizedWeight
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
@@ -168,9 +168,6 @@ def _native_module(t: torch.Tensor):
     return native.get() if native.supports_device(t.device) else None
 
 
-_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the native kernels take; float64 runs the reference
-
-
 def _quantize_native(module, w: torch.Tensor, fmt: str, group_size: int) -> QuantizedWeight:
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.numel() == 0:
         _check_weight(w)  # raises the reference's error
@@ -193,7 +190,7 @@ def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int
     where it is built (bit-exact with the PyTorch reference, which runs otherwise).
     """
     fmt = check_format(bits, group_size)
-    if fmt in ("int8", "int4") and isinstance(w, torch.Tensor) and w.dtype in _NATIVE_DTYPES:
+    if fmt in ("int8", "int4") and isinstance(w, torch.Tensor) and w.dtype in COMPUTE_DTYPES:  # float64 runs the reference
         module = _native_module(w)
         if module is not None:
             return _quantize_native(module, w, fmt, group_size)
@@ -231,7 +228,7 @@ def dequantize_fields(
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The dense ``[out_features, in_features]`` weight of ``qw`` in its original dtype (native kernels where built)."""
-    if qw.format != "dense" and qw.dtype in _NATIVE_DTYPES:
+    if qw.format != "dense" and qw.dtype in COMPUTE_DTYPES:
         module = _native_module(qw.data)
         if module is not None:
             from .. import native

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 FORMATS = ("dense", "int8", "int4", "fp8")
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what frozen linears, their kernels and inputs run in
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
