@@ -1,11 +1,13 @@
 """Saved activation bytes of the emulator and peak memory of a training step, per recompute mode.
 
-For a 2-8-2 emulator (12-block Llama-family and GPT-2 models, random weights from a config) this
+For a 2-8-2 emulator (12-block Llama-family, GPT-2 and BLOOM models, random weights from a config) this
 measures, on whatever device runs it, with the plain Hugging Face blocks and with the fast frozen
 blocks (``fast=True``):
 
 - ``emulator_saved_bytes``: bytes autograd saves while the emulator blocks run (saved-tensor
-  hooks switched on by hooks on the first and last emulator block);
+  hooks switched on by hooks on the first and last emulator block), each storage once, the
+  emulator's own weights (which linear layers save for their input gradient) apart in
+  ``emulator_saved_weight_bytes``;
 - ``step_peak_bytes``: peak bytes of tensor storage allocated during forward + backward of one
   training step (``offsite_kernels.memtrack.MemoryTracker``; weights, allocated before, excluded);
 - ``emulator_input_bytes``: one hidden-state tensor, the floor for full recomputation.
@@ -34,6 +36,7 @@ from offsite_kernels.tiny import tiny_model
 MODELS = {
     "llama": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4),
     "gpt2": dict(n_embd=256, n_head=8),
+    "bloom": dict(hidden_size=256, n_head=8),  # ALiBi: an additive [batch, heads, q, k] bias in every block
 }
 BATCH, TOKENS = 4, 128
 
@@ -45,7 +48,7 @@ def measure(model_type: str, mode: str | None, fast: bool = False) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
     blocks = [b for _, b in emu.emulator_blocks()]
     with MemoryTracker() as tracker:
-        with SavedBytesBetween(blocks[0], blocks[-1]) as saved:
+        with SavedBytesBetween(blocks[0], blocks[-1], weights_of=emu) as saved:
             loss = emu(input_ids=ids, labels=ids).loss
         loss.backward()
     hidden = model.config.hidden_size
@@ -60,6 +63,8 @@ def measure(model_type: str, mode: str | None, fast: bool = False) -> dict:
         recompute=mode or "none",
         fast_blocks=fast,
         emulator_saved_bytes=saved.bytes,
+        emulator_saved_weight_bytes=saved.weight_bytes,
+        counting="distinct storages; the emulator's weights apart",
         emulator_input_bytes=BATCH * TOKENS * hidden * 4,
         step_peak_bytes=tracker.peak_bytes,
         attention="sdpa",

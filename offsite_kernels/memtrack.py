@@ -243,21 +243,43 @@ class SavedBytesBetween:
     """Bytes autograd saves for the backward while a run of modules executes.
 
     Counting starts when ``first`` is called and stops when ``last`` returns (forward hooks), under
-    saved-tensor hooks: ``with SavedBytesBetween(first, last) as saved: loss = model(...)``, then
-    ``saved.bytes``. Tensors that PyTorch's checkpoint caches keep outside autograd's saved tensors
-    (selective activation checkpointing) are not seen: compare peaks with :class:`MemoryTracker` there.
+    saved-tensor hooks: ``with SavedBytesBetween(first, last, weights_of=model) as saved: loss = model(...)``,
+    then ``saved.bytes``. Memory is what is counted: each storage once, however many tensors, views or
+    autograd nodes save it (a bias shared by every block counts once; q, k and v views of one
+    projection output count as that output). Storages of ``weights_of``'s parameters and buffers, which
+    linear layers save for their input gradient, are counted apart in ``weight_bytes``: they are held
+    anyway. Tensors that PyTorch's checkpoint caches keep outside autograd's saved tensors (selective
+    activation checkpointing) are not seen: compare peaks with :class:`MemoryTracker` there.
     """
 
-    def __init__(self, first: torch.nn.Module, last: torch.nn.Module) -> None:
+    def __init__(self, first: torch.nn.Module, last: torch.nn.Module, weights_of: torch.nn.Module | None = None) -> None:
         self.first, self.last = first, last
-        self.bytes = 0
-        self.tensors = 0
+        self.tensors = 0  # saved references, with repeats
+        self._weights = (
+            set()
+            if weights_of is None
+            else {t.untyped_storage().data_ptr() for t in (*weights_of.parameters(), *weights_of.buffers())}
+        )
+        self._saved: dict[int, int] = {}
+        self._saved_weights: dict[int, int] = {}
         self._inside = False
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the distinct storages saved, weights of ``weights_of`` excluded."""
+        return sum(self._saved.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the distinct storages saved that belong to ``weights_of``'s parameters and buffers."""
+        return sum(self._saved_weights.values())
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if self._inside:
-            self.bytes += t.numel() * t.element_size()
             self.tensors += 1
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            (self._saved_weights if key in self._weights else self._saved)[key] = storage.nbytes()
         return t
 
     def _set(self, inside: bool) -> None:

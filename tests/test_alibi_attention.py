@@ -82,3 +82,50 @@ def test_attention_probabilities_are_refused():
 def test_state_dict_is_unchanged():
     eager, fast = _models(torch.float32)
     assert fast.state_dict().keys() == eager.state_dict().keys()
+
+
+def _saved_biases(model, ids, mask, heads: int) -> list[torch.Tensor]:
+    """The [batch, heads, q, k] tensors autograd saves in one forward of ``model``."""
+    batch, seq = ids.shape
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        if t.shape == (batch, heads, seq, seq):
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    return saved
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_blocks_of_one_forward_share_one_saved_bias(padding):
+    torch.manual_seed(5)
+    config = BloomConfig(hidden_size=48, n_layer=3, n_head=4, vocab_size=101)
+    fast = AutoModelForCausalLM.from_config(config)
+    for block in fast.transformer.h:
+        block.self_attention = AlibiSdpaAttention(block.self_attention)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(6))
+    saved = _saved_biases(fast, ids, _mask(padding, 2, 9), heads=4)
+    assert len(saved) >= 3  # SDPA's backward keeps the bias of each of the three blocks ...
+    assert len({t.untyped_storage().data_ptr() for t in saved}) == 1  # ... and it is one tensor
+
+
+def test_shared_bias_follows_each_forward_and_holds_no_memory():
+    eager, fast = _models(torch.float32, seed=7)
+    ids = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(8))
+    first = fast(input_ids=ids, attention_mask=_mask("right", 2, 10)).logits  # its graph (and bias) alive
+    for padding in ("left", "none"):  # later forwards with other masks get their own bias
+        mask = _mask(padding, 2, 10)
+        real = (torch.ones(2, 10) if mask is None else mask).bool()
+        if padding == "left":
+            real[1, :3] = False
+        got, want = fast(input_ids=ids, attention_mask=mask).logits, eager(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+    assert first.requires_grad
+    with torch.no_grad():  # nothing saves the bias: the cache keeps none alive after the forward
+        fast(input_ids=ids)
+    from offsite_kernels.nn.alibi_attention import _SHARED_BIAS
+
+    assert _SHARED_BIAS._slot.entry[-1]() is None

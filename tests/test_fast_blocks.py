@@ -85,7 +85,7 @@ def test_fast_blocks_save_fewer_activation_bytes(model_type):
     for fast in (False, True):
         emu = ok.make_emulator(model, bottom=2, top=2, emulator_layers=8, fast=fast).train()
         blocks = [b for _, b in emu.emulator_blocks()]
-        with SavedBytesBetween(blocks[0], blocks[-1]) as counter:
+        with SavedBytesBetween(blocks[0], blocks[-1], weights_of=emu) as counter:
             loss = emu(input_ids=ids, labels=ids).loss
         loss.backward()
         saved[fast] = counter.bytes

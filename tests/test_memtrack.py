@@ -232,3 +232,36 @@ def test_mixed_workload_balances_to_zero(dtype):
         del out, x, lin
     gc.collect()
     assert mt.current_bytes == 0 and mt.peak_bytes > 0
+
+
+class _TwoUses(nn.Module):
+    """A linear whose output is saved by two multiplications, and a split into views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 6, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)  # saves x and the weight
+        a, b = y.split(3, dim=-1)  # two views of y's storage
+        return (y * y).sum() + (a * b).sum()  # y saved by one node, twice; a and b by another
+
+
+def test_saved_bytes_count_each_storage_once_and_weights_apart():
+    from offsite_kernels.memtrack import SavedBytesBetween
+
+    module = _TwoUses()
+    x = torch.randn(7, 5, requires_grad=True)
+    with SavedBytesBetween(module, module, weights_of=module) as saved:
+        module(x).backward()
+    assert saved.tensors >= 5  # x, the weight, y twice, a and b
+    assert saved.bytes == nbytes(7, 5) + nbytes(7, 6)  # x and y, once each
+    assert saved.weight_bytes == nbytes(6, 5)
+    with SavedBytesBetween(module, module) as everything:  # no weights named: the weight is counted too
+        module(x).backward()
+    assert everything.bytes == nbytes(7, 5) + nbytes(7, 6) + nbytes(6, 5) and everything.weight_bytes == 0
+    z = torch.randn(11, 3, requires_grad=True)
+    with SavedBytesBetween(module, module) as inside_only:
+        module(x)
+        (z * z).sum()  # after the module returned: z is saved, but not counted
+    assert inside_only.bytes == everything.bytes

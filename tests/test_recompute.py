@@ -77,7 +77,7 @@ def _saved_in_emulator(emu, ids):
     """Bytes autograd saves while the emulator blocks run, in one training step."""
     blocks = [b for _, b in emu.emulator_blocks()]
     emu.train()
-    with SavedBytesBetween(blocks[0], blocks[-1]) as saved:
+    with SavedBytesBetween(blocks[0], blocks[-1], weights_of=emu) as saved:
         loss = emu(input_ids=ids, labels=ids).loss
     loss.backward()
     return saved.bytes

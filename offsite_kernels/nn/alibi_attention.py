@@ -10,13 +10,62 @@ same names, so the state dict does not change) and computes the same math with S
 with ALiBi and the block's causal/padding mask folded into one additive ``attn_mask`` (the
 memory-efficient kernel on a GPU; flash attention takes no bias). Attention dropout, if the config
 has any, is SDPA's. ``output_attentions`` is refused: SDPA does not form the probabilities.
+
+The bias is ``[batch, heads, q_len, k_len]`` and SDPA's backward keeps it, so built per block it
+would be saved once per block. Every block of one forward gets the same ``alibi`` and mask tensors
+from Hugging Face's model loop, so the blocks share one bias: :class:`_SharedBias` keeps the last
+one built while anything (autograd's saved tensors, the caller) still holds it, keyed on the
+identity of those tensors. It keeps no bias alive by itself (under recomputation each block still
+builds its own), and is bypassed while ``torch.compile`` traces or a CUDA graph is captured.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class _SharedBias:
+    """One slot: the last bias built, reused by a call with the same ``alibi`` and mask objects (same
+    version), the same shapes, dtype, heads and ``beta``, while the bias is alive elsewhere."""
+
+    def __init__(self) -> None:
+        self._slot = threading.local()
+
+    @staticmethod
+    def _usable() -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+    @staticmethod
+    def _key(alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple) -> tuple:
+        versions = (alibi._version, None if mask is None else mask._version)
+        return (*shape, versions, alibi.device)
+
+    def get(self, alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
+        if not self._usable():
+            return None
+        entry = getattr(self._slot, "entry", None)
+        if entry is None:
+            return None
+        alibi_ref, mask_ref, key, bias_ref = entry
+        same_mask = mask is None if mask_ref is None else mask_ref() is mask
+        if alibi_ref() is alibi and same_mask and key == self._key(alibi, mask, shape):
+            return bias_ref()
+        return None
+
+    def put(self, alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple, bias: torch.Tensor) -> None:
+        if self._usable():
+            mask_ref = None if mask is None else weakref.ref(mask)
+            self._slot.entry = (weakref.ref(alibi), mask_ref, self._key(alibi, mask, shape), weakref.ref(bias))
+
+
+_SHARED_BIAS = _SharedBias()
 
 
 class AlibiSdpaAttention(nn.Module):
@@ -68,7 +117,11 @@ class AlibiSdpaAttention(nn.Module):
         query, key, value = (qkv[..., i, :].transpose(1, 2) for i in range(3))
         if layer_past is not None:
             key, value = layer_past.update(key, value, self.layer_idx)
-        bias = self._bias(alibi, attention_mask, batch, q_len, key.shape[2], query.dtype)
+        shape = (batch, q_len, key.shape[2], query.dtype, self.num_heads, self.beta)
+        bias = _SHARED_BIAS.get(alibi, attention_mask, shape)
+        if bias is None:
+            bias = self._bias(alibi, attention_mask, batch, q_len, key.shape[2], query.dtype)
+            _SHARED_BIAS.put(alibi, attention_mask, shape, bias)
         context = F.scaled_dot_product_attention(
             query,
             key,
