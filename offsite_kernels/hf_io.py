@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ TOKENIZER_FILES = (
 
 
 def load_local_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
-    """Load a causal LM from a local directory, with one clear error for every kind of failure."""
+    """Load a causal LM from a local directory, with one clear error for every kind of failure.
+
+    Bottleneck adapters plugged in before the model was saved are put back (Hugging Face drops them)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -41,12 +44,34 @@ def load_local_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
             "AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst) writes safetensors"
         )
     hf_kwargs.setdefault("use_safetensors", True)
+    from .emulator.bottleneck import ATTR, restore_saved, saved_bottlenecks
+
+    if not saved_bottlenecks(path):
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+        except OffsiteError:
+            raise
+        except Exception as exc:  # transformers raises many kinds; one message that names the directory
+            raise PackageError(f"model: {str(path)!r} could not be loaded: {exc}") from exc
+    # bottleneck adapters were plugged in before the model was saved: Hugging Face builds the plain
+    # architecture and drops their tensors (its load report would call them unexpected); put them back
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **hf_kwargs)
     except OffsiteError:
         raise
-    except Exception as exc:  # transformers raises many kinds; one message that names the directory
+    except Exception as exc:
         raise PackageError(f"model: {str(path)!r} could not be loaded: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    others = sorted(k for k in info["unexpected_keys"] if f".{ATTR}." not in k) + sorted(info["missing_keys"])
+    if others:
+        warnings.warn(f"model: {str(path)!r}: weights unexpected or missing at load: {', '.join(others[:8])}", stacklevel=2)
+    restore_saved(model, path)
+    return model
 
 
 def copy_tokenizer_files(source: str | os.PathLike, dest: Path) -> list[str]:

@@ -363,6 +363,34 @@ def test_bottleneck_adapter_plugs_in_and_checks_before_changing(tokenizer, text_
     reloaded = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2).load_adapter(tmp_path / "adapter")
     torch.testing.assert_close(reloaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=0, atol=0)
 
+    # saved as a whole model (offsite plug-in) and loaded back: the bottlenecks come back with it
+    from offsite_kernels.hf_io import load_local_model, save_model_dir
+
+    save_model_dir(plugged, tmp_path / "plugged")
+    loaded = load_local_model(tmp_path / "plugged", attn_implementation="eager")  # as tiny_model's
+    assert loaded.state_dict().keys() == state.keys()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, plugged(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_damaged_saved_bottleneck_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from offsite_kernels.errors import PackageError
+    from offsite_kernels.hf_io import load_local_model
+
+    model = tiny_model("gpt2", seed=23)
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    for block, down, what in [
+        ("transformer.h.9", torch.zeros(4, model.config.n_embd), "name no block"),
+        ("transformer.h.0", torch.zeros(4), "no 2-D down.weight"),
+        ("transformer.h.0", torch.zeros(4, model.config.n_embd + 1), "do not fit"),
+    ]:
+        save_file({**tensors, f"{block}.offsite_bottleneck.down.weight": down}, str(weights))
+        with pytest.raises(PackageError, match=what):
+            load_local_model(tmp_path / "m")
+
 
 # --- review fixes: checkpoints never clobber, never resume another run ------------------------
 def test_foreign_checkpoint_dir_is_refused_and_left_alone(tokenizer, text_file, tmp_path):

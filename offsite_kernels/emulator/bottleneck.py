@@ -3,14 +3,22 @@
 Installed as a submodule of the block (``<block>.offsite_bottleneck``) plus a forward hook, so
 the block's own parameter names do not change. The up projection starts at zero: a fresh
 bottleneck leaves the model exactly as it was.
+
+A model with bottlenecks plugged in saves them with its weights (``<block>.offsite_bottleneck.*``),
+but Hugging Face's ``from_pretrained`` builds the plain architecture and drops those tensors:
+:func:`restore_saved` puts them back after loading.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import PackageError
 
 ATTR = "offsite_bottleneck"
 
@@ -51,3 +59,39 @@ def bottleneck_size(tensors: dict[str, torch.Tensor]) -> int | None:
         if name.endswith(f"{ATTR}.down.weight"):
             return int(t.shape[0])
     return None
+
+
+def saved_bottlenecks(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """The bottleneck tensors saved in a model directory's safetensors files, by block path."""
+    from safetensors import safe_open
+
+    marker = f".{ATTR}."
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                if marker in key:
+                    block, name = key.split(marker, 1)
+                    found.setdefault(block, {})[name] = f.get_tensor(key)
+    return found
+
+
+def restore_saved(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Reinstall the bottleneck adapters saved in ``directory`` into ``model`` (just loaded from it).
+
+    Returns the block paths that got one; a directory without bottleneck tensors changes nothing."""
+    saved = saved_bottlenecks(directory)
+    for block_path, state in saved.items():
+        where = f"bottleneck tensors {block_path}.{ATTR}.* in {str(directory)!r}"
+        try:
+            block = model.get_submodule(block_path)
+        except AttributeError:
+            raise PackageError(f"{where} name no block of the loaded model; the directory is damaged") from None
+        down = state.get("down.weight")
+        if down is None or down.dim() != 2:
+            raise PackageError(f"{where} have no 2-D down.weight; the directory is damaged")
+        try:
+            install(block, hidden=int(down.shape[1]), size=int(down.shape[0])).load_state_dict(state)
+        except RuntimeError as exc:
+            raise PackageError(f"{where} do not fit a bottleneck adapter ({exc}); the directory is damaged") from exc
+    return list(saved)
