@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from offsite_kernels.workflow import (
 from offsite_kernels.workflow.data import ChoiceItem
 from offsite_kernels.workflow.distill import DistillError
 from offsite_kernels.workflow.loop import batch_indices, lr_factor
-from offsite_kernels.workflow.methods import MethodError
+from offsite_kernels.workflow.methods import BottleneckSettings, MethodError
 
 PATTERN = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -194,16 +195,25 @@ def test_killed_run_resumes_to_the_same_adapter(tokenizer, text_file, tmp_path, 
         return real_forward(self, *a, **k)
 
     monkeypatch.setattr(type(resumed), "forward", dying_forward)
+    log = tmp_path / "loss.jsonl"
+    settings["loss_log"] = str(log)
     with pytest.raises(KeyboardInterrupt):
         finetune(resumed, data, quiet(checkpoint_every=5, checkpoint_dir=str(ckpt), **settings), valid=valid)
     monkeypatch.setattr(type(resumed), "forward", real_forward)
     assert (ckpt / "trainer_state.json").is_file()
     assert json.loads((ckpt / "trainer_state.json").read_text())["counters"]["step"] == 5
+    with log.open("a") as f:
+        f.write('{"step": 7, "lo')  # a line the kill cut short
 
     restarted = fresh()  # a new process: nothing kept in memory but the checkpoint
-    finetune(restarted, data, quiet(checkpoint_every=5, checkpoint_dir=str(ckpt), **settings), valid=valid)
+    result = finetune(restarted, data, quiet(checkpoint_every=5, checkpoint_dir=str(ckpt), **settings), valid=valid)
     a, b = straight.adapter_state_dict(), restarted.adapter_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 9))  # the steps after the checkpoint once, not twice
+    again = finetune(fresh(), data, quiet(checkpoint_every=5, checkpoint_dir=str(ckpt), **settings), valid=valid)
+    assert again.final_loss == result.final_loss == logged[-1]["loss"]  # a finished run reports its last loss
+    assert [r["step"] for r in map(json.loads, log.read_text().splitlines())] == list(range(1, 9))
 
 
 # --- distillation --------------------------------------------------------------------------
@@ -415,11 +425,50 @@ def test_checkpoint_of_another_run_is_refused(tokenizer, text_file, tmp_path):
     finetune(first, data, quiet(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=ckpt))
     for changed in (dict(steps=2, lr=5e-4), dict(steps=3, lr=1e-3)):
         again = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
+        before = {k: v.clone() for k, v in again.adapter_state_dict().items()}
         with pytest.raises(PackageError, match="belongs to another run"):
             finetune(again, data, quiet(checkpoint_every=1, checkpoint_dir=ckpt, **changed))
-    lora = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
-    with pytest.raises(PackageError, match=r"belongs to another run|incomplete or of another run"):
-        finetune(lora, data, quiet(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=ckpt), method="lora")
+        after = again.adapter_state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # refused before its weights were restored
+    same = dict(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=ckpt)
+    other_data = load_blocks(text_file, tokenizer, 24)
+    other_data.ids[[0, 1]] = other_data.ids[[1, 0]]  # the same tokens in another order
+    cases = [
+        dict(data=other_data),
+        dict(valid=load_blocks(text_file, tokenizer, 24, max_blocks=2)),
+        dict(method="lora"),
+        dict(method="bottleneck", bottleneck=BottleneckSettings(size=4)),
+    ]
+    for case in cases:
+        emu = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
+        with pytest.raises(PackageError, match="belongs to another run"):
+            finetune(emu, case.pop("data", data), quiet(**same), **case)
+    lora_ckpt = str(tmp_path / "lora")
+    lora_run = dict(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=lora_ckpt)
+    emu = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
+    finetune(emu, data, quiet(**lora_run), method="lora", lora=LoraSettings(alpha=16.0))
+    emu = ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2)
+    with pytest.raises(PackageError, match="belongs to another run"):
+        finetune(emu, data, quiet(**lora_run), method="lora", lora=LoraSettings(alpha=512.0))
+
+
+def test_a_checkpoint_save_killed_between_its_renames_is_recovered(tokenizer, text_file, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    data = load_blocks(text_file, tokenizer, 24)
+    run = dict(steps=3, lr=1e-3, checkpoint_every=1, checkpoint_dir=str(ckpt))
+    straight = ok.make_emulator(tiny_model("gpt2", seed=2), bottom=1, top=1, emulator_layers=2)
+    finetune(straight, data, quiet(steps=3, lr=1e-3))
+    first = ok.make_emulator(tiny_model("gpt2", seed=2), bottom=1, top=1, emulator_layers=2)
+    finetune(first, data, quiet(**{**run, "steps": 3}))
+    # as a save killed after moving the checkpoint aside, before moving the new one in, leaves it
+    (tmp_path / ".ckpt.old-x1").mkdir()
+    os.replace(ckpt, tmp_path / ".ckpt.old-x1" / "ckpt")
+    resumed = ok.make_emulator(tiny_model("gpt2", seed=2), bottom=1, top=1, emulator_layers=2)
+    with pytest.warns(UserWarning, match="interrupted; resuming from the complete checkpoint of step 3"):
+        finetune(resumed, data, quiet(**run))
+    assert (ckpt / "trainer_state.json").is_file() and not (tmp_path / ".ckpt.old-x1").exists()
+    a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_distill_restores_the_callers_teacher_and_refuses_pruned(tokenizer, text_file):
@@ -434,6 +483,29 @@ def test_distill_restores_the_callers_teacher_and_refuses_pruned(tokenizer, text
         distill(pruned, teacher, load_blocks(text_file, tokenizer, 24), quiet(steps=1))
 
 
+def test_distill_gives_back_the_teachers_own_weights_after_running_it_in_bf16(tokenizer, text_file, monkeypatch):
+    import importlib
+
+    distill_module = importlib.import_module("offsite_kernels.workflow.distill")  # the package exports distill()
+    teacher = tiny_model("llama", seed=6, tie_word_embeddings=True)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ran_in: list[torch.dtype] = []
+    monkeypatch.setattr(distill_module, "_teacher_dtype", lambda device: torch.bfloat16)  # as on a GPU
+    real_forward = type(teacher).forward
+
+    def recording_forward(self, *a, **k):
+        ran_in.append(self.lm_head.weight.dtype)
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(type(teacher), "forward", recording_forward)
+    emu = ok.make_emulator(teacher, bottom=1, top=1, emulator_layers=2)
+    distill(emu, teacher, load_blocks(text_file, tokenizer, 24), quiet(steps=1, batch_size=2))
+    assert ran_in and set(ran_in) == {torch.bfloat16}
+    after = teacher.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())  # not rounded to bf16
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight
+
+
 def test_seed_fixes_lora_initialisation(tokenizer, text_file):
     def run():
         emu = ok.make_emulator(tiny_model("opt", seed=3), bottom=1, top=1, emulator_layers=2)
@@ -442,3 +514,40 @@ def test_seed_fixes_lora_initialisation(tokenizer, text_file):
 
     a, b = run(), run()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_refuses_an_adapter_that_does_not_fit_before_evaluating(tokenizer, text_file, tmp_path, monkeypatch):
+    from offsite_kernels.workflow import report
+
+    evaluated: list[str] = []
+    monkeypatch.setattr(report, "evaluate_setting", lambda name, *a, **k: evaluated.append(name) or {"setting": name})
+    data = load_blocks(text_file, tokenizer, 24)
+    model = tiny_model("llama", seed=1)
+    ok.make_emulator(tiny_model("llama", seed=2), bottom=1, top=1, emulator_layers=2).save_adapter(tmp_path / "foreign")
+    ok.make_emulator(model, bottom=1, top=1, emulator_layers=3).save_adapter(tmp_path / "layout131")
+    for adapter, message in (("foreign", "other weights"), ("layout131", "layout")):
+        emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+        with pytest.raises(ok.AdapterMismatchError, match=message):
+            report.four_settings(model, emu, tmp_path / adapter, data)
+        assert evaluated == []
+    ok.make_emulator(model, bottom=1, top=1, emulator_layers=2).save_adapter(tmp_path / "fits")
+    rows = report.four_settings(model, ok.make_emulator(model, bottom=1, top=1, emulator_layers=2), tmp_path / "fits", data)
+    assert [r["setting"] for r in rows] == list(report.SETTINGS[:4]) == evaluated
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: BottleneckSettings(size=0), "bottleneck size"),
+        (lambda: BottleneckSettings(size=-3), "bottleneck size"),
+        (lambda: LoraSettings(rank=0), "LoRA rank"),
+        (lambda: LoraSettings(alpha=0.0), "LoRA alpha"),
+        (lambda: LoraSettings(alpha=float("nan")), "LoRA alpha"),
+        (lambda: LoraSettings(dropout=1.0), "LoRA dropout"),
+        (lambda: LoraSettings(target_modules=()), "target modules"),
+        (lambda: LoraSettings(target_modules=("q_proj", "")), "target modules"),
+    ],
+)
+def test_method_settings_out_of_range_are_refused(make, message):
+    with pytest.raises(MethodError, match=message):
+        make()

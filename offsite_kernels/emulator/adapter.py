@@ -205,18 +205,46 @@ def plug_in(model: nn.Module, adapter_path: str | os.PathLike, inplace: bool = T
             "to put an adapter back into an emulator use its load_adapter()"
         )
     family = get_family(model)
-    manifest, tensors = read_adapter(adapter_path)
-    layout = _check_compatible(model, family, manifest, check_weights)
-    identity = {i: i for i in layout.adapter_indices}
-    per_block = _split_and_check(tensors, family, layout, family.get_blocks(model), identity, model.config.hidden_size)
+    per_block, identity = _checked_for_model(model, family, adapter_path, check_weights)
     if not inplace:
         model = copy.deepcopy(model)
     _load_blocks(per_block, family.get_blocks(model), identity, model.config.hidden_size)
     return model
 
 
+def _checked_for_model(
+    model: nn.Module, family: ModelFamily, adapter_path: str | os.PathLike, check_weights: bool
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, int]]:
+    manifest, tensors = read_adapter(adapter_path)
+    layout = _check_compatible(model, family, manifest, check_weights)
+    identity = {i: i for i in layout.adapter_indices}
+    return _split_and_check(tensors, family, layout, family.get_blocks(model), identity, model.config.hidden_size), identity
+
+
+def check_adapter(
+    adapter_path: str | os.PathLike,
+    model: nn.Module | None = None,
+    emulator: OffsiteModel | None = None,
+    check_weights: bool = True,
+) -> None:
+    """Every check ``plug_in(model, adapter_path)`` and ``emulator.load_adapter(adapter_path)`` make, changing
+    nothing: for a run that evaluates first and plugs in later, to fail before the work."""
+    if model is not None:
+        _checked_for_model(model, get_family(model), adapter_path, check_weights)
+    if emulator is not None:
+        _checked_for_emulator(emulator, adapter_path, check_weights)
+
+
 def load_adapter(emu: OffsiteModel, adapter_path: str | os.PathLike, check_weights: bool = True) -> OffsiteModel:
     """Put an adapter back into an emulator of the same layout (to evaluate "emulator fine-tuned")."""
+    per_block, positions = _checked_for_emulator(emu, adapter_path, check_weights)
+    _load_blocks(per_block, emu.blocks, positions, emu.config.hidden_size)
+    return emu
+
+
+def _checked_for_emulator(
+    emu: OffsiteModel, adapter_path: str | os.PathLike, check_weights: bool
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, int]]:
     manifest, tensors = read_adapter(adapter_path)
     if manifest.get("model_type") != emu.config.model_type:
         raise AdapterMismatchError(
@@ -230,6 +258,4 @@ def load_adapter(emu: OffsiteModel, adapter_path: str | os.PathLike, check_weigh
     if check_weights and not probe_matches(manifest.get("embedding_probe", []), emu.model, emu.family):
         raise AdapterMismatchError("adapter comes from an emulator of another model (embedding probe differs)")
     positions = dict(zip(layout.adapter_indices, layout.adapter_positions(), strict=True))
-    per_block = _split_and_check(tensors, emu.family, layout, emu.blocks, positions, emu.config.hidden_size)
-    _load_blocks(per_block, emu.blocks, positions, emu.config.hidden_size)
-    return emu
+    return _split_and_check(tensors, emu.family, layout, emu.blocks, positions, emu.config.hidden_size), positions

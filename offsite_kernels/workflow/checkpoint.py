@@ -8,6 +8,7 @@ exactly where an uninterrupted run ends.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,43 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _interrupted_saves(path: Path) -> list[Path]:
+    """Complete checkpoints that a save killed between its two renames left beside ``path``: the
+    previous one, moved aside (``.<name>.old-*/<name>``), and the new one, not yet moved in
+    (``.<name>.tmp-*``); see :func:`offsite_kernels.io.atomic_output_dir`."""
+    found = [*path.parent.glob(f".{path.name}.old-*/{path.name}"), *path.parent.glob(f".{path.name}.tmp-*")]
+    return [c for c in found if (c / STATE_FILE).is_file() and (c / TENSOR_FILE).is_file()]
+
+
+def _recover_interrupted_save(path: Path) -> bool:
+    """Put back the newest complete checkpoint an interrupted save left beside a missing ``path``."""
+    steps = []
+    for candidate in _interrupted_saves(path):
+        try:
+            steps.append((int(read_json(candidate / STATE_FILE, "training checkpoint")["counters"]["step"]), candidate))
+        except (PackageError, KeyError, TypeError, ValueError):
+            continue
+    if not steps:
+        return False
+    step, newest = max(steps)
+    os.replace(newest, path)
+    if newest.parent.name.startswith(f".{path.name}.old-"):
+        newest.parent.rmdir()
+    warnings.warn(
+        f"{str(path)!r}: a checkpoint save was interrupted; resuming from the complete checkpoint of step {step} it left",
+        stacklevel=3,
+    )
+    return True
+
+
 def check_checkpoint_dir(path: str | os.PathLike) -> bool:
     """True if ``path`` holds a checkpoint to resume; False if it is free. A directory that holds
-    anything else is refused: a checkpoint never replaces other files."""
+    anything else is refused: a checkpoint never replaces other files. A save that was killed
+    between moving the previous checkpoint aside and moving the new one in is recovered."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
+        return True
+    if not path.exists() and _recover_interrupted_save(path):
         return True
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise PackageError(
@@ -79,6 +112,15 @@ def save_checkpoint(
     with atomic_output_dir(path, overwrite=True) as tmp:
         save_tensors(tmp / TENSOR_FILE, tensors)
         write_json(tmp / STATE_FILE, {"counters": counters, "optimizer": optim_meta})
+
+
+def saved_counters(path: str | os.PathLike) -> dict[str, Any]:
+    """The loop's counters of the checkpoint in ``path``, read without restoring anything."""
+    meta = read_json(Path(path) / STATE_FILE, "training checkpoint")
+    counters = meta.get("counters") if isinstance(meta, dict) else None
+    if not isinstance(counters, dict):
+        raise PackageError(f"training checkpoint {str(path)!r} has no counters; delete it or use a new --checkpoint-dir")
+    return counters
 
 
 def load_checkpoint(

@@ -157,6 +157,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise PackageError(
             "--compile does not combine with --recompute or --cuda-graphs (--compile reduce-overhead replays CUDA graphs itself)"
         )
+    lora = LoraSettings(
+        args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")) if args.lora_targets else None
+    )
+    bottleneck = BottleneckSettings(args.bottleneck_size)  # both checked before the model is loaded
     model = load_local_model(args.emulator_dir) if args.full_model else OffsiteModel.from_pretrained(args.emulator_dir)
     if args.fast:
         model.use_fast_blocks()
@@ -168,10 +172,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model.set_compile(args.compile)
     tokenizer = load_tokenizer(args.emulator_dir)
     train, valid = _data(args, tokenizer, model)
-    lora = LoraSettings(
-        args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")) if args.lora_targets else None
-    )
-    bottleneck = BottleneckSettings(args.bottleneck_size)
     result = finetune(model, train, settings, valid=valid, method=args.method, lora=lora, bottleneck=bottleneck)
     if not is_main_process():  # data parallel: every process holds the same weights; rank 0 writes them
         return 0

@@ -46,6 +46,7 @@ from .distributed import DistributedError, LocalEngine, World, barrier, check_ba
 
 INSTALL = "pip install --no-build-isolation deepspeed"
 BEST_FILE = "offsite_best.safetensors"
+COUNTERS_FILE = "offsite_counters.json"
 LATEST = "latest"
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -245,6 +246,12 @@ class DeepSpeedEngine(LocalEngine):
     def has_checkpoint(self, ckpt: Path) -> bool:
         return bool(from_main(check_deepspeed_checkpoint_dir(ckpt)))
 
+    def saved_counters(self, ckpt: Path) -> dict[str, Any] | None:
+        from ..io import read_json
+
+        counters = ckpt / (ckpt / LATEST).read_text().strip() / COUNTERS_FILE
+        return read_json(counters, "DeepSpeed checkpoint counters") if counters.is_file() else None
+
     def load(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         from ..io import load_tensors
 
@@ -263,12 +270,13 @@ class DeepSpeedEngine(LocalEngine):
         return counters, best
 
     def save(self, ckpt: Path, counters: dict[str, Any], best: dict[str, torch.Tensor] | None) -> None:
-        from ..io import save_tensors
+        from ..io import save_tensors, write_json
 
         tag = f"step{counters['step']}"
         counters = {**counters, "world_size": self.world.size}
         if self.world.is_main:
             (ckpt / tag).mkdir(parents=True, exist_ok=True)
+            write_json(ckpt / tag / COUNTERS_FILE, counters)  # readable before any state is restored
             if best is not None:
                 save_tensors(ckpt / tag / BEST_FILE, {k: v.detach().contiguous().cpu() for k, v in best.items()})
         barrier()

@@ -26,7 +26,7 @@ from ..errors import OffsiteError
 from ..nn.frozen_linear import FrozenLinear
 from .data import TextBlocks, check_fits
 from .evaluate import perplexity
-from .loop import TrainResult, TrainSettings, train
+from .loop import TrainResult, TrainSettings, data_digest, train
 
 
 class DistillError(OffsiteError, ValueError):
@@ -53,6 +53,26 @@ def kd_loss(teacher: torch.Tensor, student: torch.Tensor, global_batch: bool = F
 def middle_output_index(emu: OffsiteModel) -> tuple[int, int]:
     """Indices into HF ``hidden_states`` of the middle's output: (student, teacher)."""
     return emu.layout.bottom + len(emu.layout.emulator), emu.layout.n_layers - emu.layout.top
+
+
+def _teacher_dtype(device: torch.device) -> torch.dtype | None:
+    """The teacher runs forward only: in bf16 on a GPU (moved there for the run); elsewhere as it is."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _own_tensors(module: nn.Module) -> tuple[list, list]:
+    """References to ``module``'s parameter and buffer tensors, to put back after ``module.to()`` replaced them."""
+    params = [(p, p.data) for p in module.parameters()]
+    buffers = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    return params, buffers
+
+
+def _put_back(tensors: tuple[list, list]) -> None:
+    params, buffers = tensors
+    for p, data in params:
+        p.data = data
+    for m, name, b in buffers:
+        m._buffers[name] = b
 
 
 def distill(
@@ -100,8 +120,9 @@ def distill(
 
         student_config, teacher_zero3 = split_teacher_config(settings)
         settings = replace(settings, deepspeed=student_config)
-    # the caller's teacher is restored afterwards: its dtype, device, mode and requires_grad
-    teacher_state = (next(teacher.parameters()).dtype, next(teacher.parameters()).device, teacher.training)
+    # the caller's teacher is restored afterwards: its own tensors (not a bf16 round trip), mode and requires_grad
+    teacher_tensors = _own_tensors(teacher)
+    teacher_training = teacher.training
     teacher_grad = [p.requires_grad for p in teacher.parameters()]
     teacher.eval()
     for p in teacher.parameters():
@@ -111,8 +132,9 @@ def distill(
 
         teacher_call: nn.Module = teacher_engine(teacher, teacher_zero3)
     else:
-        if device.type == "cuda":
-            teacher.to(device=device, dtype=torch.bfloat16)
+        dtype = _teacher_dtype(device)
+        if dtype is not None:
+            teacher.to(device=device, dtype=dtype)
         teacher_call = teacher
     for p in emu.parameters():
         p.requires_grad_(False)
@@ -134,12 +156,13 @@ def distill(
     validate = (lambda: perplexity(emu, valid)["loss"]) if valid is not None else None
     emu.train()
     try:
-        return train(trainable, loss_fn, data, settings, validate=validate, desc="distill", module=emu)
+        run = {"lm_weight": lm_weight, "kd_weight": kd_weight, "valid": data_digest(valid)}
+        return train(trainable, loss_fn, data, settings, validate=validate, desc="distill", module=emu, fingerprint_extra=run)
     finally:
         emu.eval()
         freeze_all_but_adapter_(emu.model, emu.family, emu.layout)
         if teacher_zero3 is None:
-            teacher.to(device=teacher_state[1], dtype=teacher_state[0])
-        teacher.train(teacher_state[2])
+            _put_back(teacher_tensors)
+        teacher.train(teacher_training)
         for p, flag in zip(teacher.parameters(), teacher_grad, strict=True):
             p.requires_grad_(flag)

@@ -224,6 +224,12 @@ class LocalEngine:
 
         return check_checkpoint_dir(ckpt)
 
+    def saved_counters(self, ckpt: Path) -> dict[str, Any] | None:
+        """The checkpoint's counters, read before anything is restored (None: only :meth:`load` can read them)."""
+        from .checkpoint import saved_counters
+
+        return saved_counters(ckpt)
+
     def load(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """Restore weights and optimizer; return ``(counters, best_state)``."""
         from .checkpoint import load_checkpoint

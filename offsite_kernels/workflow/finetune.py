@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..emulator.offsite_model import OffsiteModel
 from .data import TextBlocks, check_fits
 from .evaluate import perplexity
-from .loop import TrainResult, TrainSettings, train
+from .loop import TrainResult, TrainSettings, data_digest, train
 from .methods import METHODS, BottleneckSettings, LoraSettings, MethodError, export, prepare
 
 
@@ -54,8 +57,29 @@ def finetune(
     validate = (lambda: perplexity(model, valid)["loss"]) if valid is not None else None
     model.train()
     try:
-        return train(trainable, loss_fn, data, settings, validate=validate, desc=f"finetune ({method})", module=model)
+        return train(
+            trainable,
+            loss_fn,
+            data,
+            settings,
+            validate=validate,
+            desc=f"finetune ({method})",
+            module=model,
+            fingerprint_extra=_run_settings(method, lora, bottleneck, valid),
+        )
     finally:
         model.eval()
         if isinstance(model, OffsiteModel):
             export(model)
+
+
+def _run_settings(
+    method: str, lora: LoraSettings | None, bottleneck: BottleneckSettings | None, valid: TextBlocks | None
+) -> dict[str, Any]:
+    """What else decides a fine-tuning run's result, for the checkpoint's fingerprint."""
+    run: dict[str, Any] = {"method": method, "valid": data_digest(valid)}
+    if method == "lora":
+        run["lora"] = asdict(lora or LoraSettings())
+    elif method == "bottleneck":
+        run["bottleneck"] = asdict(bottleneck or BottleneckSettings())
+    return run

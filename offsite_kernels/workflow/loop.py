@@ -12,17 +12,20 @@ schedule, validation and the counters, so every engine follows the same curve.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import PackageError
+from ..io import write_text_atomic
 from .data import TextBlocks
 
 
@@ -78,14 +81,58 @@ def batch_indices(step: int, micro: int, n_blocks: int, settings: TrainSettings)
     return torch.tensor(out, dtype=torch.long)
 
 
-def run_fingerprint(trainable: dict[str, nn.Parameter], data: TextBlocks, settings: TrainSettings) -> dict:
-    """What must match for a checkpoint to be resumed: the trainable weights, the data and the settings."""
+def data_digest(data: TextBlocks | None) -> dict[str, Any] | None:
+    """Shape and SHA-256 of the token ids: the same blocks in the same order, or not."""
+    if data is None:
+        return None
+    ids = data.ids.detach().to("cpu", torch.int64).contiguous()
+    return {"shape": list(ids.shape), "sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+
+
+def run_fingerprint(
+    trainable: dict[str, nn.Parameter], data: TextBlocks, settings: TrainSettings, extra: dict[str, Any] | None = None
+) -> dict:
+    """What must match for a checkpoint to be resumed: the trainable weights, the data, the settings and
+    ``extra`` (what else decides the result: the method's settings, loss weights, the validation data)."""
     keep = ("steps", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "seed", "eval_every")
-    return {
+    fingerprint = {
         "params": {n: list(p.shape) for n, p in trainable.items()},
-        "data": {"shape": list(data.ids.shape), "checksum": int(data.ids.sum())},
+        "data": data_digest(data),
         "settings": {k: getattr(settings, k) for k in keep},
+        "run": extra or {},
     }
+    return json.loads(json.dumps(fingerprint))  # as a checkpoint's JSON gives it back (tuples become lists)
+
+
+def _check_same_run(counters: dict[str, Any], fingerprint: dict, ckpt: Path) -> None:
+    if counters.get("fingerprint") != fingerprint:
+        raise PackageError(
+            f"the checkpoint in {str(ckpt)!r} belongs to another run (other settings, data, method or trainable weights); "
+            "delete it or give a new --checkpoint-dir"
+        )
+
+
+def _trim_loss_log(path: Path, step: int) -> None:
+    """Drop the lines a run killed after its checkpoint of ``step`` wrote past it (they are run again).
+
+    Only a tail that follows the last line of ``step`` and counts up from it is dropped; a log that
+    does not look like that is left as it is."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def step_of(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None  # a line cut short by the kill
+
+    marks = [i for i, line in enumerate(lines) if step_of(line) == step]
+    if not marks:
+        return
+    tail = [step_of(line) for line in lines[marks[-1] + 1 :]]
+    if tail and all(s is None or s > step for s in tail):
+        write_text_atomic(path, "".join(lines[: marks[-1] + 1]), overwrite=True)
 
 
 def train(
@@ -97,12 +144,14 @@ def train(
     device: torch.device | None = None,
     desc: str = "train",
     module: nn.Module | None = None,
+    fingerprint_extra: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Optimize ``trainable`` on ``loss_fn(batch_ids)``; keeps the weights with the best ``validate()``.
 
     With ``settings.checkpoint_dir`` set, a checkpoint is written every ``checkpoint_every``
-    steps and an existing one is resumed from. ``module`` is the model holding ``trainable``
-    (DeepSpeed wraps it; data parallel moves it to this process's device).
+    steps and an existing one is resumed from, if it is of the same run (:func:`run_fingerprint`,
+    with ``fingerprint_extra``), checked before any state is restored. ``module`` is the model
+    holding ``trainable`` (DeepSpeed wraps it; data parallel moves it to this process's device).
     """
     from tqdm.auto import tqdm
 
@@ -114,21 +163,23 @@ def train(
     world = engine.world
     start_step, best_valid, best_state, history = 0, None, None, []
     ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
-    fingerprint = run_fingerprint(trainable, data, settings)
+    fingerprint = run_fingerprint(trainable, data, settings, fingerprint_extra)
+    loss_value = float("nan")
     if ckpt is not None and engine.has_checkpoint(ckpt):
+        saved = engine.saved_counters(ckpt)
+        if saved is not None:  # refused before the weights, optimizer and RNG are touched
+            _check_same_run(saved, fingerprint, ckpt)
         counters, best_state = engine.load(ckpt)
-        if counters.get("fingerprint") != fingerprint:
-            raise PackageError(
-                f"the checkpoint in {str(ckpt)!r} belongs to another run (other settings, data or trainable weights); "
-                "delete it or give a new --checkpoint-dir"
-            )
+        _check_same_run(counters, fingerprint, ckpt)
         start_step, best_valid, history = counters["step"], counters["best_valid"], counters["history"]
+        loss_value = float(counters.get("last_loss", float("nan")))
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     tokens = 0
     losses: list[float] = []
     started = time.perf_counter()
-    loss_value = float("nan")
+    if settings.loss_log and world.is_main and start_step > 0:
+        _trim_loss_log(Path(settings.loss_log), start_step)
     log = open(settings.loss_log, "a", encoding="utf-8") if settings.loss_log and world.is_main else None  # noqa: SIM115
     bar = tqdm(
         range(start_step, settings.steps),
@@ -169,7 +220,13 @@ def train(
                 and settings.checkpoint_every
                 and (done % settings.checkpoint_every == 0 or done == settings.steps)
             ):
-                counters = {"step": done, "best_valid": best_valid, "history": history, "fingerprint": fingerprint}
+                counters = {
+                    "step": done,
+                    "best_valid": best_valid,
+                    "history": history,
+                    "last_loss": loss_value,
+                    "fingerprint": fingerprint,
+                }
                 engine.save(ckpt, counters, best_state)
     finally:
         bar.close()

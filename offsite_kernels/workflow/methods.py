@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -29,15 +30,35 @@ class MethodError(OffsiteError, ValueError):
 
 @dataclass
 class BottleneckSettings:
+    """The bottleneck adapter's width."""
+
     size: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise MethodError(f"the bottleneck size must be a whole number of at least 1, got {self.size!r}")
 
 
 @dataclass
 class LoraSettings:
+    """LoRA's rank, scale (``alpha / rank``), dropout and the modules it adapts."""
+
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None  # None: the family's defaults
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise MethodError(f"the LoRA rank must be a whole number of at least 1, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise MethodError(f"the LoRA alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise MethodError(f"the LoRA dropout must be at least 0 and below 1, got {self.dropout!r}")
+        if self.target_modules is not None and (
+            not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            raise MethodError(f"the LoRA target modules must be non-empty names, got {self.target_modules!r}")
 
 
 def prepare(

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..emulator.adapter import load_adapter, plug_in
+from ..emulator.adapter import check_adapter, load_adapter, plug_in
 from ..emulator.offsite_model import OffsiteModel
 from .data import ChoiceItem, TextBlocks
 from .evaluate import multiple_choice, perplexity
@@ -47,7 +47,9 @@ def four_settings(
 
     ``emulator`` must hold the untouched adapter (it is evaluated zero-shot first) and
     ``model`` the original weights; both are modified in place (adapter loaded, plugged in).
+    An adapter that fits neither is refused before the first evaluation.
     """
+    check_adapter(adapter_path, model=model, emulator=emulator)
     rows = [evaluate_setting("full zero-shot", model, data, tokenizer, choices)]
     rows.append(evaluate_setting("emulator zero-shot", emulator, data, tokenizer, choices))
     load_adapter(emulator, adapter_path)
