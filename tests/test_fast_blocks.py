@@ -114,3 +114,40 @@ def test_fast_blocks_need_frozen_blocks():
     _, adapter_block = emu.adapter_blocks()[0]
     with pytest.raises(FastBlocksError, match="trainable parameters"):
         fast_block_(adapter_block, emu.family, emu.config)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "config", "message"),
+    [
+        ("gpt2", dict(activation_function="tanh"), "no fused op"),
+        ("llama", dict(hidden_act="gelu"), "no fused gated kernel"),
+        ("bloom", dict(pretraining_tp=2, slow_but_exact=True), "slow_but_exact"),
+        ("opt", dict(dtype=torch.float64), "float64"),
+    ],
+)
+def test_a_refused_switch_to_fast_blocks_changes_nothing(model_type, config, message):
+    from offsite_kernels.nn import FrozenLayerNorm, FrozenRMSNorm
+
+    model = tiny_model(model_type, n_layers=5, seed=2, **config)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, recompute="full")
+    before = [type(m) for m in emu.modules()]
+    with pytest.raises(FastBlocksError, match=message):
+        emu.use_fast_blocks()
+    assert emu.recompute == "full" and not emu.fast_blocks
+    assert [type(m) for m in emu.modules()] == before
+    assert not any(isinstance(m, (FrozenLayerNorm, FrozenRMSNorm)) for m in emu.modules())
+    with pytest.raises(FastBlocksError, match=message):
+        ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, fast=True)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bloom"])
+def test_attention_probabilities_are_refused_by_fast_blocks_only(model_type):
+    model = tiny_model(model_type, n_layers=4, seed=1)
+    ids = random_ids(1, 6, seed=2)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    assert len(plain(input_ids=ids, output_attentions=True).attentions) == 4
+    fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+    with pytest.raises(FastBlocksError, match="output_attentions"):
+        fast(input_ids=ids, output_attentions=True)
+    with pytest.raises(FastBlocksError, match="output_attentions"):
+        fast.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)

@@ -222,3 +222,25 @@ def test_outputs_get_the_usual_permissions(full_model, tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_gpt2_attention_scaled_by_depth_keeps_its_source_scale_through_a_package(tmp_path, fast):
+    # Hugging Face divides GPT-2's attention scale by (layer_idx + 1) when it builds a block (Stanford
+    # CRFM's checkpoints set this); a package rebuilds block j at position j, not at its source index
+    from offsite_kernels.tiny import tiny_model
+
+    model = tiny_model("gpt2", n_layers=6, seed=1, scale_attn_by_inverse_layer_idx=True)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(8)  # sharp attention, as in a trained model: the scale matters
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=fast).eval()
+    source = [model.transformer.h[i].attn.scaling for i in emu.layout.kept_indices]
+    assert [b.attn.scaling for b in emu.blocks] == source
+    emu.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu").eval()
+    if fast:
+        loaded.use_fast_blocks()
+    assert [b.attn.scaling for b in loaded.blocks] == pytest.approx(source, rel=1e-12)
+    ids = random_ids(2, 9, seed=3)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

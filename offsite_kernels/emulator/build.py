@@ -19,6 +19,22 @@ def renumber_blocks_(blocks: nn.ModuleList) -> None:
                 module.layer_idx = position
 
 
+def restore_source_depth_(model: nn.Module, family: ModelFamily, layout: Layout) -> None:
+    """Give blocks that Hugging Face built at their emulator position the attention scaling of their
+    source position, where the family scales attention by depth (:attr:`ModelFamily.depth_scaled_attention`).
+
+    An emulator made in memory keeps its source blocks (and their scaling); one loaded from a package
+    is rebuilt block by block at positions 0, 1, ... of the shrunk config."""
+    if family.depth_scaled_attention is None:
+        return
+    path, flag = family.depth_scaled_attention
+    if not getattr(model.config, flag, False):
+        return
+    for position, (block, source) in enumerate(zip(family.get_blocks(model), layout.kept_indices, strict=True)):
+        attention = block.get_submodule(path)
+        attention.scaling = attention.scaling * (position + 1) / (source + 1)
+
+
 def shrink_config_(config: Any, family: ModelFamily, kept: tuple[int, ...]) -> None:
     """Make ``config`` describe a model of the ``kept`` blocks (count and per-block lists)."""
     n_source = config.num_hidden_layers

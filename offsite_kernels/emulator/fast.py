@@ -33,6 +33,7 @@ from ..models import ModelFamily
 from ..nn.alibi_attention import AlibiSdpaAttention
 from ..nn.mlp import FrozenActivation, FrozenGatedMLP
 from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm
+from ..ops.activation import activation_by_name
 
 
 class FastBlocksError(OffsiteError, ValueError):
@@ -52,14 +53,46 @@ def _is_rms_norm(module: nn.Module) -> bool:
     )
 
 
-def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[str]:
-    """Swap the fused frozen modules into one frozen ``block``, in place; returns what was swapped."""
+def check_fast_block(block: nn.Module, family: ModelFamily, config: object) -> None:
+    """Raise :class:`FastBlocksError` where :func:`fast_block_` cannot turn ``block`` into a fast block
+    computing the same math; changes nothing."""
     trainable = [name for name, p in block.named_parameters() if p.requires_grad]
     if trainable:
         raise FastBlocksError(
             f"fast blocks are frozen, but this block has trainable parameters ({', '.join(trainable[:3])}...): "
             "distil first, then switch the fast blocks on"
         )
+    if any(t.dtype == torch.float64 for t in (*block.parameters(), *block.buffers())):
+        raise FastBlocksError(
+            "fast blocks run in float32, float16 or bfloat16, but this block holds float64 weights; "
+            "cast the model (model.float()) or build the emulator without fast blocks"
+        )
+    activation = family.activation_name(config)
+    if family.activation_modules and activation is None:
+        raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")
+    if activation is not None and (family.activation_modules or family.gated_mlp is not None):
+        try:
+            fused = activation_by_name(activation)
+        except ValueError as exc:
+            raise FastBlocksError(f"{family.name}: {exc}; build the emulator without fast blocks") from None
+        if family.gated_mlp is not None and not fused.has_gated:
+            raise FastBlocksError(
+                f"{family.name}: no fused gated kernel for activation {activation!r} (only silu/swish, SwiGLU, has one); "
+                "build the emulator without fast blocks"
+            )
+    if family.alibi_attention is not None:
+        attention = block.get_submodule(family.alibi_attention)
+        if getattr(attention, "pretraining_tp", 1) > 1 and getattr(attention, "slow_but_exact", False):
+            raise FastBlocksError(
+                f"{family.name}: with pretraining_tp > 1 and slow_but_exact, Hugging Face's attention projects its output "
+                "in slices without the dense bias, which the fast attention does not copy; set slow_but_exact=False "
+                "in the config or build the emulator without fast blocks"
+            )
+
+
+def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[str]:
+    """Swap the fused frozen modules into one frozen ``block``, in place; returns what was swapped."""
+    check_fast_block(block, family, config)
     swapped: list[str] = []
     for name, module in list(block.named_modules()):
         if not name:
@@ -80,15 +113,19 @@ def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[s
         _replace(block, family.gated_mlp, FrozenGatedMLP.from_module(mlp, activation or "silu"))
         swapped.append(f"{family.gated_mlp}: SwiGLU MLP")
     for path in family.activation_modules:
-        if activation is None:
-            raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")
+        assert activation is not None  # check_fast_block
         _replace(block, path, FrozenActivation(activation))
         swapped.append(f"{path}: {activation}")
     return swapped
 
 
 def use_sdpa_attention_(model: nn.Module) -> None:
-    """Route the model's attention through PyTorch's scaled-dot-product attention (exact)."""
+    """Route the model's attention through PyTorch's scaled-dot-product attention.
+
+    The same math as eager attention for every query that attends to at least one key. A query that
+    attends to none (a pad position before the first real token of a left-padded row) has no defined
+    output: eager and SDPA fill it differently. Nothing downstream should read it; a label predicted
+    from such a position (the first real token of a left-padded row) must be -100 for the loss to match."""
     config = model.config
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "flash_attention_2", "flash_attention_3"):
         config._attn_implementation = "sdpa"

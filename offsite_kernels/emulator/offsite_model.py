@@ -90,6 +90,7 @@ class OffsiteModel(nn.Module):
         Trainer keeps them; every other argument (``inputs_embeds``, caches, ...) goes through
         to the wrapped model as given.
         """
+        self._check_attention_outputs(kwargs)
         if torch.is_grad_enabled() and "use_cache" not in kwargs and (labels is not None or self._emulator_wrapped()):
             # training: no KV cache to fill (two copies per block and its memory, for nothing); a recomputed,
             # graphed or compiled emulator must not fill one at all while grad is on
@@ -108,7 +109,22 @@ class OffsiteModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generation through the emulator (the wrapped model's ``generate``)."""
+        self._check_attention_outputs(kwargs)
         return self.model.generate(*args, **kwargs)
+
+    def _check_attention_outputs(self, kwargs: dict[str, Any]) -> None:
+        """Fast blocks run attention through SDPA, which forms no probabilities: refuse to return them
+        (Hugging Face would return none, or empty ones, without a word, and switches every block to SDPA)."""
+        wanted = kwargs.get("output_attentions")
+        if wanted is None:
+            wanted = getattr(self.config, "output_attentions", False)
+        if wanted and self.fast_blocks:
+            from .fast import FastBlocksError
+
+            raise FastBlocksError(
+                "the emulator runs fast blocks, whose attention (SDPA) forms no attention probabilities; "
+                "call without output_attentions, or build the emulator without fast blocks"
+            )
 
     @property
     def config(self) -> Any:
@@ -153,10 +169,12 @@ class OffsiteModel(nn.Module):
         """Swap the library's fused frozen ops into the emulator blocks (norms, MLP activation,
         SwiGLU) and run attention through SDPA; see :mod:`offsite_kernels.emulator.fast`. In place,
         one way (build the emulator again to go back); the emulator must be distilled already."""
-        from .fast import fast_block_, use_sdpa_attention_
+        from .fast import check_fast_block, fast_block_, use_sdpa_attention_
 
         if self.fast_blocks:
             return self
+        for _, block in self.emulator_blocks():  # every block checked before any is changed
+            check_fast_block(block, self.family, self.config)
         mode, graphs = self.recompute, self._graph_settings()
         self.set_cuda_graphs(False)
         self.set_recompute(None)  # swap inside the plain blocks, then wrap them again

@@ -18,7 +18,7 @@ from .._version import __version__
 from ..errors import OffsiteError, PackageError
 from ..hf_io import copy_tokenizer_files
 from ..io import atomic_output_dir, check_safetensors_files, load_tensors, read_json, write_json
-from .build import freeze_all_but_adapter_
+from .build import freeze_all_but_adapter_, restore_source_depth_
 from .layout import Layout
 from .quantize import restore_quantized_linears_
 
@@ -113,6 +113,7 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
     except Exception as exc:  # transformers raises many kinds; name the package in one message
         raise PackageError(f"emulator package {str(path)!r} could not be loaded: {exc}") from exc
     emu = OffsiteModel(model, layout, prune=float(prune), quantized=quantized)
+    restore_source_depth_(model, emu.family, layout)
     files = check_safetensors_files(path, "emulator package")
     if quantized:
         tensors: dict = {}

@@ -37,6 +37,10 @@ class ModelFamily:
     activation_default: str | None = None  # the name when the config holds none (BLOOM)
     sdpa_attention: bool = True  # fast blocks may switch the attention to Hugging Face's "sdpa"
     alibi_attention: str | None = None  # an ALiBi attention module at this path that fast blocks run with SDPA
+    # (attention path in a block, config flag): with the flag on, Hugging Face divides that attention's
+    # ``scaling`` by ``layer_idx + 1`` when it builds the block; a block rebuilt at another position
+    # (an emulator package loaded) must get its source block's scaling back
+    depth_scaled_attention: tuple[str, str] | None = None
 
     def activation_name(self, config: object) -> str | None:
         """The Hugging Face name of the blocks' MLP activation."""

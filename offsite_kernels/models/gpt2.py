@@ -14,5 +14,6 @@ GPT2 = register_family(
         final_norm="transformer.ln_f",
         activation_modules=("mlp.act",),
         activation_config="activation_function",
+        depth_scaled_attention=("attn", "scale_attn_by_inverse_layer_idx"),  # Stanford CRFM's GPT-2 sets it
     )
 )
