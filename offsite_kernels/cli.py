@@ -108,9 +108,9 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def _bits(text: str) -> int | str:
     if text in ("8", "4"):
         return int(text)
-    if text == "fp8":
+    if text in ("fp8", "bf16", "fp16"):
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not a weight format; use 8, 4 or fp8")
+    raise argparse.ArgumentTypeError(f"{text!r} is not a weight format; use 8, 4, fp8, bf16 or fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layers", help="explicit comma-separated source indices of the kept middle blocks (instead of uniform drop)")
     p.add_argument("--prune", type=float, default=0.0, help="magnitude-prune this fraction of each emulator weight matrix")
-    p.add_argument("--bits", type=_bits, default=None, help="store the emulator's linears as 8 (int8), 4 (int4) or fp8")
+    p.add_argument(
+        "--bits",
+        type=_bits,
+        default=None,
+        help="store the emulator's linears as 8 (int8), 4 (int4), fp8, or bf16/fp16 (dense, half the bytes of fp32)",
+    )
     p.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dimension: 32, 64 or 128")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -101,3 +101,74 @@ def test_under_bf16_autocast_every_frozen_linear_runs_in_bf16_like_the_dense_lin
         emu(input_ids=ids, labels=ids).loss.backward()
     frozen = {n for n, m in emu.named_modules() if isinstance(m, ok.nn.FrozenLinear)}
     assert frozen and {outputs[n] for n in frozen} == {torch.bfloat16}
+
+
+# --- bf16 / fp16 storage: dense, half the bytes, the same products under autocast ------------------
+@pytest.mark.parametrize("bits", ["bf16", "fp16"])
+def test_16_bit_storage_is_a_dense_cast(bits):
+    w = torch.randn(37, 53, generator=torch.Generator().manual_seed(1))
+    qw = ok.quantize_weight(w, bits=bits)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[bits]
+    assert qw.format == "dense" and qw.data.dtype == dtype and qw.shape == (37, 53)
+    assert torch.equal(qw.dequantize(), w.to(dtype))
+
+
+def _autocast_step(emu, ids, mask):
+    from offsite_kernels.memtrack import SavedBytesBetween
+
+    blocks = [b for _, b in emu.emulator_blocks()]
+    emu.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16), SavedBytesBetween(blocks[0], blocks[-1], weights_of=emu) as saved:
+        loss = emu(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in emu.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, saved.bytes
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_emulator_computes_what_autocast_computes_without_copying_weights(model_type, fast):
+    from offsite_kernels.tiny import tiny_model
+
+    model = tiny_model(model_type, n_layers=6, seed=4)
+    ids, mask = random_ids(3, 13, seed=5), padded_mask(3, 13)
+    fp32 = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, fast=fast)
+    bf16 = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, fast=fast, bits="bf16")
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = _autocast_step(fp32, ids, mask), _autocast_step(bf16, ids, mask)
+    # nn.Linear casts to bf16 under autocast; GPT-2's Conv1D runs addmm (bias added in the GEMM): close, not equal
+    tol = dict(rtol=0, atol=0) if model_type != "gpt2" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss_b, loss_a, **tol)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, **tol)
+    # autocast's bf16 copy of every fp32 emulator weight is kept for the backward; stored in bf16, none is made
+    weights_bf16 = sum(
+        2 * m.weight_data.numel() for _, b in bf16.emulator_blocks() for m in b.modules() if hasattr(m, "weight_data")
+    )
+    assert saved_a - saved_b >= 0.9 * weights_bf16
+
+
+def test_bf16_emulator_runs_without_autocast_and_halves_its_package(tmp_path):
+    from offsite_kernels.tiny import tiny_model
+
+    model = tiny_model("llama", n_layers=6, seed=4)
+    ids = random_ids(2, 9, seed=6)
+    fp32 = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3).eval()
+    bf16 = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, bits="bf16").eval()
+    torch.testing.assert_close(bf16(input_ids=ids).logits, fp32(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+    fp32.save_pretrained(tmp_path / "fp32")
+    bf16.save_pretrained(tmp_path / "bf16")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "bf16", attn_implementation="eager").eval()  # as tiny_model's
+    assert {m.weight_data.dtype for _, b in loaded.emulator_blocks() for m in b.modules() if hasattr(m, "weight_data")} == {
+        torch.bfloat16
+    }
+    assert torch.equal(loaded(input_ids=ids).logits, bf16(input_ids=ids).logits)
+
+    def emulator_bytes(path):
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return sum(
+                f.get_tensor(k).nbytes
+                for k in f.keys()  # noqa: SIM118 (a safetensors handle)
+                if any(f".layers.{p}." in k for p in bf16.emulator_positions())
+            )
+
+    assert emulator_bytes(tmp_path / "bf16") < 0.55 * emulator_bytes(tmp_path / "fp32")

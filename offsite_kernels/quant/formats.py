@@ -15,21 +15,29 @@ class QuantizationError(OffsiteError, ValueError):
     """A weight or format request the quantizer cannot honour."""
 
 
+# dense formats that store the weight in a 16-bit dtype: half the bytes of fp32, and under autocast in
+# that dtype the same products (autocast casts an fp32 weight to it on every call, and autograd keeps
+# the copy for the backward)
+DENSE_STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def normalize_format(bits: int | str | None) -> str:
-    """Map the public ``bits=`` argument (8, 4, "fp8", None/16/"dense") to a format name."""
+    """Map the public ``bits=`` argument (8, 4, "fp8", "bf16", "fp16", None/16/"dense") to a format name."""
     table = {
         None: "dense",
         "dense": "dense",
         16: "dense",
         32: "dense",
+        "bf16": "dense",
+        "fp16": "dense",
         8: "int8",
         "int8": "int8",
         4: "int4",
         "int4": "int4",
         "fp8": "fp8",
     }
-    if isinstance(bits, bool) or bits not in table:
-        raise QuantizationError(f"unsupported bits={bits!r}; use 8, 4, 'fp8' or None (dense)")
+    if isinstance(bits, bool) or not isinstance(bits, int | str | None) or bits not in table:
+        raise QuantizationError(f"unsupported bits={bits!r}; use 8, 4, 'fp8', 'bf16', 'fp16' or None (dense as it is)")
     return table[bits]
 
 
@@ -186,8 +194,9 @@ def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int
     """Store a frozen ``[out_features, in_features]`` weight in a low-bit format.
 
     ``bits``: 8 (int8 per channel), 4 (int4 group-wise, ``group_size`` 32, 64 or 128), "fp8"
-    (e4m3 per channel) or None (dense, kept as it is). int8 and int4 run in the native extension
-    where it is built (bit-exact with the PyTorch reference, which runs otherwise).
+    (e4m3 per channel), "bf16" or "fp16" (dense, stored in that dtype) or None (dense, kept as it
+    is). int8 and int4 run in the native extension where it is built (bit-exact with the PyTorch
+    reference, which runs otherwise).
     """
     fmt = check_format(bits, group_size)
     if fmt in ("int8", "int4") and isinstance(w, torch.Tensor) and w.dtype in COMPUTE_DTYPES:  # float64 runs the reference
@@ -196,7 +205,8 @@ def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int
             return _quantize_native(module, w, fmt, group_size)
     _check_weight(w)
     if fmt == "dense":
-        return QuantizedWeight("dense", w.detach().contiguous(), None, None, 0, tuple(w.shape), w.dtype)
+        stored = w.detach().to(DENSE_STORAGE.get(bits, w.dtype)).contiguous()  # type: ignore[arg-type]
+        return QuantizedWeight("dense", stored, None, None, 0, tuple(w.shape), stored.dtype)
     if fmt == "int8":
         return quantize_int8(w)
     if fmt == "int4":

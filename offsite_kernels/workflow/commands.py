@@ -313,7 +313,9 @@ def register(sub: Any, bits_type: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="distilled emulator package to create")
     p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-modeling loss (paper: 1.0)")
     p.add_argument("--kd-weight", type=float, default=30.0, help="weight of the hidden-state distillation loss (paper: 30.0)")
-    p.add_argument("--bits", type=bits_type, default=None, help="quantize the distilled emulator: 8, 4 or fp8")
+    p.add_argument(
+        "--bits", type=bits_type, default=None, help="store the distilled emulator's linears as 8, 4, fp8, bf16 or fp16"
+    )
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_training_options(p, steps=200, lr=1e-4)
