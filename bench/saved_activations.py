@@ -76,7 +76,7 @@ def measure(model_type: str, mode: str | None, fast: bool = False) -> dict:
 
 
 def main() -> None:
-    rows = [measure(m, mode, fast) for m in MODELS for fast in (False, True) for mode in (None, "selective", "full")]
+    rows = [measure(m, mode, fast) for m in MODELS for fast in (False, True) for mode in (None, "selective", "block", "full")]
     print("| model | fast blocks | recompute | emulator saved | emulator input | step peak |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -64,6 +64,7 @@ def test_fused_ops_gpu_cpu_smoke(tmp_path):
         "fast_int4",
         "plain_full",
         "fast_full",
+        "fast_block",
         "fast_compile",
         "fast_compile_graph",
     }
@@ -72,7 +73,7 @@ def test_fused_ops_gpu_cpu_smoke(tmp_path):
     for key, r in blocks.items():
         assert r["step_ms"] > 0 and r["emu_ms"] is not None, key
         assert r.get("correct", True), key
-    assert all(r["recompute_overhead_pct"] is not None for (_, v), r in blocks.items() if v.endswith("_full"))
+    assert all(r["recompute_overhead_pct"] is not None for (_, v), r in blocks.items() if v.endswith(("_full", "_block")))
     skips = " ".join(r["what"] for r in rows if r.get("kind") == "skip")
     assert "torch.compile" in skips and "Liger" in skips  # both skipped on a CPU, with a note
     md = (tmp_path / "fused_ops_gpu.md").read_text()

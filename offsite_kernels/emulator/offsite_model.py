@@ -193,7 +193,7 @@ class OffsiteModel(nn.Module):
 
     @property
     def recompute(self) -> str | None:
-        """How the emulator blocks recompute activations in the backward: "full", "selective" or None."""
+        """How the emulator blocks recompute activations in the backward: "full", "block", "selective" or None."""
         blocks = self.emulator_blocks()
         return recompute_mode(blocks[0][1]) if blocks else None
 
@@ -201,8 +201,10 @@ class OffsiteModel(nn.Module):
         """Recompute the emulator's activations in the backward instead of saving them.
 
         ``"full"`` (or True): the emulator saves only its input and reruns its blocks in the
-        backward, one at a time. ``"selective"``: each emulator block keeps its GEMM and attention
-        outputs and recomputes norms and activations. None (or False): save as usual.
+        backward, one at a time. ``"block"``: each emulator block saves its input and reruns once
+        (one block forward more per block, where ``"full"`` reruns the blocks below each one).
+        ``"selective"``: each emulator block keeps its GEMM and attention outputs and recomputes
+        norms and activations. None (or False): save as usual.
         """
         mode = "full" if mode is True else (None if mode is False else mode)
         if mode is not None and mode not in RECOMPUTE_MODES:
@@ -376,11 +378,12 @@ def make_emulator(
         emulator_layers: middle blocks kept in the emulator (all of them if None).
         strategy: ``"uniform"`` (the paper's layer drop) or explicit source block indices.
         prune: fraction of each emulator weight matrix zeroed by magnitude, in ``[0, 1)``.
-        bits: store every linear of the emulator blocks as a frozen low-bit ``FrozenLinear``:
-            8 (int8), 4 (int4, groups of ``group_size``), "fp8", or None to keep them dense.
-            Pruning, if any, happens first.
+        bits: store every linear of the emulator blocks as a frozen ``FrozenLinear``: 8 (int8),
+            4 (int4, groups of ``group_size``), "fp8", "bf16"/"fp16" (dense in 16 bits), or None to
+            keep them as they are. Pruning, if any, happens first.
         recompute: "full" (or True) to save only the emulator's input and rerun its blocks in the
-            backward; "selective" to keep GEMM and attention outputs and rerun the rest; None.
+            backward; "block" to save each block's input and rerun each once; "selective" to keep
+            GEMM and attention outputs and rerun the rest; None.
         fast: swap the fused frozen ops into the emulator blocks (:meth:`OffsiteModel.use_fast_blocks`).
         cuda_graphs: replay the emulator blocks as CUDA graphs while training on a GPU
             (:meth:`OffsiteModel.set_cuda_graphs`); not with ``recompute``.

@@ -11,6 +11,11 @@ which is every Hugging Face decoder block):
   is kept; in the backward the blocks' inputs plus one block's working set. Hidden states or
   attentions that the blocks output before the last one (``output_hidden_states``) carry no
   gradient in this mode.
+- ``"block"``: each block is checkpointed on its own (PyTorch's non-reentrant checkpoint): it
+  saves its input and reruns once, with grad, in the backward. ``n`` block inputs kept instead of
+  one, for ``n - 1`` fewer block forwards than ``"full"`` (which reruns the blocks below each one to
+  rebuild its input). Unlike Hugging Face's reentrant checkpointing, it needs no input that
+  requires grad at the embeddings: the hidden states' own gradient is enough.
 - ``"selective"``: each block is checkpointed on its own with PyTorch's selective activation
   checkpointing: the outputs of the GEMMs and of attention are saved, norms, activations and
   other cheap elementwise work are recomputed.
@@ -20,13 +25,13 @@ a subclass whose ``forward`` wraps the original (undone by :func:`remove_recompu
 copied from Hugging Face.
 
 Module hooks. The wrapper runs inside the block's ``__call__``, after its pre-hooks and before its
-forward hooks, and a rerun calls the wrapped ``forward`` only. In ``"selective"`` mode that is
+forward hooks, and a rerun calls the wrapped ``forward`` only. In ``"block"`` and ``"selective"`` mode that is
 exact: each block's checkpoint spans its ``forward``, its hooks run once, outside. In ``"full"``
 mode the hooks *between* blocks (forward hooks of all blocks but the last, pre-hooks of all but the
 first) ran in the forward but are not rerun, so a hook there that changes a block's output or
 input gives wrong gradients. Full backward hooks of all blocks but the last never fire (those
 blocks run without autograd). Such a stack warns once (hooks that change nothing, such as
-DeepSpeed's parameter gathering, are harmless). Use ``"selective"`` there. The blocks are expected frozen (no parameter needs grad); only the
+DeepSpeed's parameter gathering, are harmless). Use ``"block"`` or ``"selective"`` there. The blocks are expected frozen (no parameter needs grad); only the
 gradient of the hidden states flows through them.
 """
 
@@ -46,7 +51,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 from ..errors import OffsiteError
 from .frozen_blocks import is_kv_cache, require_frozen, unwrap, wrapped_by, wrapper_class
 
-RECOMPUTE_MODES = ("full", "selective")
+RECOMPUTE_MODES = ("full", "block", "selective")
 _STATE = "_offsite_recompute"  # attribute of a wrapped block: its _Stack
 
 
@@ -303,6 +308,8 @@ def _wrapped_class(base: type, mode: str) -> type:
                 return base.forward(self, *args, **kwargs)
             _check_no_cached_keys(self, args, kwargs)
             args, kwargs = _without_caches(args, kwargs)  # the rerun must not append to a cache a second time
+            if mode == "block":  # the block's inputs only; everything inside is rerun
+                return checkpoint(base.forward, self, *args, use_reentrant=False, **kwargs)
             return checkpoint(base.forward, self, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)
 
     return wrapper_class(base, "recompute", {"forward": forward, "_offsite_mode": mode})
@@ -311,8 +318,9 @@ def _wrapped_class(base: type, mode: str) -> type:
 def apply_recompute(blocks: Sequence[nn.Module], mode: str = "full") -> None:
     """Make a run of consecutive, frozen ``blocks`` recompute their activations in the backward.
 
-    ``mode="full"`` saves only the input of the first block; ``"selective"`` checkpoints each block
-    and keeps its GEMM and attention outputs. In eval mode (no grad needed) the blocks run as before.
+    ``mode="full"`` saves only the input of the first block; ``"block"`` checkpoints each block on its
+    input; ``"selective"`` checkpoints each block and keeps its GEMM and attention outputs. In eval mode
+    (no grad needed) the blocks run as before.
     """
     if mode not in RECOMPUTE_MODES:
         raise RecomputeError(f"recompute mode must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
@@ -340,5 +348,5 @@ def remove_recompute(blocks: Sequence[nn.Module]) -> None:
 
 
 def recompute_mode(block: nn.Module) -> str | None:
-    """``"full"``, ``"selective"`` or None for a block."""
+    """``"full"``, ``"block"``, ``"selective"`` or None for a block."""
     return type(block).__dict__.get("_offsite_mode") if wrapped_by(block) == "recompute" else None

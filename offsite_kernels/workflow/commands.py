@@ -285,8 +285,9 @@ def register(sub: Any, bits_type: Any) -> None:
     p.add_argument("--fast", action="store_true", help="fused frozen emulator blocks (norms, activations, SwiGLU, SDPA)")
     p.add_argument(
         "--recompute",
-        choices=("full", "selective"),
-        help="recompute the emulator's activations in the backward: full (save only its input) or selective",
+        choices=("full", "block", "selective"),
+        help="recompute the emulator's activations in the backward: full (save only its input), block (each "
+        "block's input, each block rerun once) or selective (keep GEMM and attention outputs)",
     )
     p.add_argument(
         "--cuda-graphs",
