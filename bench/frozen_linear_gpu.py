@@ -178,6 +178,60 @@ def first_call_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+LOWBIT_LARGE_M = 4096  # int4 and int8 at M >= this: within 1.10x of the bf16 cuBLAS time
+LOWBIT_TARGET_SPEEDUP = 1 / 1.10
+SKINNY_M = 16  # int4 at M <= this (forward): >= 70% of the copy bandwidth on its bytes and >= 3x bf16 cuBLAS
+SKINNY_TARGET_PCT_GBPS = 70.0
+SKINNY_TARGET_SPEEDUP = 3.0
+
+
+def _target(name: str, cases: list[dict[str, Any]], key: str, threshold: float, direction: str) -> dict[str, Any]:
+    """One target row: the worst ``key`` over ``cases`` against ``threshold`` (higher is better)."""
+    values = [r[key] for r in cases if r.get(key) is not None]
+    worst = min(values) if values else None
+    return dict(
+        kind="target",
+        name=name,
+        direction=direction,
+        worst=worst,
+        best=max(values) if values else None,
+        threshold=threshold,
+        met=None if worst is None else worst >= threshold,
+        n=len(values),
+        cases=[f"{r['shape']} M={r['M']}: {r[key]:.2f}" for r in cases if r.get(key) is not None],
+    )
+
+
+def lowbit_targets(rows: list[dict[str, Any]], formats: Sequence[str]) -> list[dict[str, Any]]:
+    """The issue's int4/int8 targets: at M >= 4096 within 1.10x of bf16 cuBLAS (both directions); int4 at
+    M <= 16 (forward) at least 70% of the copy bandwidth on its bytes and at least 3x faster than cuBLAS."""
+    ours = [r for r in rows if r.get("kind") == "case" and r["impl"] == "offsite"]
+    out = []
+    for fmt in ("int4", "int8"):
+        if fmt not in formats:
+            continue
+        for direction in DIRECTIONS:
+            large = [r for r in ours if r["format"] == fmt and r["direction"] == direction and r["M"] >= LOWBIT_LARGE_M]
+            name = f"{fmt} {direction} speedup vs bf16 cuBLAS, M >= {LOWBIT_LARGE_M} (within 1.10x)"
+            out.append(_target(name, large, "speedup_vs_cublas", LOWBIT_TARGET_SPEEDUP, direction))
+    if "int4" in formats:
+        skinny = [r for r in ours if r["format"] == "int4" and r["direction"] == "fwd" and r["M"] <= SKINNY_M]
+        out.append(
+            _target(f"int4 fwd % of copy bandwidth, M <= {SKINNY_M}", skinny, "pct_peak_gbps", SKINNY_TARGET_PCT_GBPS, "fwd")
+        )
+        out.append(
+            _target(
+                f"int4 fwd speedup vs bf16 cuBLAS, M <= {SKINNY_M}", skinny, "speedup_vs_cublas", SKINNY_TARGET_SPEEDUP, "fwd"
+            )
+        )
+    return out
+
+
+def targets(rows: list[dict[str, Any]], formats: Sequence[str]) -> list[dict[str, Any]]:
+    """Every target of the issue this run measured."""
+    return (fp8_targets(rows) if "fp8" in formats else []) + lowbit_targets(rows, formats)
+
+
 def fp8_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's fp8 target per direction: the worst ``speedup_vs_cublas`` of the fp8 tensor-core rows
     (``offsite``, ``fp8_gemm``) at M >= 4096, against 1.5; ``met`` None where no such row was measured."""
@@ -270,7 +324,7 @@ def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
             "",
             "A CPU smoke run: its numbers mean nothing, nor do these verdicts."
             if run.get("device") != "cuda"
-            else "Measured on the GPU above; the target is for an H200. No verdict where the GPU has no fp8 tensor cores.",
+            else "Measured on the GPU above; the targets are for an H200. No fp8 verdict where the GPU has no fp8 tensor cores.",
             "",
             "| target | worst | best | threshold | met | cases |",
             "|---|---:|---:|---:|---|---:|",
@@ -458,9 +512,11 @@ def bench_shape(
     tokens: Sequence[int],
     formats: Sequence[str],
     fp8_tokens: Sequence[int] = (),
+    on_group: Callable[[list[dict]], None] = lambda group: None,
 ) -> list[dict]:
     """Every timed row of one weight shape: both directions, every M, every implementation (at the M of
-    ``fp8_tokens`` that are not in ``tokens``: the cuBLAS baseline and fp8 only)."""
+    ``fp8_tokens`` that are not in ``tokens``: the cuBLAS baseline and fp8 only). ``on_group`` gets the
+    rows of each (direction, M) as soon as they are measured."""
     torch, ok = ctx.torch, ctx.ok
     import torch.nn.functional as F
 
@@ -561,6 +617,7 @@ def bench_shape(
                 del ref, ref_plain
             fill_speedups(group)
             rows += group
+            on_group(group)
             del x, g
     return rows
 
@@ -807,15 +864,18 @@ def _run(args: argparse.Namespace, torch: Any, ok: Any, backend: str, cache_dir:
     )
     rows: list[dict] = []
     md_path = out_dir / "frozen_linear_gpu.md"
+
+    def landed(group: list[dict]) -> None:  # each (shape, direction, M) on disk as soon as it is measured
+        append_rows(jsonl, group, st)
+        rows.extend(group)
+        partial = first_call_summary(rows) + targets(rows, formats)
+        write_report(md_path, markdown([run_row, ceiling, *rows, *partial], st), run_id, rows_so_far=len(rows))
+
     for model, proj, n, k in shapes:
-        shape_rows = bench_shape(ctx, model, proj, n, k, tokens, formats, fp8_tokens)
-        append_rows(jsonl, shape_rows, st)  # each shape lands on disk as soon as it is done
-        rows += shape_rows
+        bench_shape(ctx, model, proj, n, k, tokens, formats, fp8_tokens, on_group=landed)
         if cuda:
             torch.cuda.empty_cache()
-        partial = first_call_summary(rows) + (fp8_targets(rows) if "fp8" in formats else [])
-        write_report(md_path, markdown([run_row, ceiling, *rows, *partial], st), run_id, rows_so_far=len(rows))
-    summary = first_call_summary(rows) + (fp8_targets(rows) if "fp8" in formats else [])
+    summary = first_call_summary(rows) + targets(rows, formats)
     wall = {"kind": "run_end", "run_id": run_id, "wall_s": time.perf_counter() - t_start, "n_rows": len(rows)}
     for r in summary:
         r["run_id"] = run_id

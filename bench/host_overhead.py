@@ -109,7 +109,8 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, Calla
     return {name: {"eager": plain[name], "offsite": ours[name], "offsite_op": ours[name]} for name in ours}
 
 
-def run(device: torch.device, calls: int, rounds: int) -> list[dict]:
+def run(device: torch.device, calls: int, rounds: int, on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Host µs per call of every (op, implementation); ``on_row`` gets the rows so far after each."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(ROWS, HIDDEN, device=device, dtype=dtype, requires_grad=True)
     gy = torch.randn(ROWS, HIDDEN, device=device, dtype=dtype)
@@ -123,6 +124,7 @@ def run(device: torch.device, calls: int, rounds: int) -> list[dict]:
             finally:
                 eager.ENABLED = True
             rows.append({"op": op, "impl": impl, "fwd": fwd, "fwd_bwd": both})
+            on_row(rows)
     return rows
 
 
@@ -190,7 +192,11 @@ def markdown(result: dict) -> str:
         "| saved by the direct path, fwd+bwd |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if result.get("partial"):
+        lines.insert(1, "\n**Partial: the run stopped before every op was measured.**")
     for op in ops:
+        if any((op, impl) not in by for impl in ("eager", "offsite", "offsite_op")):
+            continue  # a partial run: this op's implementations not all measured yet
         e, o, c = by[(op, "eager")], by[(op, "offsite")], by[(op, "offsite_op")]
         saved = c["fwd_bwd"]["median_us"] - o["fwd_bwd"]["median_us"]
         cells = [e["fwd"], o["fwd"], c["fwd"], e["fwd_bwd"], o["fwd_bwd"], c["fwd_bwd"]]
@@ -227,32 +233,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.stub_kernels:
         torch.set_flush_denormal(True)  # stubbed outputs are uninitialised memory: no slow denormal arithmetic on them
     families = [f.strip() for f in args.blocks.split(",") if f.strip()]
-    with stubbed_kernel_launches() if args.stub_kernels else contextlib.nullcontext():
-        rows = run(device, args.calls, args.rounds)
-        blocks = block_rows(families, device, max(args.calls // 20, 3), args.rounds) if families else []
     st = stamp()
-    result = {
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "dtype": "bf16" if device.type == "cuda" else "fp32",
-        "threads": torch.get_num_threads(),
-        "stub_kernels": args.stub_kernels,
-        "calls": args.calls,
-        "rounds": args.rounds,
-        "rows": rows,
-        "blocks": blocks,
-        "stamp": st,
-    }
     out = args.out or RESULTS / f"host_overhead-{device.type}{'-stubbed' if args.stub_kernels else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
-    md = markdown(result)
-    md_tmp = out.with_suffix(".md.tmp")
-    md_tmp.write_text(md)
-    md_tmp.replace(out.with_suffix(".md"))
-    print(md)
+
+    def write(rows: list[dict], blocks: list[dict], partial: bool) -> str:
+        """The JSON and markdown of the rows so far (rewritten after each: a run cut short keeps them)."""
+        result = {
+            "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "dtype": "bf16" if device.type == "cuda" else "fp32",
+            "threads": torch.get_num_threads(),
+            "stub_kernels": args.stub_kernels,
+            "calls": args.calls,
+            "rounds": args.rounds,
+            "rows": rows,
+            "blocks": blocks,
+            "stamp": st,
+            "partial": partial,
+        }
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+        md = markdown(result)
+        md_tmp = out.with_suffix(".md.tmp")
+        md_tmp.write_text(md)
+        md_tmp.replace(out.with_suffix(".md"))
+        return md
+
+    with stubbed_kernel_launches() if args.stub_kernels else contextlib.nullcontext():
+        rows = run(device, args.calls, args.rounds, on_row=lambda so_far: write(so_far, [], partial=True))
+        blocks = block_rows(families, device, max(args.calls // 20, 3), args.rounds) if families else []
+    print(write(rows, blocks, partial=False))
     return 0
 
 

@@ -34,6 +34,7 @@ import math
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def copy_bandwidth() -> float:
 
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), quantiles=[0.5])[0]  # the median
     return 2 * src.numel() / ms / 1e6
 
 
@@ -83,7 +84,9 @@ def derive_table(rows: list[dict]) -> dict[str, dict[int, str]]:
         for m in BUCKETS:
             best, best_t = "triton", math.inf
             for impl in ("native", "triton", "torch"):
-                ts = [r["median_ms"] for r in rows if r["format"] == fmt and r["M"] == m and r["impl"] == impl]
+                ts = [
+                    r["median_ms"] for r in rows if r["format"] == fmt and r["M"] == m and r["impl"] == impl and "error" not in r
+                ]
                 if ts and len(ts) == len({r["shape"] for r in rows if r["format"] == fmt and r["M"] == m}):
                     t = math.exp(statistics.fmean(math.log(x) for x in ts))
                     if t < best_t:
@@ -109,7 +112,9 @@ def _reference_dense(qw, dtype):
     return dequantize_fields(qw.format, qw.data, qw.scales, qw.zeros, qw.group_size, qw.shape, dtype)
 
 
-def bench(reps_ms: int) -> dict:
+def bench(reps_ms: int, on_progress: Callable[[dict], None] = lambda result: None) -> dict:
+    """Every case, each in its own ``try`` (a failure is that case's ``error`` row); ``on_progress`` gets
+    the result so far after each (shape, format), so a run cut short keeps what it measured."""
     import triton.testing
 
     import offsite_kernels as ok
@@ -147,20 +152,26 @@ def bench(reps_ms: int) -> dict:
                 }
                 ref = x.double() @ qw.dequantize().double().T
                 for impl in ("native", "triton"):
-                    err = float((fns[impl]().double() - ref).abs().max() / ref.abs().max())
-                    checks.append({"shape": shape, "format": fmt, "M": m, "impl": impl, "rel_error": err, "ok": err < 1e-2})
+                    try:
+                        err = float((fns[impl]().double() - ref).abs().max() / ref.abs().max())
+                    except Exception as exc:  # recorded; the other cases go on
+                        err, failure = math.nan, f"{type(exc).__name__}: {exc}"
+                    else:
+                        failure = None
+                    check = {"shape": shape, "format": fmt, "M": m, "impl": impl, "rel_error": err, "ok": err < 1e-2}
+                    checks.append({**check, **({"error": failure} if failure else {})})
+                case = {"shape": shape, "N": n, "K": k, "M": m, "format": fmt, "group_size": GROUP if fmt == "int4" else None}
                 for impl, fn in fns.items():
-                    t = timed(fn)
+                    try:
+                        t = timed(fn)
+                    except Exception as exc:
+                        rows.append({**case, "impl": impl, "error": f"{type(exc).__name__}: {exc}"})
+                        continue
                     moved = (w_bf16.numel() * 2 if impl == "cublas_bf16" else weight_bytes) + 2 * m * (k + n)
                     gbps = moved / t["median_ms"] / 1e6
                     rows.append(
                         {
-                            "shape": shape,
-                            "N": n,
-                            "K": k,
-                            "M": m,
-                            "format": fmt,
-                            "group_size": GROUP if fmt == "int4" else None,
+                            **case,
                             "impl": impl,
                             **t,
                             "bytes": moved,
@@ -169,10 +180,16 @@ def bench(reps_ms: int) -> dict:
                             "pct_of_nominal": None if nominal is None else 100 * gbps / nominal,
                         }
                     )
-                base = {r["impl"]: r["median_ms"] for r in rows if r["shape"] == shape and r["format"] == fmt and r["M"] == m}
+                base = {
+                    r["impl"]: r["median_ms"]
+                    for r in rows
+                    if r["shape"] == shape and r["format"] == fmt and r["M"] == m and "error" not in r
+                }
                 for r in rows[-len(fns) :]:
-                    r["speedup_vs_cublas_bf16"] = base["cublas_bf16"] / r["median_ms"]
-                    r["speedup_vs_triton"] = base["triton"] / r["median_ms"]
+                    if "error" not in r:
+                        r["speedup_vs_cublas_bf16"] = base["cublas_bf16"] / r["median_ms"] if "cublas_bf16" in base else None
+                        r["speedup_vs_triton"] = base["triton"] / r["median_ms"] if "triton" in base else None
+            on_progress({"device": name, "copy_gb_per_s": peak_copy, "nominal_gb_per_s": nominal, "rows": rows, "checks": checks})
     return {"device": name, "copy_gb_per_s": peak_copy, "nominal_gb_per_s": nominal, "rows": rows, "checks": checks}
 
 
@@ -197,10 +214,14 @@ def markdown(result: dict) -> str:
                 r = {impl: by.get((shape, fmt, m, impl)) for impl in ("native", "triton", "torch", "cublas_bf16")}
                 if not r["native"]:
                     continue
-                us = {i: f"{v['median_ms'] * 1e3:.1f}" for i, v in r.items()}
+                ok = {i: v for i, v in r.items() if v and "error" not in v}
+                us = {i: f"{ok[i]['median_ms'] * 1e3:.1f}" if i in ok else "error" for i in r}
+                native_row = ok.get("native")
+                vs_triton = native_row and native_row.get("speedup_vs_triton")
                 lines.append(
                     f"| {shape} ({n} x {k}) | {fmt} | {m} | {us['native']} | {us['triton']} | {us['torch']} | {us['cublas_bf16']} | "
-                    f"{r['native']['gb_per_s']:.0f} | {r['native']['pct_of_copy']:.0f}% | {r['native']['speedup_vs_triton']:.2f}x |"
+                    + (f"{native_row['gb_per_s']:.0f} | {native_row['pct_of_copy']:.0f}% | " if native_row else "| | ")
+                    + (f"{vs_triton:.2f}x |" if vs_triton else " |")
                 )
     lines += ["", "Dispatch table derived from this run (fastest geometric mean over the shapes):", ""]
     for fmt, row in result["table"].items():
@@ -210,6 +231,10 @@ def markdown(result: dict) -> str:
         "",
         f"Correctness checks against float64: {len(result['checks']) - len(bad)} of {len(result['checks'])} within 1e-2.",
     ]
+    errors = [r for r in result["rows"] if "error" in r] + [c for c in result["checks"] if "error" in c]
+    lines += [f"- error: {r['shape']} {r['format']} M={r['M']} {r['impl']}: {r['error']}" for r in errors]
+    if result.get("partial"):
+        lines = [lines[0], "", "**Partial: the run stopped before every case was measured.**", *lines[1:]]
     return "\n".join(lines) + "\n"
 
 
@@ -238,15 +263,19 @@ def main() -> None:
         )
     from stamp import stamp
 
-    result = bench(args.rep_ms)
-    result["table"] = derive_table(result["rows"])
-    result["stamp"] = stamp()
-    result["native_build"] = native.get().build_info()
+    provenance = {"stamp": stamp(), "native_build": native.get().build_info()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+
+    def write(result: dict, partial: bool) -> str:
+        result = {**result, **provenance, "table": derive_table(result["rows"]), "partial": partial}
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        md = markdown(result)
+        args.out.with_suffix(".md").write_text(md)
+        return md
+
+    result = bench(args.rep_ms, on_progress=lambda so_far: write(so_far, partial=True))
+    print(write(result, partial=False))
+    result = {**result, **provenance, "table": derive_table(result["rows"])}
     if args.write_table:
         gpu = result["stamp"]["gpu"] or {}
         source = f"bench/results/{args.out.name}: {gpu.get('name')}, {result['stamp']['date']}"

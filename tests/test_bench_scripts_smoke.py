@@ -102,7 +102,12 @@ def test_frozen_linear_gpu_cpu_smoke(tmp_path):
     assert all(r["fp8_gemm"] for r in cases if r["impl"] == "offsite" and r["format"] == "fp8")
     assert {r["impl"] for r in cases if r["format"] == "fp8"} >= {"fp8_weight_only", "fp8_bwd_cache", "fp8_bwd_strided"}
     targets = [r for r in rows if r.get("kind") == "target"]
-    assert [t["direction"] for t in targets] == ["fwd", "bwd"] and all(t["threshold"] == 1.5 for t in targets)
+    fp8 = [t for t in targets if t["name"].startswith("fp8")]
+    assert [t["direction"] for t in fp8] == ["fwd", "bwd"] and all(t["threshold"] == 1.5 for t in fp8)
+    lowbit = {t["name"]: t for t in targets if not t["name"].startswith("fp8")}
+    assert len(lowbit) == 6  # int4 and int8 at large M, both directions; int4 at M <= 16: bandwidth and speedup
+    for name, t in lowbit.items():  # the smoke run's M (1, 3, 40) reach the skinny targets, not the M >= 4096 ones
+        assert (t["n"] > 0 and t["met"] is not None) if "M <= 16" in name else (t["n"] == 0 and t["met"] is None), name
     md = (tmp_path / "frozen_linear_gpu.md").read_text()
     assert md.startswith("# Frozen linear") and "## Targets of the issue" in md
 
@@ -201,3 +206,26 @@ def test_frozen_linear_cpu_benchmarks_run_once_with_timing_disabled():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=str(BENCH.parent))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_host_overhead_report_of_a_run_cut_short():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from host_overhead import markdown
+    finally:
+        sys.path.pop(0)
+    timing = {"median_us": 10.0, "p20_us": 9.0, "p80_us": 11.0}
+    rows = [{"op": "rms_norm", "impl": impl, "fwd": timing, "fwd_bwd": timing} for impl in ("eager", "offsite", "offsite_op")]
+    rows.append({"op": "layer_norm", "impl": "eager", "fwd": timing, "fwd_bwd": timing})  # its other impls never ran
+    result = {
+        "device": "cpu",
+        "device_name": "CPU",
+        "dtype": "fp32",
+        "threads": 1,
+        "rounds": 1,
+        "calls": 1,
+        "rows": rows,
+        "blocks": [],
+    }
+    md = markdown({**result, "partial": True})
+    assert "Partial" in md and "| rms_norm |" in md and "| layer_norm |" not in md

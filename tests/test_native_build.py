@@ -159,6 +159,20 @@ def test_gpu_bench_derives_and_writes_the_dispatch_table(tmp_path):
     table = bench.derive_table(rows)
     assert table["int4"] == {1: "native", 2: "native", 4: "native", 8: "triton", 16: "triton"}
     assert table["int8"] == {1: "native", 2: "native", 4: "native", 8: "torch", 16: "torch"}  # cuBLAS bf16 needs a dense weight
+    # a case that failed (an error row, no time) never wins its bucket, and the report shows it
+    failed = [
+        {**r, "error": "RuntimeError: boom"} if (r["shape"], r["format"], r["M"], r["impl"]) == ("a", "int4", 1, "native") else r
+        for r in rows
+    ]
+    failed = [{k: v for k, v in r.items() if not ("error" in r and k == "median_ms")} for r in failed]
+    assert bench.derive_table(failed)["int4"][1] == "triton"
+    for r in failed:
+        if "error" not in r:
+            r.update(gb_per_s=1.0, pct_of_copy=1.0, speedup_vs_triton=1.0)
+    stamp = {"gpu": {"name": "test"}, "versions": {"torch": "x", "triton": "y"}, "date": "today"}
+    result = {"stamp": stamp, "copy_gb_per_s": 1.0, "nominal_gb_per_s": None, "rows": failed, "checks": []}
+    md = bench.markdown({**result, "table": bench.derive_table(failed), "partial": True})
+    assert "error: a int4 M=1 native: RuntimeError: boom" in md and "Partial" in md
     path = tmp_path / "dispatch_table.py"
     bench.write_table(table, "synthetic", path)
     written = runpy.run_path(str(path))

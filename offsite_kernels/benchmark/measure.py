@@ -3,7 +3,7 @@ matmul ceiling that MFU is taken against.
 
 Time: the median (with p20 and p80) of ``steps`` training steps after ``warmup`` steps, each
 bracketed by a device synchronisation. Memory on CUDA: ``torch.cuda.max_memory_allocated`` over
-the timed steps (weights included), and allocated-bytes deltas in one more, untimed step for the
+the timed steps (weights included; not the warm-up steps, where Triton autotunes and compiles), and allocated-bytes deltas in one more, untimed step for the
 parts. With CUDA graphs (``+graph``) the graphs' memory pool (the emulator's saved activations and
 workspace, held between steps, invisible to the allocated-bytes counters during replays) is added
 to the timed steps' peak and to the activations; the capture, in a warm-up step, counts too. With
@@ -97,11 +97,14 @@ def measure_training(
         weights = weight_bytes(trainee.module)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
 
         warmup += 1 if method.compiled else 0
         times, loss, warmup_peak, first_step_s = [], float("nan"), 0, float("nan")
         for i in range(warmup + steps):
+            if device.type == "cuda" and (i == warmup or (method.cuda_graphs and i == warmup - 1)):
+                # the peak of the timed steps (and of the capture): not the first steps' autotuning, whose
+                # timing runs allocate buffers of their own (Triton's L2 flush: 256 MiB), nor compilation
+                torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             start = time.perf_counter()
             loss_t = step(ids)
@@ -182,7 +185,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
         import triton.testing
 
         with torch.cuda.device(device):  # do_bench's events and synchronisation use the current device
-            ms = triton.testing.do_bench(lambda: torch.mm(a, b), warmup=50, rep=300)
+            ms = triton.testing.do_bench(lambda: torch.mm(a, b), warmup=50, rep=300, quantiles=[0.5])[0]  # the median
         return 2 * n**3 / (ms * 1e-3)
     times = []
     for i in range(6):

@@ -101,7 +101,75 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
                 )
         out += _notes(group)
         out.append("")
+    verdicts = target_verdicts(rows)
+    if verdicts:
+        out += ["### Targets of the issue (measured on a GPU; set for an H200)", ""]
+        out += ["| target | this run | threshold | met |", "|---|---|---|---|"]
+        out += [f"| {v['target']} | {v['value']} | {v['threshold']} | {'yes' if v['met'] else '**no**'} |" for v in verdicts]
+        out.append("")
     return "\n".join(out)
+
+
+# the paper's setting (batch 1 x 512): the library's best path against FT, in tokens/s and in less peak memory
+PAPER_SETTING_TARGETS = {"gpt2-xl": (10.0, 10.0), "opt-1.3b": (10.0, 8.0)}
+OT_LORA_SPEEDUP_TARGET = 1.5  # GPT2-XL: the best path against plain OT + LoRA, at no more memory
+MFU_TARGET = 0.5  # at a GPU-filling batch, the OT step
+
+
+def target_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The end-to-end targets, judged on this run's measured full-size GPU rows (nothing where none ran).
+
+    The best path is the library's fast method that comes closest to both thresholds at once (the
+    smaller of its two ratios over their thresholds); each verdict names the rows it read."""
+    out: list[dict[str, Any]] = []
+    for (model, _, batch, seq, source, _, scaled), group in group_rows(rows).items():
+        measured = [r for r in group if "error" not in r and r.get("device") == "cuda"]
+        if source != "measured" or scaled or not measured:
+            continue
+        ft = _ft(measured)
+        fast = [r for r in measured if "+fast" in r["method"]]
+        if batch == 1 and seq == 512 and model in PAPER_SETTING_TARGETS and ft and fast:
+            speed_t, memory_t = PAPER_SETTING_TARGETS[model]
+
+            def ratios(r: dict[str, Any], ft: dict[str, Any] = ft) -> tuple[float, float]:
+                return r["tokens_per_s"] / ft["tokens_per_s"], ft["peak_bytes"] / r["peak_bytes"]
+
+            best = max(fast, key=lambda r: min(ratios(r)[0] / speed_t, ratios(r)[1] / memory_t))
+            speed, memory = ratios(best)
+            out.append(
+                {
+                    "target": f"{model}, batch 1 x 512: best path ({best['label']}) vs FT, tokens/s and less peak memory",
+                    "value": f"{speed:.1f}x, {memory:.1f}x",
+                    "threshold": f">= {speed_t:g}x, >= {memory_t:g}x",
+                    "met": speed >= speed_t and memory >= memory_t,
+                }
+            )
+            ot_lora = next((r for r in measured if r["method"] == "ot+lora"), None)
+            if model == "gpt2-xl" and ot_lora is not None:
+                within = [r for r in fast if r["peak_bytes"] <= ot_lora["peak_bytes"]]
+                top = max(within, key=lambda r: r["tokens_per_s"], default=None)
+                speedup = top["tokens_per_s"] / ot_lora["tokens_per_s"] if top else None
+                out.append(
+                    {
+                        "target": f"{model}, batch 1 x 512: fastest path at no more memory than OT + LoRA"
+                        + (f" ({top['label']})" if top else " (none)"),
+                        "value": "-" if speedup is None else f"{speedup:.2f}x tokens/s",
+                        "threshold": f">= {OT_LORA_SPEEDUP_TARGET:g}x",
+                        "met": speedup is not None and speedup >= OT_LORA_SPEEDUP_TARGET,
+                    }
+                )
+        ot = [r for r in measured if r["method"].startswith("ot") and r.get("mfu") is not None]
+        if batch > 1 and ot:
+            top = max(ot, key=lambda r: r["mfu"])
+            out.append(
+                {
+                    "target": f"{model}, batch {batch} x {seq}: highest MFU of an OT step ({top['label']})",
+                    "value": f"{100 * top['mfu']:.1f}%",
+                    "threshold": f">= {100 * MFU_TARGET:.0f}%",
+                    "met": top["mfu"] >= MFU_TARGET,
+                }
+            )
+    return out
 
 
 def _notes(rows: list[dict[str, Any]]) -> list[str]:

@@ -158,8 +158,9 @@ def run_bench(settings: BenchSettings) -> BenchResult:
         if "measured" in sources:
             ceiling = matmul_ceiling(device, settings.amp_dtype or torch.float32)
             say(f"matmul ceiling on {device.type}: {ceiling / 1e12:.2f} TFLOP/s ({_dtype_name(settings.amp_dtype)})")
-        for bench_model in models:
-            for batch in batches:
+        # batch outermost: the paper's setting (batch 1) of every model first, should a time limit cut the run short
+        for batch in batches:
+            for bench_model in models:
                 for method in methods:
                     paper_setting = settings.seq == 512 and batch == 1
                     paper = bench_model.paper.get(method.name, (None, None)) if paper_setting else (None, None)
@@ -241,10 +242,15 @@ def ft_fallback_reason(need: int, capacity: int) -> str | None:
 
 
 def _ft_fallback(bench_model, method, batch, settings, device, scaled) -> str | None:
-    """For plain FT on a GPU: why it cannot run there (from its accounted peak), or None."""
+    """For plain FT on a GPU: why it cannot run there (from its accounted peak), or None. Accounting that
+    fails (fake tensors on another torch or transformers) decides nothing: plain FT is tried, and an
+    out-of-memory error still falls back."""
     if not (settings.ft_fallback and device.type == "cuda" and method == BenchMethod("ft")):
         return None
-    need = account_memory(bench_model, method, batch, settings.seq, settings.amp_dtype, scaled=scaled).peak
+    try:
+        need = account_memory(bench_model, method, batch, settings.seq, settings.amp_dtype, scaled=scaled).peak
+    except Exception:  # an estimate only; the measurement itself decides below
+        return None
     return ft_fallback_reason(need, torch.cuda.get_device_properties(device).total_memory)
 
 
@@ -288,7 +294,6 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
                 torch.cuda.empty_cache()
             row.update(label=zero.label, ran_as=zero.name, ft_fallback=reason)
             measured = measure(zero)
-        model_flops = flops(bench_model, method, batch, scaled)
     except torch.OutOfMemoryError as exc:
         return {**row, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     except Exception as exc:  # one failing method must not lose the others' rows
@@ -296,6 +301,10 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    try:  # counted on fake tensors: a failure there costs the MFU, not the measured row
+        model_flops, flops_error = flops(bench_model, method, batch, scaled), None
+    except Exception as exc:
+        model_flops, flops_error = None, f"{type(exc).__name__}: {exc}"
     timing = measured.timing
     tokens = batch * settings.seq
     return {
@@ -308,7 +317,8 @@ def _measured_row(bench_model, method, batch, settings, device, scaled, ceiling,
         **_memory_fields(measured.memory),
         "model_flops_per_step": model_flops,
         "matmul_ceiling_flops": ceiling,
-        "mfu": model_flops / timing.median_s / ceiling if ceiling else None,
+        "mfu": model_flops / timing.median_s / ceiling if ceiling and model_flops else None,
+        **({"flops_error": flops_error} if flops_error else {}),
         "loss": measured.loss,
         "trainable_params": measured.trainable_params,
         "first_step_ms": measured.first_step_s * 1e3,

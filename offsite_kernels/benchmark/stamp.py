@@ -71,8 +71,9 @@ def _nvidia_driver() -> str | None:
 
 
 def _git() -> dict[str, Any]:
-    if not (_REPO / ".git").exists():  # an installed package, not a source checkout
-        return {"commit": None, "dirty": None}
+    if not (_REPO / ".git").exists():  # an installed package, or a copy of a checkout without its history
+        # a copy (a GPU machine lent a working tree) is told its commit by whoever copied it
+        return {"commit": os.environ.get("OFFSITE_SOURCE_COMMIT") or None, "dirty": None}
     commit = _run(["git", "rev-parse", "HEAD"], cwd=_REPO)
     if commit is None:
         return {"commit": None, "dirty": None}
