@@ -164,6 +164,21 @@ def test_model_flops_follow_the_method():
     assert flops("ot+head") == ot  # the fused head's two GEMMs are counted by its formula
 
 
+def test_attention_on_the_cpu_is_counted_as_on_a_gpu():
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    from offsite_kernels.benchmark.account import _count_cpu_attention
+
+    _count_cpu_attention()
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert counter.get_total_flops() == sdpa_flop_count(q.shape, k.shape, v.shape) > 0
+    with FlopCounterMode(display=False) as counter:
+        out.backward(torch.ones_like(out))
+    assert counter.get_total_flops() == sdpa_backward_flop_count(out.shape, q.shape, k.shape, v.shape) > 0
+
+
 def test_fused_head_workspace_is_accounted_on_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -214,6 +215,28 @@ def account_zero_memory(bench_model: BenchModel, batch: int, seq: int, scaled: b
         )
 
 
+@functools.cache
+def _count_cpu_attention() -> None:
+    """Give FlopCounterMode the CPU flash attention's FLOPs (it knows only the CUDA kernels' ops): the count
+    runs on fake CPU tensors, where SDPA dispatches to the CPU kernel, but stands for a GPU step."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None and forward not in fc.flop_registry:
+
+        @fc.register_flop_formula(forward)
+        def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if backward is not None and backward not in fc.flop_registry:
+
+        @fc.register_flop_formula(backward)
+        def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+            return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def count_model_flops(
     bench_model: BenchModel,
     method: BenchMethod,
@@ -225,6 +248,7 @@ def count_model_flops(
     """Matmul and attention FLOPs of one forward + backward of ``method``, recomputation not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _count_cpu_attention()
     counted = dataclasses.replace(method, recompute=False)
     mode = _fake_mode()
     trainee = _fake_trainee(bench_model, counted, scaled, amp_dtype, mode)
