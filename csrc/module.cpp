@@ -4,6 +4,7 @@
 // Every entry point checks device, dtype, contiguity and shapes first and raises a Python exception naming the
 // argument: TypeError for a wrong dtype, ValueError for a wrong shape or value, RuntimeError otherwise. Outputs
 // are written into caller-provided tensors (`out`), checked the same way.
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -20,6 +21,8 @@ namespace {
 using offsite::cpu::Format;
 
 constexpr int64_t kGroupSizes[] = {32, 64, 128};
+constexpr int64_t kMaxDim = int64_t{1} << 40;  // no weight dimension comes near it; keeps size arithmetic in range
+constexpr int64_t kMaxTile = int64_t{1} << 31;
 
 std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
@@ -37,8 +40,16 @@ void check_device(const at::Tensor& t, const char* name, const at::Device& devic
 }
 
 void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (strides ", t.strides(), " for shape ", t.sizes(),
               "); call .contiguous() first");
+}
+
+// An output must not share memory with an input (the kernels read inputs while they write outputs).
+void check_no_overlap(const at::Tensor& out, const at::Tensor& input, const char* input_name) {
+  const auto overlap = at::get_overlap_status(out, input);
+  TORCH_CHECK(overlap == at::MemOverlapStatus::No, "out shares memory with ", input_name,
+              "; give a separate output tensor");
 }
 
 void check_2d(const at::Tensor& t, const char* name) {
@@ -74,6 +85,8 @@ void check_supported_device(const at::Tensor& t, const char* op) {
 // The stored weight of format `fmt` for an [n, k] matrix: dtypes, shapes, device, contiguity.
 void check_weight(Format fmt, const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                   int64_t group, int64_t n, int64_t k, const at::Device& device) {
+  TORCH_CHECK_VALUE(n >= 0 && k >= 0 && n <= kMaxDim && k <= kMaxDim, "the weight shape [", n, ", ", k,
+                    "] is out of range (each dimension at most 2^40)");
   check_2d(data, "data");
   check_device(data, "data", device);
   check_contiguous(data, "data");
@@ -162,7 +175,9 @@ at::Tensor unpack_int4(const at::Tensor& packed, at::Tensor out) {
   check_2d(packed, "packed");
   check_contiguous(packed, "packed");
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.size(1) <= kMaxDim, "packed has ", packed.size(1), " columns; at most 2^40");
   check_out(out, "out", {packed.size(0), 2 * packed.size(1)}, at::kByte, packed.device());
+  check_no_overlap(out, packed, "packed");
 #ifdef OFFSITE_WITH_CUDA
   if (on_cuda(packed)) {
     offsite::cuda::unpack_int4(packed, out);
@@ -181,6 +196,7 @@ at::Tensor dequantize(const std::string& fmt_name, const at::Tensor& data, const
   check_floating(out, "out");
   check_weight(fmt, data, scales, zeros, group_size, out.size(0), out.size(1), data.device());
   check_out(out, "out", out.sizes(), out.scalar_type(), data.device());
+  check_no_overlap(out, data, "data");
 #ifdef OFFSITE_WITH_CUDA
   if (on_cuda(data)) {
     offsite::cuda::dequantize(static_cast<int>(fmt), u8(data), scales, zeros, group_size, out);
@@ -208,9 +224,12 @@ at::Tensor frozen_linear_fwd(const at::Tensor& x, const std::string& fmt_name, c
   check_weight(fmt, data, scales, zeros, group_size, n, k, x.device());
   if (bias.has_value()) {
     check_device(*bias, "bias", x.device());
+    check_contiguous(*bias, "bias");
     check_floating(*bias, "bias");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "bias must have shape [", n, "], got ", shape_str(*bias));
+    check_no_overlap(out, *bias, "bias");
   }
+  check_no_overlap(out, x, "x");
   offsite::cpu::frozen_linear_fwd(x, fmt, u8(data), scales, zeros, bias, group_size, out);
   return out;
 }
@@ -226,6 +245,7 @@ at::Tensor frozen_linear_bwd(const at::Tensor& dy, const std::string& fmt_name, 
   const int64_t n = dy.size(1), k = out.size(1);
   check_out(out, "out", {dy.size(0), k}, dy.scalar_type(), dy.device());
   check_weight(fmt, data, scales, zeros, group_size, n, k, dy.device());
+  check_no_overlap(out, dy, "grad_y");
   offsite::cpu::frozen_linear_bwd(dy, fmt, u8(data), scales, zeros, group_size, out);
   return out;
 }
@@ -253,7 +273,9 @@ at::Tensor skinny_gemm(const at::Tensor& x, const std::string& fmt_name, const a
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
                      bias->scalar_type());
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "bias must have shape [", n, "], got ", shape_str(*bias));
+    check_no_overlap(out, *bias, "bias");
   }
+  check_no_overlap(out, x, "x");
 #ifdef OFFSITE_WITH_CUDA
   offsite::cuda::skinny_gemm(x, static_cast<int>(fmt), data, scales, zeros, bias, group_size, out);
   return out;
@@ -288,6 +310,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> get_tiles() {
 
 void set_tiles(int64_t fwd_n, int64_t fwd_k, int64_t bwd_k, int64_t bwd_n) {
   TORCH_CHECK_VALUE(fwd_n > 0 && fwd_k > 0 && bwd_k > 0 && bwd_n > 0, "tile sizes must be positive");
+  TORCH_CHECK_VALUE(fwd_n <= kMaxTile && fwd_k <= kMaxTile && bwd_k <= kMaxTile && bwd_n <= kMaxTile,
+                    "tile sizes must be at most 2^31");
   auto& c = offsite::cpu::tile_config();
   c.fwd_n = fwd_n;
   c.fwd_k = fwd_k;

@@ -324,6 +324,29 @@ def test_bad_inputs_raise_clear_errors(C):
         C.unpack_int4(torch.zeros(2, 3, dtype=torch.uint8), torch.empty(2, 5, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match=r"no CUDA kernels|runs on a CUDA GPU"):
         C.skinny_gemm(x, "int4", qw.data, qw.scales, qw.zeros, None, 32, out)
+    # a bias that is not a plain dense vector, an output that is also an input, sizes out of range
+    with pytest.raises(RuntimeError, match="bias must be contiguous"):
+        fwd(bias=torch.randn(16)[::2])
+    with pytest.raises(RuntimeError, match="bias must be a dense"):
+        fwd(bias=torch.randn(8).to_sparse())
+    square = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="out shares memory with x"):
+        C.frozen_linear_fwd(square, "int8", q8.data[:, :8].contiguous(), q8.scales, None, None, 0, square)
+    with pytest.raises(RuntimeError, match="out shares memory with grad_y"):
+        C.frozen_linear_bwd(square, "int8", q8.data[:, :8].contiguous(), q8.scales, None, 0, square)
+    with pytest.raises(ValueError, match="out of range"):
+        C.dequantize(
+            "int4",
+            torch.empty(0, 0, dtype=torch.uint8),
+            torch.empty(0, 0),
+            torch.empty(0, 0, dtype=torch.uint8),
+            128,
+            torch.empty(0, 2**62),
+        )
+    with pytest.raises(ValueError, match="at most 2\\^40"):
+        C.unpack_int4(torch.empty(0, 2**62, dtype=torch.uint8), torch.empty(0, 0, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="tile sizes must be at most"):
+        C.set_tiles(2**62, 64, 64, 64)
 
 
 def test_build_info(C):
