@@ -247,21 +247,8 @@ def fp8_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and r["direction"] == direction
             and r["M"] >= min(FP8_TOKENS)
         ]
-        values = [r["speedup_vs_cublas"] for r in cases if r.get("speedup_vs_cublas") is not None]
-        worst = min(values) if values else None
-        out.append(
-            dict(
-                kind="target",
-                name=f"fp8 {direction} speedup vs bf16 cuBLAS, M >= {min(FP8_TOKENS)}",
-                direction=direction,
-                worst=worst,
-                best=max(values) if values else None,
-                threshold=FP8_TARGET_SPEEDUP,
-                met=None if worst is None else worst >= FP8_TARGET_SPEEDUP,
-                n=len(values),
-                cases=[f"{r['shape']} M={r['M']}: {r['speedup_vs_cublas']:.2f}x" for r in cases if r.get("speedup_vs_cublas")],
-            )
-        )
+        name = f"fp8 {direction} speedup vs bf16 cuBLAS, M >= {min(FP8_TOKENS)}"
+        out.append(_target(name, cases, "speedup_vs_cublas", FP8_TARGET_SPEEDUP, direction))
     return out
 
 
