@@ -241,20 +241,21 @@ def select_stages(every: list[Stage], only: str | None) -> list[Stage]:
 
 STAMP_FILE = "stamp.json"  # written by the env stage: the suite itself never imports torch or touches the GPU
 _RUNNING: list[subprocess.Popen] = []  # the stage in flight, for the SIGTERM handler
-
-
-class Interrupted(Exception):
-    """The suite was told to stop (SIGTERM, as a time limit around it sends) while a stage ran."""
+_STOP = {"asked": False}  # set by SIGTERM: the running stage is killed and no other starts
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Interrupted
+    """Kill the running stage's process group at once; the suite then writes its summary and stops."""
+    _STOP["asked"] = True
+    for proc in list(_RUNNING):
+        _kill_group(proc, wait=False)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
+def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    if wait:
+        proc.wait()
 
 
 def run_stage(stage: Stage, out: Path, env: dict[str, str], left_s: float) -> StageResult:
@@ -272,16 +273,17 @@ def run_stage(stage: Stage, out: Path, env: dict[str, str], left_s: float) -> St
         )
         _RUNNING.append(proc)
         try:
+            if _STOP["asked"]:  # SIGTERM came while the stage was being started, before the handler could see it
+                _kill_group(proc)
             code = proc.wait(timeout=timeout)
             status = "ok" if code == 0 else "failed"
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             code, status = None, f"timeout after {timeout} s"
-        except Interrupted:
-            _kill_group(proc)
-            code, status = None, "interrupted (SIGTERM)"
         finally:
             _RUNNING.remove(proc)
+    if _STOP["asked"] and status != "ok":
+        code, status = None, "interrupted (SIGTERM)"
     return StageResult(stage.name, code, time.perf_counter() - start, status)
 
 
@@ -363,32 +365,41 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     results: list[tuple[Stage, StageResult]] = []
+    _STOP["asked"] = False
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         for stage in selected:
+            if _STOP["asked"]:
+                break
             print(f"[suite] {stage.name} ...", flush=True)
             result = run_stage(stage, out, env, args.budget_s - (time.monotonic() - _STARTED))
             results.append((stage, result))
             print(f"[suite] {stage.name}: {result.status} ({result.seconds:.0f} s)", flush=True)
-            write_summary(out, results, budget_s=args.budget_s)  # after every stage: a suite stopped from outside keeps it
-            if result.status.startswith("interrupted"):
-                break
-    except Interrupted:  # between two stages
-        print("[suite] interrupted (SIGTERM)", flush=True)
+            write_summary(out, results, budget_s=args.budget_s, interrupted=_STOP["asked"])  # after every stage
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary = write_summary(out, results, tables=True, budget_s=args.budget_s)
+        interrupted, _STOP["asked"] = _STOP["asked"], False
+    if interrupted:
+        print("[suite] interrupted (SIGTERM): no further stage started", flush=True)
+    summary = write_summary(out, results, tables=True, budget_s=args.budget_s, interrupted=interrupted)
     print("\n".join(summary[: 4 + len(results)]))
-    return 0 if all(r.status == "ok" or r.status.startswith("skipped") for _, r in results) else 1
+    passed = all(r.status == "ok" or r.status.startswith("skipped") for _, r in results)
+    return 0 if passed and not interrupted else 1
 
 
 def write_summary(
-    out: Path, results: list[tuple[Stage, StageResult]], tables: bool = False, budget_s: float = BUDGET_S
+    out: Path,
+    results: list[tuple[Stage, StageResult]],
+    tables: bool = False,
+    budget_s: float = BUDGET_S,
+    interrupted: bool = False,
 ) -> list[str]:
     """``SUMMARY.md`` (each stage's status, with the tail of its table when ``tables``) and ``suite.json``
     (the same as data, with the env stage's stamp); returns the summary's lines."""
     summary = ["# GPU suite", "", "| stage | status | exit | seconds |", "|---|---|---|---|"]
     summary += [f"| {r.name} | {r.status} | {r.returncode} | {r.seconds:.0f} |" for _, r in results]
+    if interrupted:
+        summary += ["", "**Interrupted (SIGTERM): the stages after the last one above never started.**"]
     for stage, _result in results:
         if not tables and stage.bench_dir:
             continue  # rendering a cut-short bench's rows imports the package: once, at the end
@@ -400,7 +411,7 @@ def write_summary(
         stamp = json.loads((out / STAMP_FILE).read_text())
     except (OSError, ValueError):
         stamp = None  # no env stage in this call (--only), or it failed
-    record = {"stamp": stamp, "budget_s": budget_s, "stages": [asdict(r) for _, r in results]}
+    record = {"stamp": stamp, "budget_s": budget_s, "interrupted": interrupted, "stages": [asdict(r) for _, r in results]}
     (out / "suite.json").write_text(json.dumps(record, indent=2) + "\n")
     return summary
 

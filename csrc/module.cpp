@@ -52,6 +52,14 @@ void check_no_overlap(const at::Tensor& out, const at::Tensor& input, const char
               "; give a separate output tensor");
 }
 
+// ... nor with any field of the stored weight.
+void check_apart_from_weight(const at::Tensor& out, const at::Tensor& data, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros) {
+  check_no_overlap(out, data, "data");
+  check_no_overlap(out, scales, "scales");
+  if (zeros.has_value()) check_no_overlap(out, *zeros, "zeros");
+}
+
 void check_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", shape_str(t));
 }
@@ -196,7 +204,7 @@ at::Tensor dequantize(const std::string& fmt_name, const at::Tensor& data, const
   check_floating(out, "out");
   check_weight(fmt, data, scales, zeros, group_size, out.size(0), out.size(1), data.device());
   check_out(out, "out", out.sizes(), out.scalar_type(), data.device());
-  check_no_overlap(out, data, "data");
+  check_apart_from_weight(out, data, scales, zeros);
 #ifdef OFFSITE_WITH_CUDA
   if (on_cuda(data)) {
     offsite::cuda::dequantize(static_cast<int>(fmt), u8(data), scales, zeros, group_size, out);
@@ -230,6 +238,7 @@ at::Tensor frozen_linear_fwd(const at::Tensor& x, const std::string& fmt_name, c
     check_no_overlap(out, *bias, "bias");
   }
   check_no_overlap(out, x, "x");
+  check_apart_from_weight(out, data, scales, zeros);
   offsite::cpu::frozen_linear_fwd(x, fmt, u8(data), scales, zeros, bias, group_size, out);
   return out;
 }
@@ -246,6 +255,7 @@ at::Tensor frozen_linear_bwd(const at::Tensor& dy, const std::string& fmt_name, 
   check_out(out, "out", {dy.size(0), k}, dy.scalar_type(), dy.device());
   check_weight(fmt, data, scales, zeros, group_size, n, k, dy.device());
   check_no_overlap(out, dy, "grad_y");
+  check_apart_from_weight(out, data, scales, zeros);
   offsite::cpu::frozen_linear_bwd(dy, fmt, u8(data), scales, zeros, group_size, out);
   return out;
 }
@@ -276,6 +286,7 @@ at::Tensor skinny_gemm(const at::Tensor& x, const std::string& fmt_name, const a
     check_no_overlap(out, *bias, "bias");
   }
   check_no_overlap(out, x, "x");
+  check_apart_from_weight(out, data, scales, zeros);
 #ifdef OFFSITE_WITH_CUDA
   offsite::cuda::skinny_gemm(x, static_cast<int>(fmt), data, scales, zeros, bias, group_size, out);
   return out;

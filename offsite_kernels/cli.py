@@ -24,7 +24,7 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .emulator import make_emulator, parse_layout
-    from .hf_io import load_local_model
+    from .emulator.bottleneck import load_model
     from .io import check_output_dir
     from .quant.formats import check_format
 
@@ -36,7 +36,7 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     with tqdm(total=3, desc="emulate", unit="step", disable=args.quiet) as bar:
         bar.set_postfix_str("loading model")
-        model = load_local_model(args.model_dir)
+        model = load_model(args.model_dir)
         bar.update()
         bar.set_postfix_str("building emulator")
         emu = make_emulator(
@@ -63,14 +63,15 @@ def _cmd_plug_in(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .emulator import plug_in, read_adapter
-    from .hf_io import load_local_model, save_model_dir
+    from .emulator.bottleneck import load_model
+    from .hf_io import save_model_dir
     from .io import check_output_dir
 
     check_output_dir(args.output, args.overwrite)
     read_adapter(args.adapter_dir)  # fail on a bad adapter before loading a large model
     with tqdm(total=3, desc="plug-in", unit="step", disable=args.quiet) as bar:
         bar.set_postfix_str("loading model")
-        model = load_local_model(args.model_dir)
+        model = load_model(args.model_dir)
         bar.update()
         bar.set_postfix_str("plugging adapter in")
         plug_in(model, args.adapter_dir, check_weights=not args.no_weight_check)

@@ -24,10 +24,23 @@ TOKENIZER_FILES = (
 )
 
 
-def load_local_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
+def keys_with(path: str | os.PathLike, marker: str) -> list[str]:
+    """Names of the tensors in a directory's safetensors files that contain ``marker`` (headers only)."""
+    from safetensors import safe_open
+
+    found: list[str] = []
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found += [key for key in f.keys() if marker in key]  # noqa: SIM118 (a safetensors handle, not a dict)
+    return found
+
+
+def load_local_model(path: str | os.PathLike, added_marker: str | None = None, **hf_kwargs: Any) -> nn.Module:
     """Load a causal LM from a local directory, with one clear error for every kind of failure.
 
-    Bottleneck adapters plugged in before the model was saved are put back (Hugging Face drops them)."""
+    ``added_marker``: tensors whose names contain it belong to modules the caller adds after loading
+    (Hugging Face builds the plain architecture and leaves them out): its load report, which would
+    call them unexpected, is quieted, and any other unexpected or missing weight is warned about."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -44,33 +57,26 @@ def load_local_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
             "AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst) writes safetensors"
         )
     hf_kwargs.setdefault("use_safetensors", True)
-    from .emulator.bottleneck import ATTR, restore_saved, saved_bottlenecks
-
-    if not saved_bottlenecks(path):
-        try:
-            return AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
-        except OffsiteError:
-            raise
-        except Exception as exc:  # transformers raises many kinds; one message that names the directory
-            raise PackageError(f"model: {str(path)!r} could not be loaded: {exc}") from exc
-    # bottleneck adapters were plugged in before the model was saved: Hugging Face builds the plain
-    # architecture and drops their tensors (its load report would call them unexpected); put them back
+    added = added_marker is not None and bool(keys_with(path, added_marker))
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    if added:
+        hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **hf_kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=added, **hf_kwargs)
     except OffsiteError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # transformers raises many kinds; one message that names the directory
         raise PackageError(f"model: {str(path)!r} could not be loaded: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    others = sorted(k for k in info["unexpected_keys"] if f".{ATTR}." not in k) + sorted(info["missing_keys"])
+    if not added:
+        return loaded
+    model, info = loaded
+    others = sorted(k for k in info["unexpected_keys"] if added_marker not in k) + sorted(info["missing_keys"])
     if others:
         warnings.warn(f"model: {str(path)!r}: weights unexpected or missing at load: {', '.join(others[:8])}", stacklevel=2)
-    restore_saved(model, path)
     return model
 
 

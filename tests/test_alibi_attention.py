@@ -129,3 +129,13 @@ def test_shared_bias_follows_each_forward_and_holds_no_memory():
     from offsite_kernels.nn.alibi_attention import _SHARED_BIAS
 
     assert _SHARED_BIAS._slot.entry[-1]() is None
+
+
+def test_inference_mode_runs_without_the_shared_bias():
+    eager, fast = _models(torch.float32, seed=9)
+    ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode():  # its tensors have no version counter for the cache's key
+        got, want = fast(input_ids=ids).logits, eager(input_ids=ids).logits
+        kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert fast.generate(ids, **kwargs).tolist() == eager.generate(ids, **kwargs).tolist()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -335,6 +335,10 @@ def test_end_to_end_targets_are_judged_on_measured_gpu_rows_only():
     assert mfu["value"] == "42.0%" and not mfu["met"]
     text = format_markdown(rows)
     assert "### Targets of the issue" in text and "| **no** |" in text
+    offloaded = [{**r, "ft_fallback": "plain FT ran out of memory"} if r["method"] == "ft" else r for r in rows]
+    judged = {v["target"]: v for v in target_verdicts(offloaded)}
+    assert judged["gpt2-xl, batch 1 x 512: best path vs FT"]["met"] is None  # not judged against an offloaded FT
+    assert "not judged" in format_markdown(offloaded)
     on_cpu = [{**r, "device": "cpu"} for r in rows]
     assert target_verdicts(on_cpu) == [] and "Targets of the issue" not in format_markdown(on_cpu)
 
@@ -517,6 +521,14 @@ def test_gpu_suite_writes_its_summary_after_each_stage_and_stops_on_sigterm(tmp_
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "| first | ok |" in summary and "| second | interrupted (SIGTERM) |" in summary and "third" not in summary
     assert signal.getsignal(signal.SIGTERM) is not suite._on_sigterm  # the suite's handler is gone again
+    assert record["interrupted"] and "Interrupted (SIGTERM)" in summary
+
+    # told to stop by a stage that then finishes well: no further stage starts, and the suite does not pass
+    polite = "import os, signal; os.kill(os.getppid(), signal.SIGTERM)"
+    monkeypatch.setattr(suite, "stages", lambda *_: [suite.Stage("asks", [sys.executable, "-c", polite], 20, min_s=1), never])
+    assert suite.main(["--out", str(tmp_path / "again")]) == 1
+    record = json.loads((tmp_path / "again" / "suite.json").read_text())
+    assert [r["name"] for r in record["stages"]] == ["asks"] and record["interrupted"]
 
 
 def test_gpu_suite_kills_a_stage_with_its_children_on_timeout(tmp_path):

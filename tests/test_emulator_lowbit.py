@@ -111,6 +111,9 @@ def test_16_bit_storage_is_a_dense_cast(bits):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[bits]
     assert qw.format == "dense" and qw.data.dtype == dtype and qw.shape == (37, 53)
     assert torch.equal(qw.dequantize(), w.to(dtype))
+    if bits == "fp16":  # past float16's range: refused, not stored as inf
+        with pytest.raises(QuantizationError, match=r"beyond torch\.float16's range"):
+            ok.quantize_weight(w * 1e5, bits=bits)
 
 
 def _autocast_step(emu, ids, mask):

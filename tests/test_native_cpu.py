@@ -332,6 +332,11 @@ def test_bad_inputs_raise_clear_errors(C):
     square = torch.randn(8, 8)
     with pytest.raises(RuntimeError, match="out shares memory with x"):
         C.frozen_linear_fwd(square, "int8", q8.data[:, :8].contiguous(), q8.scales, None, None, 0, square)
+    shared = torch.zeros(8, 64)
+    with pytest.raises(RuntimeError, match="out shares memory with scales"):
+        C.dequantize("int8", q8.data, shared.view(-1)[:8], None, 0, shared)
+    with pytest.raises(RuntimeError, match="out shares memory with scales"):
+        fwd(fmt="int8", data=q8.data, scales=shared.view(-1)[:8], zeros=None, out=shared.view(-1)[:24].view(3, 8))
     with pytest.raises(RuntimeError, match="out shares memory with grad_y"):
         C.frozen_linear_bwd(square, "int8", q8.data[:, :8].contiguous(), q8.scales, None, 0, square)
     with pytest.raises(ValueError, match="out of range"):

@@ -244,3 +244,14 @@ def test_gpt2_attention_scaled_by_depth_keeps_its_source_scale_through_a_package
     assert [b.attn.scaling for b in loaded.blocks] == pytest.approx(source, rel=1e-12)
     ids = random_ids(2, 9, seed=3)
     torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_depth_scaled_attention_without_a_stored_scale_is_refused():
+    # an older transformers divides by (layer_idx + 1) at each call: renumbered emulator blocks would change it
+    from offsite_kernels.tiny import tiny_model
+
+    model = tiny_model("gpt2", n_layers=6, seed=1, scale_attn_by_inverse_layer_idx=True)
+    for block in model.transformer.h:
+        del block.attn.scaling
+    with pytest.raises(ok.UnsupportedModelError, match="upgrade transformers"):
+        ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -374,10 +376,15 @@ def test_bottleneck_adapter_plugs_in_and_checks_before_changing(tokenizer, text_
     torch.testing.assert_close(reloaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=0, atol=0)
 
     # saved as a whole model (offsite plug-in) and loaded back: the bottlenecks come back with it
+    from offsite_kernels.emulator.bottleneck import load_model
     from offsite_kernels.hf_io import load_local_model, save_model_dir
 
     save_model_dir(plugged, tmp_path / "plugged")
-    loaded = load_local_model(tmp_path / "plugged", attn_implementation="eager")  # as tiny_model's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing else unexpected or missing to warn about
+        loaded = load_model(tmp_path / "plugged", attn_implementation="eager")  # as tiny_model's
+    plain = load_local_model(tmp_path / "plugged", attn_implementation="eager")  # Hugging Face alone: no bottlenecks
+    assert not any("offsite_bottleneck" in k for k in plain.state_dict())
     assert loaded.state_dict().keys() == state.keys()
     torch.testing.assert_close(loaded(input_ids=ids).logits, plugged(input_ids=ids).logits, rtol=0, atol=0)
 
@@ -385,8 +392,8 @@ def test_bottleneck_adapter_plugs_in_and_checks_before_changing(tokenizer, text_
 def test_a_damaged_saved_bottleneck_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
+    from offsite_kernels.emulator.bottleneck import load_model
     from offsite_kernels.errors import PackageError
-    from offsite_kernels.hf_io import load_local_model
 
     model = tiny_model("gpt2", seed=23)
     model.save_pretrained(tmp_path / "m")
@@ -399,7 +406,7 @@ def test_a_damaged_saved_bottleneck_is_refused(tmp_path):
     ]:
         save_file({**tensors, f"{block}.offsite_bottleneck.down.weight": down}, str(weights))
         with pytest.raises(PackageError, match=what):
-            load_local_model(tmp_path / "m")
+            load_model(tmp_path / "m")
 
 
 # --- review fixes: checkpoints never clobber, never resume another run ------------------------
@@ -460,15 +467,26 @@ def test_a_checkpoint_save_killed_between_its_renames_is_recovered(tokenizer, te
     finetune(straight, data, quiet(steps=3, lr=1e-3))
     first = ok.make_emulator(tiny_model("gpt2", seed=2), bottom=1, top=1, emulator_layers=2)
     finetune(first, data, quiet(**{**run, "steps": 3}))
-    # as a save killed after moving the checkpoint aside, before moving the new one in, leaves it
+    # as a save killed after moving the checkpoint aside, before moving the new one in, leaves it ...
     (tmp_path / ".ckpt.old-x1").mkdir()
     os.replace(ckpt, tmp_path / ".ckpt.old-x1" / "ckpt")
+    # ... beside a complete temporary folder that is not taken: it may be any run's
+    other = ok.make_emulator(tiny_model("gpt2", seed=2), bottom=1, top=1, emulator_layers=2)
+    finetune(other, data, quiet(**{**run, "steps": 5, "checkpoint_dir": str(tmp_path / ".ckpt.tmp-x2")}))
     resumed = ok.make_emulator(tiny_model("gpt2", seed=2), bottom=1, top=1, emulator_layers=2)
-    with pytest.warns(UserWarning, match="interrupted; resuming from the complete checkpoint of step 3"):
+    with pytest.warns(UserWarning, match="interrupted; resuming from the checkpoint of step 3 it had moved aside"):
         finetune(resumed, data, quiet(**run))
     assert (ckpt / "trainer_state.json").is_file() and not (tmp_path / ".ckpt.old-x1").exists()
+    assert (tmp_path / ".ckpt.tmp-x2" / "trainer_state.json").is_file()  # left as it was
     a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    shutil.rmtree(ckpt)  # deleted by hand to start over: only the complete temporary folder is left, and not taken
+    fresh = ok.make_emulator(tiny_model("gpt2", seed=2), bottom=1, top=1, emulator_layers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune(fresh, data, quiet(**run))
+    a, b = straight.adapter_state_dict(), fresh.adapter_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # trained from step 0, as asked
 
 
 def test_distill_restores_the_callers_teacher_and_refuses_pruned(tokenizer, text_file):
@@ -483,26 +501,43 @@ def test_distill_restores_the_callers_teacher_and_refuses_pruned(tokenizer, text
         distill(pruned, teacher, load_blocks(text_file, tokenizer, 24), quiet(steps=1))
 
 
-def test_distill_gives_back_the_teachers_own_weights_after_running_it_in_bf16(tokenizer, text_file, monkeypatch):
+def test_distill_runs_a_teacher_in_bf16_without_rounding_or_copying_it(tokenizer, text_file, monkeypatch):
     import importlib
 
     distill_module = importlib.import_module("offsite_kernels.workflow.distill")  # the package exports distill()
     teacher = tiny_model("llama", seed=6, tie_word_embeddings=True)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    ran_in: list[torch.dtype] = []
+    storages = {k: v.untyped_storage().data_ptr() for k, v in teacher.state_dict().items()}
+    seen: list[tuple[torch.dtype, bool, torch.dtype]] = []
     monkeypatch.setattr(distill_module, "_teacher_dtype", lambda device: torch.bfloat16)  # as on a GPU
     real_forward = type(teacher).forward
 
     def recording_forward(self, *a, **k):
-        ran_in.append(self.lm_head.weight.dtype)
+        seen.append((self.lm_head.weight.dtype, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return real_forward(self, *a, **k)
 
     monkeypatch.setattr(type(teacher), "forward", recording_forward)
     emu = ok.make_emulator(teacher, bottom=1, top=1, emulator_layers=2)
     distill(emu, teacher, load_blocks(text_file, tokenizer, 24), quiet(steps=1, batch_size=2))
-    assert ran_in and set(ran_in) == {torch.bfloat16}
+    # already on the training device: run under bf16 autocast, its fp32 weights neither cast nor copied
+    assert seen and set(seen) == {(torch.float32, True, torch.bfloat16)}
     after = teacher.state_dict()
-    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())  # not rounded to bf16
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert {k: v.untyped_storage().data_ptr() for k, v in after.items()} == storages
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight
+
+
+def test_a_teacher_moved_and_cast_for_the_run_gets_its_own_tensors_back():
+    import importlib
+
+    distill_module = importlib.import_module("offsite_kernels.workflow.distill")
+    teacher = tiny_model("llama", seed=6, tie_word_embeddings=True)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    own = distill_module._own_tensors(teacher)
+    teacher.to(torch.bfloat16)  # what distill does with a teacher that is not on the GPU yet
+    distill_module._put_back(own)
+    after = teacher.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())  # not a bf16 round trip
     assert teacher.lm_head.weight is teacher.model.embed_tokens.weight
 
 
@@ -551,3 +586,18 @@ def test_report_refuses_an_adapter_that_does_not_fit_before_evaluating(tokenizer
 def test_method_settings_out_of_range_are_refused(make, message):
     with pytest.raises(MethodError, match=message):
         make()
+
+
+def test_a_checkpoint_of_an_older_fingerprint_format_is_refused_by_name(tokenizer, text_file, tmp_path):
+    from offsite_kernels.errors import PackageError
+
+    ckpt = tmp_path / "ckpt"
+    data = load_blocks(text_file, tokenizer, 24)
+    run = dict(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=str(ckpt))
+    finetune(ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2), data, quiet(**run))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["counters"]["fingerprint"]["run"]  # as the format before the run settings joined it
+    state["counters"]["fingerprint"]["data"] = {"shape": list(data.ids.shape), "checksum": int(data.ids.sum())}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(PackageError, match="written by an older offsite-kernels"):
+        finetune(ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2), data, quiet(**run))

@@ -6,7 +6,7 @@ bottleneck leaves the model exactly as it was.
 
 A model with bottlenecks plugged in saves them with its weights (``<block>.offsite_bottleneck.*``),
 but Hugging Face's ``from_pretrained`` builds the plain architecture and drops those tensors:
-:func:`restore_saved` puts them back after loading.
+:func:`load_model` loads a whole model directory and puts them back (:func:`restore_saved`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,16 @@ def bottleneck_size(tensors: dict[str, torch.Tensor]) -> int | None:
         if name.endswith(f"{ATTR}.down.weight"):
             return int(t.shape[0])
     return None
+
+
+def load_model(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
+    """A whole causal LM from a local directory, with the bottleneck adapters it was saved with
+    (``offsite plug-in`` of a bottleneck adapter writes such a directory)."""
+    from ..hf_io import load_local_model
+
+    model = load_local_model(path, added_marker=f".{ATTR}.", **hf_kwargs)
+    restore_saved(model, path)
+    return model
 
 
 def saved_bottlenecks(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..models import ModelFamily
 from .layout import Layout
 
@@ -25,14 +26,30 @@ def restore_source_depth_(model: nn.Module, family: ModelFamily, layout: Layout)
 
     An emulator made in memory keeps its source blocks (and their scaling); one loaded from a package
     is rebuilt block by block at positions 0, 1, ... of the shrunk config."""
-    if family.depth_scaled_attention is None:
+    modules = _depth_scaled(model, family)
+    if not modules:
         return
+    for position, (attention, source) in enumerate(zip(modules, layout.kept_indices, strict=True)):
+        attention.scaling = attention.scaling * (position + 1) / (source + 1)
+
+
+def _depth_scaled(model: nn.Module, family: ModelFamily) -> list[nn.Module]:
+    """The attention modules of ``model``'s blocks that scale by depth (none where the family or config does not).
+
+    Such a module must hold its scale (``scaling``, set when Hugging Face builds the block): an older
+    transformers that divides by ``layer_idx + 1`` at each call would follow the renumbered blocks."""
+    if family.depth_scaled_attention is None:
+        return []
     path, flag = family.depth_scaled_attention
     if not getattr(model.config, flag, False):
-        return
-    for position, (block, source) in enumerate(zip(family.get_blocks(model), layout.kept_indices, strict=True)):
-        attention = block.get_submodule(path)
-        attention.scaling = attention.scaling * (position + 1) / (source + 1)
+        return []
+    modules = [block.get_submodule(path) for block in family.get_blocks(model)]
+    if not all(isinstance(getattr(m, "scaling", None), float) for m in modules):
+        raise UnsupportedModelError(
+            f"{family.name} with {flag}: this transformers version scales attention by the block's position at each "
+            "call, which an emulator's renumbered blocks would change; upgrade transformers (5.x keeps the scale per block)"
+        )
+    return modules
 
 
 def shrink_config_(config: Any, family: ModelFamily, kept: tuple[int, ...]) -> None:
@@ -50,6 +67,7 @@ def copy_with_blocks(model: nn.Module, family: ModelFamily, kept: tuple[int, ...
 
     The dropped blocks are never copied. The source model is left exactly as it was.
     """
+    _depth_scaled(model, family)  # refused here if the blocks could not keep their source scale
     blocks = family.get_blocks(model)
     subset = nn.ModuleList([blocks[i] for i in kept])
     family.set_blocks(model, subset)

@@ -16,7 +16,8 @@ would be saved once per block. Every block of one forward gets the same ``alibi`
 from Hugging Face's model loop, so the blocks share one bias: :class:`_SharedBias` keeps the last
 one built while anything (autograd's saved tensors, the caller) still holds it, keyed on the
 identity of those tensors. It keeps no bias alive by itself (under recomputation each block still
-builds its own), and is bypassed while ``torch.compile`` traces or a CUDA graph is captured.
+builds its own), and is bypassed while ``torch.compile`` traces, a CUDA graph is captured, or in
+``torch.inference_mode`` (nothing is saved there, and its tensors carry no version counter).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class _SharedBias:
 
     @staticmethod
     def _usable() -> bool:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # inference tensors have no versions
             return False
         return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -48,7 +49,7 @@ class _SharedBias:
         return (*shape, versions, alibi.device)
 
     def get(self, alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
-        if not self._usable():
+        if not self._usable() or alibi.is_inference() or (mask is not None and mask.is_inference()):
             return None
         entry = getattr(self._slot, "entry", None)
         if entry is None:
@@ -60,7 +61,7 @@ class _SharedBias:
         return None
 
     def put(self, alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple, bias: torch.Tensor) -> None:
-        if self._usable():
+        if self._usable() and not alibi.is_inference() and not (mask is not None and mask.is_inference()):
             mask_ref = None if mask is None else weakref.ref(mask)
             self._slot.entry = (weakref.ref(alibi), mask_ref, self._key(alibi, mask, shape), weakref.ref(bias))
 

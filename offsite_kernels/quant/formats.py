@@ -206,6 +206,12 @@ def quantize_weight(w: torch.Tensor, bits: int | str | None = 4, group_size: int
     _check_weight(w)
     if fmt == "dense":
         stored = w.detach().to(DENSE_STORAGE.get(bits, w.dtype)).contiguous()  # type: ignore[arg-type]
+        if stored.dtype != w.dtype and stored.device.type != "meta" and not torch.isfinite(stored).all():
+            limit = torch.finfo(stored.dtype).max
+            raise QuantizationError(
+                f"the weight holds values beyond {stored.dtype}'s range (|w| > {limit:g}); store it with bits='bf16' "
+                "(float32's range) or keep it dense"
+            )
         return QuantizedWeight("dense", stored, None, None, 0, tuple(w.shape), stored.dtype)
     if fmt == "int8":
         return quantize_int8(w)

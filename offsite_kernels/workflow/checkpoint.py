@@ -47,15 +47,18 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 
 def _interrupted_saves(path: Path) -> list[Path]:
-    """Complete checkpoints that a save killed between its two renames left beside ``path``: the
-    previous one, moved aside (``.<name>.old-*/<name>``), and the new one, not yet moved in
-    (``.<name>.tmp-*``); see :func:`offsite_kernels.io.atomic_output_dir`."""
-    found = [*path.parent.glob(f".{path.name}.old-*/{path.name}"), *path.parent.glob(f".{path.name}.tmp-*")]
+    """Complete checkpoints that a save killed between its two renames left beside a missing ``path``: the
+    previous checkpoint, moved aside (``.<name>.old-*/<name>``; see :func:`offsite_kernels.io.atomic_output_dir`).
+    The new one, not yet moved in (``.<name>.tmp-*``), is not taken: a complete temporary folder is also
+    what a kill just before the renames leaves, of whatever run wrote it; the checkpoint that was in
+    place is the one known to be this path's."""
+    found = path.parent.glob(f".{path.name}.old-*/{path.name}")
     return [c for c in found if (c / STATE_FILE).is_file() and (c / TENSOR_FILE).is_file()]
 
 
 def _recover_interrupted_save(path: Path) -> bool:
-    """Put back the newest complete checkpoint an interrupted save left beside a missing ``path``."""
+    """Put back the checkpoint an interrupted save moved aside from a now missing ``path`` (the newest, by
+    step, should there be several)."""
     steps = []
     for candidate in _interrupted_saves(path):
         try:
@@ -66,10 +69,9 @@ def _recover_interrupted_save(path: Path) -> bool:
         return False
     step, newest = max(steps)
     os.replace(newest, path)
-    if newest.parent.name.startswith(f".{path.name}.old-"):
-        newest.parent.rmdir()
+    newest.parent.rmdir()
     warnings.warn(
-        f"{str(path)!r}: a checkpoint save was interrupted; resuming from the complete checkpoint of step {step} it left",
+        f"{str(path)!r}: a checkpoint save was interrupted; resuming from the checkpoint of step {step} it had moved aside",
         stacklevel=3,
     )
     return True

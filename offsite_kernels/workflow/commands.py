@@ -120,13 +120,13 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def load_model_or_emulator(path: str | Path) -> Any:
     """An emulator package (has offsite.json) or a plain Hugging Face model directory."""
+    from ..emulator.bottleneck import load_model
     from ..emulator.offsite_model import OffsiteModel
     from ..emulator.package import PACKAGE_FILE
-    from ..hf_io import load_local_model
 
     if (Path(path) / PACKAGE_FILE).is_file():
         return OffsiteModel.from_pretrained(path)
-    return load_local_model(path)
+    return load_model(path)
 
 
 def _data(args: argparse.Namespace, tokenizer: Any, model: Any) -> tuple[Any, Any]:
@@ -139,8 +139,9 @@ def _data(args: argparse.Namespace, tokenizer: Any, model: Any) -> tuple[Any, An
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..emulator.bottleneck import load_model
     from ..emulator.offsite_model import OffsiteModel
-    from ..hf_io import load_local_model, save_model_dir
+    from ..hf_io import save_model_dir
     from ..io import check_output_dir
     from .finetune import finetune
     from .methods import BottleneckSettings, LoraSettings
@@ -161,7 +162,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")) if args.lora_targets else None
     )
     bottleneck = BottleneckSettings(args.bottleneck_size)  # both checked before the model is loaded
-    model = load_local_model(args.emulator_dir) if args.full_model else OffsiteModel.from_pretrained(args.emulator_dir)
+    model = load_model(args.emulator_dir) if args.full_model else OffsiteModel.from_pretrained(args.emulator_dir)
     if args.fast:
         model.use_fast_blocks()
     if args.recompute:
@@ -188,8 +189,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from ..emulator.bottleneck import load_model
     from ..emulator.offsite_model import OffsiteModel
-    from ..hf_io import load_local_model
     from ..io import check_output_dir
     from ..quant.formats import check_format
     from .distill import distill
@@ -199,7 +200,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         check_format(args.bits, args.group_size)
     settings = settings_from(args, allow_stage3=True)
     emu = OffsiteModel.from_pretrained(args.emulator_dir)
-    teacher = load_local_model(args.teacher)
+    teacher = load_model(args.teacher)
     tokenizer = load_tokenizer(args.emulator_dir)
     train, valid = _data(args, tokenizer, emu)
     result = distill(emu, teacher, train, settings, valid=valid, lm_weight=args.lm_weight, kd_weight=args.kd_weight)
@@ -234,8 +235,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..emulator.adapter import read_adapter
+    from ..emulator.bottleneck import load_model
     from ..emulator.offsite_model import OffsiteModel
-    from ..hf_io import load_local_model
     from ..io import check_output_dir
     from .data import check_tokenizer, load_blocks, load_choices
     from .report import format_table, four_settings, ordering_holds
@@ -243,13 +244,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     read_adapter(args.adapter)  # a bad adapter fails before any model is loaded
     if args.json:
         check_output_dir(args.json, args.overwrite)
-    model = load_local_model(args.model)
+    model = load_model(args.model)
     emu = OffsiteModel.from_pretrained(args.emulator)
     tokenizer = load_tokenizer(args.model)
     check_tokenizer(tokenizer, model)
     data = load_blocks(args.data, tokenizer, args.block_size, max_blocks=args.max_blocks)
     choices = load_choices(args.choices) if args.choices else None
-    full_ft = load_local_model(args.full_finetuned) if args.full_finetuned else None
+    full_ft = load_model(args.full_finetuned) if args.full_finetuned else None
     rows = four_settings(model, emu, args.adapter, data, tokenizer, choices, full_ft)
     print(format_table(rows))
     print(

@@ -14,6 +14,7 @@ not restored.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -56,7 +57,8 @@ def middle_output_index(emu: OffsiteModel) -> tuple[int, int]:
 
 
 def _teacher_dtype(device: torch.device) -> torch.dtype | None:
-    """The teacher runs forward only: in bf16 on a GPU (moved there for the run); elsewhere as it is."""
+    """The teacher runs forward only: in bf16 on a GPU (a bf16 copy moved there for the run, or under
+    autocast if it is there already); elsewhere as it is."""
     return torch.bfloat16 if device.type == "cuda" else None
 
 
@@ -127,14 +129,17 @@ def distill(
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    teacher_autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
     if teacher_zero3 is not None:
         from .deepspeed_engine import teacher_engine
 
         teacher_call: nn.Module = teacher_engine(teacher, teacher_zero3)
     else:
         dtype = _teacher_dtype(device)
-        if dtype is not None:
-            teacher.to(device=device, dtype=dtype)
+        if dtype is not None and next(teacher.parameters()).device != device:
+            teacher.to(device=device, dtype=dtype)  # a copy there; its own tensors stay where they were
+        elif dtype is not None:  # already there: autocast, so that no second copy of its weights is held
+            teacher_autocast = torch.autocast(device.type, dtype=dtype)
         teacher_call = teacher
     for p in emu.parameters():
         p.requires_grad_(False)
@@ -147,7 +152,7 @@ def distill(
     data_parallel = launch_world().distributed
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), teacher_autocast:
             t_ids = ids if teacher_zero3 is not None else ids.to(next(teacher.parameters()).device)
             t_hidden = teacher_call(input_ids=t_ids, output_hidden_states=True).hidden_states[t_index]
         out = emu(input_ids=ids, labels=ids, output_hidden_states=True)

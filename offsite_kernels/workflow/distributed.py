@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import OffsiteError
+from ..errors import OffsiteError, PackageError
 
 
 class DistributedError(OffsiteError, ValueError):
@@ -281,7 +281,17 @@ class DataParallelEngine(LocalEngine):
         return from_main(value)
 
     def has_checkpoint(self, ckpt: Path) -> bool:
-        return bool(from_main(super().has_checkpoint(ckpt)))
+        """Rank 0 looks (and recovers an interrupted save); every rank gets its answer, or its error."""
+        outcome: tuple[str, Any] | None = None
+        if self.world.is_main:
+            try:
+                outcome = ("found", super().has_checkpoint(ckpt))
+            except PackageError as exc:
+                outcome = ("error", str(exc))
+        kind, value = from_main(outcome)
+        if kind == "error":
+            raise PackageError(value)
+        return bool(value)
 
     def save(self, ckpt: Path, counters: dict[str, Any], best: dict[str, torch.Tensor] | None) -> None:
         if self.world.is_main:

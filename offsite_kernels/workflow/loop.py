@@ -105,7 +105,13 @@ def run_fingerprint(
 
 
 def _check_same_run(counters: dict[str, Any], fingerprint: dict, ckpt: Path) -> None:
-    if counters.get("fingerprint") != fingerprint:
+    saved = counters.get("fingerprint")
+    if isinstance(saved, dict) and "run" not in saved:  # written before the fingerprint had its run settings
+        raise PackageError(
+            f"the checkpoint in {str(ckpt)!r} was written by an older offsite-kernels, whose fingerprint cannot tell "
+            "whether it is this run's; delete it or give a new --checkpoint-dir"
+        )
+    if saved != fingerprint:
         raise PackageError(
             f"the checkpoint in {str(ckpt)!r} belongs to another run (other settings, data, method or trainable weights); "
             "delete it or give a new --checkpoint-dir"
