@@ -149,6 +149,9 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             400 if full_kernels else 130,  # the quick sweep compiles ~85 kernels from a cold cache
             "frozen_linear_gpu.md",
             *q,
+            # quick: 40 ms of repetitions per median (hundreds of calls of these µs kernels), so the ~300
+            # measurements leave the cold compiles their time
+            *([] if full_kernels else ["--rep-ms", "40", "--warmup-ms", "10"]),
         ),
         # the quick run leaves out the torch.compile baselines (cold Inductor compiles): the block section comes last
         _script_stage(

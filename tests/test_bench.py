@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -490,6 +492,13 @@ def test_gpu_suite_runs_the_opt_in_stages_only_when_named(tmp_path):
                 BenchMethod.parse(method)  # every method the suite asks for is a valid name
     fused = next(s for s in every if s.name == "fused_ops")
     assert "--no-compile" in fused.argv and "--quick" in fused.argv
+    linear = next(s for s in every if s.name == "frozen_linear")
+    assert linear.argv[linear.argv.index("--rep-ms") + 1] == "40"  # shorter medians in the quick call
+    bench_dir = Path(suite.__file__).parent
+    help_text = subprocess.run(
+        [sys.executable, str(bench_dir / "frozen_linear_gpu.py"), "--help"], capture_output=True, text=True
+    )
+    assert "--rep-ms" in help_text.stdout and "--warmup-ms" in help_text.stdout  # flags the script takes
     # the quick default fits its budget with room for e2e, and the stage that compiles the extension needs time
     assert sum(s.timeout_s for s in every if s.name in default[:5]) <= suite.BUDGET_S
     second_call = ["native", "native_tests", "host_overhead"]  # and e2e_7b, with what is left
