@@ -38,21 +38,20 @@ class _SharedBias:
         self._slot = threading.local()
 
     @staticmethod
-    def _usable() -> bool:
-        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # inference tensors have no versions
+    def _usable(alibi: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return False
+        if alibi.is_inference() or (mask is not None and mask.is_inference()):  # no version counter to key on
             return False
         return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
     @staticmethod
     def _key(alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple) -> tuple:
-        versions = (alibi._version, None if mask is None else mask._version)
-        return (*shape, versions, alibi.device)
+        return (*shape, alibi._version, None if mask is None else mask._version)
 
     def get(self, alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
-        if not self._usable() or alibi.is_inference() or (mask is not None and mask.is_inference()):
-            return None
         entry = getattr(self._slot, "entry", None)
-        if entry is None:
+        if entry is None or not self._usable(alibi, mask):
             return None
         alibi_ref, mask_ref, key, bias_ref = entry
         same_mask = mask is None if mask_ref is None else mask_ref() is mask
@@ -61,7 +60,7 @@ class _SharedBias:
         return None
 
     def put(self, alibi: torch.Tensor, mask: torch.Tensor | None, shape: tuple, bias: torch.Tensor) -> None:
-        if self._usable() and not alibi.is_inference() and not (mask is not None and mask.is_inference()):
+        if self._usable(alibi, mask):
             mask_ref = None if mask is None else weakref.ref(mask)
             self._slot.entry = (weakref.ref(alibi), mask_ref, self._key(alibi, mask, shape), weakref.ref(bias))
 

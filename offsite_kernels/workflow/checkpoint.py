@@ -118,8 +118,7 @@ def save_checkpoint(
 
 def saved_counters(path: str | os.PathLike) -> dict[str, Any]:
     """The loop's counters of the checkpoint in ``path``, read without restoring anything."""
-    meta = read_json(Path(path) / STATE_FILE, "training checkpoint")
-    counters = meta.get("counters") if isinstance(meta, dict) else None
+    counters = read_json(Path(path) / STATE_FILE, "training checkpoint").get("counters")
     if not isinstance(counters, dict):
         raise PackageError(f"training checkpoint {str(path)!r} has no counters; delete it or use a new --checkpoint-dir")
     return counters
