@@ -32,10 +32,10 @@ GB/s over the minimal traffic: ``fwd`` reads x (+ residual), writes y (+ h = x +
 ``bwd`` reads dy, the saved input, the fp32 row statistics (rstd, and mean for LayerNorm),
 (+ dh), and writes dx. The same byte count for every implementation of a case.
 
-``act``: ``bias_gelu`` (tanh form, GPT2-XL's 6400 features; erf form, 8192) and ``swiglu``
-(Llama-2-7B's 11008), rows in {4096, 16384}; ``offsite``, ``offsite_op``, ``eager``
-(``F.gelu(x + b)``, ``F.silu(g) * u``), ``compile``, ``liger`` (SwiGLU only:
-``LigerSiLUMulFunction``). Traffic: ``fwd`` reads the inputs, writes y; ``bwd`` reads dy and the
+``act``: ``bias_gelu`` (tanh form, GPT2-XL's 6400 features; erf form, 8192), ``swiglu``
+(Llama-2-7B's 11008) and ``geglu`` (tanh form, Gemma-7B's 24576), rows in {4096, 16384};
+``offsite``, ``offsite_op``, ``eager`` (``F.gelu(x + b)``, ``F.silu(g) * u``,
+``F.gelu(g) * u``), ``compile``, ``liger`` (the gated ones: ``liger_swiglu``, ``liger_geglu``). Traffic: ``fwd`` reads the inputs, writes y; ``bwd`` reads dy and the
 inputs, writes their gradients.
 
 ``head``: ``ok.ops.fused_linear_cross_entropy(h, W, labels, shift_labels=False)`` against the
@@ -130,12 +130,14 @@ ACT_CASES: tuple[tuple[str, str, int, str], ...] = (
     ("bias_gelu", "gpt2-xl/mlp (tanh)", 6400, "tanh"),
     ("bias_gelu", "8192 (erf)", 8192, "none"),
     ("swiglu", "llama-2-7b/mlp", 11008, ""),
+    ("geglu", "gemma-7b/mlp (tanh)", 24576, "tanh"),
 )
 QUICK_ACT_CASES = ("gpt2-xl/mlp (tanh)", "llama-2-7b/mlp")
 SMOKE_ACT_CASES: tuple[tuple[str, str, int, str], ...] = (
     ("bias_gelu", "tiny (tanh)", 80, "tanh"),
     ("bias_gelu", "tiny (erf)", 72, "none"),
     ("swiglu", "tiny", 80, ""),
+    ("geglu", "tiny (tanh)", 80, "tanh"),
 )
 ACT_ROWS = (4096, 16384)
 QUICK_ACT_ROWS = (16384,)
@@ -209,7 +211,7 @@ def norm_traffic(kind: str, direction: str, rows: int, hidden: int, act_bytes: i
 def act_traffic(op: str, direction: str, rows: int, features: int, act_bytes: int) -> int:
     """Minimal bytes of one activation call: the inputs read, the outputs written (bwd: dy read too)."""
     tensor = rows * features * act_bytes
-    if op == "swiglu":
+    if op in ("swiglu", "geglu"):
         return tensor * (3 if direction == "fwd" else 5)
     return tensor * (2 if direction == "fwd" else 3)
 
@@ -768,6 +770,20 @@ def liger_swiglu(liger: Any, g: Any, u: Any) -> tuple:
     return (liger.liger_swiglu(g, u),)
 
 
+def eager_geglu(g: Any, u: Any, approximate: str) -> tuple:
+    import torch.nn.functional as F
+
+    return (F.gelu(g, approximate=approximate) * u,)
+
+
+def offsite_geglu(ok: Any, g: Any, u: Any, approximate: str) -> tuple:
+    return (ok.ops.geglu(g, u, approximate),)
+
+
+def liger_geglu(liger: Any, g: Any, u: Any) -> tuple:
+    return (liger.liger_geglu(g, u),)  # Liger's GeGLU: the tanh form
+
+
 def _op_call(fn: Callable, *args: Any) -> tuple:
     return _as_tuple(fn(*args))
 
@@ -778,7 +794,7 @@ def _op_bwd(fn: Callable, args: tuple, _outs: Any) -> Callable:
 
 def bench_act(ctx: Context, op: str, label: str, features: int, approximate: str, rows: int) -> list[dict]:
     torch, ok = ctx.torch, ctx.ok
-    from offsite_kernels.ops.activation import _GELU_ACTS, bias_act_input_grad_torch, bias_act_torch, swiglu_input_grad_torch
+    from offsite_kernels.ops.activation import _GELU_ACTS, bias_act_input_grad_torch, bias_act_torch, gated_act_input_grad_torch
 
     gen = torch.Generator(device=ctx.device).manual_seed(rows * 3 + features)
     dy = ctx.randn(rows, features, gen=gen)
@@ -809,12 +825,35 @@ def bench_act(ctx: Context, op: str, label: str, features: int, approximate: str
         ]
         compile_fwd = (eager_bias_gelu, (xr, b, approximate), (xr,))
         liger_fwd = None
+    elif op == "geglu":
+        g = ctx.randn(rows, features, gen=gen)
+        u = ctx.randn(rows, features, gen=gen)
+        refs = {
+            "fwd": (bias_act_torch(g.float(), None, _GELU_ACTS[approximate]) * u.float(),),
+            "bwd": gated_act_input_grad_torch(dy.float(), g.float(), u.float(), _GELU_ACTS[approximate]),
+        }
+        gr, ur = g.detach().clone().requires_grad_(True), u.detach().clone().requires_grad_(True)
+        bwd = partial(_autograd_bwd, (gr, ur), (dy,))
+        name = "geglu" if approximate == "none" else "geglu_tanh"
+        impls = [
+            ("offsite", f"ok.ops.geglu(g, u, {approximate!r})", partial(offsite_geglu, ok, gr, ur, approximate), bwd),
+            (
+                "offsite_op",
+                f"torch.ops.offsite_kernels.{name} / {name}_backward",
+                partial(_op_call, getattr(torch.ops.offsite_kernels, name), g, u),
+                partial(_op_bwd, getattr(torch.ops.offsite_kernels, f"{name}_backward"), (dy, g, u)),
+            ),
+            ("eager", f"F.gelu(g, approximate={approximate!r}) * u", partial(eager_geglu, gr, ur, approximate), bwd),
+        ]
+        compile_fwd = (eager_geglu, (gr, ur, approximate), (gr, ur))
+        has_liger = ctx.liger is not None and hasattr(ctx.liger, "liger_geglu") and approximate == "tanh"
+        liger_fwd = partial(liger_geglu, ctx.liger, gr, ur) if has_liger else None
     else:
         g = ctx.randn(rows, features, gen=gen)
         u = ctx.randn(rows, features, gen=gen)
         refs = {
             "fwd": (torch.nn.functional.silu(g.float()) * u.float(),),
-            "bwd": swiglu_input_grad_torch(dy.float(), g.float(), u.float()),
+            "bwd": gated_act_input_grad_torch(dy.float(), g.float(), u.float(), "silu"),
         }
         gr, ur = g.detach().clone().requires_grad_(True), u.detach().clone().requires_grad_(True)
         bwd = partial(_autograd_bwd, (gr, ur), (dy,))
@@ -843,7 +882,7 @@ def bench_act(ctx: Context, op: str, label: str, features: int, approximate: str
         except Exception as exc:
             group.append({**base, "direction": "fwd", "impl": "compile", "error": _error(exc)})
     if liger_fwd is not None:
-        group += measure_impl(ctx, base, "liger", "liger_swiglu(g, u)", liger_fwd, bwd, refs, traffic)
+        group += measure_impl(ctx, base, "liger", f"liger_{op}(g, u)", liger_fwd, bwd, refs, traffic)
     for direction in ("fwd", "bwd"):
         fill_speedups([r for r in group if r["direction"] == direction])
     return group

@@ -33,3 +33,8 @@ class OutputExistsError(OffsiteError, FileExistsError):
 
 class BackendError(OffsiteError, RuntimeError):
     """A requested kernel backend that cannot run here."""
+
+
+class ForwardADError(OffsiteError, NotImplementedError):
+    """Forward-mode automatic differentiation (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``)
+    through a library op: the ops define input gradients for the backward only."""

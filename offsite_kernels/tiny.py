@@ -26,8 +26,18 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128),
     "opt": dict(hidden_size=48, num_attention_heads=4, ffn_dim=80, max_position_embeddings=128, word_embed_proj_dim=48),
     "bloom": dict(hidden_size=48, n_head=4),
+    "gemma": dict(_COMMON_LLAMA, head_dim=12, tie_word_embeddings=True),
+    "gpt_neox": dict(hidden_size=48, num_attention_heads=4, intermediate_size=80, max_position_embeddings=128, rotary_pct=0.5),
     "llama": dict(_COMMON_LLAMA),
     "mistral": dict(_COMMON_LLAMA, sliding_window=None),
+    "phi": dict(
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=80,
+        max_position_embeddings=128,
+        partial_rotary_factor=0.5,
+    ),
     "qwen2": dict(_COMMON_LLAMA),
     "qwen3": dict(_COMMON_LLAMA, head_dim=12),
 }

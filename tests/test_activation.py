@@ -1,4 +1,4 @@
-"""Fused activations (bias + GELU/ReLU/SiLU, SwiGLU): both backends against a float64 reference of the same math."""
+"""Fused activations (bias + GELU/ReLU/SiLU, SwiGLU, GeGLU): both backends against a float64 reference of the same math."""
 
 import importlib
 import zlib
@@ -15,6 +15,7 @@ from offsite_kernels.ops.activation import (
     bias_gelu,
     bias_relu,
     bias_silu,
+    geglu,
     swiglu,
 )
 
@@ -31,6 +32,12 @@ REFERENCE = {
     "gelu_tanh": lambda z: 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3))),
     "relu": lambda z: torch.where(z > 0, z, torch.zeros_like(z)),
     "silu": lambda z: z * torch.sigmoid(z),
+}
+# act(gate) * up, by the name of the activation
+GATED = {
+    "silu": swiglu,
+    "gelu": lambda g, u: geglu(g, u),
+    "gelu_tanh": lambda g, u: geglu(g, u, approximate="tanh"),
 }
 FUSED = {
     "gelu": lambda x, b: bias_gelu(x, b),
@@ -101,18 +108,25 @@ def make_gate_up(case, dtype, seed):
     return make_input(case, dtype, seed), make_input(case, dtype, seed + 1)
 
 
+def reference_gated(act, gate, up, grad_y):
+    """Float64 ``act(gate) * up`` and its gradients in gate and up, from the dtype's values."""
+    g64, u64 = gate.detach().double().requires_grad_(True), up.detach().double().requires_grad_(True)
+    y_ref = REFERENCE[act](g64) * u64
+    dg_ref, du_ref = torch.autograd.grad(y_ref, (g64, u64), grad_y.double())
+    return y_ref.detach(), dg_ref, du_ref
+
+
+@pytest.mark.parametrize("act", sorted(GATED))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["3d", "2d", "transposed", "chunked"])
-def test_swiglu_forward_and_input_gradients_match_float64(backend, dtype, case):
-    seed = seed_of("swiglu", dtype, case)
+def test_gated_forward_and_input_gradients_match_float64(backend, act, dtype, case):
+    seed = seed_of("gated", act, dtype, case)
     gate, up = make_gate_up(case, dtype, seed)
     gate, up = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
-    y = swiglu(gate, up)
+    y = GATED[act](gate, up)
     assert y.shape == gate.shape and y.dtype == dtype and y.is_contiguous()
     grad_y = torch.randn(y.shape, generator=gen(seed + 7)).to(dtype)
-    g64, u64 = gate.detach().double().requires_grad_(True), up.detach().double().requires_grad_(True)
-    y_ref = g64 * torch.sigmoid(g64) * u64
-    dg_ref, du_ref = torch.autograd.grad(y_ref, (g64, u64), grad_y.double())
+    y_ref, dg_ref, du_ref = reference_gated(act, gate, up, grad_y)
     assert rel_error(y, y_ref) < TOLERANCE[dtype]
     y.backward(grad_y)
     assert rel_error(gate.grad, dg_ref) < TOLERANCE[dtype]
@@ -157,9 +171,10 @@ def test_zero_dim_and_empty_inputs(backend):
         y = bias_relu(x, bias)
         y.sum().backward()
         assert y.shape == shape and x.grad.shape == shape
-        g, u = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
-        swiglu(g, u).sum().backward()
-        assert g.grad.shape == shape and u.grad.shape == shape
+        for gated in (swiglu, geglu):
+            g, u = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+            gated(g, u).sum().backward()
+            assert g.grad.shape == shape and u.grad.shape == shape
 
 
 # --- kernels: every element written, nothing past the end ----------------------------------------
@@ -193,22 +208,21 @@ def test_bias_act_kernels_write_every_output_element(act, dtype, shape):
     assert rel_error(dx, dx_ref) < TOLERANCE[dtype] and (dx_tail == 12345.0).all()
 
 
+@pytest.mark.parametrize("act", sorted(GATED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 203), (37, 1001), (3, 5, 29)])
-def test_swiglu_kernels_write_every_output_element(dtype, shape):
+def test_gated_kernels_write_every_output_element(act, dtype, shape):
     pytest.importorskip("triton")
-    from offsite_kernels.ops.activation_triton import swiglu_bwd, swiglu_fwd
+    from offsite_kernels.ops.activation_triton import gated_act_bwd, gated_act_fwd
 
-    seed = seed_of("poison-swiglu", dtype, shape)
+    seed = seed_of("poison-gated", act, dtype, shape)
     gate, up, dy = (torch.randn(shape, generator=gen(seed + i)).to(dtype) for i in range(3))
-    g64, u64 = gate.double().requires_grad_(True), up.double().requires_grad_(True)
-    y_ref = g64 * torch.sigmoid(g64) * u64
-    dg_ref, du_ref = torch.autograd.grad(y_ref, (g64, u64), dy.double())
+    y_ref, dg_ref, du_ref = reference_gated(act, gate, up, dy)
     y, y_tail = _poisoned(shape, dtype)
-    swiglu_fwd(gate, up, out=y)
+    assert gated_act_fwd(gate, up, act, out=y) is y
     assert rel_error(y, y_ref) < TOLERANCE[dtype] and (y_tail == 12345.0).all()
     (dg, dg_tail), (du, du_tail) = _poisoned(shape, dtype), _poisoned(shape, dtype)
-    swiglu_bwd(dy, gate, up, out_gate=dg, out_up=du)
+    assert gated_act_bwd(dy, gate, up, act, out_gate=dg, out_up=du) == (dg, du)
     assert rel_error(dg, dg_ref) < TOLERANCE[dtype] and rel_error(du, du_ref) < TOLERANCE[dtype]
     assert (dg_tail == 12345.0).all() and (du_tail == 12345.0).all()
 
@@ -216,7 +230,7 @@ def test_swiglu_kernels_write_every_output_element(dtype, shape):
 def test_kernels_read_broadcast_gradients():
     """``y.sum().backward()`` hands the backward an expanded (stride 0) gradient."""
     pytest.importorskip("triton")
-    from offsite_kernels.ops.activation_triton import bias_act_bwd, swiglu_bwd
+    from offsite_kernels.ops.activation_triton import bias_act_bwd, gated_act_bwd
 
     x, g, u = (torch.randn(37, 203, generator=gen(60 + i)) for i in range(3))
     ones = torch.ones(()).expand(37, 203)
@@ -224,7 +238,7 @@ def test_kernels_read_broadcast_gradients():
     _, ref = reference_bias_act("silu", x, None, torch.ones(37, 203))
     assert rel_error(bias_act_bwd(ones, x, None, "silu"), ref) < 1e-6
     row = torch.randn(203, generator=gen(63)).expand(37, 203)  # stride (0, 1): every row the same
-    dg, du = swiglu_bwd(row, g, u)
+    dg, du = gated_act_bwd(row, g, u, "silu")
     assert rel_error(du, row.double() * F.silu(g.double())) < 1e-6
     assert rel_error(dg, torch.ops.aten.silu_backward(row.double() * u.double(), g.double())) < 1e-6
 
@@ -245,16 +259,17 @@ def test_forced_triton_backend_runs_the_kernels(monkeypatch):
     from offsite_kernels.ops import activation_triton as kernels
 
     calls = []
-    for name in ("bias_act_fwd", "bias_act_bwd", "swiglu_fwd", "swiglu_bwd"):
+    for name in ("bias_act_fwd", "bias_act_bwd", "gated_act_fwd", "gated_act_bwd"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setenv("OFFSITE_BACKEND", "triton")
     x, g, u = (torch.randn(4, 64, requires_grad=True) for _ in range(3))
-    (bias_gelu(x, torch.randn(64), "tanh") + bias_relu(x) + swiglu(g, u)).sum().backward()
-    assert sorted(calls) == sorted(["bias_act_fwd", "bias_act_fwd", "swiglu_fwd", "bias_act_bwd", "bias_act_bwd", "swiglu_bwd"])
+    (bias_gelu(x, torch.randn(64), "tanh") + bias_relu(x) + swiglu(g, u) + geglu(g, u)).sum().backward()
+    expected = ["bias_act_fwd", "bias_act_bwd"] * 2 + ["gated_act_fwd", "gated_act_bwd"] * 2
+    assert sorted(calls) == sorted(expected)
     monkeypatch.setenv("OFFSITE_BACKEND", "torch")
     calls.clear()
-    (bias_gelu(x) + bias_silu(x) + swiglu(g, u)).sum().backward()
+    (bias_gelu(x) + bias_silu(x) + swiglu(g, u) + geglu(g, u, "tanh")).sum().backward()
     assert calls == []
 
 
@@ -284,11 +299,12 @@ def test_bias_act_saves_only_its_inputs(backend, act, case):
     assert x.grad is not None and bias.grad is None and not bias.requires_grad
 
 
+@pytest.mark.parametrize("act", sorted(GATED))
 @pytest.mark.parametrize("case", ["3d", "chunked"])
-def test_swiglu_saves_only_gate_and_up(backend, case):
+def test_gated_saves_only_gate_and_up(backend, act, case):
     gate, up = make_gate_up(case, torch.float32, 9)
     gate, up = gate.requires_grad_(True), up.requires_grad_(True)
-    y, saved = _saved_during(lambda: swiglu(gate, up))
+    y, saved = _saved_during(lambda: GATED[act](gate, up))
     assert len(saved) == 2 and _same_tensor(saved[0], gate) and _same_tensor(saved[1], up)
     y.sum().backward()
     assert gate.grad is not None and up.grad is not None
@@ -302,6 +318,9 @@ def test_swiglu_gradient_of_one_input_only(backend):
     gate2, up2 = torch.randn(6, 40), torch.randn(6, 40, requires_grad=True)
     swiglu(gate2, up2).sum().backward()
     torch.testing.assert_close(up2.grad, F.silu(gate2))
+    gate3 = gate.detach().clone().requires_grad_(True)
+    geglu(gate3, up, "tanh").sum().backward()
+    torch.testing.assert_close(gate3.grad, torch.ops.aten.gelu_backward(up, gate.detach(), approximate="tanh"))
 
 
 def test_frozen_bias_that_requires_grad_is_refused():
@@ -327,15 +346,20 @@ def test_opcheck(backend, with_bias):
         torch.library.opcheck(op, (x, bias))
         torch.library.opcheck(bwd, (grad, x.detach(), bias))
     gate, up = torch.randn(2, 5, 70, requires_grad=True), torch.randn(2, 5, 70, requires_grad=True)
-    torch.library.opcheck(act_ops._swiglu_op, (gate, up))
-    torch.library.opcheck(act_ops._swiglu_backward_op, (grad, gate.detach(), up.detach()))
+    for op, bwd in (
+        (act_ops._swiglu_op, act_ops._swiglu_backward_op),
+        (act_ops._geglu_op, act_ops._geglu_backward_op),
+        (act_ops._geglu_tanh_op, act_ops._geglu_tanh_backward_op),
+    ):
+        torch.library.opcheck(op, (gate, up))
+        torch.library.opcheck(bwd, (grad, gate.detach(), up.detach()))
     strided = torch.randn(2, 5, 140)[..., ::2]
     torch.library.opcheck(act_ops._swiglu_op, (strided, up.detach()))
     torch.library.opcheck(act_ops._bias_gelu_op, (strided, bias, "tanh"))
 
 
 def test_ops_are_registered_under_the_library_namespace():
-    for name in ("bias_gelu", "bias_relu", "bias_silu", "swiglu"):
+    for name in ("bias_gelu", "bias_relu", "bias_silu", "swiglu", "geglu", "geglu_tanh"):
         assert hasattr(torch.ops.offsite_kernels, name)
         assert hasattr(torch.ops.offsite_kernels, f"{name}_backward")
 
@@ -344,7 +368,8 @@ def test_torch_compile_traces_without_graph_breaks(backend):
     bias = torch.randn(48)
 
     def mlp(x, gate, up):
-        return (bias_gelu(x, bias, "tanh") * swiglu(gate, up) + bias_relu(x, bias) - bias_silu(gate)).square().sum()
+        mixed = bias_gelu(x, bias, "tanh") * swiglu(gate, up) + bias_relu(x, bias) - bias_silu(gate) + geglu(x, up, "tanh")
+        return mixed.square().sum()
 
     compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
     inputs = [torch.randn(3, 48, generator=gen(70 + i), requires_grad=True) for i in range(3)]
@@ -374,9 +399,15 @@ def test_matches_transformers_act2fn(backend, name):
         (gx,) = torch.autograd.grad(y, x, grad_y)
         (gx_hf,) = torch.autograd.grad(y_hf, x_hf, grad_y)
         torch.testing.assert_close(gx, gx_hf, rtol=1e-5, atol=1e-5)
-    if act.has_gated:  # the Llama MLP: act_fn(gate_proj(x)) * up_proj(x)
+    if act.has_gated:  # the Llama (Gemma) MLP: act_fn(gate_proj(x)) * up_proj(x)
         gate, up = torch.randn(7, 203, generator=gen(seed + 3)), torch.randn(7, 203, generator=gen(seed + 4))
-        torch.testing.assert_close(act.gated(gate, up), hf_act(gate) * up, rtol=1e-5, atol=1e-5)
+        gate.requires_grad_(True)
+        y, y_hf = act.gated(gate, up), hf_act(gate) * up
+        torch.testing.assert_close(y, y_hf, rtol=1e-5, atol=1e-5)
+        grad_y = torch.randn(y.shape, generator=gen(seed + 5))
+        torch.testing.assert_close(
+            torch.autograd.grad(y, gate, grad_y)[0], torch.autograd.grad(y_hf, gate, grad_y)[0], rtol=1e-5, atol=1e-5
+        )
     else:
         with pytest.raises(ActivationInputError, match="no fused gated kernel"):
             act.gated(x, x)
@@ -424,6 +455,12 @@ def test_bad_inputs_name_the_problem():
         swiglu(x, torch.randn(2, 16, device="meta"))
     with pytest.raises(ActivationInputError, match="gate must be a float32"):
         swiglu(x.double(), x.double())
+    with pytest.raises(ActivationInputError, match="same shape"):
+        geglu(x, torch.randn(2, 15))
+    with pytest.raises(ActivationInputError, match="approximate must be 'none'"):
+        geglu(x, x, approximate="erf")
+    with pytest.raises(ActivationInputError, match="no fused gated kernel for activation 'relu'"):
+        activation_by_name("relu").gated(x, x)
 
 
 # --- ahead-of-time compile for real GPUs --------------------------------------------------------
@@ -442,8 +479,9 @@ def test_aot_cases_cover_every_launch_variant():
                 for has_bias in (True, False):
                     for d in ("fwd", "bwd"):
                         assert (f"_bias_act_{d}_kernel", dtype, code, has_bias, bn) in seen
-            for d in ("fwd", "bwd"):
-                assert (f"_swiglu_{d}_kernel", dtype, None, None, bn) in seen
+            for act in k.GATED_ACTS:
+                for d in ("fwd", "bwd"):
+                    assert (f"_gated_act_{d}_kernel", dtype, k.ACT_CODES[act], None, bn) in seen
     assert len(seen) == len(cases)
     assert all(not c.constexprs["INTERPRETER_BF16"] for c in cases)
 

@@ -49,7 +49,7 @@ def test_fused_ops_gpu_cpu_smoke(tmp_path):
     assert {"run", "ceiling", "op", "head", "block", "target", "run_end", "skip"} <= kinds
     ops = [r for r in rows if r.get("kind") == "op"]
     assert {(r["op"], r["direction"]) for r in ops} >= {
-        (op, d) for op in ("rms_norm", "layer_norm", "bias_gelu", "swiglu") for d in ("fwd", "bwd")
+        (op, d) for op in ("rms_norm", "layer_norm", "bias_gelu", "swiglu", "geglu") for d in ("fwd", "bwd")
     }
     assert {r["impl"] for r in ops} >= {"offsite", "offsite_op", "eager", "eager_dgamma"}
     ours = [r for r in rows if r.get("impl") in ("offsite", "offsite_op", "fused")]

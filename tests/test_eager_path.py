@@ -200,3 +200,31 @@ def test_jit_trace_and_torch_function_modes_take_the_custom_op(monkeypatch):
     with Record():
         activation.bias_gelu(_x(15), b)
     assert any("offsite_kernels.bias_gelu" in name for name in seen), seen
+
+
+def test_forward_mode_ad_is_refused_by_name():
+    """PyTorch's custom ops give a zero tangent under forward-mode AD without a word; the library's ops refuse."""
+    import torch.autograd.forward_ad as fwad
+
+    from offsite_kernels.errors import ForwardADError
+
+    lin = ok.nn.FrozenLinear.from_linear(torch.nn.Linear(64, 5), bits=4, group_size=32)
+    head_weight = torch.randn(7, 6, generator=gen(2))
+    calls = {
+        "frozen_linear": (lin, torch.randn(3, 64, generator=gen(1))),
+        "rms_norm": (ok.nn.FrozenRMSNorm(torch.randn(6, generator=gen(3))), torch.randn(2, 6, generator=gen(4))),
+        "bias_gelu": (activation.bias_gelu, torch.randn(2, 6, generator=gen(5))),
+        "swiglu": (lambda x: activation.swiglu(x, x), torch.randn(2, 6, generator=gen(6))),
+        "fused_linear_cross_entropy": (
+            lambda h: ok.ops.fused_linear_cross_entropy(h, head_weight, torch.tensor([[1, 2, 3]])),
+            torch.randn(1, 3, 6, generator=gen(7)),
+        ),
+    }
+    for name, (fn, x) in calls.items():
+        tangent = torch.randn(x.shape, generator=gen(9))
+        with pytest.raises(ForwardADError, match=rf"offsite_kernels::{name} has no forward-mode derivative"):
+            torch.func.jvp(fn, (x,), (tangent,))
+        with fwad.dual_level(), pytest.raises(ForwardADError, match=name):
+            fn(fwad.make_dual(x, tangent))
+        with fwad.dual_level():  # inside a dual level, an input without a tangent runs as usual
+            torch.testing.assert_close(fn(x), fn(x.clone()))

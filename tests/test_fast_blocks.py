@@ -120,7 +120,7 @@ def test_fast_blocks_need_frozen_blocks():
     ("model_type", "config", "message"),
     [
         ("gpt2", dict(activation_function="tanh"), "no fused op"),
-        ("llama", dict(hidden_act="gelu"), "no fused gated kernel"),
+        ("llama", dict(hidden_act="relu"), "no fused gated kernel"),
         ("bloom", dict(pretraining_tp=2, slow_but_exact=True), "slow_but_exact"),
         ("opt", dict(dtype=torch.float64), "float64"),
     ],
@@ -151,3 +151,30 @@ def test_attention_probabilities_are_refused_by_fast_blocks_only(model_type):
         fast(input_ids=ids, output_attentions=True)
     with pytest.raises(FastBlocksError, match="output_attentions"):
         fast.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+    from transformers import GenerationConfig
+
+    asked = GenerationConfig(max_new_tokens=2, output_attentions=True, return_dict_in_generate=True, pad_token_id=2)
+    with pytest.raises(FastBlocksError, match="output_attentions"):  # asked for in a generation config
+        fast.generate(ids, generation_config=asked)
+    fast.model.generation_config.output_attentions = True  # or in the model's own
+    with pytest.raises(FastBlocksError, match="output_attentions"):
+        fast.generate(ids, max_new_tokens=2, return_dict_in_generate=True, pad_token_id=2)
+    fast.model.generation_config.output_attentions = False
+    assert fast.generate(ids, max_new_tokens=2, pad_token_id=2).shape == (1, 8)
+
+
+def test_swapped_modules_follow_the_blocks_train_or_eval_mode(model_type):
+    """A module swapped into an eval-mode block is in eval mode too: BLOOM's fast attention ran its dropout in an
+    emulator built from a model in eval mode (random outputs) before."""
+    dropout = dict(attention_dropout=0.3, hidden_dropout=0.3, attn_pdrop=0.3, resid_pdrop=0.3, dropout=0.3)
+    model = tiny_model(model_type, n_layers=5, seed=3, **dropout)  # in eval mode
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3)
+    fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, fast=True)
+    assert not any(m.training for m in fast.modules())
+    ids = random_ids(2, 9, seed=4)
+    with torch.no_grad():
+        first = fast(input_ids=ids, return_logits=True).logits
+        torch.testing.assert_close(fast(input_ids=ids, return_logits=True).logits, first, rtol=0, atol=0)
+        torch.testing.assert_close(first, plain(input_ids=ids, return_logits=True).logits, rtol=1e-5, atol=1e-5)
+    fast.train()
+    assert all(m.training for m in fast.modules())

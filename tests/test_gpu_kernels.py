@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import offsite_kernels as ok
-from offsite_kernels.ops import bias_gelu, fused_linear_cross_entropy, layer_norm, rms_norm, swiglu
+from offsite_kernels.ops import bias_gelu, fused_linear_cross_entropy, geglu, layer_norm, rms_norm, swiglu
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative (Frobenius) error bounds
@@ -263,6 +263,7 @@ def test_activations(shape, dtype):
         (bias_gelu(x, bias), torch.nn.functional.gelu(x64 + bias.double())),
         (bias_gelu(x, bias, approximate="tanh"), torch.nn.functional.gelu(x64 + bias.double(), approximate="tanh")),
         (swiglu(x, up), torch.nn.functional.silu(x64) * up64),
+        (geglu(x, up, approximate="tanh"), torch.nn.functional.gelu(x64, approximate="tanh") * up64),
     ]
     for out, ref in cases:
         assert rel_err(out, ref) < TOL[dtype]

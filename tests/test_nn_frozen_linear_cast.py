@@ -43,3 +43,40 @@ def test_a_cast_dense_layer_reports_the_dtype_it_now_holds():
     assert layer.weight_dtype == torch.bfloat16 and layer.weight.dequantize().dtype == torch.bfloat16
     quantized = FrozenLinear.from_linear(nn.Linear(64, 16), bits=8).to(torch.bfloat16)
     assert quantized.weight_dtype == torch.float32  # a quantized weight keeps the dtype it was quantized from
+
+
+@pytest.mark.parametrize(("saved", "built"), [(8, "fp8"), ("fp8", 8), (None, 8), (4, 4)])
+def test_a_state_dict_of_another_format_is_refused(saved, built):
+    """int8 and fp8 store [N, K] codes and [N] scales: without a check, loading one into the other converts the
+    codes as numbers (a wrong layer, all keys matched)."""
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 24)
+    source = FrozenLinear.from_linear(linear, bits=saved, group_size=32)
+    target = FrozenLinear.from_linear(nn.Linear(64, 24), bits=built, group_size=64 if saved == built else 32)
+    state = source.state_dict()
+    if saved == built:  # int4 in groups of 32 into groups of 64: shapes differ, torch names them
+        with pytest.raises(RuntimeError, match="size mismatch for weight_scales"):
+            target.load_state_dict(state)
+        return
+    for assign in (False, True):
+        with pytest.raises(RuntimeError, match=r"weight_data: this FrozenLinear holds a \w+ weight, whose data is"):
+            target.load_state_dict(state, strict=False, assign=assign)
+    same = FrozenLinear.from_linear(nn.Linear(64, 24), bits=saved, group_size=32)
+    same.load_state_dict(state)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(same(x), source(x), rtol=0, atol=0)
+
+
+def test_a_hand_built_weight_with_wrong_dtypes_is_refused():
+    from offsite_kernels.quant.formats import QuantizationError
+
+    qw = ok_quantize(nn.Linear(64, 8).weight, 8)
+    bad = qw.__class__(qw.format, qw.data, qw.scales.half(), qw.zeros, qw.group_size, qw.shape, qw.dtype)
+    with pytest.raises(QuantizationError, match=r"the scales of a int8 weight of shape \[8, 64\] must be \[8\] torch.float32"):
+        FrozenLinear(bad)
+
+
+def ok_quantize(w, bits):
+    from offsite_kernels import quantize_weight
+
+    return quantize_weight(w.detach(), bits=bits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -311,3 +312,66 @@ def test_full_recompute_warns_on_backward_hooks_of_inner_blocks():
     with pytest.warns(UserWarning, match="backward hooks"):
         _toy_grad(blocks, torch.randn(3, 13))
     assert fired == []  # what the warning is about
+
+
+@pytest.mark.parametrize("mode", ["full", "block", "selective"])
+def test_a_kv_cache_under_grad_is_filled_or_refused(mode):
+    """A checkpointed block cannot fill a cache (its rerun would append again; left out, the cache would come back
+    without its keys): "block" and "selective" refuse, "full" fills it; under no_grad every mode fills it."""
+    model = tiny_model("llama", n_layers=6, seed=6)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2).train()
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, recompute=mode).train()
+    ids, step = random_ids(1, 6, seed=8), random_ids(1, 1, seed=9)
+
+    # transformers 5.2x renames past_key_values to cache (the old name warns there)
+    field = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+    def next_logits(m):
+        cache = getattr(m(input_ids=ids, use_cache=True, return_logits=True), field)
+        assert all(cache.get_seq_length(i) == ids.shape[1] for i in range(len(cache.layers)))
+        with torch.no_grad():
+            return m(input_ids=step, use_cache=True, return_logits=True, **{field: cache}).logits
+
+    expected = next_logits(plain)
+    if mode == "full":
+        torch.testing.assert_close(next_logits(emu), expected)
+    else:
+        with pytest.raises(RecomputeError, match=rf"recompute='{mode}' with a KV cache while grad is enabled"):
+            next_logits(emu)
+    with torch.no_grad():
+        torch.testing.assert_close(next_logits(emu), expected)
+
+
+class _ConditionedBlock(torch.nn.Module):
+    """A frozen block with a second input (made by a trainable layer upstream)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width).requires_grad_(False)
+
+    def forward(self, hidden, cond):
+        return torch.tanh(self.proj(hidden) * cond)
+
+
+@pytest.mark.parametrize("mode", ["full", "block", "selective"])
+def test_a_second_input_that_needs_grad_is_differentiated_or_refused(mode):
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(_ConditionedBlock(8) for _ in range(3))
+    producer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+
+    def grads():
+        producer.zero_grad()
+        hidden, cond = x.clone().requires_grad_(True), torch.sigmoid(producer(x))
+        for block in blocks:
+            hidden = block(hidden, cond)
+        hidden.square().sum().backward()
+        return producer.weight.grad.clone()
+
+    expected = grads()
+    apply_recompute(blocks, mode)
+    if mode == "full":
+        with pytest.raises(RecomputeError, match=r"but argument 1 of the first recomputed block needs grad too"):
+            grads()
+    else:
+        torch.testing.assert_close(grads(), expected)

@@ -17,10 +17,10 @@ def test_every_family_finds_its_pieces(full_model):
 
 
 def test_required_families_are_supported():
-    assert {"gpt2", "opt", "bloom", "llama", "mistral", "qwen2"} <= set(ok.supported_model_types())
+    assert {"gpt2", "opt", "bloom", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi"} <= set(ok.supported_model_types())
 
 
 def test_unsupported_model_lists_supported_types():
-    config = AutoConfig.for_model("gpt_neox", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    with pytest.raises(UnsupportedModelError, match=r"'gpt_neox' is not supported.*bloom.*gpt2.*llama"):
+    config = AutoConfig.for_model("gptj", n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+    with pytest.raises(UnsupportedModelError, match=r"'gptj' is not supported.*bloom.*gpt2.*gpt_neox.*llama"):
         ok.get_family(config)

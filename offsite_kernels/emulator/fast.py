@@ -2,11 +2,11 @@
 
 Inside each (frozen) emulator block, without touching the block's own forward:
 
-- every RMSNorm / LayerNorm becomes a :class:`~offsite_kernels.nn.FrozenRMSNorm` /
+- every RMSNorm (Llama-style, Gemma's ``1 + weight``) / LayerNorm becomes a :class:`~offsite_kernels.nn.FrozenRMSNorm` /
   :class:`~offsite_kernels.nn.FrozenLayerNorm` (input gradient only, saves the input and the row
   statistics);
-- a gated MLP (Llama family) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP`: SiLU and the
-  product fused into one SwiGLU op that saves only its two inputs;
+- a gated MLP (Llama family, Gemma) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP`: the
+  activation and the product fused into one SwiGLU (GeGLU) op that saves only its two inputs;
 - the MLP activation module of the other families becomes a
   :class:`~offsite_kernels.nn.FrozenActivation` (one op, saves only its input);
 - attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's
@@ -32,7 +32,7 @@ from ..errors import OffsiteError
 from ..models import ModelFamily
 from ..nn.alibi_attention import AlibiSdpaAttention
 from ..nn.mlp import FrozenActivation, FrozenGatedMLP
-from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm
+from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm, rms_norm_kind
 from ..ops.activation import activation_by_name
 
 
@@ -41,16 +41,11 @@ class FastBlocksError(OffsiteError, ValueError):
 
 
 def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` in place of the module there, in that module's train/eval mode."""
     parent_path, _, attr = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, attr, module)
-
-
-def _is_rms_norm(module: nn.Module) -> bool:
-    """``torch.nn.RMSNorm`` or a Hugging Face Llama-style RMSNorm (a 1-D weight and ``variance_epsilon``)."""
-    weight = getattr(module, "weight", None)
-    return isinstance(module, nn.RMSNorm) or (
-        hasattr(module, "variance_epsilon") and isinstance(weight, torch.Tensor) and weight.dim() == 1
-    )
+    parent = root.get_submodule(parent_path) if parent_path else root
+    module.train(getattr(parent, attr).training)  # a new module starts in training mode: dropout would run in eval
+    setattr(parent, attr, module)
 
 
 def check_fast_block(block: nn.Module, family: ModelFamily, config: object) -> None:
@@ -77,7 +72,7 @@ def check_fast_block(block: nn.Module, family: ModelFamily, config: object) -> N
             raise FastBlocksError(f"{family.name}: {exc}; build the emulator without fast blocks") from None
         if family.gated_mlp is not None and not fused.has_gated:
             raise FastBlocksError(
-                f"{family.name}: no fused gated kernel for activation {activation!r} (only silu/swish, SwiGLU, has one); "
+                f"{family.name}: no fused gated kernel for activation {activation!r} (SiLU and GELU forms have one); "
                 "build the emulator without fast blocks"
             )
     if family.alibi_attention is not None:
@@ -100,7 +95,7 @@ def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[s
         if isinstance(module, nn.LayerNorm):
             _replace(block, name, FrozenLayerNorm.from_module(module))
             swapped.append(f"{name}: LayerNorm")
-        elif _is_rms_norm(module):
+        elif rms_norm_kind(module) is not None:
             _replace(block, name, FrozenRMSNorm.from_module(module))
             swapped.append(f"{name}: RMSNorm")
     if family.alibi_attention is not None:

@@ -29,7 +29,7 @@ _LOGIT_TRANSFORMS = ("logit_scale", "final_logit_softcapping", "logits_scaling",
 
 def fused_head_supported(model: nn.Module, family: ModelFamily, kwargs: dict[str, Any]) -> bool:
     """Whether the fused head computes exactly the loss ``model`` would for this call."""
-    head = family.get(model, family.lm_head)
+    head = family.get_lm_head(model)
     if not isinstance(head, nn.Linear) or head.weight.requires_grad:
         return False  # a trainable head needs its weight gradient: the model's own path
     if head.bias is not None and head.bias.requires_grad:
@@ -57,7 +57,7 @@ def fused_head_loss(
     kwargs.pop("return_dict", None)
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out[0]
-    head = family.get(model, family.lm_head)
+    head = family.get_lm_head(model)
     weight, bias = head.weight, head.bias
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # the head's matmul in the autocast dtype, as nn.Linear would run it

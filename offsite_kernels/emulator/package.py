@@ -130,6 +130,24 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
     return emu
 
 
+def _names_in_checkpoint(model: Any, names: list[str]) -> dict[str, str]:
+    """``{name in the model: name save_pretrained stores it under}`` where they differ: transformers 5.1x renames
+    some tensors on save (GPT-NeoX's ``lm_head`` is stored as ``embed_out``, as the hub's checkpoints have it).
+    Empty where this transformers renames nothing or has no such mapping."""
+    import torch
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {}
+    # each tensor is its own index, so the renamed entries say which name they came from
+    try:
+        reverted = revert_weight_conversion(model, {name: torch.tensor([i]) for i, name in enumerate(names)})
+    except Exception:  # an internal API of transformers: without it, only exact names count
+        return {}
+    return {names[int(t)]: key for key, t in reverted.items() if t.numel() == 1 and names[int(t)] != key}
+
+
 def _check_nothing_missing(model: Any, files: list[Path], path: Path) -> None:
     """Every tensor of the loaded model must come from the package (transformers would quietly
     initialise a missing one at random). Tied weights are stored once."""
@@ -141,9 +159,11 @@ def _check_nothing_missing(model: Any, files: list[Path], path: Path) -> None:
             stored.update(handle.keys())
     seen: dict[int, str] = {}
     missing = []
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    in_file = _names_in_checkpoint(model, list(state))
+    for name, tensor in state.items():
         alias = seen.setdefault(tensor.data_ptr(), name) != name
-        if name not in stored and not alias:
+        if in_file.get(name, name) not in stored and not alias:
             missing.append(name)
     if missing:
         raise PackageError(

@@ -65,6 +65,13 @@ class ModelFamily:
                 "model), not its base model or a part of it"
             ) from None
 
+    def get_lm_head(self, model: nn.Module) -> nn.Module:
+        """The LM head: Hugging Face's ``get_output_embeddings()`` where the model has one (its attribute's name
+        changed across transformers versions: GPT-NeoX's ``embed_out`` became ``lm_head``), else the module at
+        :attr:`lm_head`."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return head if isinstance(head, nn.Module) else self.get(model, self.lm_head)
+
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         """Return the model's list of transformer blocks."""
         blocks = self.get(model, self.blocks)
@@ -73,7 +80,8 @@ class ModelFamily:
         return blocks
 
     def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
-        """Replace the model's list of transformer blocks."""
+        """Replace the model's list of transformer blocks (the new list takes the old one's train/eval mode)."""
         parent_path, _, attr = self.blocks.rpartition(".")
         parent = self.get(model, parent_path) if parent_path else model
+        blocks.training = getattr(parent, attr).training  # the list itself only: each block keeps its own mode
         setattr(parent, attr, blocks)

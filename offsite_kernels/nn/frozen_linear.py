@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.frozen_linear import FrozenLinearInputError, frozen_linear_from_fields
-from ..quant.formats import quantize_weight
+from ..quant.formats import check_stored, quantize_weight, stored_layout
 from ..quant.weight import COMPUTE_DTYPES, QuantizedWeight
 
 
@@ -35,6 +35,7 @@ class FrozenLinear(nn.Module):
                 f"a frozen linear runs in float32, float16 or bfloat16, and this weight is {weight.dtype}: "
                 "cast the layer or the model first (.float() or .to(torch.bfloat16))"
             )
+        check_stored(weight)  # a hand-built weight with the wrong dtypes would reach the kernels
         self.format = weight.format
         self.group_size = weight.group_size
         self.in_features, self.out_features = weight.in_features, weight.out_features
@@ -56,6 +57,22 @@ class FrozenLinear(nn.Module):
         if self.format == "dense":
             self.weight_dtype = self.weight_data.dtype  # a dense weight is what the cast made it
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """As ``nn.Module``'s, refusing stored tensors of another format: ``copy_`` would convert int8 codes into fp8
+        values (or floats into int8 codes) of the same shape without a word."""
+        layout = stored_layout(self.format, (self.out_features, self.in_features), self.group_size)
+        for field, (_, dtype) in layout.items():
+            given = state_dict.get(f"{prefix}weight_{field}")
+            if not isinstance(given, torch.Tensor):
+                continue
+            if (given.dtype != dtype) if dtype is not None else not given.is_floating_point():
+                error_msgs.append(
+                    f"{prefix}weight_{field}: this FrozenLinear holds a {self.format} weight, whose {field} is "
+                    f"{dtype or 'floating point'}, but the state dict's is {given.dtype} (a weight of another format); "
+                    "build the layer with the format the state dict was saved with (FrozenLinear.from_linear(..., bits=))"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int | str | None = 4, group_size: int = 128) -> FrozenLinear:

@@ -23,7 +23,7 @@ class FrozenActivation(nn.Module):
 
 
 class FrozenGatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with the gate's activation and the product fused (SwiGLU).
+    """``down(act(gate(x)) * up(x))`` with the gate's activation and the product fused (SwiGLU, GeGLU).
 
     The three projections are kept as given (``nn.Linear`` or ``FrozenLinear``), under the
     names Hugging Face uses, so the state dict of the block does not change.
@@ -34,11 +34,13 @@ class FrozenGatedMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act: FusedActivation = activation_by_name(activation)
         if not self.act.has_gated:
-            raise ValueError(f"no fused gated kernel for activation {activation!r}; only silu/swish (SwiGLU) has one")
+            raise ValueError(
+                f"no fused gated kernel for activation {activation!r}; the SiLU (SwiGLU) and GELU (GeGLU) forms have one"
+            )
 
     @classmethod
     def from_module(cls, mlp: nn.Module, activation: str) -> FrozenGatedMLP:
-        """From a Hugging Face gated MLP (``gate_proj``, ``up_proj``, ``down_proj``: Llama, Mistral, Qwen)."""
+        """From a Hugging Face gated MLP (``gate_proj``, ``up_proj``, ``down_proj``: Llama, Mistral, Qwen, Gemma)."""
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,23 @@ def _frozen_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+def rms_norm_kind(module: nn.Module) -> str | None:
+    """Which RMSNorm ``module`` is: "torch" (``torch.nn.RMSNorm``), "llama" (Hugging Face Llama-style: a 1-D
+    ``weight`` and ``variance_epsilon``), "gemma" (Hugging Face Gemma-style: a 1-D ``weight`` used as
+    ``1 + weight``, and ``eps``), or None (not an RMSNorm :meth:`FrozenRMSNorm.from_module` knows)."""
+    if isinstance(module, nn.RMSNorm):
+        return "torch"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    if hasattr(module, "variance_epsilon"):
+        return "llama"
+    name = type(module).__name__
+    if name.startswith("Gemma") and name.endswith("RMSNorm") and isinstance(getattr(module, "eps", None), float):
+        return "gemma"
+    return None
+
+
 class FrozenRMSNorm(nn.Module):
     """RMSNorm with a frozen weight: ``y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset)``.
 
@@ -60,13 +77,14 @@ class FrozenRMSNorm(nn.Module):
         computed in fp32 (differences ~1e-7 relative).
         """
         weight = getattr(module, "weight", None)
-        if isinstance(module, nn.RMSNorm):
+        kind = rms_norm_kind(module)
+        if kind == "torch":
             if len(module.normalized_shape) != 1:
                 raise ValueError(f"only last-dimension norms are supported, got normalized_shape={module.normalized_shape}")
             return cls(_frozen_copy(weight), module.eps, hidden_size=module.normalized_shape[0])
-        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon"):
+        if kind == "llama":
             return cls(_frozen_copy(weight), module.variance_epsilon, round_normalized=True)
-        if isinstance(weight, torch.Tensor) and type(module).__name__.startswith("Gemma") and hasattr(module, "eps"):
+        if kind == "gemma":
             return cls(_frozen_copy(weight), module.eps, weight_offset=1.0)
         raise TypeError(
             "expected a Hugging Face RMSNorm (weight and variance_epsilon, as LlamaRMSNorm), a Gemma RMSNorm "

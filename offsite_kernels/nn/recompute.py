@@ -112,6 +112,30 @@ def _check_no_cached_keys(block: nn.Module, args: tuple, kwargs: dict) -> None:
                 )
 
 
+def _check_no_cache(block: nn.Module, args: tuple, kwargs: dict, mode: str) -> None:
+    """A checkpointed block (modes "block", "selective") cannot fill a KV cache: its forward and its rerun
+    in the backward would both append to it, and a cache left out would come back without this block's keys."""
+    if any(is_kv_cache(obj) for obj in (*args, *kwargs.values())):
+        raise RecomputeError(
+            f"recompute={mode!r} with a KV cache while grad is enabled: the checkpointed block cannot fill it. "
+            "Call the model with use_cache=False when training, run generation under torch.no_grad() (nothing is "
+            "recomputed there), or use recompute='full', which fills the cache"
+        )
+
+
+def _check_only_hidden_needs_grad(args: tuple, kwargs: dict, hidden: torch.Tensor) -> None:
+    """Mode "full" differentiates the stack in its input hidden states only: another argument that needs grad
+    would get no gradient (or break the backward), so it is refused by name."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    others = [name for name, a in named if isinstance(a, torch.Tensor) and a is not hidden and a.requires_grad]
+    if others:
+        raise RecomputeError(
+            f"recompute='full' propagates gradients through the hidden states only, but {', '.join(map(str, others))} "
+            "of the first recomputed block needs grad too; use recompute='block' or 'selective', which differentiate "
+            "every input"
+        )
+
+
 class _StackFunction(torch.autograd.Function):
     """The whole stack as one autograd node: saves the stack's input, reruns the blocks in backward."""
 
@@ -234,6 +258,7 @@ class _Stack:
             if not (torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad):
                 record.expected = -1  # nothing to differentiate: the blocks just run
             else:
+                _check_only_hidden_needs_grad(args, kwargs, hidden)
                 record.input, record.autocast = hidden, _autocast_state(hidden.device)
         record = self._pass()
         if record.expected == -1 or not torch.is_grad_enabled():
@@ -306,8 +331,7 @@ def _wrapped_class(base: type, mode: str) -> type:
             hidden = _hidden_of(args, kwargs)
             if not (torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad):
                 return base.forward(self, *args, **kwargs)
-            _check_no_cached_keys(self, args, kwargs)
-            args, kwargs = _without_caches(args, kwargs)  # the rerun must not append to a cache a second time
+            _check_no_cache(self, args, kwargs, mode)
             if mode == "block":  # the block's inputs only; everything inside is rerun
                 return checkpoint(base.forward, self, *args, use_reentrant=False, **kwargs)
             return checkpoint(base.forward, self, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)

@@ -2,14 +2,15 @@
 
 - :func:`bias_gelu`: ``gelu(x + b)``, exact (erf) or tanh form (Hugging Face's ``gelu_new`` /
   ``gelu_pytorch_tanh``); :func:`bias_relu` (OPT) and :func:`bias_silu` follow the same pattern.
-- :func:`swiglu`: ``silu(gate) * up``, the Llama family's ``act_fn(gate_proj(x)) * up_proj(x)``.
+- :func:`swiglu`: ``silu(gate) * up``, the Llama family's ``act_fn(gate_proj(x)) * up_proj(x)``;
+  :func:`geglu`: ``gelu(gate) * up`` (erf or tanh form: Gemma's gated MLP).
 - :func:`activation_by_name`: a Hugging Face activation name (``config.hidden_act`` /
   ``activation_function``) resolved to the fused op, or a clear error.
 
 Layers of this file, from the bottom up: the pure-PyTorch references, backend dispatch to the
 Triton kernels (``activation_triton.py``), ``torch.library`` custom ops with fake (meta)
 implementations (``offsite_kernels::bias_gelu``, ``::bias_relu``, ``::bias_silu``, ``::swiglu``,
-each with a ``*_backward`` op) joined by ``register_autograd``, and the public functionals.
+``::geglu``, ``::geglu_tanh``, each with a ``*_backward`` op) joined by ``register_autograd``, and the public functionals.
 
 Autograd saves the inputs only (``x`` before the bias, and the frozen bias itself; ``gate`` and
 ``up``): the backward recomputes ``x + b`` and the derivative. The bias gets no gradient.
@@ -72,14 +73,26 @@ def bias_gelu_torch(x: torch.Tensor, bias: torch.Tensor | None = None, approxima
     return bias_act_torch(x, bias, _GELU_ACTS[approximate])
 
 
+def gated_act_torch(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """Reference forward: ``act(gate) * up``; ``act`` one of ``gelu``, ``gelu_tanh``, ``relu``, ``silu``."""
+    return bias_act_torch(gate, None, act) * up
+
+
+def gated_act_input_grad_torch(
+    grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference gradients: ``(grad_y * up * act'(gate), grad_y * act(gate))``."""
+    return bias_act_input_grad_torch(grad_y * up, gate, None, act), grad_y * bias_act_torch(gate, None, act)
+
+
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Reference forward: ``F.silu(gate) * up``."""
-    return F.silu(gate) * up
+    return gated_act_torch(gate, up, "silu")
 
 
 def swiglu_input_grad_torch(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference gradients: ``(grad_y * up * silu'(gate), grad_y * silu(gate))``."""
-    return torch.ops.aten.silu_backward(grad_y * up, gate), grad_y * F.silu(gate)
+    return gated_act_input_grad_torch(grad_y, gate, up, "silu")
 
 
 def _bias_for(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -175,54 +188,51 @@ _bias_relu_op, _bias_relu_backward_op = _bias_relu.op, _bias_relu_backward.op
 _bias_silu_op, _bias_silu_backward_op = _bias_silu.op, _bias_silu_backward.op
 
 
-# --- custom ops: SwiGLU -----------------------------------------------------------------------
-def _swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if use_triton(gate):
-        from .activation_triton import swiglu_fwd
+# --- custom ops: gated activations (SwiGLU, GeGLU) ----------------------------------------------
+def _define_gated_ops(op: str, act: str) -> tuple[EagerOp, EagerOp]:
+    """``offsite_kernels::<op>(gate, up)`` = ``act(gate) * up`` and its ``<op>_backward(grad_y, gate, up)``."""
 
-        return swiglu_fwd(gate, up)
-    return swiglu_torch(gate, up).contiguous()
+    def forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if use_triton(gate):
+            from .activation_triton import gated_act_fwd
 
+            return gated_act_fwd(gate, up, act)
+        return gated_act_torch(gate, up, act).contiguous()
 
-_swiglu_op = torch.library.custom_op("offsite_kernels::swiglu", _swiglu_impl, mutates_args=())
+    def backward_op(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_triton(gate):
+            from .activation_triton import gated_act_bwd
 
+            return gated_act_bwd(grad_y, gate, up, act)
+        d_gate, d_up = gated_act_input_grad_torch(grad_y, gate, up, act)
+        return d_gate.contiguous(), d_up.contiguous()
 
-@_swiglu_op.register_fake
-def _(gate, up):
-    return gate.new_empty(gate.shape)
+    forward.__name__, backward_op.__name__ = f"{op}_impl", f"{op}_backward_impl"
+    fwd = torch.library.custom_op(f"offsite_kernels::{op}", forward, mutates_args=())
+    bwd = EagerOp(torch.library.custom_op(f"offsite_kernels::{op}_backward", backward_op, mutates_args=()), backward_op)
+    fwd.register_fake(lambda gate, up: gate.new_empty(gate.shape))
+    bwd.op.register_fake(lambda grad_y, gate, up: (gate.new_empty(gate.shape), up.new_empty(up.shape)))
 
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)  # gate and up only: act(gate) and its derivative are recomputed
 
-def _swiglu_backward_impl(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(gate):
-        from .activation_triton import swiglu_bwd
+    def backward(ctx, grad_y):
+        gate, up = ctx.saved_tensors
+        if not any(ctx.needs_input_grad):
+            return None, None
+        d_gate, d_up = bwd(grad_y, gate, up)
+        return (d_gate if ctx.needs_input_grad[0] else None), (d_up if ctx.needs_input_grad[1] else None)
 
-        return swiglu_bwd(grad_y, gate, up)
-    d_gate, d_up = swiglu_input_grad_torch(grad_y, gate, up)
-    return d_gate.contiguous(), d_up.contiguous()
-
-
-_swiglu_backward_op = torch.library.custom_op("offsite_kernels::swiglu_backward", _swiglu_backward_impl, mutates_args=())
-_swiglu_backward = EagerOp(_swiglu_backward_op, _swiglu_backward_impl)
-
-
-@_swiglu_backward_op.register_fake
-def _(grad_y, gate, up):
-    return gate.new_empty(gate.shape), up.new_empty(up.shape)
-
-
-def _swiglu_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # gate and up only: silu(gate) and its derivative are recomputed
-
-
-def _swiglu_backward_formula(ctx, grad_y):
-    gate, up = ctx.saved_tensors
-    if not any(ctx.needs_input_grad):
-        return None, None
-    d_gate, d_up = _swiglu_backward(grad_y, gate, up)
-    return (d_gate if ctx.needs_input_grad[0] else None), (d_up if ctx.needs_input_grad[1] else None)
+    return EagerOp(fwd, forward, setup_context, backward), bwd
 
 
-_swiglu = EagerOp(_swiglu_op, _swiglu_impl, _swiglu_setup_context, _swiglu_backward_formula)
+_swiglu, _swiglu_backward = _define_gated_ops("swiglu", "silu")
+_geglu, _geglu_backward = _define_gated_ops("geglu", "gelu")
+_geglu_tanh, _geglu_tanh_backward = _define_gated_ops("geglu_tanh", "gelu_tanh")
+_swiglu_op, _swiglu_backward_op = _swiglu.op, _swiglu_backward.op
+_geglu_op, _geglu_backward_op = _geglu.op, _geglu_backward.op
+_geglu_tanh_op, _geglu_tanh_backward_op = _geglu_tanh.op, _geglu_tanh_backward.op
+_GATED = {"silu": _swiglu, "gelu": _geglu, "gelu_tanh": _geglu_tanh}
 
 
 # --- input checks -----------------------------------------------------------------------------
@@ -285,13 +295,7 @@ def bias_silu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor
     return _bias_silu(x, bias)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``, the gated MLP activation of the Llama family, differentiable in both.
-
-    ``gate`` and ``up`` have one shape (no broadcasting), dtype and device; rows may be strided
-    (e.g. the two halves of one fused ``gate_up`` projection). The output is contiguous.
-    Autograd saves ``gate`` and ``up`` only.
-    """
+def _check_gated(gate: object, up: object) -> None:
     _check_activation("gate", gate)
     _check_activation("up", up)
     if gate.shape != up.shape:
@@ -300,7 +304,26 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ActivationInputError(f"gate and up must have the same dtype, got {gate.dtype} and {up.dtype}; cast one of them")
     if gate.device != up.device:
         raise ActivationInputError(f"gate is on {gate.device} but up is on {up.device}; move one of them (.to(device))")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the gated MLP activation of the Llama family, differentiable in both.
+
+    ``gate`` and ``up`` have one shape (no broadcasting), dtype and device; rows may be strided
+    (e.g. the two halves of one fused ``gate_up`` projection). The output is contiguous.
+    Autograd saves ``gate`` and ``up`` only.
+    """
+    _check_gated(gate, up)
     return _swiglu(gate, up)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``gelu(gate) * up`` (GeGLU; ``approximate="tanh"``: the tanh form, Gemma's gated MLP),
+    differentiable in both; inputs and outputs as :func:`swiglu`."""
+    _check_gated(gate, up)
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ActivationInputError(f"approximate must be 'none' (erf form) or 'tanh' (tanh form), got {approximate!r}")
+    return _GATED[_GELU_ACTS[approximate]](gate, up)
 
 
 # --- Hugging Face activation names -------------------------------------------------------------
@@ -332,7 +355,7 @@ class FusedActivation:
     """A Hugging Face activation resolved to the library's fused ops.
 
     ``act(x, bias=None)`` is ``ACT2FN[name](x + bias)``; ``act.gated(gate, up)`` is
-    ``ACT2FN[name](gate) * up`` (a fused kernel exists for the SiLU family only: SwiGLU).
+    ``ACT2FN[name](gate) * up`` (fused for SiLU, SwiGLU, and both GELU forms, GeGLU; not for ReLU).
     """
 
     name: str  # the Hugging Face name, as given
@@ -344,16 +367,17 @@ class FusedActivation:
     @property
     def has_gated(self) -> bool:
         """Whether :meth:`gated` has a fused kernel for this activation."""
-        return self.kind == "silu"
+        return self.kind in _GATED
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``act(gate) * up`` through the fused SwiGLU op (SiLU only)."""
+        """``act(gate) * up`` through the fused gated op (SwiGLU, GeGLU)."""
         if not self.has_gated:
             raise ActivationInputError(
-                f"no fused gated kernel for activation {self.name!r}: only silu/swish (SwiGLU) has one; "
-                f"compute act(gate) * up with the ungated op instead"
+                f"no fused gated kernel for activation {self.name!r}: only the SiLU (SwiGLU) and GELU (GeGLU) "
+                "forms have one; compute act(gate) * up with the ungated op instead"
             )
-        return swiglu(gate, up)
+        _check_gated(gate, up)
+        return _GATED[self.kind](gate, up)
 
 
 def activation_by_name(name: str) -> FusedActivation:

@@ -4,8 +4,8 @@
   form), ReLU, SiLU, chosen by the constexpr ``ACT`` (codes in :data:`ACT_CODES`).
 - ``_bias_act_bwd_kernel``: ``dx = dy * act'(x + b)``, recomputing ``x + b`` and the derivative
   from the saved input (no intermediate is stored between forward and backward).
-- ``_swiglu_fwd_kernel``: ``y = silu(gate) * up``.
-- ``_swiglu_bwd_kernel``: ``d_gate = dy * up * silu'(gate)``, ``d_up = dy * silu(gate)``.
+- ``_gated_act_fwd_kernel``: ``y = act(gate) * up`` (SwiGLU with SiLU, GeGLU with either GELU).
+- ``_gated_act_bwd_kernel``: ``d_gate = dy * up * act'(gate)``, ``d_up = dy * act(gate)``.
 
 Every kernel is elementwise over rows ``[M, N]`` (``N`` the last dimension): one program per
 ``BLOCK_M x BLOCK_N`` tile, masked at both edges, math in fp32, one rounding to the output dtype.
@@ -27,6 +27,7 @@ from .triton_common import _cast
 from .triton_launch import as_rows, cdiv, on_input_device, output
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+GATED_ACTS = ("silu", "gelu", "gelu_tanh")  # act(gate) * up: SwiGLU, GeGLU (erf form), GeGLU (tanh form)
 TILE = 2048  # elements per program: 16 per thread at 4 warps (two 16-byte vectors of bf16)
 NUM_WARPS = 4
 BLOCK_NS = (64, 256, 1024)  # row-tile widths: few, so that every variant is compile-checked ahead of time
@@ -115,33 +116,32 @@ def _bias_act_bwd_kernel(
 
 
 @triton.jit
-def _swiglu_fwd_kernel(
+def _gated_act_fwd_kernel(
     g_ptr, u_ptr, y_ptr,
     M, N, stride_gm, stride_um, stride_ym,
-    INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """``Y[M, N] = silu(G[M, N]) * U[M, N]``."""
+    """``Y[M, N] = act(G[M, N]) * U[M, N]``."""
     rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
     g = tl.load(g_ptr + rows * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g * _sigmoid(g) * u
+    y = _act(g, ACT) * u
     tl.store(y_ptr + rows * stride_ym + cols, _cast(y, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(
+def _gated_act_bwd_kernel(
     dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
     M, N, stride_dym, stride_gm, stride_um, stride_dgm, stride_dum,
-    INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """``dG = dY * U * silu'(G)`` and ``dU = dY * silu(G)``, both from the saved inputs."""
+    """``dG = dY * U * act'(G)`` and ``dU = dY * act(G)``, both from the saved inputs."""
     rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
     g = tl.load(g_ptr + rows * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + rows * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
-    s = _sigmoid(g)
-    dg = dy * u * (s * (1.0 + g * (1.0 - s)))
-    du = dy * (g * s)
+    dg = dy * u * _act_grad(g, ACT)
+    du = dy * _act(g, ACT)
     tl.store(dg_ptr + rows * stride_dgm + cols, _cast(dg, dg_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
     tl.store(du_ptr + rows * stride_dum + cols, _cast(du, du_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
 
@@ -217,33 +217,34 @@ def bias_act_bwd(
 
 
 @on_input_device
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(gate) * up`` for tensors of one shape and dtype; contiguous, of that shape (``out`` if given)."""
+def gated_act_fwd(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(gate) * up`` for tensors of one shape and dtype; contiguous, of that shape (``out`` if given)."""
     y = output(out, gate.shape, gate.dtype, gate.device)
     if gate.numel() == 0:
         return y
     (g2, m, stride_gm), (u2, _, stride_um), n = _rows(gate), _rows(up), _cols(gate)
     args = (g2, u2, y, m, n, stride_gm, stride_um, n)  # y: contiguous
-    _launch(_swiglu_fwd_kernel, args, m, n, INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
+    _launch(_gated_act_fwd_kernel, args, m, n, ACT=ACT_CODES[act], INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
     return y
 
 
 @on_input_device
-def swiglu_bwd(
+def gated_act_bwd(
     grad_y: torch.Tensor,
     gate: torch.Tensor,
     up: torch.Tensor,
+    act: str,
     out_gate: torch.Tensor | None = None,
     out_up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d_gate, d_up)`` of ``silu(gate) * up`` for the output gradient ``grad_y``."""
+    """``(d_gate, d_up)`` of ``act(gate) * up`` for the output gradient ``grad_y``."""
     dg = output(out_gate, gate.shape, gate.dtype, gate.device, "out_gate")
     du = output(out_up, up.shape, up.dtype, up.device, "out_up")
     if gate.numel() == 0:
         return dg, du
     (dy2, _, stride_dym), (g2, m, stride_gm), (u2, _, stride_um), n = _rows(grad_y), _rows(gate), _rows(up), _cols(gate)
     args = (dy2, g2, u2, dg, du, m, n, stride_dym, stride_gm, stride_um, n, n)  # dg, du: contiguous
-    _launch(_swiglu_bwd_kernel, args, m, n, INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
+    _launch(_gated_act_bwd_kernel, args, m, n, ACT=ACT_CODES[act], INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
     return dg, du
 
 
@@ -252,8 +253,8 @@ def swiglu_bwd(
 _AOT_ARGS = {
     "_bias_act_fwd_kernel": (("x_ptr", "b_ptr", "y_ptr"), ("M", "N", "stride_xm", "stride_ym")),
     "_bias_act_bwd_kernel": (("dy_ptr", "x_ptr", "b_ptr", "dx_ptr"), ("M", "N", "stride_dym", "stride_xm", "stride_dxm")),
-    "_swiglu_fwd_kernel": (("g_ptr", "u_ptr", "y_ptr"), ("M", "N", "stride_gm", "stride_um", "stride_ym")),
-    "_swiglu_bwd_kernel": (
+    "_gated_act_fwd_kernel": (("g_ptr", "u_ptr", "y_ptr"), ("M", "N", "stride_gm", "stride_um", "stride_ym")),
+    "_gated_act_bwd_kernel": (
         ("dy_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr"),
         ("M", "N", "stride_dym", "stride_gm", "stride_um", "stride_dgm", "stride_dum"),
     ),
@@ -281,8 +282,9 @@ def _case(fn: str, dtype: str, block: tuple[int, int], label: str, **meta):
 
 def aot_cases() -> list:
     """An :class:`~offsite_kernels.ops.aot.KernelCase` for every kernel variant the launchers can pick
-    for bf16 and fp16 (each activation with and without a bias, forward and backward, SwiGLU forward
-    and backward, at every block size of :func:`all_block_sizes`), and for fp32 at the widest block."""
+    for bf16 and fp16 (each activation with and without a bias, forward and backward, each gated
+    activation forward and backward, at every block size of :func:`all_block_sizes`), and for fp32 at
+    the widest block."""
     cases = []
     for dtype, blocks in (("bf16", all_block_sizes()), ("fp16", all_block_sizes()), ("fp32", all_block_sizes()[-1:])):
         for block in blocks:
@@ -292,5 +294,8 @@ def aot_cases() -> list:
                     for direction in ("fwd", "bwd"):
                         label = f"bias_act {direction} {tag}"
                         cases.append(_case(f"_bias_act_{direction}_kernel", dtype, block, label, ACT=code, HAS_BIAS=has_bias))
-            cases += [_case(f"_swiglu_{d}_kernel", dtype, block, f"swiglu {d}") for d in ("fwd", "bwd")]
+            for act in GATED_ACTS:
+                for direction in ("fwd", "bwd"):
+                    label = f"gated_act {direction} {act}"
+                    cases.append(_case(f"_gated_act_{direction}_kernel", dtype, block, label, ACT=ACT_CODES[act]))
     return cases

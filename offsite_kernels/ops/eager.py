@@ -23,6 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch._C._functorch import TransformType
+
+from ..errors import ForwardADError
 
 ENABLED = os.environ.get("OFFSITE_EAGER_FAST_PATH", "1").strip().lower() not in ("0", "false", "no", "off")
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -56,6 +60,22 @@ def _autograd_function(name: str, impl: Callable, setup_context: Callable, backw
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(_backward)})
 
 
+def _has_tangent(t: torch.Tensor) -> bool:
+    return _forward_ad.unpack_dual(t).tangent is not None
+
+
+def refuse_forward_ad(name: str, args: tuple) -> None:
+    """Raise :class:`ForwardADError` when forward-mode AD reaches the op ``name`` (only checked inside a dual level)."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    under_jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    if under_jvp or any(isinstance(a, torch.Tensor) and _has_tangent(a) for a in args):
+        raise ForwardADError(
+            f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, torch.autograd.forward_ad): the library's "
+            "ops define input gradients for the backward only; use reverse mode (.backward(), torch.func.vjp, jacrev)"
+        )
+
+
 class EagerOp:
     """A custom op (``op``, what tracing and ``opcheck`` use) callable with a direct eager path.
 
@@ -82,6 +102,10 @@ class EagerOp:
             )
 
     def __call__(self, *args: Any) -> Any:
+        if _forward_ad._current_level >= 0:  # inside a dual level (forward_ad, torch.func.jvp): a custom op would
+            refuse_forward_ad(
+                getattr(self.op, "_qualname", str(self.op)), args
+            )  # give zero tangents without a word (PyTorch's custom ops do)
         needs_grad = False  # one pass over the arguments: plain tensors only, and whether one needs grad
         for a in args:
             if isinstance(a, torch.Tensor):

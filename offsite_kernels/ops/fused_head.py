@@ -34,12 +34,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..backends import use_triton
 from ..errors import OffsiteError
 from ..memtrack import register_workspace
+from .eager import refuse_forward_ad
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum")
@@ -292,6 +294,8 @@ def fused_linear_cross_entropy(
     ``[0, V)`` other than ``ignore_index`` give a NaN loss (HF raises; checking would cost a sync).
     """
     _check_inputs(hidden, weight, labels, bias, reduction, chunk_size)
+    if forward_ad._current_level >= 0:  # inside a dual level: the custom op would give a zero tangent
+        refuse_forward_ad("offsite_kernels::fused_linear_cross_entropy", (hidden,))
     if shift_labels and hidden.dim() < 2:
         raise FusedHeadInputError(
             f"with shift_labels=True hidden must be [..., T, H] (a sequence of tokens), got shape {tuple(hidden.shape)}; "
