@@ -178,3 +178,29 @@ def test_swapped_modules_follow_the_blocks_train_or_eval_mode(model_type):
         torch.testing.assert_close(first, plain(input_ids=ids, return_logits=True).logits, rtol=1e-5, atol=1e-5)
     fast.train()
     assert all(m.training for m in fast.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_norm_offset_and_geglu_match_the_plain_emulator(dtype):
+    """Gemma's RMSNorm scales by 1 + weight (its weights start at zero, where the offset is invisible) and its MLP
+    is GeGLU with the tanh GELU: random norm weights, fast against plain."""
+    model = tiny_model("gemma", n_layers=5, seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    model = model.to(dtype)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3)
+    fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=3, fast=True)
+    kinds = [type(m) for _, b in fast.emulator_blocks() for m in b.modules()]
+    assert kinds.count(FrozenGatedMLP) == 3 and kinds.count(FrozenRMSNorm) == 6
+    assert all(m.weight_offset == 1.0 for _, b in fast.emulator_blocks() for m in b.modules() if isinstance(m, FrozenRMSNorm))
+    ids = random_ids(2, 9, seed=5)
+    with torch.no_grad():
+        want, got = (e(input_ids=ids, return_logits=True).logits.double() for e in (plain, fast))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+    mask = torch.ones_like(ids)
+    _assert_close(
+        _loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=1e-5 if dtype == torch.float32 else 3e-2
+    )
