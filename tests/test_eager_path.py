@@ -228,3 +228,6 @@ def test_forward_mode_ad_is_refused_by_name():
             fn(fwad.make_dual(x, tangent))
         with fwad.dual_level():  # inside a dual level, an input without a tangent runs as usual
             torch.testing.assert_close(fn(x), fn(x.clone()))
+    hidden, labels = torch.randn(1, 3, 6, generator=gen(8)), torch.tensor([[1, 2, 3]])
+    with fwad.dual_level(), pytest.raises(ForwardADError, match="fused_linear_cross_entropy"):  # a tangent on the head
+        ok.ops.fused_linear_cross_entropy(hidden, fwad.make_dual(head_weight, torch.randn(7, 6, generator=gen(10))), labels)

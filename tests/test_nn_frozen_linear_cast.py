@@ -58,9 +58,12 @@ def test_a_state_dict_of_another_format_is_refused(saved, built):
         with pytest.raises(RuntimeError, match="size mismatch for weight_scales"):
             target.load_state_dict(state)
         return
+    before = {k: v.clone() for k, v in target.state_dict().items()}
     for assign in (False, True):
         with pytest.raises(RuntimeError, match=r"weight_data: this FrozenLinear holds a \w+ weight, whose data is"):
             target.load_state_dict(state, strict=False, assign=assign)
+        after = target.state_dict()  # nothing of the refused state dict was copied in
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     same = FrozenLinear.from_linear(nn.Linear(64, 24), bits=saved, group_size=32)
     same.load_state_dict(state)
     x = torch.randn(3, 64)

@@ -537,3 +537,32 @@ def test_aot_compiles_without_spills(case, arch):
 def test_aot_float64_variants_compile(case, arch):
     """float64 (a checking dtype) must compile for real GPUs; at long rows it may spill (slow, not wrong)."""
     assert _aot_row(case, arch)["registers"] > 0
+
+
+def test_which_rms_norms_scale_by_one_plus_weight():
+    """Gemma, Gemma 2 and Gemma 3 scale by ``1 + weight``; Gemma 3n and Gemma 4 (also named Gemma*RMSNorm) by
+    ``weight``, as Llama: a name pattern would add an offset of 1 there."""
+    import importlib
+
+    from offsite_kernels.nn.norm import rms_norm_kind
+
+    for module_name, cls, kind in [
+        ("gemma", "GemmaRMSNorm", "gemma"),
+        ("gemma2", "Gemma2RMSNorm", "gemma"),
+        ("gemma3", "Gemma3RMSNorm", "gemma"),
+        ("gemma3n", "Gemma3nRMSNorm", None),
+        ("gemma4", "Gemma4RMSNorm", None),
+    ]:
+        try:
+            norm_class = getattr(importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), cls)
+        except (ImportError, AttributeError):
+            continue  # not in this transformers
+        norm = norm_class(N, eps=1e-6)
+        got = rms_norm_kind(norm)
+        assert got in (kind, "llama" if kind is None else kind), cls  # a weight-only scale may look like Llama's
+        if got == "gemma":
+            x = torch.randn(3, N, generator=gen(5))
+            with torch.no_grad():
+                norm.weight.normal_(generator=gen(6))
+            torch.testing.assert_close(ok.nn.FrozenRMSNorm.from_module(norm)(x), norm(x), rtol=1e-6, atol=1e-6)
+    assert rms_norm_kind(nn.LayerNorm(N)) is None

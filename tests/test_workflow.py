@@ -601,3 +601,35 @@ def test_a_checkpoint_of_an_older_fingerprint_format_is_refused_by_name(tokenize
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(PackageError, match="written by an older offsite-kernels"):
         finetune(ok.make_emulator(tiny_model("llama", seed=1), bottom=1, top=1, emulator_layers=2), data, quiet(**run))
+
+
+def test_unmerged_lora_is_refused_by_both_writers(tmp_path):
+    """PEFT's own tensor names (q_proj.base_layer.weight, q_proj.lora_A.default.weight) would go into the files,
+    which plug_in and from_pretrained cannot read: both writers refuse until the LoRA layers are merged."""
+    from offsite_kernels.errors import PackageError
+    from offsite_kernels.workflow.methods import export, prepare
+
+    model = tiny_model("llama", n_layers=4, seed=3)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    prepare(emu, "lora")
+    with torch.no_grad():
+        for name, p in emu.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)  # a trained LoRA: the merged adapter differs from the source blocks
+    with pytest.raises(PackageError, match="unmerged PEFT layers"):
+        emu.save_adapter(tmp_path / "adapter")
+    with pytest.raises(PackageError, match="unmerged PEFT layers"):
+        emu.save_pretrained(tmp_path / "emulator")
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "emulator").exists()
+    ids = torch.randint(3, 97, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = emu(input_ids=ids, return_logits=True).logits
+    export(emu)
+    emu.save_adapter(tmp_path / "adapter")
+    emu.save_pretrained(tmp_path / "emulator")
+    plugged = ok.plug_in(tiny_model("llama", n_layers=4, seed=3), tmp_path / "adapter")
+    emulated = ok.make_emulator(plugged, bottom=1, top=1, emulator_layers=2)
+    with torch.no_grad():
+        torch.testing.assert_close(emulated(input_ids=ids, return_logits=True).logits, before, rtol=1e-5, atol=1e-5)
+        loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emulator")
+        torch.testing.assert_close(loaded(input_ids=ids, return_logits=True).logits, before, rtol=1e-5, atol=1e-5)

@@ -62,8 +62,21 @@ def probe_matches(probe: Any, model: nn.Module, family: ModelFamily) -> bool:
     return theirs.shape == mine.shape and bool((theirs - mine).norm() <= _PROBE_RTOL * mine.norm())
 
 
+def check_no_unmerged_lora(model: nn.Module, what: str) -> None:
+    """Refuse to write ``what`` from a model that holds PEFT (LoRA) layers not yet merged: their tensors go under
+    PEFT's own names (``q_proj.base_layer.weight``, ``q_proj.lora_A.default.weight``), which neither
+    :func:`plug_in` nor ``from_pretrained`` reads."""
+    layers = [name for name, m in model.named_modules() if type(m).__module__.startswith("peft.tuners")]
+    if layers:
+        raise PackageError(
+            f"cannot write {what}: the model holds {len(layers)} unmerged PEFT layers ({layers[0]}, ...); merge them "
+            "into the adapter first (offsite_kernels.workflow.methods.export(emu), or PEFT's merge_and_unload())"
+        )
+
+
 def save_adapter(emu: OffsiteModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the adapter of ``emu`` to the directory ``path`` atomically."""
+    check_no_unmerged_lora(emu.model, "an adapter")
     tensors = emu.adapter_state_dict()
     manifest = {
         "format": ADAPTER_FORMAT,

@@ -105,8 +105,9 @@ def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[s
     activation = family.activation_name(config)
     if family.gated_mlp is not None:
         mlp = block.get_submodule(family.gated_mlp)
-        _replace(block, family.gated_mlp, FrozenGatedMLP.from_module(mlp, activation or "silu"))
-        swapped.append(f"{family.gated_mlp}: SwiGLU MLP")
+        gated = FrozenGatedMLP.from_module(mlp, activation or "silu")
+        _replace(block, family.gated_mlp, gated)
+        swapped.append(f"{family.gated_mlp}: {'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP")
     for path in family.activation_modules:
         assert activation is not None  # check_fast_block
         _replace(block, path, FrozenActivation(activation))

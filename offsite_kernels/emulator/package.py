@@ -18,6 +18,7 @@ from .._version import __version__
 from ..errors import OffsiteError, PackageError
 from ..hf_io import copy_tokenizer_files
 from ..io import atomic_output_dir, check_safetensors_files, load_tensors, read_json, write_json
+from .adapter import check_no_unmerged_lora
 from .build import freeze_all_but_adapter_, restore_source_depth_
 from .layout import Layout
 from .quantize import restore_quantized_linears_
@@ -42,6 +43,7 @@ def save_emulator(
     ``tokenizer`` (an HF tokenizer) is saved with it; or the tokenizer files found in the
     directory ``tokenizer_from`` are copied.
     """
+    check_no_unmerged_lora(emu.model, "an emulator package")
     record = {
         "format": PACKAGE_FORMAT,
         "format_version": FORMAT_VERSION,

@@ -62,16 +62,20 @@ class FrozenLinear(nn.Module):
         """As ``nn.Module``'s, refusing stored tensors of another format: ``copy_`` would convert int8 codes into fp8
         values (or floats into int8 codes) of the same shape without a word."""
         layout = stored_layout(self.format, (self.out_features, self.in_features), self.group_size)
+        refused = []
         for field, (_, dtype) in layout.items():
             given = state_dict.get(f"{prefix}weight_{field}")
             if not isinstance(given, torch.Tensor):
                 continue
             if (given.dtype != dtype) if dtype is not None else not given.is_floating_point():
-                error_msgs.append(
+                refused.append(
                     f"{prefix}weight_{field}: this FrozenLinear holds a {self.format} weight, whose {field} is "
                     f"{dtype or 'floating point'}, but the state dict's is {given.dtype} (a weight of another format); "
                     "build the layer with the format the state dict was saved with (FrozenLinear.from_linear(..., bits=))"
                 )
+        if refused:  # nothing of this layer is loaded (torch copies the other tensors before it raises)
+            error_msgs.extend(refused)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @classmethod

@@ -17,10 +17,14 @@ def _frozen_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+# Hugging Face RMSNorm classes that scale by ``1 + weight`` (Gemma 3n and Gemma 4 scale by ``weight``: not these)
+GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
+
+
 def rms_norm_kind(module: nn.Module) -> str | None:
     """Which RMSNorm ``module`` is: "torch" (``torch.nn.RMSNorm``), "llama" (Hugging Face Llama-style: a 1-D
-    ``weight`` and ``variance_epsilon``), "gemma" (Hugging Face Gemma-style: a 1-D ``weight`` used as
-    ``1 + weight``, and ``eps``), or None (not an RMSNorm :meth:`FrozenRMSNorm.from_module` knows)."""
+    ``weight`` and ``variance_epsilon``), "gemma" (Hugging Face Gemma, Gemma 2 and Gemma 3: a 1-D ``weight``
+    used as ``1 + weight``, and ``eps``), or None (not an RMSNorm :meth:`FrozenRMSNorm.from_module` knows)."""
     if isinstance(module, nn.RMSNorm):
         return "torch"
     weight = getattr(module, "weight", None)
@@ -28,8 +32,7 @@ def rms_norm_kind(module: nn.Module) -> str | None:
         return None
     if hasattr(module, "variance_epsilon"):
         return "llama"
-    name = type(module).__name__
-    if name.startswith("Gemma") and name.endswith("RMSNorm") and isinstance(getattr(module, "eps", None), float):
+    if type(module).__name__ in GEMMA_RMS_NORMS and isinstance(getattr(module, "eps", None), float):
         return "gemma"
     return None
 

@@ -65,14 +65,15 @@ def _has_tangent(t: torch.Tensor) -> bool:
 
 
 def refuse_forward_ad(name: str, args: tuple) -> None:
-    """Raise :class:`ForwardADError` when forward-mode AD reaches the op ``name`` (only checked inside a dual level)."""
+    """Raise :class:`ForwardADError` when forward-mode AD reaches the op ``name`` (only checked inside a dual level).
+    Under ``torch.func.jvp`` every call is refused, even one whose inputs carry no tangent (they are wrapped there)."""
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     under_jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
     if under_jvp or any(isinstance(a, torch.Tensor) and _has_tangent(a) for a in args):
         raise ForwardADError(
             f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, torch.autograd.forward_ad): the library's "
-            "ops define input gradients for the backward only; use reverse mode (.backward(), torch.func.vjp, jacrev)"
+            "ops define input gradients for reverse-mode autograd only (loss.backward(), torch.autograd.grad)"
         )
 
 

@@ -295,7 +295,7 @@ def fused_linear_cross_entropy(
     """
     _check_inputs(hidden, weight, labels, bias, reduction, chunk_size)
     if forward_ad._current_level >= 0:  # inside a dual level: the custom op would give a zero tangent
-        refuse_forward_ad("offsite_kernels::fused_linear_cross_entropy", (hidden,))
+        refuse_forward_ad("offsite_kernels::fused_linear_cross_entropy", (hidden, weight, bias))
     if shift_labels and hidden.dim() < 2:
         raise FusedHeadInputError(
             f"with shift_labels=True hidden must be [..., T, H] (a sequence of tokens), got shape {tuple(hidden.shape)}; "
