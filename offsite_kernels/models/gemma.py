@@ -1,17 +1,12 @@
-"""Gemma: RMSNorm with a ``1 + weight`` scale, rotary positions, GeGLU MLP (tanh GELU), scaled and tied embeddings."""
+"""Gemma: RMSNorm with a ``1 + weight`` scale, rotary positions, GeGLU MLP (tanh GELU), scaled and tied embeddings.
 
-from .family import ModelFamily
+Its modules sit where the Llama family's do; what differs (the norm's offset, the gated activation) is read from
+the modules and the config when fast blocks are swapped in.
+"""
+
+from dataclasses import replace
+
+from .llama import LLAMA
 from .registry import register_family
 
-GEMMA = register_family(
-    ModelFamily(
-        name="Gemma",
-        model_types=("gemma",),
-        blocks="model.layers",
-        token_embedding="model.embed_tokens",
-        position_embedding=None,
-        final_norm="model.norm",
-        gated_mlp="mlp",
-        activation_config="hidden_act",
-    )
-)
+GEMMA = register_family(replace(LLAMA, name="Gemma", model_types=("gemma",)))
