@@ -262,6 +262,9 @@ def test_distill_refuses_wrong_teacher_or_lowbit_emulator(tokenizer, text_file):
     emu = ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2)
     with pytest.raises(DistillError, match="8-block"):
         distill(emu, tiny_model("llama", n_layers=8), data, quiet(steps=1))
+    for other in ("gpt_neox", "gemma"):  # blocks at another path, or at the same one: the family is named either way
+        with pytest.raises(DistillError, match=rf"the teacher is a '{other}' model; .* 6-block 'llama' model"):
+            distill(emu, tiny_model(other), data, quiet(steps=1))
     lowbit = ok.make_emulator(tiny_model("llama"), bottom=1, top=1, emulator_layers=2, bits=8)
     with pytest.raises(DistillError, match="already low-bit"):
         distill(lowbit, tiny_model("llama"), data, quiet(steps=1))

@@ -209,7 +209,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.bits is not None:
         emu.quantize_(args.bits, args.group_size)
     emu.save_pretrained(args.output, overwrite=args.overwrite, tokenizer=tokenizer)
-    best = f", best valid loss {result.best_valid:.4f}" if result.best_valid is not None else ""
+    before = " (dense, before quantizing)" if args.bits is not None else ""
+    best = f", best valid loss {result.best_valid:.4f}{before}" if result.best_valid is not None else ""
     print(f"distilled emulator {emu.layout} after {result.steps} steps: loss {result.final_loss:.4f}{best} -> {args.output}")
     return 0
 

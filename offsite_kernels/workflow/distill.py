@@ -91,9 +91,13 @@ def distill(
     With ``valid``, the emulator with the best validation perplexity is kept; without, the last.
     The teacher is left as it was given (dtype, device, mode, ``requires_grad``).
     """
-    if len(emu.family.get_blocks(teacher)) != emu.layout.n_layers or teacher.config.model_type != emu.config.model_type:
+    teacher_type = getattr(getattr(teacher, "config", None), "model_type", None)
+    # the family first: another family's blocks may live at another path, which get_blocks would blame instead
+    teacher_blocks = len(emu.family.get_blocks(teacher)) if teacher_type == emu.config.model_type else None
+    if teacher_blocks != emu.layout.n_layers:
+        size = f"{teacher_blocks}-block " if teacher_blocks is not None else ""
         raise DistillError(
-            f"the teacher is a {len(emu.family.get_blocks(teacher))}-block {teacher.config.model_type!r} model; "
+            f"the teacher is a {size}{teacher_type!r} model; "
             f"the emulator was made from a {emu.layout.n_layers}-block {emu.config.model_type!r} model"
         )
     if not probe_matches(embedding_probe(emu.model, emu.family), teacher, emu.family):
