@@ -3,11 +3,15 @@ keeps the quantized weights' scales at the precision they were quantized with.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
+from offsite_kernels import quantize_weight
 from offsite_kernels.nn import FrozenLinear
+from offsite_kernels.quant.formats import QuantizationError
 
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
@@ -71,15 +75,7 @@ def test_a_state_dict_of_another_format_is_refused(saved, built):
 
 
 def test_a_hand_built_weight_with_wrong_dtypes_is_refused():
-    from offsite_kernels.quant.formats import QuantizationError
-
-    qw = ok_quantize(nn.Linear(64, 8).weight, 8)
-    bad = qw.__class__(qw.format, qw.data, qw.scales.half(), qw.zeros, qw.group_size, qw.shape, qw.dtype)
+    qw = quantize_weight(nn.Linear(64, 8).weight.detach(), bits=8)
+    bad = dataclasses.replace(qw, scales=qw.scales.half())
     with pytest.raises(QuantizationError, match=r"the scales of a int8 weight of shape \[8, 64\] must be \[8\] torch.float32"):
         FrozenLinear(bad)
-
-
-def ok_quantize(w, bits):
-    from offsite_kernels import quantize_weight
-
-    return quantize_weight(w.detach(), bits=bits)

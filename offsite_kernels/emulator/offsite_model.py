@@ -109,10 +109,11 @@ class OffsiteModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generation through the emulator (the wrapped model's ``generate``)."""
-        self._check_attention_outputs(kwargs)
-        if "output_attentions" not in kwargs:  # else asked for in a GenerationConfig (given, or the model's own)
+        asked = kwargs
+        if "output_attentions" not in kwargs:  # asked for in a GenerationConfig (given, or the model's own)?
             generation_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-            self._check_attention_outputs({"output_attentions": getattr(generation_config, "output_attentions", None)})
+            asked = {"output_attentions": getattr(generation_config, "output_attentions", None)}
+        self._check_attention_outputs(asked)
         return self.model.generate(*args, **kwargs)
 
     def _check_attention_outputs(self, kwargs: dict[str, Any]) -> None:

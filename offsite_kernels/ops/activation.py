@@ -85,16 +85,6 @@ def gated_act_input_grad_torch(
     return bias_act_input_grad_torch(grad_y * up, gate, None, act), grad_y * bias_act_torch(gate, None, act)
 
 
-def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Reference forward: ``F.silu(gate) * up``."""
-    return gated_act_torch(gate, up, "silu")
-
-
-def swiglu_input_grad_torch(grad_y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference gradients: ``(grad_y * up * silu'(gate), grad_y * silu(gate))``."""
-    return gated_act_input_grad_torch(grad_y, gate, up, "silu")
-
-
 def _bias_for(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.to(x.dtype)
 
