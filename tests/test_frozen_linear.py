@@ -106,6 +106,26 @@ def test_autograd_saves_no_activation_and_no_weight_grad(bits):
     assert list(layer.parameters()) == []
 
 
+@pytest.mark.parametrize("bits", FORMATS)
+@pytest.mark.parametrize("case", ["2d", "3d"])
+@pytest.mark.parametrize("eager_fast_path", [True, False])
+def test_the_output_takes_an_in_place_add_as_nn_linear_does(backend, bits, case, eager_fast_path, monkeypatch):
+    """Hugging Face blocks add into a linear's output in place (Falcon: ``mlp_output += attention_output``); autograd
+    refuses that on a view made inside a custom op, so the output must not be one, through either call path."""
+    monkeypatch.setattr(importlib.import_module("offsite_kernels.ops.eager"), "ENABLED", eager_fast_path)
+    layer = ok.nn.FrozenLinear.from_linear(nn.Linear(K, N), bits=bits, group_size=32)
+    weight = layer.weight.dequantize().double()
+    x = make_input(case, torch.float32, 42).requires_grad_(True)
+    other = torch.randn(*x.shape[:-1], N, generator=gen(43))
+    y = layer(x)
+    y += other
+    (y * y).sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = nn.functional.linear(x64, weight, layer.bias.double()) + other.double()
+    (y64 * y64).sum().backward()
+    assert rel_error(y, y64) < 1e-4 and rel_error(x.grad, x64.grad) < 1e-4
+
+
 @pytest.mark.parametrize("bits", [None, 8])
 def test_non_contiguous_weights_are_read_correctly(backend, bits):
     w = torch.randn(70, 24, generator=gen(40)).t()  # a transposed view, as HF Conv1D weights are

@@ -99,6 +99,22 @@ def _pick(t: torch.Tensor, fmt: str, direction: str) -> str:
 
 
 # --- custom ops -------------------------------------------------------------------------------
+def _unflatten_rows(y2: torch.Tensor, leading: tuple[int, ...]) -> torch.Tensor:
+    """The ``(rows, n)`` result ``y2`` as ``(*leading, n)``, and not a view: autograd forbids an in-place op on a view
+    made inside a custom op or ``autograd.Function``, and Hugging Face blocks add into a linear's output in place
+    (Falcon's ``mlp_output += attention_output``). A contiguous result is aliased with its new shape, not copied."""
+    shape = (*leading, y2.shape[-1])
+    y = y2.reshape(shape)
+    if not y._is_view():
+        return y
+    y2 = y2.contiguous()
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return y2.new_empty(0).set_(y2.untyped_storage(), y2.storage_offset(), shape, tuple(reversed(strides)))
+
+
 def _frozen_linear_impl(
     x: torch.Tensor,
     data: torch.Tensor,
@@ -125,7 +141,7 @@ def _frozen_linear_impl(
         y = run(x2, data, scales, zeros, bias, fmt, group_size, out_features)
     else:
         y = frozen_linear_torch(x2, _from_op_storage(fmt, data), scales, zeros, bias, fmt, group_size, out_features)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _unflatten_rows(y, x.shape[:-1])
 
 
 _frozen_linear_op = torch.library.custom_op("offsite_kernels::frozen_linear", _frozen_linear_impl, mutates_args=())
@@ -160,7 +176,7 @@ def _frozen_linear_input_grad_impl(
         dx = native.frozen_linear_bwd(g2, data, scales, zeros, fmt, group_size, in_features)
     else:
         dx = frozen_linear_input_grad_torch(g2, _from_op_storage(fmt, data), scales, zeros, fmt, group_size, in_features)
-    return dx.reshape(*grad_y.shape[:-1], in_features)
+    return _unflatten_rows(dx, grad_y.shape[:-1])
 
 
 _frozen_linear_input_grad_op = torch.library.custom_op(
