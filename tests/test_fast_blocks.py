@@ -207,3 +207,59 @@ def test_gemma_norm_offset_and_geglu_match_the_plain_emulator(dtype):
     _assert_close(
         _loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=1e-5 if dtype == torch.float32 else 3e-2
     )
+
+
+def _random_norm_weights(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_swap_that_would_change_the_activation_is_refused(dtype):
+    """The fused activation comes from the config's name; a model whose modules compute another one (here the config
+    names the erf GELU, the modules were built with the tanh form) is refused at the swap, in any dtype (activations
+    are checked in float32), instead of being trained through other math."""
+    model = tiny_model("gemma3_text", n_layers=5, seed=1, dtype=dtype)
+    ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)  # as built: accepted
+    model.config.hidden_activation = "gelu"
+    with pytest.raises(FastBlocksError, match=r"mlp \(Gemma3MLP\)(\.act_fn)? does not reproduce its output.*without fast blocks"):
+        ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_swap_that_would_drop_a_norm_offset_is_refused(dtype, monkeypatch):
+    """A norm read wrongly (Gemma's ``1 + weight`` taken as ``weight``: what a renamed class would cause) is refused."""
+    from offsite_kernels.nn import norm as norm_module
+
+    model = _random_norm_weights(tiny_model("gemma", n_layers=5, seed=1, dtype=dtype))
+    ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+    read_as = norm_module.rms_norm_kind
+    monkeypatch.setattr(norm_module, "rms_norm_kind", lambda module: "llama" if read_as(module) else None)
+    monkeypatch.setattr(type(model.model.norm), "variance_epsilon", 1e-6, raising=False)
+    with pytest.raises(FastBlocksError, match=r"input_layernorm \(GemmaRMSNorm\) does not reproduce its output"):
+        ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+
+
+def test_a_gated_family_without_an_activation_name_is_refused():
+    """A gated MLP whose activation the config does not name is refused (it was taken for SiLU)."""
+    from dataclasses import replace
+
+    from offsite_kernels.emulator.fast import check_fast_block
+
+    model = tiny_model("llama", n_layers=3, seed=1).requires_grad_(False)
+    family = replace(ok.get_family(model), activation_config="hidden_activation")  # an attribute this config lacks
+    with pytest.raises(FastBlocksError, match=r"no activation name in the config \(hidden_activation\)"):
+        check_fast_block(model.model.layers[1], family, model.config)
+
+
+def test_every_family_passes_the_swap_check_with_trained_looking_norms_in_every_dtype(model_type):
+    """No false alarm: with norm weights away from their initial values, in float32, bfloat16 and float16, dense and
+    int8, every family's fused modules reproduce Hugging Face's within the check's bounds."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = _random_norm_weights(tiny_model(model_type, n_layers=5, seed=1, dtype=dtype))
+        for bits in (None, 8):
+            fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True, bits=bits, group_size=32)
+            assert fast.fast_blocks

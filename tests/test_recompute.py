@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 
@@ -12,6 +13,7 @@ from conftest import padded_mask, random_ids
 import offsite_kernels as ok
 from offsite_kernels.memtrack import MemoryTracker, SavedBytesBetween
 from offsite_kernels.nn.recompute import RecomputeError, apply_recompute, recompute_mode
+from offsite_kernels.nn.selective_checkpoint import SelectiveCheckpointError
 from offsite_kernels.tiny import tiny_model
 
 
@@ -375,3 +377,57 @@ def test_a_second_input_that_needs_grad_is_differentiated_or_refused(mode):
             grads()
     else:
         torch.testing.assert_close(grads(), expected)
+
+
+class _ChangesItsGemmOutput(torch.nn.Module):
+    """A frozen block that scales a batched GEMM's output in place (as Falcon's eager attention does with its scores)
+    or adds into a linear's output in place (as Falcon's MLP does); or does either out of place."""
+
+    def __init__(self, in_place: bool, frozen_linear: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        linear = torch.nn.Linear(12, 12)
+        self.proj = ok.nn.FrozenLinear.from_linear(linear, bits=None) if frozen_linear else linear.requires_grad_(False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        heads = hidden.unflatten(-1, (2, 6)).transpose(1, 2)  # (batch, heads, tokens, 6)
+        scores = heads @ heads.transpose(-1, -2)
+        if self.in_place:
+            scores /= 3.0
+        else:
+            scores = scores / 3.0
+        mixed = (scores.softmax(-1) @ heads).transpose(1, 2).flatten(-2)
+        out = self.proj(mixed)
+        if self.in_place:
+            out += hidden
+        else:
+            out = out + hidden
+        return torch.tanh(out)
+
+
+def _selective_grads(in_place: bool, frozen_linear: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradient through two such blocks, plain and under selective recomputation."""
+    torch.manual_seed(0)
+    blocks = [_ChangesItsGemmOutput(in_place, frozen_linear) for _ in range(2)]
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    reference = x.detach().clone().requires_grad_(True)
+    blocks[1](blocks[0](reference)).square().sum().backward()
+    apply_recompute(blocks, "selective")
+    blocks[1](blocks[0](x)).square().sum().backward()
+    return x.grad, reference.grad
+
+
+@pytest.mark.parametrize("frozen_linear", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_selective_mode_reruns_a_block_that_changes_a_kept_gemm_output(in_place, frozen_linear):
+    """Selective recomputation keeps GEMM outputs; one changed in place after it is kept would come back changed in the
+    rerun (PyTorch raises on some, and misses Falcon's attention scores: wrong gradients). The cache keeps a copy."""
+    grad, reference = _selective_grads(in_place, frozen_linear)
+    torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_selective_mode_refuses_such_a_block_where_it_cannot_copy_the_kept_output(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("offsite_kernels.nn.selective_checkpoint"), "_copy_cached", lambda *a: False)
+    _selective_grads(False, False)  # nothing written over: nothing to copy
+    with pytest.raises(SelectiveCheckpointError, match=r"in place \(aten\.div_\..*recompute='block'"):
+        _selective_grads(True, False)

@@ -48,6 +48,54 @@ def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+# |fast - original| <= rtol * |original| + atol * max |original| on a sample input, per dtype: a few roundings apart
+# (Hugging Face's bf16 GELUs round each step), while a wrong norm offset or activation is far further; in float32
+# (activations are always checked there) the tanh and erf GELUs differ by 95 times the bound on the sample
+_SWAP_TOLERANCE = {torch.float32: (1e-4, 1e-6), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def _real_tensors(module: nn.Module) -> bool:
+    """The module holds real tensors (not meta or fake ones, as the benchmark's accounting builds) and no dispatch
+    mode is active, so a sample input can run through it."""
+    if torch._C._len_torch_dispatch_stack():
+        return False
+    return all(
+        type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in (*module.parameters(), *module.buffers())
+    )
+
+
+def _sample_like(module: nn.Module, block: nn.Module) -> torch.Tensor | None:
+    """A parameter giving the device and dtype the module computes in: its own first, else the block's (a quantized
+    linear holds buffers only); None where the block has none."""
+    return next(iter((*module.parameters(), *block.parameters())), None)
+
+
+def _check_same_output(
+    original: nn.Module, fast: nn.Module, features: int, block: nn.Module, what: str, dtype: torch.dtype | None = None
+) -> None:
+    """Run ``original`` and its replacement ``fast`` on one sample input (in ``dtype``, by default the module's); raise
+    :class:`FastBlocksError` where they differ beyond rounding. The swap reads a module's math from its class and the
+    config (a norm's offset, the activation's name): this catches a Hugging Face module whose math those no longer
+    describe, instead of training through other math without a word."""
+    like = _sample_like(original, block)
+    if like is None or not _real_tensors(original):
+        return
+    dtype = dtype or (like.dtype if like.dtype in _SWAP_TOLERANCE else torch.float32)
+    sample = torch.randn(2, 3, features, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    x = sample.to(device=like.device, dtype=dtype)
+    with torch.no_grad():
+        expected, got = original(x).double(), fast(x).double()
+    rtol, atol = _SWAP_TOLERANCE[dtype]
+    excess = (got - expected).abs() - (rtol * expected.abs() + atol * float(expected.abs().max()))
+    if not bool(torch.isfinite(got).all()) or float(excess.max()) > 0:
+        raise FastBlocksError(
+            f"the fused replacement of {what} does not reproduce its output on a sample input (up to "
+            f"{float((got - expected).abs().max()):.3g} apart in {dtype}): this Hugging Face module computes other "
+            "math than the library reads from its class and config; build the emulator without fast blocks "
+            "(and report the model type and transformers version)"
+        )
+
+
 def check_fast_block(block: nn.Module, family: ModelFamily, config: object) -> None:
     """Raise :class:`FastBlocksError` where :func:`fast_block_` cannot turn ``block`` into a fast block
     computing the same math; changes nothing."""
@@ -64,6 +112,8 @@ def check_fast_block(block: nn.Module, family: ModelFamily, config: object) -> N
         )
     activation = family.activation_name(config)
     if family.activation_modules and activation is None:
+        raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")
+    if family.gated_mlp is not None and activation is None:
         raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")
     if activation is not None and (family.activation_modules or family.gated_mlp is not None):
         try:
@@ -92,12 +142,12 @@ def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[s
     for name, module in list(block.named_modules()):
         if not name:
             continue
-        if isinstance(module, nn.LayerNorm):
-            _replace(block, name, FrozenLayerNorm.from_module(module))
-            swapped.append(f"{name}: LayerNorm")
-        elif rms_norm_kind(module) is not None:
-            _replace(block, name, FrozenRMSNorm.from_module(module))
-            swapped.append(f"{name}: RMSNorm")
+        if isinstance(module, nn.LayerNorm) or rms_norm_kind(module) is not None:
+            kind = "LayerNorm" if isinstance(module, nn.LayerNorm) else "RMSNorm"
+            norm = FrozenLayerNorm.from_module(module) if kind == "LayerNorm" else FrozenRMSNorm.from_module(module)
+            _check_same_output(module, norm, norm.hidden_size, block, f"{family.name}'s {name} ({type(module).__name__})")
+            _replace(block, name, norm)
+            swapped.append(f"{name}: {kind}")
     if family.alibi_attention is not None:
         attention = block.get_submodule(family.alibi_attention)
         _replace(block, family.alibi_attention, AlibiSdpaAttention(attention))
@@ -105,12 +155,22 @@ def fast_block_(block: nn.Module, family: ModelFamily, config: object) -> list[s
     activation = family.activation_name(config)
     if family.gated_mlp is not None:
         mlp = block.get_submodule(family.gated_mlp)
-        gated = FrozenGatedMLP.from_module(mlp, activation or "silu")
+        assert activation is not None  # check_fast_block
+        gated = FrozenGatedMLP.from_module(mlp, activation)
+        what = f"{family.name}'s {family.gated_mlp} ({type(mlp).__name__})"
+        _check_same_output(mlp, gated, int(mlp.gate_proj.in_features), block, what)
+        if isinstance(getattr(mlp, "act_fn", None), nn.Module):  # its activation alone, in float32: finer than bf16
+            _check_same_output(mlp.act_fn, FrozenActivation(activation), 8, block, f"{what}.act_fn", torch.float32)
         _replace(block, family.gated_mlp, gated)
         swapped.append(f"{family.gated_mlp}: {'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP")
     for path in family.activation_modules:
         assert activation is not None  # check_fast_block
-        _replace(block, path, FrozenActivation(activation))
+        fused = FrozenActivation(activation)
+        original = block.get_submodule(path)
+        _check_same_output(
+            original, fused, 8, block, f"{family.name}'s {path} ({type(original).__name__}, {activation!r})", torch.float32
+        )
+        _replace(block, path, fused)
         swapped.append(f"{path}: {activation}")
     return swapped
 

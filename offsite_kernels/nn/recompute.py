@@ -46,10 +46,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import OffsiteError
 from .frozen_blocks import is_kv_cache, require_frozen, unwrap, wrapped_by, wrapper_class
+from .selective_checkpoint import selective_context
 
 RECOMPUTE_MODES = ("full", "block", "selective")
 _STATE = "_offsite_recompute"  # attribute of a wrapped block: its _Stack
@@ -291,30 +292,6 @@ class _Stack:
                 self._local.record = None
 
 
-# Ops whose outputs selective recomputation keeps: the GEMMs and attention. Everything else in
-# the block (norms, activations, residual adds, rotary) is rerun in the backward.
-def _saved_ops() -> list[Any]:
-    ops = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default]
-    ops += [torch.ops.aten.baddbmm.default, torch.ops.aten.linear.default]
-    for name in (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-    ):
-        op = getattr(torch.ops.aten, name, None)
-        if op is not None:
-            ops.append(op.default)
-    from ..ops import frozen_linear as _frozen_linear  # noqa: F401 - registers the custom op
-
-    ops.append(torch.ops.offsite_kernels.frozen_linear.default)
-    return ops
-
-
-def _selective_context() -> tuple[Any, Any]:
-    return create_selective_checkpoint_contexts(_saved_ops())
-
-
 @functools.cache
 def _wrapped_class(base: type, mode: str) -> type:
     """``base`` with a ``forward`` that recomputes (one subclass per block class and mode)."""
@@ -334,7 +311,7 @@ def _wrapped_class(base: type, mode: str) -> type:
             _check_no_cache(self, args, kwargs, mode)
             if mode == "block":  # the block's inputs only; everything inside is rerun
                 return checkpoint(base.forward, self, *args, use_reentrant=False, **kwargs)
-            return checkpoint(base.forward, self, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)
+            return checkpoint(base.forward, self, *args, use_reentrant=False, context_fn=selective_context, **kwargs)
 
     return wrapper_class(base, "recompute", {"forward": forward, "_offsite_mode": mode})
 

@@ -1,0 +1,116 @@
+"""The save policy of ``recompute="selective"``: keep the outputs of the GEMMs and of attention, rerun the rest.
+
+PyTorch's selective activation checkpointing caches the chosen ops' outputs in the forward and hands them back when
+the backward reruns the block. A cached output that the block then changes in place (Falcon divides its attention
+scores in place and adds its attention output into the MLP's) would come back changed, and the rerun would compute
+from the changed value. PyTorch notices some of these in the backward (with an error naming neither the op nor a
+fix) and misses others (Falcon's scores: wrong gradients without a word). :class:`_CachedOutputGuard` watches the
+forward instead: before an in-place op writes over a cached output, the cache gets a copy of it (the value the rerun
+needs, and the memory a copy costs where the block writes over it); where PyTorch's cache does not have the layout
+this reads, the block is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+from ..errors import OffsiteError
+
+
+class SelectiveCheckpointError(OffsiteError, RuntimeError):
+    """A block that selective recomputation cannot rerun exactly."""
+
+
+def saved_ops() -> list[Any]:
+    """The ops whose outputs selective recomputation keeps: GEMMs (dense and the frozen linear) and attention."""
+    ops = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default]
+    ops += [torch.ops.aten.baddbmm.default, torch.ops.aten.linear.default]
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            ops.append(op.default)
+    from ..ops import frozen_linear as _frozen_linear  # noqa: F401 - registers the custom op
+
+    ops.append(torch.ops.offsite_kernels.frozen_linear.default)
+    return ops
+
+
+def _memory(value: Any) -> list[int]:
+    """Where the tensors of an op's output (a tensor or a tuple of them) live."""
+    return [t.untyped_storage().data_ptr() for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.numel()]
+
+
+def _copy_cached(cache: Any, address: int) -> bool:
+    """Replace each entry of PyTorch's selective-checkpoint cache held at ``address`` by a copy of its current value;
+    False where the cache does not look as expected (a PyTorch version that keeps it otherwise) or holds none there."""
+    storage = getattr(cache, "storage", None)
+    if not isinstance(storage, dict):
+        return False
+    copied = False
+    for entries in storage.values():
+        for entry in entries.values() if isinstance(entries, dict) else entries:
+            for wrapper in tree_leaves(entry):
+                value = getattr(wrapper, "val", None)
+                if not (isinstance(value, torch.Tensor) and hasattr(wrapper, "version") and value.numel()):
+                    continue
+                if value.untyped_storage().data_ptr() == address:
+                    with _disable_current_modes():  # a copy the checkpoint's own modes do not record
+                        wrapper.val = value.clone()
+                    wrapper.version = wrapper.val._version
+                    copied = True
+    return copied
+
+
+class _CachedOutputGuard(TorchDispatchMode):
+    """Records where the cached ops' outputs live; before an in-place op writes there, copies the cached value."""
+
+    def __init__(self, cache: Any, cached_ops: frozenset) -> None:
+        super().__init__()
+        self.cache, self.cached_ops, self.cached_memory = cache, cached_ops, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.cached_memory and func._schema.is_mutable:
+            written = [
+                args[i] if i < len(args) else kwargs.get(argument.name)
+                for i, argument in enumerate(func._schema.arguments)
+                if argument.alias_info is not None and argument.alias_info.is_write
+            ]
+            for address in {a for value in written for a in _memory(value)} & self.cached_memory:
+                if not _copy_cached(self.cache, address):
+                    raise SelectiveCheckpointError(
+                        f"this block changes the output of a GEMM or of attention in place ({func}), which "
+                        "recompute='selective' keeps from the forward for the backward's rerun, and this PyTorch's "
+                        "checkpoint cache cannot be given a copy: the rerun would start from the changed value. Use "
+                        "recompute='block' (the same memory for the block's input, the whole block rerun) or 'full'"
+                    )
+                self.cached_memory.discard(address)
+        out = func(*args, **kwargs)
+        if func in self.cached_ops:
+            self.cached_memory.update(_memory(out))
+        return out
+
+
+def selective_context() -> tuple[Any, Any]:
+    """The ``context_fn`` of a selective checkpoint: the forward caches :func:`saved_ops`' outputs (copying one before
+    the block writes over it), the rerun takes them back."""
+    ops = saved_ops()
+    cache, rerun = create_selective_checkpoint_contexts(ops)
+
+    @contextlib.contextmanager
+    def forward():
+        with cache, _CachedOutputGuard(cache, frozenset(ops)):
+            yield
+
+    return forward(), rerun
