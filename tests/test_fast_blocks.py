@@ -263,3 +263,26 @@ def test_every_family_passes_the_swap_check_with_trained_looking_norms_in_every_
         for bits in (None, 8):
             fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True, bits=bits, group_size=32)
             assert fast.fast_blocks
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(new_decoder_architecture=True, multi_query=False, num_kv_heads=2), dict(parallel_attn=False)],
+    ids=["falcon-40b-style", "sequential"],
+)
+def test_falcon_variants_match_the_plain_emulator(variant):
+    """Falcon-40B/180B's layout (two norms, grouped key-value heads) and the sequential block, beside the 7B default."""
+    model = tiny_model("falcon", n_layers=5, seed=1, **variant)
+    ids, mask = random_ids(2, 11, seed=2), padded_mask(2, 11)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2)
+    fast = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True, recompute="selective")
+    _assert_close(_loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=1e-5)
+
+
+def test_falcon_with_alibi_is_refused_fast_blocks_and_runs_plain():
+    model = tiny_model("falcon", n_layers=5, seed=1, alibi=True)
+    with pytest.raises(FastBlocksError, match=r"Falcon with alibi=True: .* build the emulator without fast blocks"):
+        ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+    plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, recompute="selective")
+    loss, grads = _loss_and_grads(plain, random_ids(2, 9, seed=2), torch.ones(2, 9, dtype=torch.long))
+    assert torch.isfinite(loss) and grads

@@ -110,6 +110,11 @@ def check_fast_block(block: nn.Module, family: ModelFamily, config: object) -> N
             "fast blocks run in float32, float16 or bfloat16, but this block holds float64 weights; "
             "cast the model (model.float()) or build the emulator without fast blocks"
         )
+    for flag, why in family.fast_blocks_unsupported:
+        if getattr(config, flag, None):
+            raise FastBlocksError(
+                f"{family.name} with {flag}={getattr(config, flag)!r}: {why}; build the emulator without fast blocks"
+            )
     activation = family.activation_name(config)
     if family.activation_modules and activation is None:
         raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")

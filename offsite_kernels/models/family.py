@@ -41,6 +41,8 @@ class ModelFamily:
     # ``scaling`` by ``layer_idx + 1`` when it builds the block; a block rebuilt at another position
     # (an emulator package loaded) must get its source block's scaling back
     depth_scaled_attention: tuple[str, str] | None = None
+    # (config flag, why): with the flag on, fast blocks would not reproduce the plain blocks and are refused
+    fast_blocks_unsupported: tuple[tuple[str, str], ...] = ()
 
     def activation_name(self, config: object) -> str | None:
         """The Hugging Face name of the blocks' MLP activation."""
