@@ -286,3 +286,16 @@ def test_falcon_with_alibi_is_refused_fast_blocks_and_runs_plain():
     plain = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, recompute="selective")
     loss, grads = _loss_and_grads(plain, random_ids(2, 9, seed=2), torch.ones(2, 9, dtype=torch.long))
     assert torch.isfinite(loss) and grads
+
+
+def test_a_refused_swap_leaves_the_emulator_as_it_was():
+    """Every block's replacements are built and checked before anything changes: a refusal keeps the recomputation
+    setting and the original modules."""
+    model = tiny_model("gemma3_text", n_layers=5, seed=1)
+    model.config.hidden_activation = "gelu"  # not what the modules compute: refused
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, recompute="selective")
+    before = [[type(m) for m in b.modules()] for _, b in emu.emulator_blocks()]
+    with pytest.raises(FastBlocksError):
+        emu.use_fast_blocks()
+    assert emu.recompute == "selective" and emu.fast_blocks == []
+    assert [[type(m) for m in b.modules()] for _, b in emu.emulator_blocks()] == before

@@ -173,18 +173,18 @@ class OffsiteModel(nn.Module):
         """Swap the library's fused frozen ops into the emulator blocks (norms, MLP activation,
         SwiGLU) and run attention through SDPA; see :mod:`offsite_kernels.emulator.fast`. In place,
         one way (build the emulator again to go back); the emulator must be distilled already."""
-        from .fast import check_fast_block, fast_block_, use_sdpa_attention_
+        from .fast import apply_fast_block_, plan_fast_block, use_sdpa_attention_
 
         if self.fast_blocks:
             return self
-        for _, block in self.emulator_blocks():  # every block checked before any is changed
-            check_fast_block(block, self.family, self.config)
+        # every block's fused modules built and checked before anything changes: a refusal leaves the emulator as it was
+        plans = [plan_fast_block(block, self.family, self.config) for _, block in self.emulator_blocks()]
         mode, graphs = self.recompute, self._graph_settings()
         self.set_cuda_graphs(False)
         self.set_recompute(None)  # swap inside the plain blocks, then wrap them again
         swapped = []
-        for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):
-            swapped += [f"{position}.{entry}" for entry in fast_block_(block, self.family, self.config)]
+        for position, (_, block), plan in zip(self.emulator_positions(), self.emulator_blocks(), plans, strict=True):
+            swapped += [f"{position}.{entry}" for entry in apply_fast_block_(block, plan)]
         if self.family.sdpa_attention:
             use_sdpa_attention_(self.model)
         self.fast_blocks = swapped

@@ -12,11 +12,10 @@ this reads, the block is refused with the fix.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
@@ -47,8 +46,13 @@ def saved_ops() -> list[Any]:
 
 
 def _memory(value: Any) -> list[int]:
-    """Where the tensors of an op's output (a tensor or a tuple of them) live."""
-    return [t.untyped_storage().data_ptr() for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.numel()]
+    """Where the real tensors of an op's output or argument (a tensor or a tuple of them) live. Fake, functional
+    (``torch.compile`` traces with those, and rewrites in-place ops itself) and meta tensors have no memory to watch."""
+    return [
+        t.untyped_storage().data_ptr()
+        for t in tree_leaves(value)
+        if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta" and t.numel()
+    ]
 
 
 def _copy_cached(cache: Any, address: int) -> bool:
@@ -58,29 +62,59 @@ def _copy_cached(cache: Any, address: int) -> bool:
     if not isinstance(storage, dict):
         return False
     copied = False
-    for entries in storage.values():
-        for entry in entries.values() if isinstance(entries, dict) else entries:
+    for entries in list(storage.values()):  # the copy below is itself recorded there (as an op to rerun)
+        for entry in list(entries.values() if isinstance(entries, dict) else entries):
             for wrapper in tree_leaves(entry):
                 value = getattr(wrapper, "val", None)
                 if not (isinstance(value, torch.Tensor) and hasattr(wrapper, "version") and value.numel()):
                     continue
-                if value.untyped_storage().data_ptr() == address:
-                    with _disable_current_modes():  # a copy the checkpoint's own modes do not record
-                        wrapper.val = value.clone()
+                if type(value) in (torch.Tensor, torch.nn.Parameter) and value.untyped_storage().data_ptr() == address:
+                    wrapper.val = value.clone()  # through the modes below (a memory tracker counts it)
                     wrapper.version = wrapper.val._version
                     copied = True
     return copied
 
 
 class _CachedOutputGuard(TorchDispatchMode):
-    """Records where the cached ops' outputs live; before an in-place op writes there, copies the cached value."""
+    """The forward context of a selective checkpoint: PyTorch's caching mode ``cache``, and above it this mode, which
+    records where the cached ops' outputs live and, before an in-place op writes there, copies the cached value."""
+
+    supports_higher_order_operators = True  # flex attention and the like pass through to the checkpoint's modes
 
     def __init__(self, cache: Any, cached_ops: frozenset) -> None:
         super().__init__()
         self.cache, self.cached_ops, self.cached_memory = cache, cached_ops, set()
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:  # as PyTorch's own checkpoint modes: torch.compile may trace beneath
+        return True
+
+    @property
+    def ac_graph_id(self) -> Any:  # torch.compile tags the traced nodes through the forward context: the cache's
+        return getattr(self.cache, "ac_graph_id", None)
+
+    @ac_graph_id.setter
+    def ac_graph_id(self, value: Any) -> None:
+        self.cache.ac_graph_id = value
+
+    def __enter__(self):
+        self.cache.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self.cache.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self.cache.__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
         if self.cached_memory and func._schema.is_mutable:
             written = [
                 args[i] if i < len(args) else kwargs.get(argument.name)
@@ -107,10 +141,4 @@ def selective_context() -> tuple[Any, Any]:
     the block writes over it), the rerun takes them back."""
     ops = saved_ops()
     cache, rerun = create_selective_checkpoint_contexts(ops)
-
-    @contextlib.contextmanager
-    def forward():
-        with cache, _CachedOutputGuard(cache, frozenset(ops)):
-            yield
-
-    return forward(), rerun
+    return _CachedOutputGuard(cache, frozenset(ops)), rerun
