@@ -42,6 +42,7 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=128,
         partial_rotary_factor=0.5,
     ),
+    "phi3": dict(_COMMON_LLAMA, partial_rotary_factor=0.75),
     "qwen2": dict(_COMMON_LLAMA),
     "qwen3": dict(_COMMON_LLAMA, head_dim=12),
 }

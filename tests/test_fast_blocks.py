@@ -10,7 +10,7 @@ import offsite_kernels as ok
 from offsite_kernels.emulator.fast import FastBlocksError
 from offsite_kernels.memtrack import SavedBytesBetween
 from offsite_kernels.nn import AlibiSdpaAttention, FrozenLayerNorm, FrozenRMSNorm
-from offsite_kernels.nn.mlp import FrozenActivation, FrozenGatedMLP
+from offsite_kernels.nn.mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
 from offsite_kernels.tiny import tiny_model
 
 
@@ -46,7 +46,8 @@ def test_every_family_matches_the_plain_emulator(full_model, recompute):
     assert fast.fast_blocks and fast.recompute == recompute
     kinds = {type(m) for _, b in fast.emulator_blocks() for m in b.modules()}
     assert kinds & {FrozenLayerNorm, FrozenRMSNorm}
-    assert kinds & {FrozenActivation, FrozenGatedMLP}
+    assert kinds & {FrozenActivation, FrozenGatedMLP, FrozenFusedGatedMLP}
+    assert (FrozenFusedGatedMLP in kinds) == fast.family.gated_mlp_fused  # Phi-3's gate_up_proj
     assert (AlibiSdpaAttention in kinds) == (fast.family.name == "BLOOM")
     assert not any(isinstance(m, (FrozenLayerNorm, FrozenRMSNorm)) for _, b in fast.adapter_blocks() for m in b.modules())
     _assert_close(_loss_and_grads(plain, ids, mask), _loss_and_grads(fast, ids, mask), rtol=1e-5)

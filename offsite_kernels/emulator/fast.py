@@ -5,7 +5,8 @@ Inside each (frozen) emulator block, without touching the block's own forward:
 - every RMSNorm (Llama-style, Gemma's ``1 + weight``) / LayerNorm becomes a :class:`~offsite_kernels.nn.FrozenRMSNorm` /
   :class:`~offsite_kernels.nn.FrozenLayerNorm` (input gradient only, saves the input and the row
   statistics);
-- a gated MLP (Llama family, Gemma) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP`: the
+- a gated MLP (Llama family, Gemma) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP` (Phi-3's, with one
+  projection for gate and up, a :class:`~offsite_kernels.nn.FrozenFusedGatedMLP`): the
   activation and the product fused into one SwiGLU (GeGLU) op that saves only its two inputs;
 - the MLP activation module of the other families becomes a
   :class:`~offsite_kernels.nn.FrozenActivation` (one op, saves only its input);
@@ -31,7 +32,7 @@ from torch import nn
 from ..errors import OffsiteError
 from ..models import ModelFamily
 from ..nn.alibi_attention import AlibiSdpaAttention
-from ..nn.mlp import FrozenActivation, FrozenGatedMLP
+from ..nn.mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
 from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm, rms_norm_kind
 from ..ops.activation import activation_by_name
 
@@ -165,11 +166,14 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
     if family.gated_mlp is not None:
         mlp = block.get_submodule(family.gated_mlp)
         assert activation is not None  # check_fast_block
-        gated = FrozenGatedMLP.from_module(mlp, activation)
+        fused_projection = family.gated_mlp_fused
+        gated = (FrozenFusedGatedMLP if fused_projection else FrozenGatedMLP).from_module(mlp, activation)
         what = f"{family.name}'s {family.gated_mlp} ({type(mlp).__name__})"
-        _check_same_output(mlp, gated, int(mlp.gate_proj.in_features), block, what)
-        if isinstance(getattr(mlp, "act_fn", None), nn.Module):  # its activation alone, in float32: finer than bf16
-            _check_same_output(mlp.act_fn, FrozenActivation(activation), 8, block, f"{what}.act_fn", torch.float32)
+        features = (mlp.gate_up_proj if fused_projection else mlp.gate_proj).in_features
+        _check_same_output(mlp, gated, int(features), block, what)
+        for name in ("act_fn", "activation_fn"):  # its activation alone, in float32: finer than bf16
+            if isinstance(getattr(mlp, name, None), nn.Module):
+                _check_same_output(getattr(mlp, name), FrozenActivation(activation), 8, block, f"{what}.{name}", torch.float32)
         plan.append((family.gated_mlp, gated, f"{'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP"))
     for path in family.activation_modules:
         assert activation is not None  # check_fast_block

@@ -32,6 +32,7 @@ class ModelFamily:
     # fast frozen blocks: a gated MLP (gate_proj, up_proj, down_proj) at this path inside a block,
     # activation modules at these paths, and where the activation's Hugging Face name is found
     gated_mlp: str | None = None
+    gated_mlp_fused: bool = False  # the gated MLP projects gate and up at once (``gate_up_proj``, gate first: Phi-3)
     activation_modules: tuple[str, ...] = ()
     activation_config: str | None = None  # config attribute holding the name, e.g. "hidden_act"
     activation_default: str | None = None  # the name when the config holds none (BLOOM)

@@ -4,7 +4,7 @@ from .alibi_attention import AlibiSdpaAttention
 from .compiled_blocks import COMPILE_MODES, CompileError, apply_compile, compile_mode, remove_compile
 from .cuda_graphs import GraphError, apply_cuda_graphs, cuda_graphs_enabled, remove_cuda_graphs, reset_cuda_graphs
 from .frozen_linear import FrozenLinear
-from .mlp import FrozenActivation, FrozenGatedMLP
+from .mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
 from .norm import FrozenLayerNorm, FrozenRMSNorm
 from .recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 
@@ -14,6 +14,7 @@ __all__ = [
     "AlibiSdpaAttention",
     "CompileError",
     "FrozenActivation",
+    "FrozenFusedGatedMLP",
     "FrozenGatedMLP",
     "FrozenLayerNorm",
     "FrozenLinear",

@@ -45,3 +45,26 @@ class FrozenGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act.gated(self.gate_proj(x), self.up_proj(x)))
+
+
+class FrozenFusedGatedMLP(nn.Module):
+    """``down(act(gate) * up)`` where one projection gives ``[gate, up]`` side by side (Phi-3's ``gate_up_proj``);
+    the activation and the product fused as in :class:`FrozenGatedMLP`, reading the two halves in place."""
+
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu") -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.act: FusedActivation = activation_by_name(activation)
+        if not self.act.has_gated:
+            raise ValueError(
+                f"no fused gated kernel for activation {activation!r}; the SiLU (SwiGLU) and GELU (GeGLU) forms have one"
+            )
+
+    @classmethod
+    def from_module(cls, mlp: nn.Module, activation: str) -> FrozenFusedGatedMLP:
+        """From a Hugging Face MLP with ``gate_up_proj`` (gate first) and ``down_proj`` (Phi-3)."""
+        return cls(mlp.gate_up_proj, mlp.down_proj, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act.gated(gate, up))
