@@ -24,3 +24,12 @@ def test_unsupported_model_lists_supported_types():
     config = AutoConfig.for_model("gpt_bigcode", n_embd=32, n_layer=2, n_head=4)
     with pytest.raises(UnsupportedModelError, match=r"'gpt_bigcode' is not supported.*bloom.*gpt2.*gpt_neox.*llama"):
         ok.get_family(config)
+
+
+def test_max_positions_follow_the_position_table_learned_or_precomputed():
+    """A learned table (GPT-2) and GPT-J's precomputed rotary table limit a sequence; Llama's rotary does not."""
+    from offsite_kernels.tiny import tiny_config
+
+    for model_type, limit in (("gpt2", 128), ("gptj", 128), ("llama", None)):
+        config = tiny_config(model_type, n_layers=2)
+        assert ok.get_family(config).max_positions(config) == limit, model_type

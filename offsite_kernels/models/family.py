@@ -25,6 +25,8 @@ class ModelFamily:
     position_embedding: str | None
     final_norm: str
     lm_head: str = "lm_head"
+    # a config attribute sizing a table of computed positions that longer sequences overrun (GPT-J's sin/cos table)
+    position_table_config: str | None = None
     # default LoRA targets inside a block (module names), as the LoRA paper and PEFT choose them
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     # config attributes that hold one entry per block and must follow a layer selection
@@ -51,11 +53,11 @@ class ModelFamily:
         return name if isinstance(name, str) else self.activation_default
 
     def max_positions(self, config: object) -> int | None:
-        """How many tokens a sequence may hold: the learned position table's size; None where positions are
-        computed (rotary, ALiBi) and no table limits them."""
-        if self.position_embedding is None:
+        """How many tokens a sequence may hold: the position table's size (a learned one, or GPT-J's precomputed
+        rotary one: :attr:`position_table_config`); None where positions are computed and no table limits them."""
+        if self.position_embedding is None and self.position_table_config is None:
             return None
-        limit = getattr(config, "max_position_embeddings", None)
+        limit = getattr(config, self.position_table_config or "max_position_embeddings", None)
         return limit if isinstance(limit, int) else None
 
     def get(self, model: nn.Module, path: str) -> nn.Module:

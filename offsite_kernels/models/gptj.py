@@ -10,6 +10,7 @@ GPTJ = register_family(
         blocks="transformer.h",
         token_embedding="transformer.wte",
         position_embedding=None,
+        position_table_config="n_positions",  # rotary sin/cos precomputed for this many positions
         final_norm="transformer.ln_f",
         activation_modules=("mlp.act",),
         activation_config="activation_function",
