@@ -388,7 +388,7 @@ def test_cli_bench_accounted(tmp_path, capsys):
         (["--steps", "0"], "at least one"),
         (["--methods", ""], "--methods names nothing"),
         (["--models", " , "], "--models names nothing"),
-        (["--models", "gpt2-xl", "--seq", "1025"], "--seq 1025 is longer than the 1024 positions gpt2-xl"),
+        (["--models", "gpt2-xl", "--seq", "1025"], "--seq 1025 is longer than the 1024 positions of gpt2-xl"),
     ],
 )
 def test_cli_bench_bad_input(args, words, tmp_path, capsys):

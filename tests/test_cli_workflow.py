@@ -164,7 +164,7 @@ def test_blocks_longer_than_a_gpt2_position_table_exit_non_zero_with_the_limit(t
     assert main(["emulate", str(tmp_path / "model"), "-o", str(tmp_path / "emu"), "--layout", "1-2-1", "-q"]) == 0
     train = ["finetune", str(tmp_path / "emu"), "--train", str(tmp_path / "train.txt"), "-o", str(tmp_path / "out")]
     assert main([*train, *TRAIN]) == 2  # TRAIN's blocks are 32 tokens
-    assert "longer than the 24 positions the model learned" in capsys.readouterr().err
+    assert "longer than the 24 positions of the model's position table" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "model"), "--data", str(tmp_path / "train.txt"), "--block-size", "25"]) == 2
     assert "use a block size of at most 24" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -140,8 +140,8 @@ def run_bench(settings: BenchSettings) -> BenchResult:
             limit = get_family(config).max_positions(config)
             if limit is not None and settings.seq > limit:
                 raise BenchError(
-                    f"--seq {settings.seq} is longer than the {limit} positions {bench_model.name}"
-                    f"{' (scaled down)' if size else ''} learned; use --seq {limit} or less"
+                    f"--seq {settings.seq} is longer than the {limit} positions of {bench_model.name}"
+                    f"{' (scaled down)' if size else ''}'s position table; use --seq {limit} or less"
                 )
     say = settings.progress or (lambda _msg: None)
     start = time.perf_counter()

@@ -74,19 +74,20 @@ def check_tokenizer(tokenizer: Any, model: Any) -> None:
 
 
 def max_positions(model: Any) -> int | None:
-    """How many tokens a model with a learned position table takes at most; None when positions are computed."""
+    """How many tokens a model with a position table (learned, or GPT-J's precomputed rotary one) takes at most; None
+    when positions are computed per call."""
     from ..models import get_family
 
     return get_family(model).max_positions(model.config)
 
 
 def check_fits(data: TextBlocks, model: Any) -> None:
-    """Refuse blocks longer than the model's learned position table."""
+    """Refuse blocks longer than the model's position table."""
     limit = max_positions(model)
     if limit is not None and data.block_size > limit:
         raise DataError(
-            f"blocks of {data.block_size} tokens ({data.source!r}) are longer than the {limit} positions the model "
-            f"learned; use a block size of at most {limit} (--block-size)"
+            f"blocks of {data.block_size} tokens ({data.source!r}) are longer than the {limit} positions of the "
+            f"model's position table; use a block size of at most {limit} (--block-size)"
         )
 
 
