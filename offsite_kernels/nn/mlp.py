@@ -49,7 +49,8 @@ class FrozenGatedMLP(nn.Module):
 
 class FrozenFusedGatedMLP(nn.Module):
     """``down(act(gate) * up)`` where one projection gives ``[gate, up]`` side by side (Phi-3's ``gate_up_proj``);
-    the activation and the product fused as in :class:`FrozenGatedMLP`, reading the two halves in place."""
+    the activation and the product fused as in :class:`FrozenGatedMLP`, reading the two halves in place, and the
+    backward writing the projection's output gradient as one tensor (no concatenation of two halves)."""
 
     def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu") -> None:
         super().__init__()
@@ -66,5 +67,4 @@ class FrozenFusedGatedMLP(nn.Module):
         return cls(mlp.gate_up_proj, mlp.down_proj, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act.gated(gate, up))
+        return self.down_proj(self.act.gated_packed(self.gate_up_proj(x)))

@@ -225,6 +225,55 @@ _geglu_tanh_op, _geglu_tanh_backward_op = _geglu_tanh.op, _geglu_tanh_backward.o
 _GATED = {"silu": _swiglu, "gelu": _geglu, "gelu_tanh": _geglu_tanh}
 
 
+def _define_packed_gated_ops(op: str, act: str) -> EagerOp:
+    """``offsite_kernels::<op>_packed(gate_up)`` = ``act(gate) * up`` for ``gate_up = [gate, up]`` along the last
+    dimension (one fused projection: Phi-3's ``gate_up_proj``), with a backward that writes the gradient of
+    ``gate_up`` as one tensor: no concatenation of two halves (autograd's backward of ``chunk``) at the MLP's peak."""
+
+    def forward(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        if use_triton(gate_up):
+            from .activation_triton import gated_act_fwd
+
+            return gated_act_fwd(gate, up, act)
+        return gated_act_torch(gate, up, act).contiguous()
+
+    def backward_op(grad_y: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        if use_triton(gate_up):
+            from .activation_triton import gated_act_bwd_packed
+
+            return gated_act_bwd_packed(grad_y, gate_up, act)
+        gate, up = gate_up.chunk(2, dim=-1)
+        d = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        d_gate, d_up = d.chunk(2, dim=-1)  # filled in place: one temporary of a half's size alive at a time
+        torch.mul(grad_y, bias_act_torch(gate, None, act), out=d_up)
+        torch.mul(grad_y, up, out=d_gate)
+        d_gate.copy_(bias_act_input_grad_torch(d_gate, gate, None, act))
+        return d
+
+    forward.__name__, backward_op.__name__ = f"{op}_packed_impl", f"{op}_packed_backward_impl"
+    fwd = torch.library.custom_op(f"offsite_kernels::{op}_packed", forward, mutates_args=())
+    bwd = EagerOp(torch.library.custom_op(f"offsite_kernels::{op}_packed_backward", backward_op, mutates_args=()), backward_op)
+    fwd.register_fake(lambda gate_up: gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2)))
+    bwd.op.register_fake(lambda grad_y, gate_up: gate_up.new_empty(gate_up.shape))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])  # gate_up only
+
+    def backward(ctx, grad_y):
+        (gate_up,) = ctx.saved_tensors
+        return bwd(grad_y, gate_up) if ctx.needs_input_grad[0] else None
+
+    return EagerOp(fwd, forward, setup_context, backward)
+
+
+_GATED_PACKED = {
+    "silu": _define_packed_gated_ops("swiglu", "silu"),
+    "gelu": _define_packed_gated_ops("geglu", "gelu"),
+    "gelu_tanh": _define_packed_gated_ops("geglu_tanh", "gelu_tanh"),
+}
+
+
 # --- input checks -----------------------------------------------------------------------------
 def _check_activation(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPES:
@@ -368,6 +417,21 @@ class FusedActivation:
             )
         _check_gated(gate, up)
         return _GATED[self.kind](gate, up)
+
+    def gated_packed(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` for ``gate_up = [gate, up]`` along the last dimension (one fused projection), through
+        the fused gated op; its backward returns the gradient of ``gate_up`` as one tensor. Saves ``gate_up`` only."""
+        if not self.has_gated:
+            raise ActivationInputError(
+                f"no fused gated kernel for activation {self.name!r}: only the SiLU (SwiGLU) and GELU (GeGLU) "
+                "forms have one; compute act(gate) * up with the ungated op instead"
+            )
+        _check_activation("gate_up", gate_up)
+        if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+            raise ActivationInputError(
+                f"gate_up must hold gate and up side by side in an even last dimension, got shape {tuple(gate_up.shape)}"
+            )
+        return _GATED_PACKED[self.kind](gate_up)
 
 
 def activation_by_name(name: str) -> FusedActivation:

@@ -248,6 +248,22 @@ def gated_act_bwd(
     return dg, du
 
 
+@on_input_device
+def gated_act_bwd_packed(grad_y: torch.Tensor, gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """The gradient of ``act(gate) * up`` for ``gate_up = [gate, up]`` along the last dimension, written as one
+    tensor shaped as ``gate_up`` (its two halves by the kernel of :func:`gated_act_bwd`: no concatenation after)."""
+    n = gate_up.shape[-1] // 2
+    d = torch.empty(gate_up.shape, device=gate_up.device, dtype=gate_up.dtype)
+    if gate_up.numel() == 0:
+        return d
+    gate, up = gate_up[..., :n], gate_up[..., n:]
+    (dy2, _, stride_dym), (g2, m, stride_gm), (u2, _, stride_um) = _rows(grad_y), _rows(gate), _rows(up)
+    d2 = d.view(m, 2 * n)
+    args = (dy2, g2, u2, d2, d2[:, n:], m, n, stride_dym, stride_gm, stride_um, 2 * n, 2 * n)
+    _launch(_gated_act_bwd_kernel, args, m, n, ACT=ACT_CODES[act], INTERPRETER_BF16=_interpreter_bf16(gate.dtype))
+    return d
+
+
 # --- ahead-of-time compile cases -----------------------------------------------------------
 # runtime arguments of each kernel: (pointers, i32 scalars), as the launchers pass them
 _AOT_ARGS = {
