@@ -22,6 +22,16 @@ class FrozenActivation(nn.Module):
         return f"{self.act.name!r} ({self.act.kind})"
 
 
+def _gated_activation(activation: str) -> FusedActivation:
+    """The fused activation of a gated MLP: one with a fused gated kernel."""
+    act = activation_by_name(activation)
+    if not act.has_gated:
+        raise ValueError(
+            f"no fused gated kernel for activation {activation!r}; the SiLU (SwiGLU) and GELU (GeGLU) forms have one"
+        )
+    return act
+
+
 class FrozenGatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with the gate's activation and the product fused (SwiGLU, GeGLU).
 
@@ -32,11 +42,7 @@ class FrozenGatedMLP(nn.Module):
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu") -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
-        self.act: FusedActivation = activation_by_name(activation)
-        if not self.act.has_gated:
-            raise ValueError(
-                f"no fused gated kernel for activation {activation!r}; the SiLU (SwiGLU) and GELU (GeGLU) forms have one"
-            )
+        self.act = _gated_activation(activation)
 
     @classmethod
     def from_module(cls, mlp: nn.Module, activation: str) -> FrozenGatedMLP:
@@ -55,11 +61,7 @@ class FrozenFusedGatedMLP(nn.Module):
     def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu") -> None:
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
-        self.act: FusedActivation = activation_by_name(activation)
-        if not self.act.has_gated:
-            raise ValueError(
-                f"no fused gated kernel for activation {activation!r}; the SiLU (SwiGLU) and GELU (GeGLU) forms have one"
-            )
+        self.act = _gated_activation(activation)
 
     @classmethod
     def from_module(cls, mlp: nn.Module, activation: str) -> FrozenFusedGatedMLP:
