@@ -26,6 +26,8 @@ Which modules to swap is per-family data (``ModelFamily.gated_mlp``, ``activatio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -58,14 +60,12 @@ _SWAP_TOLERANCE = {torch.float32: (1e-4, 1e-6), torch.float16: (4e-3, 4e-3), tor
 CHECK_SWAPS = True  # False skips the sample-input check of each swap (for tools that stub the kernels out)
 
 
-def _real_tensors(module: nn.Module) -> bool:
-    """The module holds real tensors (not meta or fake ones, as the benchmark's accounting builds) and no dispatch
-    mode is active, so a sample input can run through it."""
+def _real_tensors(tensors: Iterable[torch.Tensor]) -> bool:
+    """All ``tensors`` are real (not meta or fake ones, as the benchmark's accounting builds) and no dispatch mode is
+    active, so a sample input can run through them."""
     if torch._C._len_torch_dispatch_stack():
         return False
-    return all(
-        type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in (*module.parameters(), *module.buffers())
-    )
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in tensors)
 
 
 def _sample_like(module: nn.Module, block: nn.Module) -> torch.Tensor | None:
@@ -82,7 +82,7 @@ def _check_same_output(
     config (a norm's offset, the activation's name): this catches a Hugging Face module whose math those no longer
     describe, instead of training through other math without a word."""
     like = _sample_like(original, block)
-    if not CHECK_SWAPS or like is None or not _real_tensors(original) or type(like) is not nn.Parameter or like.is_meta:
+    if not CHECK_SWAPS or like is None or not _real_tensors((like, *original.parameters(), *original.buffers())):
         return
     dtype = dtype or (like.dtype if like.dtype in _SWAP_TOLERANCE else torch.float32)
     sample = torch.randn(2, 3, features, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu") * 2
@@ -122,9 +122,7 @@ def check_fast_block(block: nn.Module, family: ModelFamily, config: object) -> N
                 f"{family.name} with {flag}={getattr(config, flag)!r}: {why}; build the emulator without fast blocks"
             )
     activation = family.activation_name(config)
-    if family.activation_modules and activation is None:
-        raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")
-    if family.gated_mlp is not None and activation is None:
+    if (family.activation_modules or family.gated_mlp is not None) and activation is None:
         raise FastBlocksError(f"{family.name}: no activation name in the config ({family.activation_config})")
     if activation is not None and (family.activation_modules or family.gated_mlp is not None):
         try:
@@ -171,9 +169,9 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
         what = f"{family.name}'s {family.gated_mlp} ({type(mlp).__name__})"
         features = (mlp.gate_up_proj if fused_projection else mlp.gate_proj).in_features
         _check_same_output(mlp, gated, int(features), block, what)
-        for name in ("act_fn", "activation_fn"):  # its activation alone, in float32: finer than bf16
-            if isinstance(getattr(mlp, name, None), nn.Module):
-                _check_same_output(getattr(mlp, name), FrozenActivation(activation), 8, block, f"{what}.{name}", torch.float32)
+        for attr in ("act_fn", "activation_fn"):  # its activation alone, in float32: finer than bf16
+            if isinstance(getattr(mlp, attr, None), nn.Module):
+                _check_same_output(getattr(mlp, attr), FrozenActivation(activation), 8, block, f"{what}.{attr}", torch.float32)
         plan.append((family.gated_mlp, gated, f"{'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP"))
     for path in family.activation_modules:
         assert activation is not None  # check_fast_block

@@ -65,11 +65,8 @@ def _copy_cached(cache: Any, address: int) -> bool:
     for entries in list(storage.values()):  # the copy below is itself recorded there (as an op to rerun)
         for entry in list(entries.values() if isinstance(entries, dict) else entries):
             for wrapper in tree_leaves(entry):
-                value = getattr(wrapper, "val", None)
-                if not (isinstance(value, torch.Tensor) and hasattr(wrapper, "version") and value.numel()):
-                    continue
-                if type(value) in (torch.Tensor, torch.nn.Parameter) and value.untyped_storage().data_ptr() == address:
-                    wrapper.val = value.clone()  # through the modes below (a memory tracker counts it)
+                if hasattr(wrapper, "version") and address in _memory(getattr(wrapper, "val", None)):
+                    wrapper.val = wrapper.val.clone()  # through the modes below (a memory tracker counts it)
                     wrapper.version = wrapper.val._version
                     copied = True
     return copied

@@ -225,18 +225,13 @@ _geglu_tanh_op, _geglu_tanh_backward_op = _geglu_tanh.op, _geglu_tanh_backward.o
 _GATED = {"silu": _swiglu, "gelu": _geglu, "gelu_tanh": _geglu_tanh}
 
 
-def _define_packed_gated_ops(op: str, act: str) -> EagerOp:
+def _define_packed_gated_ops(op: str, act: str, gated: EagerOp) -> EagerOp:
     """``offsite_kernels::<op>_packed(gate_up)`` = ``act(gate) * up`` for ``gate_up = [gate, up]`` along the last
     dimension (one fused projection: Phi-3's ``gate_up_proj``), with a backward that writes the gradient of
     ``gate_up`` as one tensor: no concatenation of two halves (autograd's backward of ``chunk``) at the MLP's peak."""
 
     def forward(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        if use_triton(gate_up):
-            from .activation_triton import gated_act_fwd
-
-            return gated_act_fwd(gate, up, act)
-        return gated_act_torch(gate, up, act).contiguous()
+        return gated.impl(*gate_up.chunk(2, dim=-1))  # the gated op's forward on the two halves, read in place
 
     def backward_op(grad_y: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
         if use_triton(gate_up):
@@ -268,9 +263,9 @@ def _define_packed_gated_ops(op: str, act: str) -> EagerOp:
 
 
 _GATED_PACKED = {
-    "silu": _define_packed_gated_ops("swiglu", "silu"),
-    "gelu": _define_packed_gated_ops("geglu", "gelu"),
-    "gelu_tanh": _define_packed_gated_ops("geglu_tanh", "gelu_tanh"),
+    "silu": _define_packed_gated_ops("swiglu", "silu", _swiglu),
+    "gelu": _define_packed_gated_ops("geglu", "gelu", _geglu),
+    "gelu_tanh": _define_packed_gated_ops("geglu_tanh", "gelu_tanh", _geglu_tanh),
 }
 
 
@@ -408,24 +403,23 @@ class FusedActivation:
         """Whether :meth:`gated` has a fused kernel for this activation."""
         return self.kind in _GATED
 
-    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``act(gate) * up`` through the fused gated op (SwiGLU, GeGLU)."""
+    def _require_gated(self) -> None:
         if not self.has_gated:
             raise ActivationInputError(
                 f"no fused gated kernel for activation {self.name!r}: only the SiLU (SwiGLU) and GELU (GeGLU) "
                 "forms have one; compute act(gate) * up with the ungated op instead"
             )
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` through the fused gated op (SwiGLU, GeGLU)."""
+        self._require_gated()
         _check_gated(gate, up)
         return _GATED[self.kind](gate, up)
 
     def gated_packed(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``act(gate) * up`` for ``gate_up = [gate, up]`` along the last dimension (one fused projection), through
         the fused gated op; its backward returns the gradient of ``gate_up`` as one tensor. Saves ``gate_up`` only."""
-        if not self.has_gated:
-            raise ActivationInputError(
-                f"no fused gated kernel for activation {self.name!r}: only the SiLU (SwiGLU) and GELU (GeGLU) "
-                "forms have one; compute act(gate) * up with the ungated op instead"
-            )
+        self._require_gated()
         _check_activation("gate_up", gate_up)
         if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
             raise ActivationInputError(
