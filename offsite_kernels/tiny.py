@@ -23,7 +23,9 @@ _COMMON_LLAMA = dict(
 )
 
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "cohere": dict(_COMMON_LLAMA, tie_word_embeddings=True, use_qk_norm=True, logit_scale=0.25),
     "gpt2": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128),
+    "gpt_bigcode": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128, multi_query=True),
     "opt": dict(hidden_size=48, num_attention_heads=4, ffn_dim=80, max_position_embeddings=128, word_embed_proj_dim=48),
     "bloom": dict(hidden_size=48, n_head=4),
     "gemma": dict(_COMMON_LLAMA, head_dim=12, tie_word_embeddings=True),
@@ -32,6 +34,9 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "falcon": dict(hidden_size=48, num_attention_heads=4, new_decoder_architecture=False, multi_query=True),
     "gptj": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128, rotary_dim=6),
     "gpt_neox": dict(hidden_size=48, num_attention_heads=4, intermediate_size=80, max_position_embeddings=128, rotary_pct=0.5),
+    "granite": dict(
+        _COMMON_LLAMA, embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0
+    ),
     "llama": dict(_COMMON_LLAMA),
     "mistral": dict(_COMMON_LLAMA, sliding_window=None),
     "phi": dict(
@@ -42,9 +47,12 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=128,
         partial_rotary_factor=0.5,
     ),
+    "olmo2": dict(_COMMON_LLAMA),
     "phi3": dict(_COMMON_LLAMA, partial_rotary_factor=0.75),
     "qwen2": dict(_COMMON_LLAMA),
     "qwen3": dict(_COMMON_LLAMA, head_dim=12),
+    "stablelm": dict(_COMMON_LLAMA, partial_rotary_factor=0.5, qk_layernorm=True, use_qkv_bias=True),
+    "starcoder2": dict(_COMMON_LLAMA, sliding_window=5, tie_word_embeddings=True),
 }
 
 

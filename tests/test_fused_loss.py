@@ -57,6 +57,36 @@ def test_switched_off_or_trainable_head_uses_the_models_own_head():
     assert emu.model.lm_head.weight.grad is not None
 
 
+def test_a_declared_logit_scale_scales_a_biased_head_and_an_undeclared_one_uses_the_models_head():
+    """The fused head applies a family's declared logit scale to its input and bias (Phi's head has a bias; no
+    Hugging Face model scales a biased head, so this checks the math against the model's logits scaled by hand);
+    a scale the family does not declare leaves the loss to the model's own head."""
+    from dataclasses import replace
+
+    from offsite_kernels.emulator.fused_loss import fused_head_loss, fused_head_supported
+
+    model = tiny_model("phi", n_layers=2, seed=3)
+    assert model.lm_head.bias is not None
+    with torch.no_grad():
+        model.lm_head.bias.normal_(generator=torch.Generator().manual_seed(4))
+    model.requires_grad_(False)
+    model.config.logit_scale = 0.3
+    family = ok.get_family(model)
+    assert not fused_head_supported(model, family, {})  # Phi does not scale its logits: the config's value is not its math
+    scaled = replace(family, logit_multiplier="logit_scale", logit_divisor="logits_scaling")
+    model.config.logits_scaling = 1.5
+    assert fused_head_supported(model, scaled, {})
+    ids = random_ids(2, 9, seed=5)
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    got = fused_head_loss(model, scaled, None, None, ids, inputs_embeds=embeds).loss
+    logits = model.lm_head(model.model(inputs_embeds=embeds)[0]) * (0.3 / 1.5)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(loss, embeds)[0] for loss in (got, expected)]
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_autocast_loss_close_to_the_models_own():
     emu = ok.make_emulator(tiny_model("qwen2", n_layers=4, seed=2), bottom=1, top=1, emulator_layers=1)
     ids = random_ids(2, 10, seed=5)

@@ -370,6 +370,14 @@ def _hf_like(kind):
         m = LlamaRMSNorm(N, eps=1e-5)
     elif kind == "gemma":
         m = GemmaRMSNorm(N, eps=1e-6)
+    elif kind == "olmo2":
+        from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+        m = Olmo2RMSNorm(N, eps=1e-6)
+    elif kind == "cohere":
+        from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+        m = CohereLayerNorm(N, eps=1e-5)
     elif kind == "torch_rms":
         m = nn.RMSNorm(N)  # eps=None: torch's dtype-dependent default
     elif kind == "layernorm":
@@ -386,20 +394,22 @@ def _hf_like(kind):
     return m
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma", "torch_rms", "layernorm", "layernorm_no_bias", "layernorm_no_affine"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "gemma", "olmo2", "torch_rms", "layernorm", "layernorm_no_bias", "layernorm_no_affine", "cohere"]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_from_module_matches_the_module(backend, kind, dtype):
     """Outputs and input gradients of the frozen module against the module it was made from.
 
     bf16: the rounding points are the module's own (Llama: ``x * rstd`` rounded before the weight
-    multiply), so the outputs agree to the bit on the torch backend and to one bf16 ulp on a few
+    multiply; OLMo 2 after it), so the outputs agree to the bit on the torch backend and to one bf16 ulp on a few
     elements on the Triton backend (its rsqrt and row sums round differently in the last fp32
     bit). The bf16 input gradients differ within bf16 rounding: Hugging Face's autograd rounds its
     intermediate gradients to bf16, the kernels do not. float64: Llama and Gemma compute their
     statistics in fp32, the frozen modules in float64 (agreement ~1e-7, exact math ~1e-12).
     """
     src = _hf_like(kind).to(dtype)
-    rms = kind in ("llama", "gemma", "torch_rms")
+    rms = kind in ("llama", "gemma", "olmo2", "torch_rms")
     frozen = (ok.nn.FrozenRMSNorm if rms else ok.nn.FrozenLayerNorm).from_module(src)
     x = make_input("3d", dtype, seed_of(kind, dtype), N).requires_grad_(True)
     y, expected = frozen(x), src(x)
@@ -408,7 +418,7 @@ def test_from_module_matches_the_module(backend, kind, dtype):
     (gx,) = torch.autograd.grad(y, x, gy)
     (g_expected,) = torch.autograd.grad(expected, x, gy)
     if dtype == torch.float64:
-        fp32_stats = kind in ("llama", "gemma")
+        fp32_stats = kind in ("llama", "gemma", "olmo2", "cohere")
         assert rel_error(y, expected) < (1e-6 if fp32_stats else 1e-12)
         assert rel_error(gx, g_expected) < (1e-6 if fp32_stats else 1e-12)
         x64 = x.detach().requires_grad_(True)
@@ -417,7 +427,8 @@ def test_from_module_matches_the_module(backend, kind, dtype):
             eps = src.eps if kind == "gemma" else torch.finfo(torch.float64).eps if kind == "torch_rms" else src.variance_epsilon
             exact = ref_rms(x64, w, eps, offset)
         else:
-            exact = ref_ln(x64, src.weight, src.bias, src.eps)
+            eps = src.variance_epsilon if kind == "cohere" else src.eps
+            exact = ref_ln(x64, src.weight, getattr(src, "bias", None), eps)
         assert rel_error(y, exact) < 1e-12
         (g_exact,) = torch.autograd.grad(exact, x64, gy)
         assert rel_error(gx, g_exact) < 1e-12

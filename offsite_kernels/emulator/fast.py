@@ -2,7 +2,7 @@
 
 Inside each (frozen) emulator block, without touching the block's own forward:
 
-- every RMSNorm (Llama-style, Gemma's ``1 + weight``) / LayerNorm becomes a :class:`~offsite_kernels.nn.FrozenRMSNorm` /
+- every RMSNorm (Llama-style, Gemma's ``1 + weight``) / LayerNorm (``torch.nn``'s, Cohere's) becomes a :class:`~offsite_kernels.nn.FrozenRMSNorm` /
   :class:`~offsite_kernels.nn.FrozenLayerNorm` (input gradient only, saves the input and the row
   statistics);
 - a gated MLP (Llama family, Gemma) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP` (Phi-3's, with one
@@ -35,7 +35,7 @@ from ..errors import OffsiteError
 from ..models import ModelFamily
 from ..nn.alibi_attention import AlibiSdpaAttention
 from ..nn.mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
-from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm, rms_norm_kind
+from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm, layer_norm_kind, rms_norm_kind
 from ..ops.activation import activation_by_name
 
 
@@ -152,8 +152,8 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
     for name, module in list(block.named_modules()):
         if not name:
             continue
-        if isinstance(module, nn.LayerNorm) or rms_norm_kind(module) is not None:
-            kind = "LayerNorm" if isinstance(module, nn.LayerNorm) else "RMSNorm"
+        if layer_norm_kind(module) is not None or rms_norm_kind(module) is not None:
+            kind = "LayerNorm" if layer_norm_kind(module) is not None else "RMSNorm"
             norm = FrozenLayerNorm.from_module(module) if kind == "LayerNorm" else FrozenRMSNorm.from_module(module)
             _check_same_output(module, norm, norm.hidden_size, block, f"{family.name}'s {name} ({type(module).__name__})")
             plan.append((name, norm, kind))

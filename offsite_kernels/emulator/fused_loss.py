@@ -4,7 +4,8 @@ The wrapped model's base (``model.base_model``: the blocks and the final norm) r
 its last hidden states go to :func:`~offsite_kernels.ops.fused_linear_cross_entropy` with the
 frozen LM head's weight, so the ``[tokens, vocab]`` logits are never materialised. Same loss as
 the model's own head and ``ForCausalLMLoss`` (label shifting, ``ignore_index`` -100, mean over
-counted tokens, or a sum divided by ``num_items_in_batch`` as HF Trainer passes it).
+counted tokens, or a sum divided by ``num_items_in_batch`` as HF Trainer passes it). A head that
+scales its logits (Cohere, Granite) gets the scale on its input instead.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ _PASSED_THROUGH = frozenset(
     {"use_cache", "output_hidden_states", "output_attentions", "position_ids", "past_key_values", "cache", "cache_position"}
 )
 _HANDLED = frozenset({"num_items_in_batch", "return_dict", "inputs_embeds"})
-# config attributes that make a head more than a linear layer (scaling or capping the logits)
+# config attributes that make a head more than a linear layer (scaling or capping the logits): the model's own head
+# computes them, except a scale its family declares (``ModelFamily.logit_multiplier``, ``logit_divisor``)
 _LOGIT_TRANSFORMS = ("logit_scale", "final_logit_softcapping", "logits_scaling", "output_multiplier_scale")
 
 
@@ -34,7 +36,8 @@ def fused_head_supported(model: nn.Module, family: ModelFamily, kwargs: dict[str
         return False  # a trainable head needs its weight gradient: the model's own path
     if head.bias is not None and head.bias.requires_grad:
         return False
-    if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+    declared = (family.logit_multiplier, family.logit_divisor)
+    if any(name not in declared and getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return False
     return_dict = kwargs.get("return_dict", getattr(model.config, "return_dict", True))
     return set(kwargs) <= _PASSED_THROUGH | _HANDLED and return_dict is not False
@@ -69,6 +72,10 @@ def fused_head_loss(
         weight = weight.to(hidden.dtype)
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
+    scale = family.logit_scale(model.config)
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
     reduction = "sum" if num_items is not None else "mean"
     with torch.autocast(device_type, enabled=False):
         loss = fused_linear_cross_entropy(

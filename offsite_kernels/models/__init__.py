@@ -1,6 +1,23 @@
 """Model families: where each Hugging Face causal LM keeps its blocks, embeddings, norm and head."""
 
-from . import bloom, falcon, gemma, gpt2, gpt_neox, gptj, llama, opt, phi, phi3  # noqa: F401  (each registers its family)
+from . import (  # noqa: F401  (each registers its family)
+    bloom,
+    cohere,
+    falcon,
+    gemma,
+    gpt2,
+    gpt_bigcode,
+    gpt_neox,
+    gptj,
+    granite,
+    llama,
+    olmo2,
+    opt,
+    phi,
+    phi3,
+    stablelm,
+    starcoder2,
+)
 from .family import ModelFamily
 from .registry import get_family, register_family, supported_model_types
 

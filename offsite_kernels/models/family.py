@@ -29,6 +29,10 @@ class ModelFamily:
     position_table_config: str | None = None
     # default LoRA targets inside a block (module names), as the LoRA paper and PEFT choose them
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # a config attribute the head multiplies its logits by (Cohere's ``logit_scale``) or divides them by (Granite's
+    # ``logits_scaling``): the fused head applies the scale to its input instead
+    logit_multiplier: str | None = None
+    logit_divisor: str | None = None
     # config attributes that hold one entry per block and must follow a layer selection
     per_block_config_lists: tuple[str, ...] = ("layer_types",)
     # fast frozen blocks: a gated MLP (gate_proj, up_proj, down_proj) at this path inside a block,
@@ -51,6 +55,12 @@ class ModelFamily:
         """The Hugging Face name of the blocks' MLP activation."""
         name = getattr(config, self.activation_config, None) if self.activation_config else None
         return name if isinstance(name, str) else self.activation_default
+
+    def logit_scale(self, config: object) -> float:
+        """The factor the head scales its logits by (1.0 for a plain linear head)."""
+        multiplier = getattr(config, self.logit_multiplier, None) if self.logit_multiplier else None
+        divisor = getattr(config, self.logit_divisor, None) if self.logit_divisor else None
+        return float(1.0 if multiplier is None else multiplier) / float(1.0 if divisor is None else divisor)
 
     def max_positions(self, config: object) -> int | None:
         """How many tokens a sequence may hold: the position table's size (a learned one, or GPT-J's precomputed

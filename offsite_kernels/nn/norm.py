@@ -19,19 +19,37 @@ def _frozen_copy(t: torch.Tensor | None) -> torch.Tensor | None:
 
 # Hugging Face RMSNorm classes that scale by ``1 + weight`` (Gemma 3n and Gemma 4 scale by ``weight``: not these)
 GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
+# Llama-style RMSNorm classes (``weight``, ``variance_epsilon``) that multiply by the weight before rounding to x's
+# dtype, where Llama rounds ``x * rstd`` first: one rounding point apart in bf16, so told apart by name
+WEIGHT_FIRST_RMS_NORMS = frozenset({"Olmo2RMSNorm", "Olmo3RMSNorm"})
+# Hugging Face LayerNorm classes that are not ``torch.nn.LayerNorm``: a 1-D ``weight``, no bias, ``variance_epsilon``
+# (so they look like Llama's RMSNorm), statistics and weight multiply in fp32 as ``torch.nn.LayerNorm`` computes them
+WEIGHT_ONLY_LAYER_NORMS = frozenset({"CohereLayerNorm"})
+
+
+def layer_norm_kind(module: nn.Module) -> str | None:
+    """Which LayerNorm ``module`` is: "torch" (``torch.nn.LayerNorm``), "weight_only" (Cohere's: a 1-D ``weight``, no
+    bias, ``variance_epsilon``), or None (not a LayerNorm :meth:`FrozenLayerNorm.from_module` knows)."""
+    if isinstance(module, nn.LayerNorm):
+        return "torch"
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ in WEIGHT_ONLY_LAYER_NORMS and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return "weight_only"
+    return None
 
 
 def rms_norm_kind(module: nn.Module) -> str | None:
     """Which RMSNorm ``module`` is: "torch" (``torch.nn.RMSNorm``), "llama" (Hugging Face Llama-style: a 1-D
-    ``weight`` and ``variance_epsilon``), "gemma" (Hugging Face Gemma, Gemma 2 and Gemma 3: a 1-D ``weight``
-    used as ``1 + weight``, and ``eps``), or None (not an RMSNorm :meth:`FrozenRMSNorm.from_module` knows)."""
+    ``weight`` and ``variance_epsilon``), "weight_first" (the same, weight multiplied before rounding: OLMo 2 and 3),
+    "gemma" (Hugging Face Gemma, Gemma 2 and Gemma 3: a 1-D ``weight`` used as ``1 + weight``, and ``eps``), or None
+    (not an RMSNorm :meth:`FrozenRMSNorm.from_module` knows)."""
     if isinstance(module, nn.RMSNorm):
         return "torch"
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or type(module).__name__ in WEIGHT_ONLY_LAYER_NORMS:
         return None
     if hasattr(module, "variance_epsilon"):
-        return "llama"
+        return "weight_first" if type(module).__name__ in WEIGHT_FIRST_RMS_NORMS else "llama"
     if type(module).__name__ in GEMMA_RMS_NORMS and isinstance(getattr(module, "eps", None), float):
         return "gemma"
     return None
@@ -68,7 +86,8 @@ class FrozenRMSNorm(nn.Module):
         """Freeze an RMSNorm module, keeping its output:
 
         - Hugging Face Llama-style (``weight``, ``variance_epsilon``: Llama, Mistral, Qwen2, ...):
-          rounding point as theirs (``round_normalized=True``);
+          rounding point as theirs (``round_normalized=True``; OLMo 2 and 3 round after the weight multiply:
+          ``round_normalized=False``);
         - Hugging Face Gemma (``GemmaRMSNorm``-style: ``weight``, ``eps``, ``(1 + weight)`` in fp32):
           ``weight_offset=1.0``;
         - ``torch.nn.RMSNorm`` (1-D ``normalized_shape``; ``eps=None`` stays None: resolved per call,
@@ -85,8 +104,8 @@ class FrozenRMSNorm(nn.Module):
             if len(module.normalized_shape) != 1:
                 raise ValueError(f"only last-dimension norms are supported, got normalized_shape={module.normalized_shape}")
             return cls(_frozen_copy(weight), module.eps, hidden_size=module.normalized_shape[0])
-        if kind == "llama":
-            return cls(_frozen_copy(weight), module.variance_epsilon, round_normalized=True)
+        if kind in ("llama", "weight_first"):
+            return cls(_frozen_copy(weight), module.variance_epsilon, round_normalized=kind == "llama")
         if kind == "gemma":
             return cls(_frozen_copy(weight), module.eps, weight_offset=1.0)
         raise TypeError(
@@ -123,9 +142,13 @@ class FrozenLayerNorm(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module) -> FrozenLayerNorm:
-        """Freeze a ``torch.nn.LayerNorm`` (normalising the last dimension only; with or without affine/bias)."""
-        if not isinstance(module, nn.LayerNorm):
-            raise TypeError(f"expected torch.nn.LayerNorm, got {type(module).__name__}")
+        """Freeze a ``torch.nn.LayerNorm`` (normalising the last dimension only; with or without affine/bias) or a
+        Hugging Face LayerNorm without bias (Cohere's)."""
+        kind = layer_norm_kind(module)
+        if kind == "weight_only":
+            return cls(_frozen_copy(module.weight), None, module.variance_epsilon)
+        if kind is None:
+            raise TypeError(f"expected torch.nn.LayerNorm or a Cohere-style LayerNorm, got {type(module).__name__}")
         if len(module.normalized_shape) != 1:
             raise ValueError(f"only last-dimension norms are supported, got normalized_shape={module.normalized_shape}")
         return cls(_frozen_copy(module.weight), _frozen_copy(module.bias), module.eps, hidden_size=module.normalized_shape[0])

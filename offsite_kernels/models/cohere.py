@@ -1,0 +1,9 @@
+"""Cohere (Command R, Aya): one bias-free LayerNorm feeding attention and a SwiGLU MLP in parallel, rotary
+positions, tied embeddings and a logit scale (applied by the fused head, ``emulator.fused_loss``)."""
+
+from dataclasses import replace
+
+from .llama import LLAMA
+from .registry import register_family
+
+COHERE = register_family(replace(LLAMA, name="Cohere", model_types=("cohere",), logit_multiplier="logit_scale"))
