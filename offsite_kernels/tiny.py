@@ -24,6 +24,7 @@ _COMMON_LLAMA = dict(
 
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "cohere": dict(_COMMON_LLAMA, tie_word_embeddings=True, use_qk_norm=True, logit_scale=0.25),
+    "cohere2": dict(_COMMON_LLAMA, tie_word_embeddings=True, sliding_window=5, sliding_window_pattern=2, logit_scale=0.25),
     "gpt2": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128),
     "gpt_bigcode": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128, multi_query=True),
     "opt": dict(hidden_size=48, num_attention_heads=4, ffn_dim=80, max_position_embeddings=128, word_embed_proj_dim=48),
@@ -48,6 +49,7 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
         partial_rotary_factor=0.5,
     ),
     "olmo2": dict(_COMMON_LLAMA),
+    "olmo3": dict(_COMMON_LLAMA, sliding_window=5),
     "phi3": dict(_COMMON_LLAMA, partial_rotary_factor=0.75),
     "qwen2": dict(_COMMON_LLAMA),
     "qwen3": dict(_COMMON_LLAMA, head_dim=12),

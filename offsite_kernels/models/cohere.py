@@ -1,4 +1,4 @@
-"""Cohere (Command R, Aya): one bias-free LayerNorm feeding attention and a SwiGLU MLP in parallel, rotary
+"""Cohere (Command R, Aya; Cohere 2: Command R7B, Command A, with sliding-window layers): one bias-free LayerNorm feeding attention and a SwiGLU MLP in parallel, rotary
 positions, tied embeddings and a logit scale (applied by the fused head, ``emulator.fused_loss``)."""
 
 from dataclasses import replace
@@ -6,4 +6,4 @@ from dataclasses import replace
 from .llama import LLAMA
 from .registry import register_family
 
-COHERE = register_family(replace(LLAMA, name="Cohere", model_types=("cohere",), logit_multiplier="logit_scale"))
+COHERE = register_family(replace(LLAMA, name="Cohere", model_types=("cohere", "cohere2"), logit_multiplier="logit_scale"))

@@ -24,7 +24,7 @@ GEMMA_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 WEIGHT_FIRST_RMS_NORMS = frozenset({"Olmo2RMSNorm", "Olmo3RMSNorm"})
 # Hugging Face LayerNorm classes that are not ``torch.nn.LayerNorm``: a 1-D ``weight``, no bias, ``variance_epsilon``
 # (so they look like Llama's RMSNorm), statistics and weight multiply in fp32 as ``torch.nn.LayerNorm`` computes them
-WEIGHT_ONLY_LAYER_NORMS = frozenset({"CohereLayerNorm"})
+WEIGHT_ONLY_LAYER_NORMS = frozenset({"CohereLayerNorm", "Cohere2LayerNorm"})
 
 
 def layer_norm_kind(module: nn.Module) -> str | None:
