@@ -53,11 +53,11 @@ def make_hidden(case: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
     raise ValueError(case)
 
 
-def reference(hidden, weight, labels, bias=None, ignore_index=IGNORE, shift_labels=True, reduction="mean"):
+def reference(hidden, weight, labels, bias=None, ignore_index=IGNORE, shift_labels=True, reduction="mean", logit_scale=1.0):
     """Loss and d(loss)/d(hidden) of the unfused head in float64."""
     h64 = hidden.detach().double().requires_grad_(True)
     b64 = None if bias is None else bias.double()
-    loss = linear_cross_entropy_torch(h64, weight.double(), labels, b64, ignore_index, shift_labels, reduction)
+    loss = linear_cross_entropy_torch(h64, weight.double(), labels, b64, ignore_index, shift_labels, reduction, logit_scale)
     loss.backward()
     return loss.detach(), h64.grad
 
@@ -118,6 +118,33 @@ def test_equals_hugging_face_causal_lm_loss(backend, dtype):
     loss.backward()
     assert abs(float(loss.detach()) - float(hf_loss.detach())) <= 1e-6 * abs(float(hf_loss.detach()))
     assert rel_error(h_ours.grad, h_hf.grad.double()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("logit_scale", [0.8333333333333334, 1 / 3])  # Command R+'s scale; Granite's 1 / logits_scaling
+def test_logit_scale_matches_float64_and_rounds_as_the_models_head(backend, dtype, logit_scale):
+    """A head that scales its logits (Cohere, Granite): against the float64 math, and against the model's own
+    rounding (``logits * scale`` in the logits' dtype, then fp32): in half precision the same up to the order of the
+    fp32 sums (scaling the input instead is 1e-2 off in the bf16 gradient)."""
+    w, b = make_head(dtype, 41, with_bias=True)
+    hidden = torch.randn(2, T, H, generator=gen(42)).to(dtype)
+    labels = make_labels((2, T), 43)
+    h_ours = hidden.clone().requires_grad_(True)
+    loss = fused_linear_cross_entropy(h_ours, w, labels, b, chunk_size=9, logit_scale=logit_scale)
+    loss.backward()
+    ref_loss, ref_grad = reference(hidden, w, labels, b, logit_scale=logit_scale)
+    assert abs(float(loss.detach()) - float(ref_loss)) / abs(float(ref_loss)) < LOSS_TOL[dtype]
+    assert rel_error(h_ours.grad, ref_grad) < GRAD_TOL[dtype]
+    h_model = hidden.clone().requires_grad_(True)
+    model_loss = linear_cross_entropy_torch(h_model, w, labels, b, logit_scale=logit_scale)
+    model_loss.backward()
+    unscaled = fused_linear_cross_entropy(hidden, w, labels, b)
+    assert abs(float(unscaled) - float(model_loss.detach())) > 1e-4  # the scale changes the loss
+    if dtype != torch.float32:
+        assert abs(float(loss.detach()) - float(model_loss.detach())) <= 1e-6 * abs(float(model_loss.detach()))
+        assert rel_error(h_ours.grad, h_model.grad.double()) <= 1e-6
+    with pytest.raises(fh.FusedHeadInputError, match="logit_scale must be a finite nonzero number"):
+        fused_linear_cross_entropy(hidden, w, labels, b, logit_scale=float("inf"))
 
 
 def test_no_valid_token_behaves_like_hugging_face(backend):
@@ -210,7 +237,7 @@ def test_forced_triton_backend_runs_the_kernel(monkeypatch):
 def test_gradient_work_is_skipped_without_grad(backend, monkeypatch):
     seen = []
     real_chunked = fh._chunked
-    monkeypatch.setattr(fh, "_chunked", lambda *a: seen.append(a[-1]) or real_chunked(*a))
+    monkeypatch.setattr(fh, "_chunked", lambda *a: seen.append(a[7]) or real_chunked(*a))  # compute_grad
     w, b = make_head(torch.float32, 71, with_bias=True)
     hidden = torch.randn(2, T, H, generator=gen(72))
     labels = make_labels((2, T), 73)
@@ -296,9 +323,13 @@ def test_opcheck(backend, with_bias):
     w, b = make_head(torch.float32, 111, vocab=101, hidden=24, with_bias=with_bias)
     hidden = torch.randn(2, 9, 24, generator=gen(112), requires_grad=True)
     labels = make_labels((2, 9), 113, vocab=101)
-    for compute_grad, shift, reduction in [(True, True, "mean"), (False, False, "sum")]:
+    for compute_grad, shift, reduction, scale in [
+        (True, True, "mean", 1.0),
+        (False, False, "sum", 0.75),
+        (True, True, "sum", 0.3),
+    ]:
         h = hidden if compute_grad else hidden.detach()
-        args = (h, w, labels, b, IGNORE, shift, reduction, 4, compute_grad)
+        args = (h, w, labels, b, IGNORE, shift, reduction, 4, compute_grad, scale)
         torch.library.opcheck(fh._fused_linear_cross_entropy_op, args)
 
 

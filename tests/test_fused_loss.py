@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import pytest
 import torch
 from conftest import padded_mask, random_ids
 
@@ -85,6 +87,36 @@ def test_a_declared_logit_scale_scales_a_biased_head_and_an_undeclared_one_uses_
     grads = [torch.autograd.grad(loss, embeds)[0] for loss in (got, expected)]
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "model_type, scale", [("cohere", dict(logit_scale=0.8333333333333334)), ("granite", dict(logits_scaling=3.0))]
+)
+@pytest.mark.parametrize("mode", ["bf16", "autocast"])
+def test_a_scaled_head_in_bf16_gives_the_models_own_loss_and_gradient(model_type, scale, mode):
+    """The logit scale is applied to the bf16 logits, where the model's head applies it: the same loss and input
+    gradient (scaling the hidden states instead rounds elsewhere, 1e-2 off in the gradient for a scale like Command
+    R+'s)."""
+    from offsite_kernels.emulator.fused_loss import fused_head_loss, fused_head_supported
+
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    model = tiny_model(model_type, n_layers=2, seed=3, dtype=dtype, **scale).requires_grad_(False)
+    family = ok.get_family(model)
+    assert fused_head_supported(model, family, {}) and family.logit_scale(model.config) not in (1.0, 0.25)
+    ids = random_ids(2, 12, seed=5)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+    results = []
+    for fused in (True, False):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with context:
+            if fused:
+                loss = fused_head_loss(model, family, None, None, ids, inputs_embeds=embeds).loss
+            else:
+                loss = model(inputs_embeds=embeds, labels=ids).loss
+        results.append((float(loss), torch.autograd.grad(loss, embeds)[0].double()))
+    (fused_loss, fused_grad), (own_loss, own_grad) = results
+    assert abs(fused_loss - own_loss) <= 1e-6 * abs(own_loss)
+    assert float((fused_grad - own_grad).abs().max()) <= 1e-6 * float(own_grad.abs().max())
 
 
 def test_bf16_autocast_loss_close_to_the_models_own():

@@ -5,7 +5,7 @@ its last hidden states go to :func:`~offsite_kernels.ops.fused_linear_cross_entr
 frozen LM head's weight, so the ``[tokens, vocab]`` logits are never materialised. Same loss as
 the model's own head and ``ForCausalLMLoss`` (label shifting, ``ignore_index`` -100, mean over
 counted tokens, or a sum divided by ``num_items_in_batch`` as HF Trainer passes it). A head that
-scales its logits (Cohere, Granite) gets the scale on its input instead.
+scales its logits (Cohere, Granite) has them scaled in each chunk, rounded as the model rounds them.
 """
 
 from __future__ import annotations
@@ -72,14 +72,16 @@ def fused_head_loss(
         weight = weight.to(hidden.dtype)
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
-    scale = family.logit_scale(model.config)
-    if scale != 1.0:
-        hidden = hidden * scale
-        bias = None if bias is None else bias * scale
     reduction = "sum" if num_items is not None else "mean"
     with torch.autocast(device_type, enabled=False):
         loss = fused_linear_cross_entropy(
-            hidden, weight, labels.to(hidden.device), bias, reduction=reduction, chunk_size=chunk_size
+            hidden,
+            weight,
+            labels.to(hidden.device),
+            bias,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            logit_scale=family.logit_scale(model.config),
         )
     if num_items is not None:
         loss = loss / num_items

@@ -30,7 +30,7 @@ class ModelFamily:
     # default LoRA targets inside a block (module names), as the LoRA paper and PEFT choose them
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     # a config attribute the head multiplies its logits by (Cohere's ``logit_scale``) or divides them by (Granite's
-    # ``logits_scaling``): the fused head applies the scale to its input instead
+    # ``logits_scaling``): the fused head scales each chunk of logits as the head does
     logit_multiplier: str | None = None
     logit_divisor: str | None = None
     # config attributes that hold one entry per block and must follow a layer selection
@@ -57,7 +57,8 @@ class ModelFamily:
         return name if isinstance(name, str) else self.activation_default
 
     def logit_scale(self, config: object) -> float:
-        """The factor the head scales its logits by (1.0 for a plain linear head)."""
+        """The factor the head scales its logits by (1.0 for a plain linear head). A divisor becomes its reciprocal:
+        the same rounding where it is a power of two (Granite's checkpoints use 8 and 16)."""
         multiplier = getattr(config, self.logit_multiplier, None) if self.logit_multiplier else None
         divisor = getattr(config, self.logit_divisor, None) if self.logit_divisor else None
         return float(1.0 if multiplier is None else multiplier) / float(1.0 if divisor is None else divisor)

@@ -8,4 +8,5 @@ from dataclasses import replace
 from .llama import LLAMA
 from .registry import register_family
 
-OLMO2 = register_family(replace(LLAMA, name="OLMo 2", model_types=("olmo2", "olmo3")))
+OLMO2 = register_family(replace(LLAMA, name="OLMo 2", model_types=("olmo2",)))
+OLMO3 = register_family(replace(OLMO2, name="OLMo 3", model_types=("olmo3",)))

@@ -11,11 +11,12 @@ The full ``[tokens, V]`` logits never exist. Tokens go through in chunks whose l
 under a fixed byte budget (:data:`DEFAULT_CHUNK_BYTES`, independent of the token count); per
 chunk:
 
-1. ``logits = h_chunk @ W^T (+ b)`` (torch matmul: cuBLAS / CPU BLAS) into one reused buffer;
+1. ``logits = h_chunk @ W^T (+ b)`` (torch matmul: cuBLAS / CPU BLAS) into one reused buffer,
+   times ``logit_scale`` where the head scales its logits (Cohere, Granite), rounded as the model does;
 2. one kernel computes each row's fp32 loss and overwrites the buffer with ``dLoss/dLogits``
    (``(softmax - onehot) * scale``, zero on ignored rows): the Triton kernel of
    ``cross_entropy_triton`` or the torch reference :func:`cross_entropy_chunk_torch`;
-3. ``grad_h_chunk = dLogits @ W``.
+3. ``grad_h_chunk = dLogits @ W`` (``dLogits`` times ``logit_scale`` first).
 
 So the input gradient is computed during the forward (as Liger Kernel does) and kept (the size
 of ``hidden``); the backward only scales it by the incoming gradient. Nothing logits-sized is
@@ -69,9 +70,12 @@ def linear_cross_entropy_torch(
     ignore_index: int = -100,
     shift_labels: bool = True,
     reduction: str = "mean",
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """The unfused reference: full logits with ``F.linear``, upcast to fp32, ``F.cross_entropy``."""
-    logits = F.linear(hidden, weight, bias).float()
+    """The unfused reference: full logits with ``F.linear`` (times ``logit_scale`` in their dtype), upcast to fp32,
+    ``F.cross_entropy``."""
+    logits = F.linear(hidden, weight, bias)
+    logits = (logits * logit_scale if logit_scale != 1.0 else logits).float()
     target = shift_and_flatten_labels(labels, ignore_index, shift_labels)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=ignore_index, reduction=reduction)
 
@@ -115,6 +119,7 @@ def _chunked(
     ignore_index: int,
     chunk_size: int,
     compute_grad: bool,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses ``[N]`` (fp32) and, if ``compute_grad``, ``dLoss/dHidden [N, H]`` for 2-D ``hidden``."""
     n = hidden.shape[0]
@@ -133,6 +138,8 @@ def _chunked(
             torch.mm(hidden[start:end], w_t, out=logits)
         else:
             torch.addmm(bias, hidden[start:end], w_t, out=logits)
+        if logit_scale != 1.0:
+            logits.mul_(logit_scale)  # in the logits' dtype, as ``logits * scale`` rounds in the model's head
         if triton_path:
             cross_entropy_fwd_bwd(logits, target[start:end], losses[start:end], scale, ignore_index, compute_grad)
         else:
@@ -142,6 +149,8 @@ def _chunked(
                 logits.copy_(dlogits)
                 del dlogits
         if grad is not None:
+            if logit_scale != 1.0:
+                logits.mul_(logit_scale)  # the gradient through the scale, rounded as autograd rounds it
             torch.mm(logits, weight, out=grad[start:end])
     return losses, grad
 
@@ -158,6 +167,7 @@ def _fused_linear_cross_entropy_op(
     reduction: str,
     chunk_size: int,
     compute_grad: bool,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     target = shift_and_flatten_labels(labels, ignore_index, shift_labels)
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -167,7 +177,7 @@ def _fused_linear_cross_entropy_op(
     else:
         scale = torch.ones((), device=hidden.device, dtype=torch.float32)
     b = None if bias is None else bias.to(hidden.dtype)
-    losses, grad = _chunked(h2, weight, target, b, scale, ignore_index, chunk_size, compute_grad)
+    losses, grad = _chunked(h2, weight, target, b, scale, ignore_index, chunk_size, compute_grad, logit_scale)
     total = losses.sum()
     loss = total / count if reduction == "mean" else total  # 0 / 0 = NaN, as HF
     grad_hidden = grad.reshape(hidden.shape) if grad is not None else hidden.new_empty((0,))
@@ -175,7 +185,7 @@ def _fused_linear_cross_entropy_op(
 
 
 @_fused_linear_cross_entropy_op.register_fake
-def _(hidden, weight, labels, bias, ignore_index, shift_labels, reduction, chunk_size, compute_grad):
+def _(hidden, weight, labels, bias, ignore_index, shift_labels, reduction, chunk_size, compute_grad, logit_scale=1.0):
     loss = hidden.new_empty((), dtype=torch.float32)
     return loss, hidden.new_empty(hidden.shape if compute_grad else (0,))
 
@@ -198,7 +208,7 @@ def _backward(ctx, grad_loss, _grad_of_grad_hidden):
                 "call it through fused_linear_cross_entropy() with hidden requiring grad"
             )
         grad = grad_hidden * grad_loss.to(grad_hidden.dtype)
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 _fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -206,14 +216,16 @@ _fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup
 
 # accounting: the chunk of logits is the op's only large scratch; its GEMMs (logits, and the input
 # gradient computed in the forward) are hidden from FlopCounterMode by the custom op
-def _workspace_bytes(hidden, weight, labels, bias, ignore_index, shift_labels, reduction, chunk_size, compute_grad) -> int:
+def _workspace_bytes(
+    hidden, weight, labels, bias, ignore_index, shift_labels, reduction, chunk_size, compute_grad, logit_scale=1.0
+) -> int:
     rows = hidden.numel() // hidden.shape[-1]
     return min(chunk_size, rows) * weight.shape[0] * hidden.element_size()
 
 
 @register_flop_formula(torch.ops.offsite_kernels.fused_linear_cross_entropy)
 def _flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    compute_grad = args[-1] if len(args) == 7 else kwargs.get("compute_grad", True)
+    compute_grad = args[6] if len(args) >= 7 else kwargs.get("compute_grad", True)
     gemm = 2 * math.prod(hidden_shape) * weight_shape[0]
     return gemm * (2 if compute_grad else 1)
 
@@ -283,6 +295,7 @@ def fused_linear_cross_entropy(
     shift_labels: bool = True,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal-LM loss of a frozen head ``weight [V, H]`` on ``hidden [..., T, H]`` against ``labels [..., T]``.
 
@@ -292,8 +305,17 @@ def fused_linear_cross_entropy(
     :data:`DEFAULT_CHUNK_BYTES`. On a GPU the Triton kernel runs between the two matmuls;
     elsewhere the torch reference, unless ``OFFSITE_BACKEND`` forces a backend. Labels outside
     ``[0, V)`` other than ``ignore_index`` give a NaN loss (HF raises; checking would cost a sync).
+    ``logit_scale`` multiplies the logits (in their dtype, before the fp32 log-sum-exp) for a head that
+    scales them (Cohere's ``logit_scale``, one over Granite's ``logits_scaling``).
     """
     _check_inputs(hidden, weight, labels, bias, reduction, chunk_size)
+    if (
+        isinstance(logit_scale, bool)
+        or not isinstance(logit_scale, (int, float))
+        or not math.isfinite(logit_scale)
+        or logit_scale == 0
+    ):
+        raise FusedHeadInputError(f"logit_scale must be a finite nonzero number, got {logit_scale!r}")
     if forward_ad._current_level >= 0:  # inside a dual level: the custom op would give a zero tangent
         refuse_forward_ad("offsite_kernels::fused_linear_cross_entropy", (hidden, weight, bias))
     if shift_labels and hidden.dim() < 2:
@@ -305,6 +327,15 @@ def fused_linear_cross_entropy(
         chunk_size = default_chunk_size(weight.shape[0], hidden.dtype)
     compute_grad = hidden.requires_grad and torch.is_grad_enabled()
     loss, _ = _fused_linear_cross_entropy_op(
-        hidden, weight, labels.to(torch.int64), bias, ignore_index, shift_labels, reduction, chunk_size, compute_grad
+        hidden,
+        weight,
+        labels.to(torch.int64),
+        bias,
+        ignore_index,
+        shift_labels,
+        reduction,
+        chunk_size,
+        compute_grad,
+        float(logit_scale),
     )
     return loss
