@@ -48,11 +48,22 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=128,
         partial_rotary_factor=0.5,
     ),
+    "mixtral": dict(_COMMON_LLAMA, num_local_experts=5, num_experts_per_tok=2),
     "olmo2": dict(_COMMON_LLAMA),
+    "olmoe": dict(_COMMON_LLAMA, num_experts=5, num_experts_per_tok=2),
     "olmo3": dict(_COMMON_LLAMA, sliding_window=5),
     "phi3": dict(_COMMON_LLAMA, partial_rotary_factor=0.75),
     "qwen2": dict(_COMMON_LLAMA),
+    "qwen2_moe": dict(
+        _COMMON_LLAMA,
+        num_experts=5,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        mlp_only_layers=[2],  # a dense block among the sparse ones, which a layer selection must keep dense
+    ),
     "qwen3": dict(_COMMON_LLAMA, head_dim=12),
+    "qwen3_moe": dict(_COMMON_LLAMA, head_dim=12, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=24),
     "stablelm": dict(_COMMON_LLAMA, partial_rotary_factor=0.5, qk_layernorm=True, use_qkv_bias=True),
     "starcoder2": dict(_COMMON_LLAMA, sliding_window=5, tie_word_embeddings=True),
 }

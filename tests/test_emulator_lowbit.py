@@ -9,6 +9,16 @@ import offsite_kernels as ok
 from offsite_kernels.quant import QuantizationError
 
 
+def refused_for_experts(full_model, bits) -> bool:
+    """A mixture of experts has no low-bit experts yet: make_emulator(bits=) refuses it, naming the fix (the other
+    low-bit tests then have nothing to check for it)."""
+    if ok.get_family(full_model).experts is None:
+        return False
+    with pytest.raises(ok.LayoutError, match=r"mixture of experts.*not supported yet.*bits=None"):
+        ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
+    return True
+
+
 def dense_twin(full_model, emu, bits, group_size):
     """The same emulator kept dense, each emulator weight replaced by its dequantized value."""
     twin = ok.make_emulator(full_model, bottom=emu.layout.bottom, top=emu.layout.top, strategy=list(emu.layout.emulator))
@@ -23,6 +33,8 @@ def dense_twin(full_model, emu, bits, group_size):
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
 def test_lowbit_emulator_matches_its_dequantized_twin(full_model, bits):
+    if refused_for_experts(full_model, bits):
+        return
     emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32).eval()
     for _, block in emu.emulator_blocks():
         linears = [m for m in block.modules() if isinstance(m, ok.nn.FrozenLinear)]
@@ -46,6 +58,8 @@ def test_lowbit_emulator_matches_its_dequantized_twin(full_model, bits):
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
 def test_lowbit_package_round_trip_and_size(full_model, bits, tmp_path):
+    if refused_for_experts(full_model, bits):
+        return
     emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32).eval()
     emu.save_pretrained(tmp_path / "emu")
     loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu", attn_implementation="eager").eval()
@@ -91,6 +105,8 @@ def test_bad_bits_fail_before_any_work(full_model):
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
 def test_under_bf16_autocast_every_frozen_linear_runs_in_bf16_like_the_dense_linears(full_model, bits):
+    if refused_for_experts(full_model, bits):
+        return
     emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
     outputs = {}
     for name, module in emu.named_modules():

@@ -77,7 +77,25 @@ def copy_with_blocks(model: nn.Module, family: ModelFamily, kept: tuple[int, ...
         family.set_blocks(model, blocks)
     renumber_blocks_(family.get_blocks(reduced))
     shrink_config_(reduced.config, family, kept)
+    keep_dense_blocks_dense_(reduced, family)
     return reduced
+
+
+def keep_dense_blocks_dense_(model: nn.Module, family: ModelFamily) -> None:
+    """Where the config names a mixture of experts' dense blocks by index (:attr:`ModelFamily.dense_blocks_config`),
+    name the blocks ``model`` holds now, so that a model rebuilt from the config (an emulator package loaded) has
+    a dense MLP exactly where these blocks have one."""
+    if family.dense_blocks_config is None or family.experts is None:
+        return
+    indices, step = family.dense_blocks_config
+    dense = []
+    for position, block in enumerate(family.get_blocks(model)):
+        try:
+            block.get_submodule(family.experts)
+        except AttributeError:
+            dense.append(position)
+    setattr(model.config, indices, dense)
+    setattr(model.config, step, 1)
 
 
 def freeze_all_but_adapter_(model: nn.Module, family: ModelFamily, layout: Layout) -> None:

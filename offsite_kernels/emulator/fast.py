@@ -8,6 +8,8 @@ Inside each (frozen) emulator block, without touching the block's own forward:
 - a gated MLP (Llama family, Gemma) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP` (Phi-3's, with one
   projection for gate and up, a :class:`~offsite_kernels.nn.FrozenFusedGatedMLP`): the
   activation and the product fused into one SwiGLU (GeGLU) op that saves only its two inputs;
+- a mixture of experts' experts (Mixtral, Qwen MoE, OLMoE) become :class:`~offsite_kernels.nn.FrozenExperts`
+  (each expert's gated activation fused, as above);
 - the MLP activation module of the other families becomes a
   :class:`~offsite_kernels.nn.FrozenActivation` (one op, saves only its input);
 - attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's
@@ -26,7 +28,7 @@ Which modules to swap is per-family data (``ModelFamily.gated_mlp``, ``activatio
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -34,6 +36,7 @@ from torch import nn
 from ..errors import OffsiteError
 from ..models import ModelFamily
 from ..nn.alibi_attention import AlibiSdpaAttention
+from ..nn.experts import FrozenExperts
 from ..nn.mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
 from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm, layer_norm_kind, rms_norm_kind
 from ..ops.activation import activation_by_name
@@ -74,13 +77,31 @@ def _sample_like(module: nn.Module, block: nn.Module) -> torch.Tensor | None:
     return next(iter((*module.parameters(), *block.parameters())), None)
 
 
+def _routed_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call a mixture of experts' experts module on the sample's tokens, each routed to two experts (or one) with
+    fixed weights, every expert chosen by some token."""
+    tokens = x.reshape(-1, x.shape[-1])
+    n, experts = tokens.shape[0], int(module.gate_up_proj.shape[0])
+    k = min(2, experts)
+    index = (torch.arange(n, device=x.device)[:, None] + torch.arange(k, device=x.device)) % experts
+    weights = torch.linspace(0.2, 0.8, n * k, device=x.device, dtype=torch.float32).reshape(n, k)
+    return module(tokens, index, weights)
+
+
 def _check_same_output(
-    original: nn.Module, fast: nn.Module, features: int, block: nn.Module, what: str, dtype: torch.dtype | None = None
+    original: nn.Module,
+    fast: nn.Module,
+    features: int,
+    block: nn.Module,
+    what: str,
+    dtype: torch.dtype | None = None,
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Run ``original`` and its replacement ``fast`` on one sample input (in ``dtype``, by default the module's); raise
     :class:`FastBlocksError` where they differ beyond rounding. The swap reads a module's math from its class and the
     config (a norm's offset, the activation's name): this catches a Hugging Face module whose math those no longer
-    describe, instead of training through other math without a word."""
+    describe, instead of training through other math without a word. ``call(module, x)`` runs a module that takes
+    more than the sample (by default ``module(x)``)."""
     like = _sample_like(original, block)
     if not CHECK_SWAPS or like is None or not _real_tensors((like, *original.parameters(), *original.buffers())):
         return
@@ -88,7 +109,8 @@ def _check_same_output(
     sample = torch.randn(2, 3, features, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu") * 2
     x = sample.to(device=like.device, dtype=dtype)
     with torch.no_grad():
-        expected, got = original(x).double(), fast(x).double()
+        run = call or (lambda module, sample: module(sample))
+        expected, got = run(original, x).double(), run(fast, x).double()
     rtol, atol = _SWAP_TOLERANCE[dtype]
     finite = torch.isfinite(expected)  # an overflow (float16) must be the original's too
     expected, got_finite = expected.where(finite, 0.0), got.where(finite, 0.0)
@@ -161,18 +183,27 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
         attention = block.get_submodule(family.alibi_attention)
         plan.append((family.alibi_attention, AlibiSdpaAttention(attention), "ALiBi attention through SDPA"))
     activation = family.activation_name(config)
-    if family.gated_mlp is not None:
-        mlp = block.get_submodule(family.gated_mlp)
+    for path in _gated_mlp_paths(block, family):
+        mlp = block.get_submodule(path)
         assert activation is not None  # check_fast_block
         fused_projection = family.gated_mlp_fused
         gated = (FrozenFusedGatedMLP if fused_projection else FrozenGatedMLP).from_module(mlp, activation)
-        what = f"{family.name}'s {family.gated_mlp} ({type(mlp).__name__})"
+        what = f"{family.name}'s {path} ({type(mlp).__name__})"
         features = (mlp.gate_up_proj if fused_projection else mlp.gate_proj).in_features
         _check_same_output(mlp, gated, int(features), block, what)
-        for attr in ("act_fn", "activation_fn"):  # its activation alone, in float32: finer than bf16
-            if isinstance(getattr(mlp, attr, None), nn.Module):
-                _check_same_output(getattr(mlp, attr), FrozenActivation(activation), 8, block, f"{what}.{attr}", torch.float32)
-        plan.append((family.gated_mlp, gated, f"{'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP"))
+        _check_activation_alone(mlp, activation, block, what)
+        plan.append((path, gated, f"{'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP"))
+    if family.experts is not None and _has_submodule(block, family.experts):
+        experts = block.get_submodule(family.experts)
+        assert activation is not None  # check_fast_block
+        try:
+            frozen = FrozenExperts.from_module(experts, activation)
+        except (AttributeError, ValueError) as exc:
+            raise FastBlocksError(f"{family.name}'s {family.experts} ({type(experts).__name__}): {exc}") from None
+        what = f"{family.name}'s {family.experts} ({type(experts).__name__})"
+        _check_same_output(experts, frozen, int(frozen.gate_up_proj.shape[-1]), block, what, call=_routed_call)
+        _check_activation_alone(experts, activation, block, what)
+        plan.append((family.experts, frozen, f"{frozen.num_experts} experts, each a fused {frozen.act.kind} MLP"))
     for path in family.activation_modules:
         assert activation is not None  # check_fast_block
         fused = FrozenActivation(activation)
@@ -182,6 +213,37 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
         )
         plan.append((path, fused, activation))
     return plan
+
+
+def _has_submodule(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _gated_mlp_paths(block: nn.Module, family: ModelFamily) -> list[str]:
+    """Where ``block`` holds a gated MLP to fuse: the family's ``gated_mlp``; in a mixture of experts, only in its dense
+    blocks (in a sparse one that path holds the router and experts), and its shared expert (Qwen MoE)."""
+    if family.gated_mlp is None:
+        return []
+    if family.experts is None:
+        return [family.gated_mlp]
+    candidates = (family.gated_mlp, *((family.shared_expert,) if family.shared_expert else ()))
+    gated = ("gate_up_proj",) if family.gated_mlp_fused else ("gate_proj", "up_proj")
+    return [
+        path
+        for path in candidates
+        if _has_submodule(block, path) and all(isinstance(getattr(block.get_submodule(path), a, None), nn.Module) for a in gated)
+    ]
+
+
+def _check_activation_alone(module: nn.Module, activation: str, block: nn.Module, what: str) -> None:
+    """The module's own activation against the fused one, in float32 (finer than a bf16 run of the whole module)."""
+    for attr in ("act_fn", "activation_fn"):
+        if isinstance(getattr(module, attr, None), nn.Module):
+            _check_same_output(getattr(module, attr), FrozenActivation(activation), 8, block, f"{what}.{attr}", torch.float32)
 
 
 def apply_fast_block_(block: nn.Module, plan: list[tuple[str, nn.Module, str]]) -> list[str]:
@@ -202,7 +264,13 @@ def use_sdpa_attention_(model: nn.Module) -> None:
     The same math as eager attention for every query that attends to at least one key. A query that
     attends to none (a pad position before the first real token of a left-padded row) has no defined
     output: eager and SDPA fill it differently. Nothing downstream should read it; a label predicted
-    from such a position (the first real token of a left-padded row) must be -100 for the loss to match."""
+    from such a position (the first real token of a left-padded row) must be -100 for the loss to match.
+
+    A model whose class has no SDPA attention in this transformers (``_supports_sdpa`` false: GPT-J before 5.2x)
+    keeps its attention: naming "sdpa" in its config would only change the mask it builds, which its eager
+    attention would then misread."""
+    if not getattr(model, "_supports_sdpa", True):
+        return
     config = model.config
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "flash_attention_2", "flash_attention_3"):
         config._attn_implementation = "sdpa"

@@ -154,6 +154,12 @@ class OffsiteModel(nn.Module):
         check_format(bits, group_size)
         if self.quantized:
             raise LayoutError("the emulator is already quantized")
+        if self._emulator_routes_experts():
+            raise LayoutError(
+                f"{self.family.name}: low-bit weights for a mixture of experts' expert MLPs are not supported yet (their "
+                "3-D weights would stay dense); build the emulator dense (bits=None; on the command line, no --bits): layer drop "
+                "and fast blocks apply"
+            )
         # all or nothing: the one data-dependent failure (a non-finite weight) is found before any swap
         for _, block in self.emulator_blocks():
             for name, p in block.named_parameters():
@@ -168,6 +174,11 @@ class OffsiteModel(nn.Module):
             self.quantized[str(position)] = quantize_linears_(block, bits, group_size)
         reset_cuda_graphs([block for _, block in self.emulator_blocks()])  # they read the dense weights
         return self
+
+    def _emulator_routes_experts(self) -> bool:
+        """Whether an emulator block is a mixture of experts' sparse block (routing tokens to experts on the host)."""
+        experts = self.family.experts
+        return experts is not None and any(experts in dict(block.named_modules()) for _, block in self.emulator_blocks())
 
     def use_fast_blocks(self) -> OffsiteModel:
         """Swap the library's fused frozen ops into the emulator blocks (norms, MLP activation,
@@ -256,6 +267,11 @@ class OffsiteModel(nn.Module):
             return self
         if getattr(self.config, "layerdrop", 0.0):
             raise GraphError("CUDA graphs need every emulator block to run; set config.layerdrop = 0")
+        if self._emulator_routes_experts():
+            raise GraphError(
+                f"{self.family.name}: a mixture of experts counts its tokens per expert on the host at each call, which "
+                "a CUDA graph cannot capture; train without CUDA graphs"
+            )
         if self.compiled:
             raise GraphError(
                 "the emulator blocks are compiled (set_compile); use compile mode 'reduce-overhead' for CUDA graphs of "
@@ -292,6 +308,11 @@ class OffsiteModel(nn.Module):
             raise CompileError(
                 "compiled blocks do not combine with recomputation or the library's CUDA graphs: set_recompute(None) and "
                 "set_cuda_graphs(False) first (compile mode 'reduce-overhead' replays CUDA graphs itself)"
+            )
+        if fullgraph and self._emulator_routes_experts():
+            raise CompileError(
+                f"{self.family.name}: a mixture of experts counts its tokens per expert on the host at each call, which "
+                "breaks the graph; pass fullgraph=False (or train the blocks eagerly)"
             )
         remove_compile(blocks)  # new settings: compile again
         apply_compile(blocks, mode, fullgraph=fullgraph, dynamic=dynamic)

@@ -132,22 +132,20 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
     return emu
 
 
-def _names_in_checkpoint(model: Any, names: list[str]) -> dict[str, str]:
-    """``{name in the model: name save_pretrained stores it under}`` where they differ: transformers 5.1x renames
-    some tensors on save (GPT-NeoX's ``lm_head`` is stored as ``embed_out``, as the hub's checkpoints have it).
-    Empty where this transformers renames nothing or has no such mapping."""
-    import torch
-
+def _as_stored(model: Any) -> dict[str, Any]:
+    """``model``'s state dict under the names ``save_pretrained`` stores it: transformers 5.x renames some tensors on
+    save (GPT-NeoX's ``lm_head`` is stored as ``embed_out``, as the hub's checkpoints have it) and splits others
+    (a mixture of experts' 3-D expert weights into one matrix per expert). The state dict as it is where this
+    transformers converts nothing or has no such function."""
+    state = model.state_dict()
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
-        return {}
-    # each tensor is its own index, so the renamed entries say which name they came from
+        return state
     try:
-        reverted = revert_weight_conversion(model, {name: torch.tensor([i]) for i, name in enumerate(names)})
+        return dict(revert_weight_conversion(model, dict(state)))
     except Exception:  # an internal API of transformers: without it, only exact names count
-        return {}
-    return {names[int(t)]: key for key, t in reverted.items() if t.numel() == 1 and names[int(t)] != key}
+        return state
 
 
 def _check_nothing_missing(model: Any, files: list[Path], path: Path) -> None:
@@ -159,14 +157,10 @@ def _check_nothing_missing(model: Any, files: list[Path], path: Path) -> None:
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
             stored.update(handle.keys())
-    seen: dict[int, str] = {}
-    missing = []
-    state = model.state_dict()
-    in_file = _names_in_checkpoint(model, list(state))
-    for name, tensor in state.items():
-        alias = seen.setdefault(tensor.data_ptr(), name) != name
-        if in_file.get(name, name) not in stored and not alias:
-            missing.append(name)
+    names_of: dict[tuple[int, tuple[int, ...]], list[str]] = {}  # one entry per tensor, tied names together
+    for name, tensor in _as_stored(model).items():
+        names_of.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    missing = [names[0] for names in names_of.values() if not stored.intersection(names)]
     if missing:
         raise PackageError(
             f"emulator package {str(path)!r} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; the package is incomplete"

@@ -6,16 +6,24 @@ import torch
 from torch import nn
 
 
-def weight_matrices(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The 2-D parameters of ``module`` (linear and Conv1D weights; norms and biases are 1-D)."""
-    return [(name, p) for name, p in module.named_parameters() if p.dim() == 2]
+def weight_matrices(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The weight matrices of ``module``: its 2-D parameters (linear and Conv1D weights; norms and biases are 1-D),
+    and each expert's matrix of a mixture of experts' 3-D ``[experts, out, in]`` weights (named ``name[expert]``)."""
+    matrices: list[tuple[str, torch.Tensor]] = []
+    for name, p in module.named_parameters():
+        if p.dim() == 2:
+            matrices.append((name, p))
+        elif p.dim() == 3:
+            matrices += [(f"{name}[{e}]", p[e]) for e in range(p.shape[0])]
+    return matrices
 
 
 @torch.no_grad()
 def magnitude_prune_(module: nn.Module, ratio: float) -> int:
     """Zero the ``ratio`` fraction of smallest-magnitude entries of each weight matrix, in place.
 
-    Each matrix is pruned on its own (per-layer unstructured pruning, as in the paper's code).
+    Each matrix is pruned on its own (per-layer unstructured pruning, as in the paper's code; per expert in a
+    mixture of experts).
     Returns the number of entries set to zero.
     """
     if not 0.0 <= ratio < 1.0:

@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (each registers its family)
     gptj,
     granite,
     llama,
+    moe,
     olmo2,
     opt,
     phi,

@@ -39,6 +39,13 @@ class ModelFamily:
     # activation modules at these paths, and where the activation's Hugging Face name is found
     gated_mlp: str | None = None
     gated_mlp_fused: bool = False  # the gated MLP projects gate and up at once (``gate_up_proj``, gate first: Phi-3)
+    # a mixture of experts: Hugging Face's fused experts module (3-D ``gate_up_proj`` [E, 2I, H], gate first, and
+    # ``down_proj`` [E, H, I], called with the router's top-k indices and weights) at this path in a sparse block
+    experts: str | None = None
+    shared_expert: str | None = None  # a gated MLP every token goes through beside the routed experts (Qwen MoE)
+    # (config list of dense block indices, config sparse step): blocks whose MLP is dense by their index (Qwen MoE's
+    # ``mlp_only_layers`` and ``decoder_sparse_step``), which a layer selection must renumber
+    dense_blocks_config: tuple[str, str] | None = None
     activation_modules: tuple[str, ...] = ()
     activation_config: str | None = None  # config attribute holding the name, e.g. "hidden_act"
     activation_default: str | None = None  # the name when the config holds none (BLOOM)

@@ -3,6 +3,7 @@
 from .alibi_attention import AlibiSdpaAttention
 from .compiled_blocks import COMPILE_MODES, CompileError, apply_compile, compile_mode, remove_compile
 from .cuda_graphs import GraphError, apply_cuda_graphs, cuda_graphs_enabled, remove_cuda_graphs, reset_cuda_graphs
+from .experts import FrozenExperts
 from .frozen_linear import FrozenLinear
 from .mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
 from .norm import FrozenLayerNorm, FrozenRMSNorm
@@ -14,6 +15,7 @@ __all__ = [
     "AlibiSdpaAttention",
     "CompileError",
     "FrozenActivation",
+    "FrozenExperts",
     "FrozenFusedGatedMLP",
     "FrozenGatedMLP",
     "FrozenLayerNorm",

@@ -1,0 +1,156 @@
+"""FrozenExperts: a mixture of experts' expert MLPs, frozen, against float64 math and Hugging Face's own module."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import gen
+
+import offsite_kernels as ok
+from offsite_kernels.nn import FrozenExperts
+from offsite_kernels.tiny import tiny_model
+
+E, H, INNER, T, K = 5, 24, 13, 11, 2  # odd sizes; 11 tokens over 5 experts, two each
+
+
+def expert_weights(dtype, seed):
+    gate_up = (torch.randn(E, 2 * INNER, H, generator=gen(seed)) / H**0.5).to(dtype)
+    down = (torch.randn(E, H, INNER, generator=gen(seed + 1)) / INNER**0.5).to(dtype)
+    return gate_up, down
+
+
+def routing(seed, unused_expert=True, sentinel=True):
+    """Top-k expert indices (expert 3 chosen by no token; one slot routed nowhere: index E) and fp32 weights."""
+    choices = [e for e in range(E) if not (unused_expert and e == 3)]
+    g = gen(seed)
+    index = torch.stack([torch.tensor(choices)[torch.randperm(len(choices), generator=g)[:K]] for _ in range(T)])
+    if sentinel:
+        index[4, 1] = E
+    weights = torch.softmax(torch.randn(T, K, generator=g), dim=-1)
+    return index, weights
+
+
+def reference(x, gate_up, down, index, weights):
+    """The math in float64: each token's weighted sum of its experts' SwiGLU MLPs (index E: no expert)."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(index.shape[1]):
+            e = int(index[t, j])
+            if e == E:
+                continue
+            gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
+            out[t] += weights[t, j].double() * (down[e].double() @ (F.silu(gate) * up))
+    return out
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_gradients_match_float64(backend, dtype):
+    gate_up, down = expert_weights(dtype, 1)
+    index, weights = routing(3)
+    x = torch.randn(T, H, generator=gen(4)).to(dtype).requires_grad_(True)
+    w = weights.clone().requires_grad_(True)
+    experts = FrozenExperts(gate_up, down, "silu")
+    y = experts(x, index, w)
+    assert y.dtype == dtype and y.shape == (T, H)
+    x64, w64 = x.detach().double().requires_grad_(True), weights.double().requires_grad_(True)
+    expected = reference(x64, gate_up, down, index, w64)
+    scale = float(expected.abs().max())
+    assert float((y.double() - expected).abs().max()) <= TOL[dtype] * scale
+    gy = torch.randn(T, H, generator=gen(5)).to(dtype)
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    ex, ew = torch.autograd.grad(expected, (x64, w64), gy.double())
+    assert float((gx.double() - ex).abs().max()) <= TOL[dtype] * float(ex.abs().max())
+    assert float((gw.double() - ew).abs().max()) <= TOL[dtype] * float(ew.abs().max())
+    assert float(gw[4, 1]) == 0.0  # the slot routed nowhere adds nothing
+    assert not any(isinstance(b, torch.nn.Parameter) for b in experts.buffers()) and not list(experts.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_hugging_face_experts(model_type, dtype):
+    """Same output and input gradients as the Hugging Face module it replaces, on its own router's choices."""
+    model = tiny_model(model_type, n_layers=2, seed=6, dtype=dtype)
+    sparse = model.model.layers[0].mlp
+    hf_experts = sparse.experts
+    frozen = FrozenExperts.from_module(hf_experts, model.config.hidden_act)
+    x = torch.randn(T, model.config.hidden_size, generator=gen(7)).to(dtype)
+    _, weights, index = sparse.gate(x)
+    results = []
+    for module in (hf_experts, frozen):
+        xi, wi = x.clone().requires_grad_(True), weights.detach().clone().requires_grad_(True)
+        y = module(xi, index, wi)
+        results.append((y.detach().double(), *(g.double() for g in torch.autograd.grad(y.sum(), (xi, wi)))))
+    for got, expected in zip(results[1], results[0], strict=True):
+        scale = float(expected.abs().max())
+        assert float((got - expected).abs().max()) <= (1e-5 if dtype == torch.float32 else 2e-2) * scale
+
+
+def test_saves_no_expert_input_and_no_activation_output():
+    """Per expert the fused activation saves the projection's output only; the frozen projections save no input (the
+    weights they keep are views of the buffers). Each expert's output is kept for the routing weights' gradient, as in
+    Hugging Face's module."""
+    gate_up, down = expert_weights(torch.float32, 8)
+    index, weights = routing(9, sentinel=False)
+    x = torch.randn(T, H, generator=gen(10), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        FrozenExperts(gate_up, down)(x, index, weights)
+    weights_storage = {gate_up.untyped_storage().data_ptr(), down.untyped_storage().data_ptr()}
+    activations = [t for t in saved if t.is_floating_point() and t.untyped_storage().data_ptr() not in weights_storage]
+    widths = sorted({t.shape[-1] for t in activations})
+    assert widths == [1, H, 2 * INNER]  # routing weights, expert outputs, gate_up outputs: no input, no act output
+    assert sum(t.numel() for t in activations if t.shape[-1] == 2 * INNER) == T * K * 2 * INNER
+
+
+def test_bad_weights_name_the_problem():
+    gate_up, down = expert_weights(torch.float32, 11)
+    with pytest.raises(ValueError, match="3-D"):
+        FrozenExperts(gate_up[0], down)
+    with pytest.raises(ValueError, match="do not fit together"):
+        FrozenExperts(gate_up, down[:, :, :-1])
+    with pytest.raises(ValueError, match="no fused gated kernel"):
+        FrozenExperts(gate_up, down, "relu")
+
+
+def test_low_bit_experts_are_refused_and_the_dense_mixture_trains_through_fast_blocks():
+    model = tiny_model("mixtral", n_layers=5, seed=12)
+    with pytest.raises(ok.LayoutError, match="mixture of experts"):
+        ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, bits=4, group_size=32)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True, recompute="selective")
+    assert any(entry.endswith("mlp.experts: 5 experts, each a fused silu MLP") for entry in emu.fast_blocks)
+    ids = torch.randint(0, 97, (2, 9), generator=gen(13))
+    emu.train()
+    loss = emu(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in emu.adapter_parameters())
+
+
+def test_whole_graph_capture_is_refused_with_the_fix():
+    """Tokens are counted per expert on the host: no CUDA graph, no full-graph compile (each refusal names its fix)."""
+    model = tiny_model("olmoe", n_layers=5, seed=14)
+    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
+    with pytest.raises(ok.nn.GraphError, match=r"mixture of experts.*without CUDA graphs"):
+        emu.set_cuda_graphs(True)
+    with pytest.raises(ok.nn.CompileError, match="fullgraph=False"):
+        emu.set_compile("default")
+
+
+def test_a_dense_block_among_sparse_ones_stays_dense_through_a_package(tmp_path):
+    """Qwen MoE names its dense blocks by index (``mlp_only_layers``): the emulator renumbers them, so the package
+    rebuilds a dense MLP exactly where the kept block has one, and fast blocks fuse it as a gated MLP."""
+    model = tiny_model("qwen2_moe", n_layers=6, seed=15)  # source block 2 is dense
+    emu = ok.make_emulator(model, bottom=1, top=1, strategy=[2, 3]).eval()
+    assert emu.layout.kept_indices == (0, 2, 3, 5)
+    assert emu.config.mlp_only_layers == [1] and emu.config.decoder_sparse_step == 1
+    emu.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu").eval()
+    assert [hasattr(block.mlp, "experts") for block in loaded.blocks] == [True, False, True, True]
+    ids = torch.randint(0, 97, (2, 9), generator=gen(16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits)  # attention: SDPA vs eager
+    loaded.use_fast_blocks()
+    assert "1.mlp: SwiGLU MLP" in loaded.fast_blocks and "2.mlp.shared_expert: SwiGLU MLP" in loaded.fast_blocks
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
