@@ -6,17 +6,8 @@ from conftest import padded_mask, random_ids
 from safetensors import safe_open
 
 import offsite_kernels as ok
+from offsite_kernels.emulator.package import _stored_names
 from offsite_kernels.quant import QuantizationError
-
-
-def refused_for_experts(full_model, bits) -> bool:
-    """A mixture of experts has no low-bit experts yet: make_emulator(bits=) refuses it, naming the fix (the other
-    low-bit tests then have nothing to check for it)."""
-    if ok.get_family(full_model).experts is None:
-        return False
-    with pytest.raises(ok.LayoutError, match=r"mixture of experts.*not supported yet.*bits=None"):
-        ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
-    return True
 
 
 def dense_twin(full_model, emu, bits, group_size):
@@ -28,13 +19,14 @@ def dense_twin(full_model, emu, bits, group_size):
                 w = module.weight.detach() if isinstance(module, torch.nn.Linear) else module.weight.detach().t()
                 deq = ok.quantize_weight(w, bits=bits, group_size=group_size).dequantize()
                 module.weight.data.copy_(deq if isinstance(module, torch.nn.Linear) else deq.t())
+        for weights in (p for p in block.parameters() if p.dim() == 3):  # a mixture of experts: each expert's matrix
+            for matrix in weights.data:
+                matrix.copy_(ok.quantize_weight(matrix, bits=bits, group_size=group_size).dequantize())
     return twin.eval()
 
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
 def test_lowbit_emulator_matches_its_dequantized_twin(full_model, bits):
-    if refused_for_experts(full_model, bits):
-        return
     emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32).eval()
     for _, block in emu.emulator_blocks():
         linears = [m for m in block.modules() if isinstance(m, ok.nn.FrozenLinear)]
@@ -58,8 +50,6 @@ def test_lowbit_emulator_matches_its_dequantized_twin(full_model, bits):
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
 def test_lowbit_package_round_trip_and_size(full_model, bits, tmp_path):
-    if refused_for_experts(full_model, bits):
-        return
     emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32).eval()
     emu.save_pretrained(tmp_path / "emu")
     loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu", attn_implementation="eager").eval()
@@ -72,9 +62,12 @@ def test_lowbit_package_round_trip_and_size(full_model, bits, tmp_path):
     with safe_open(str(tmp_path / "emu" / "model.safetensors"), framework="pt") as f:
         names = list(f.keys())
     for position, records in emu.quantized.items():
-        for module in records:
-            stem = f"{emu.family.blocks}.{position}.{module}."
-            assert stem + "weight_data" in names and stem + "weight" not in names
+        stems = [f"{emu.family.blocks}.{position}.{module}." for module in records]
+        stored = _stored_names(emu.model, [stem + field for stem in stems for field in ("weight_data", "weight")])
+        for stem in stems:  # under the names transformers stores (Mixtral's experts: block_sparse_moe.experts)
+            assert stored[stem + "weight_data"] in names and stored[stem + "weight"] not in names
+        in_block = [n for n in names if f"{emu.family.blocks.rsplit('.', 1)[-1]}.{position}." in n and ".experts." in n]
+        assert all(n.endswith((".weight_data", ".weight_scales", ".weight_zeros")) for n in in_block)  # no dense expert
     dense = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2)
     dense.save_pretrained(tmp_path / "dense")
     assert (tmp_path / "emu" / "model.safetensors").stat().st_size < (tmp_path / "dense" / "model.safetensors").stat().st_size
@@ -105,8 +98,6 @@ def test_bad_bits_fail_before_any_work(full_model):
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
 def test_under_bf16_autocast_every_frozen_linear_runs_in_bf16_like_the_dense_linears(full_model, bits):
-    if refused_for_experts(full_model, bits):
-        return
     emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
     outputs = {}
     for name, module in emu.named_modules():

@@ -114,17 +114,25 @@ def test_bad_weights_name_the_problem():
         FrozenExperts(gate_up, down, "relu")
 
 
-def test_low_bit_experts_are_refused_and_the_dense_mixture_trains_through_fast_blocks():
+@pytest.mark.parametrize("bits", [None, 4])
+def test_dense_and_low_bit_experts_train_through_fast_blocks(bits):
+    """Fast blocks fuse dense experts (and keep low-bit ones, fused when quantized); with selective recomputation the
+    adapters' gradients are those of the plain emulator of the same weights."""
     model = tiny_model("mixtral", n_layers=5, seed=12)
-    with pytest.raises(ok.LayoutError, match="mixture of experts"):
-        ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, bits=4, group_size=32)
-    emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True, recompute="selective")
-    assert any(entry.endswith("mlp.experts: 5 experts, each a fused silu MLP") for entry in emu.fast_blocks)
+    kwargs = dict(bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
+    plain = ok.make_emulator(model, **kwargs)
+    fast = ok.make_emulator(model, **kwargs, fast=True, recompute="selective")
+    experts = [b.mlp.experts for _, b in fast.emulator_blocks()]
+    assert all(isinstance(e, FrozenExperts) and e.low_bit == (bits is not None) for e in experts)
+    assert any(entry.endswith("mlp.experts: 5 experts, each a fused silu MLP") for entry in fast.fast_blocks) == (bits is None)
     ids = torch.randint(0, 97, (2, 9), generator=gen(13))
-    emu.train()
-    loss = emu(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert torch.isfinite(loss) and all(p.grad is not None for p in emu.adapter_parameters())
+    grads = []
+    for emu in (plain, fast):
+        emu.train()
+        loss = emu(input_ids=ids, labels=ids).loss
+        grads.append(torch.autograd.grad(loss, list(emu.adapter_parameters())))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_whole_graph_capture_is_refused_with_the_fix():
@@ -154,3 +162,16 @@ def test_a_dense_block_among_sparse_ones_stays_dense_through_a_package(tmp_path)
     assert "1.mlp: SwiGLU MLP" in loaded.fast_blocks and "2.mlp.shared_expert: SwiGLU MLP" in loaded.fast_blocks
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "llama"])
+def test_lora_reaches_the_adapter_blocks_only_where_peft_rewrites_a_mixtures_targets(model_type):
+    """PEFT turns Mixtral's LoRA targets into bare module names (its transformers-5 conversion), which matched the
+    low-bit emulator blocks' projections too and failed on them; the adapter blocks are now named by index."""
+    from offsite_kernels.workflow.methods import LoraSettings, prepare
+
+    emu = ok.make_emulator(tiny_model(model_type, n_layers=4, seed=17), bottom=1, top=1, emulator_layers=2, bits=8)
+    trainable = prepare(emu, "lora", LoraSettings(rank=2))
+    assert trainable and all("lora_" in name for name in trainable)
+    blocks = {name.split("layers.")[1].split(".")[0] for name in trainable}  # ...model.layers.<position>...
+    assert blocks == {str(p) for p in emu.layout.adapter_positions()} == {"0", "3"}

@@ -193,7 +193,8 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
         _check_same_output(mlp, gated, int(features), block, what)
         _check_activation_alone(mlp, activation, block, what)
         plan.append((path, gated, f"{'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP"))
-    if family.experts is not None and _has_submodule(block, family.experts):
+    experts_in_block = family.experts is not None and _has_submodule(block, family.experts)
+    if experts_in_block and not isinstance(block.get_submodule(family.experts), FrozenExperts):  # low-bit: fused already
         experts = block.get_submodule(family.experts)
         assert activation is not None  # check_fast_block
         try:

@@ -29,6 +29,7 @@ from ..nn.cuda_graphs import (
 )
 from ..nn.frozen_blocks import wrapped_by
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
+from ..ops.activation import activation_by_name
 from ..quant.formats import check_format
 from ..quant.weight import COMPUTE_DTYPES
 from .build import copy_with_blocks, freeze_all_but_adapter_
@@ -36,6 +37,14 @@ from .fused_loss import fused_head_loss, fused_head_supported
 from .layout import Layout, resolve_layout
 from .prune import magnitude_prune_
 from .quantize import quantize_linears_
+
+
+def _has_gated_kernel(activation: str | None) -> bool:
+    """Whether the library has a fused gated kernel for the Hugging Face activation ``activation``."""
+    try:
+        return activation is not None and activation_by_name(activation).has_gated
+    except ValueError:
+        return False
 
 
 class OffsiteModel(nn.Module):
@@ -150,28 +159,31 @@ class OffsiteModel(nn.Module):
         return [(src, blocks[pos]) for src, pos in zip(self.layout.adapter_indices, self.layout.adapter_positions(), strict=True)]
 
     def quantize_(self, bits: int | str, group_size: int = 128) -> OffsiteModel:
-        """Store every linear of the (still dense) emulator blocks in ``bits`` (8, 4, "fp8"), in place."""
+        """Store every linear of the (still dense) emulator blocks in ``bits`` (8, 4, "fp8"), in place (a mixture of
+        experts' experts too, one low-bit matrix per expert and projection)."""
         check_format(bits, group_size)
         if self.quantized:
             raise LayoutError("the emulator is already quantized")
-        if self._emulator_routes_experts():
+        activation = self.family.activation_name(self.config)
+        if self._emulator_routes_experts() and not _has_gated_kernel(activation):
             raise LayoutError(
-                f"{self.family.name}: low-bit weights for a mixture of experts' expert MLPs are not supported yet (their "
-                "3-D weights would stay dense); build the emulator dense (bits=None; on the command line, no --bits): layer drop "
-                "and fast blocks apply"
+                f"{self.family.name}: low-bit experts run a fused gated activation, and the config's {activation!r} has "
+                "none; build the emulator dense (bits=None)"
             )
         # all or nothing: the one data-dependent failure (a non-finite weight) is found before any swap
         for _, block in self.emulator_blocks():
-            for name, p in block.named_parameters():
-                if p.dim() == 2 and p.dtype not in COMPUTE_DTYPES:
+            for name, p in (*block.named_parameters(), *block.named_buffers()):
+                if p.dim() not in (2, 3) or not p.is_floating_point():
+                    continue  # vectors (norms, biases), and the stored codes of low-bit weights
+                if p.dtype not in COMPUTE_DTYPES:
                     raise LayoutError(
                         f"emulator weight {name} is {p.dtype}; low-bit frozen linears run in float32, float16 or "
                         "bfloat16: cast the model first (.float() or .to(torch.bfloat16))"
                     )
-                if p.dim() == 2 and p.device.type != "meta" and not torch.isfinite(p).all():
+                if p.device.type != "meta" and not torch.isfinite(p).all():
                     raise LayoutError(f"emulator weight {name} holds NaN or infinite values; it cannot be quantized")
         for position, (_, block) in zip(self.emulator_positions(), self.emulator_blocks(), strict=True):
-            self.quantized[str(position)] = quantize_linears_(block, bits, group_size)
+            self.quantized[str(position)] = quantize_linears_(block, bits, group_size, self.family.experts, activation)
         reset_cuda_graphs([block for _, block in self.emulator_blocks()])  # they read the dense weights
         return self
 

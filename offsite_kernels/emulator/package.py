@@ -125,11 +125,39 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
         for position, records in quantized.items():
             if not position.isdigit() or int(position) not in emu.emulator_positions():
                 raise PackageError(f"emulator package {str(path)!r}: quantized block {position!r} is not an emulator block")
-            restore_quantized_linears_(blocks[int(position)], records, tensors, f"{emu.family.blocks}.{position}.")
+            if not isinstance(records, dict):
+                raise PackageError(f"emulator package {str(path)!r}: quantized block {position!r} has no record per module")
+            prefix = f"{emu.family.blocks}.{position}."
+            activation = emu.family.activation_name(emu.config)
+            stored = _stored_names(model, [f"{prefix}{name}.{field}" for name in records for field in _STORED_FIELDS])
+            by_model_name = {name: tensors[key] for name, key in stored.items() if key in tensors}
+            restore_quantized_linears_(blocks[int(position)], records, by_model_name, prefix, emu.family.experts, activation)
         emu.model.to(next(emu.model.parameters()).device)
     _check_nothing_missing(emu.model, files, path)
     freeze_all_but_adapter_(model, emu.family, layout)
     return emu
+
+
+_STORED_FIELDS = ("weight_data", "weight_scales", "weight_zeros", "bias")  # a low-bit FrozenLinear's tensors
+
+
+def _stored_names(model: Any, names: list[str]) -> dict[str, str]:
+    """``{name in the model: name save_pretrained stores it under}`` for tensors that are renamed, never split, on
+    save (a low-bit linear's: Mixtral stores its ``mlp.experts`` under ``block_sparse_moe.experts``). Each name as it
+    is where this transformers converts nothing or has no such function."""
+    import torch
+
+    same = {name: name for name in names}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return same
+    try:  # each tensor is its own index, so the renamed entries say which name they came from
+        reverted = revert_weight_conversion(model, {name: torch.tensor([i]) for i, name in enumerate(names)})
+    except Exception:  # an internal API of transformers
+        return same
+    found = {names[int(t)]: key for key, t in reverted.items() if t.numel() == 1}
+    return {name: found.get(name, name) for name in names}
 
 
 def _as_stored(model: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Low-bit emulator: swap every linear of the emulator blocks for a :class:`FrozenLinear`."""
+"""Low-bit emulator: swap every linear of the emulator blocks for a :class:`FrozenLinear` (a mixture of experts'
+experts module for :class:`FrozenExperts` holding one per expert and projection)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import PackageError
+from ..nn.experts import FrozenExperts
 from ..nn.frozen_linear import FrozenLinear
 from ..quant.formats import check_format, check_stored
 from ..quant.weight import COMPUTE_DTYPES, QuantizedWeight
@@ -24,28 +26,63 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
-def quantize_linears_(block: nn.Module, bits: int | str | None, group_size: int = 128) -> dict[str, dict[str, Any]]:
-    """Replace each ``nn.Linear``/``Conv1D`` of ``block`` with a ``FrozenLinear``; returns a record per module."""
+def _experts_at(block: nn.Module, path: str | None) -> nn.Module | None:
+    """The experts module at ``path`` in ``block`` (a mixture of experts' sparse block), else None."""
+    if path is None:
+        return None
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def quantize_linears_(
+    block: nn.Module,
+    bits: int | str | None,
+    group_size: int = 128,
+    experts: str | None = None,
+    activation: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Replace each ``nn.Linear``/``Conv1D`` of ``block`` with a ``FrozenLinear``, and the experts module at ``experts``
+    (where the block has one) with low-bit :class:`FrozenExperts` of gated ``activation``; returns a record per
+    ``FrozenLinear``."""
     check_format(bits, group_size)
-    records: dict[str, dict[str, Any]] = {}
+    module = _experts_at(block, experts)
+    if module is not None:
+        if activation is None:
+            raise ValueError(f"the experts at {experts!r} need their activation's name to be stored low-bit")
+        _replace(block, experts, FrozenExperts.from_module(module, activation, bits=bits, group_size=group_size))
     for name, module in list(block.named_modules()):
         if _is_linear(module):
-            frozen = FrozenLinear.from_linear(module, bits=bits, group_size=group_size)
-            _replace(block, name, frozen)
-            records[name] = {
-                "format": frozen.format,
-                "group_size": frozen.group_size,
-                "shape": [frozen.out_features, frozen.in_features],
-                "dtype": str(frozen.weight_dtype),
-                "bias": frozen.bias is not None,
-            }
-    return records
+            _replace(block, name, FrozenLinear.from_linear(module, bits=bits, group_size=group_size))
+    return {
+        name: {
+            "format": frozen.format,
+            "group_size": frozen.group_size,
+            "shape": [frozen.out_features, frozen.in_features],
+            "dtype": str(frozen.weight_dtype),
+            "bias": frozen.bias is not None,
+        }
+        for name, frozen in block.named_modules()
+        if isinstance(frozen, FrozenLinear)
+    }
 
 
 def restore_quantized_linears_(
-    block: nn.Module, records: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor], prefix: str
+    block: nn.Module,
+    records: dict[str, dict[str, Any]],
+    tensors: dict[str, torch.Tensor],
+    prefix: str,
+    experts: str | None = None,
+    activation: str | None = None,
 ) -> None:
-    """Rebuild the ``FrozenLinear`` modules of ``block`` from stored tensors named ``prefix + name + '.weight_*'``."""
+    """Rebuild the ``FrozenLinear`` modules of ``block`` from stored tensors named ``prefix + name + '.weight_*'``
+    (inside low-bit :class:`FrozenExperts` at ``experts`` where the records name some there)."""
+    module = _experts_at(block, experts)
+    if module is not None and any(name.startswith(f"{experts}.") for name in records):
+        if activation is None or not hasattr(module, "gate_up_proj"):
+            raise PackageError(f"emulator package: low-bit experts at {prefix}{experts} do not fit this model's block")
+        _replace(block, experts, FrozenExperts.low_bit_skeleton(module, activation))
     for name, rec in records.items():
         key = f"{prefix}{name}."
         try:
@@ -81,3 +118,6 @@ def restore_quantized_linears_(
                 f"its weight has {weight.out_features} outputs"
             )
         _replace(block, name, FrozenLinear(weight, bias))
+    placeholders = [name for name, p in block.named_parameters() if p.device.type == "meta"]
+    if placeholders:
+        raise PackageError(f"emulator package: {prefix}{placeholders[0].rsplit('.', 1)[0]} has no stored low-bit weight")

@@ -92,18 +92,28 @@ def _inject_lora(emu: OffsiteModel, settings: LoraSettings) -> None:
     targets = settings.target_modules or emu.family.lora_targets
     positions = "|".join(str(p) for p in emu.layout.adapter_positions())
     pattern = rf"{re.escape(emu.family.blocks)}\.({positions})\.(.*\.)?({'|'.join(map(re.escape, targets))})"
-    matched = [m for name, m in emu.model.named_modules() if re.fullmatch(pattern, name)]
+    matched = {name: m for name, m in emu.model.named_modules() if re.fullmatch(pattern, name)}
     if not matched:
         raise MethodError(f"no module of the adapter blocks matches LoRA targets {list(targets)}")
+    # the adapter blocks by index, not a regular expression: PEFT rewrites the targets of some mixtures of experts
+    # (Mixtral) into bare module names, which would reach the frozen emulator blocks too
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=pattern,
-        fan_in_fan_out=not isinstance(matched[0], nn.Linear),  # HF Conv1D stores [in, out]
+        target_modules=list(targets),
+        layers_to_transform=list(emu.layout.adapter_positions()),
+        layers_pattern=emu.family.blocks.rsplit(".", 1)[-1],
+        fan_in_fan_out=not isinstance(next(iter(matched.values())), nn.Linear),  # HF Conv1D stores [in, out]
     )
     # injects LoRA layers into emu.model in place (and freezes everything else); the wrapper is kept to merge
     emu._peft = get_peft_model(emu.model, config)  # type: ignore[attr-defined]
+    wrapped = {name.removesuffix(".lora_A") for name, _ in emu.model.named_modules() if name.endswith(".lora_A")}
+    if wrapped != set(matched):
+        raise MethodError(
+            f"PEFT put LoRA layers on {sorted(wrapped - set(matched))[:3] or sorted(set(matched) - wrapped)[:3]}, not on "
+            f"the adapter blocks' {list(targets)} only; this PEFT version targets modules differently (report it)"
+        )
 
 
 def export(emu: OffsiteModel) -> None:
