@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import StandInGraph, gen, random_ids
 
-from offsite_kernels import get_family, make_emulator
+from offsite_kernels import make_emulator
 from offsite_kernels.benchmark import BenchError, BenchMethod, BenchModel, BenchSettings, run_bench
 from offsite_kernels.benchmark.measure import measure_training
 from offsite_kernels.benchmark.report import _notes
@@ -44,18 +44,6 @@ def _emulator(model_type: str, graphs: bool, **kwargs):
     return emu.train()
 
 
-def _refused_for_experts(model_type: str, fast: bool = False) -> bool:
-    """A mixture of experts counts tokens per expert on the host at each call, which no CUDA graph captures (the fake
-    engine here would not notice): the emulator refuses graphs by name, and the graph tests have nothing to check."""
-    if get_family(tiny_model(model_type, n_layers=1)).experts is None:
-        return False
-    with pytest.raises(GraphError, match=r"mixture of experts .* train without CUDA graphs"):
-        _emulator(model_type, True, fast=fast)
-    with pytest.raises(GraphError, match="mixture of experts"):
-        _emulator(model_type, False, fast=fast).set_cuda_graphs(True)
-    return True
-
-
 def _step(emu, ids, mask=None) -> tuple[float, list[torch.Tensor]]:
     emu.zero_grad(set_to_none=True)
     loss = emu(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -69,8 +57,6 @@ def _stack(emu):
 
 @pytest.mark.parametrize("fast", [False, True], ids=["hf_blocks", "fast_blocks"])
 def test_graphed_emulator_matches_eager_and_replays(engine, model_type, fast):
-    if _refused_for_experts(model_type, fast):
-        return
     eager, graphed = _emulator(model_type, False, fast=fast), _emulator(model_type, True, fast=fast)
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0  # left padding: a 4-D mask goes into every block as a graph input
@@ -221,8 +207,6 @@ def test_signature_describes_tensors_and_constants():
 
 
 def test_apply_refuses_what_cannot_work(model_type):
-    if _refused_for_experts(model_type):
-        return
     emu = _emulator(model_type, False)
     blocks = [b for _, b in emu.emulator_blocks()]
     with pytest.raises(GraphError, match="trainable parameters"):

@@ -8,8 +8,9 @@ Inside each (frozen) emulator block, without touching the block's own forward:
 - a gated MLP (Llama family, Gemma) becomes a :class:`~offsite_kernels.nn.FrozenGatedMLP` (Phi-3's, with one
   projection for gate and up, a :class:`~offsite_kernels.nn.FrozenFusedGatedMLP`): the
   activation and the product fused into one SwiGLU (GeGLU) op that saves only its two inputs;
-- a mixture of experts' experts (Mixtral, Qwen MoE, OLMoE) become :class:`~offsite_kernels.nn.FrozenExperts`
-  (each expert's gated activation fused, as above);
+- a mixture of experts' experts module (Mixtral, Qwen MoE, OLMoE) stays Hugging Face's when dense (its grouped
+  GEMM over the experts); low-bit experts are a :class:`~offsite_kernels.nn.FrozenExperts` already, their gated
+  activation fused; a shared expert and a dense block's MLP are gated MLPs as above;
 - the MLP activation module of the other families becomes a
   :class:`~offsite_kernels.nn.FrozenActivation` (one op, saves only its input);
 - attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's
@@ -28,7 +29,7 @@ Which modules to swap is per-family data (``ModelFamily.gated_mlp``, ``activatio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -36,7 +37,6 @@ from torch import nn
 from ..errors import OffsiteError
 from ..models import ModelFamily
 from ..nn.alibi_attention import AlibiSdpaAttention
-from ..nn.experts import FrozenExperts
 from ..nn.mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
 from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm, layer_norm_kind, rms_norm_kind
 from ..ops.activation import activation_by_name
@@ -77,17 +77,6 @@ def _sample_like(module: nn.Module, block: nn.Module) -> torch.Tensor | None:
     return next(iter((*module.parameters(), *block.parameters())), None)
 
 
-def _routed_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Call a mixture of experts' experts module on the sample's tokens, each routed to two experts (or one) with
-    fixed weights, every expert chosen by some token."""
-    tokens = x.reshape(-1, x.shape[-1])
-    n, experts = tokens.shape[0], int(module.gate_up_proj.shape[0])
-    k = min(2, experts)
-    index = (torch.arange(n, device=x.device)[:, None] + torch.arange(k, device=x.device)) % experts
-    weights = torch.linspace(0.2, 0.8, n * k, device=x.device, dtype=torch.float32).reshape(n, k)
-    return module(tokens, index, weights)
-
-
 def _check_same_output(
     original: nn.Module,
     fast: nn.Module,
@@ -95,13 +84,11 @@ def _check_same_output(
     block: nn.Module,
     what: str,
     dtype: torch.dtype | None = None,
-    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Run ``original`` and its replacement ``fast`` on one sample input (in ``dtype``, by default the module's); raise
     :class:`FastBlocksError` where they differ beyond rounding. The swap reads a module's math from its class and the
     config (a norm's offset, the activation's name): this catches a Hugging Face module whose math those no longer
-    describe, instead of training through other math without a word. ``call(module, x)`` runs a module that takes
-    more than the sample (by default ``module(x)``)."""
+    describe, instead of training through other math without a word."""
     like = _sample_like(original, block)
     if not CHECK_SWAPS or like is None or not _real_tensors((like, *original.parameters(), *original.buffers())):
         return
@@ -109,8 +96,7 @@ def _check_same_output(
     sample = torch.randn(2, 3, features, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu") * 2
     x = sample.to(device=like.device, dtype=dtype)
     with torch.no_grad():
-        run = call or (lambda module, sample: module(sample))
-        expected, got = run(original, x).double(), run(fast, x).double()
+        expected, got = original(x).double(), fast(x).double()
     rtol, atol = _SWAP_TOLERANCE[dtype]
     finite = torch.isfinite(expected)  # an overflow (float16) must be the original's too
     expected, got_finite = expected.where(finite, 0.0), got.where(finite, 0.0)
@@ -191,20 +177,8 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
         what = f"{family.name}'s {path} ({type(mlp).__name__})"
         features = (mlp.gate_up_proj if fused_projection else mlp.gate_proj).in_features
         _check_same_output(mlp, gated, int(features), block, what)
-        _check_activation_alone(mlp, activation, block, what)
+        check_activation_alone(mlp, activation, block, what)
         plan.append((path, gated, f"{'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP"))
-    experts_in_block = family.experts is not None and _has_submodule(block, family.experts)
-    if experts_in_block and not isinstance(block.get_submodule(family.experts), FrozenExperts):  # low-bit: fused already
-        experts = block.get_submodule(family.experts)
-        assert activation is not None  # check_fast_block
-        try:
-            frozen = FrozenExperts.from_module(experts, activation)
-        except (AttributeError, ValueError) as exc:
-            raise FastBlocksError(f"{family.name}'s {family.experts} ({type(experts).__name__}): {exc}") from None
-        what = f"{family.name}'s {family.experts} ({type(experts).__name__})"
-        _check_same_output(experts, frozen, int(frozen.gate_up_proj.shape[-1]), block, what, call=_routed_call)
-        _check_activation_alone(experts, activation, block, what)
-        plan.append((family.experts, frozen, f"{frozen.num_experts} experts, each a fused {frozen.act.kind} MLP"))
     for path in family.activation_modules:
         assert activation is not None  # check_fast_block
         fused = FrozenActivation(activation)
@@ -240,7 +214,7 @@ def _gated_mlp_paths(block: nn.Module, family: ModelFamily) -> list[str]:
     ]
 
 
-def _check_activation_alone(module: nn.Module, activation: str, block: nn.Module, what: str) -> None:
+def check_activation_alone(module: nn.Module, activation: str, block: nn.Module, what: str) -> None:
     """The module's own activation against the fused one, in float32 (finer than a bf16 run of the whole module)."""
     for attr in ("act_fn", "activation_fn"):
         if isinstance(getattr(module, attr, None), nn.Module):

@@ -39,6 +39,8 @@ def fused_head_supported(model: nn.Module, family: ModelFamily, kwargs: dict[str
     declared = (family.logit_multiplier, family.logit_divisor)
     if any(name not in declared and getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return False
+    if kwargs.get("output_router_logits", getattr(model.config, "output_router_logits", False)):
+        return False  # a mixture of experts' load-balancing loss joins the loss in the model's own head
     return_dict = kwargs.get("return_dict", getattr(model.config, "return_dict", True))
     return set(kwargs) <= _PASSED_THROUGH | _HANDLED and return_dict is not False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,24 +28,16 @@ from ..nn.cuda_graphs import (
     remove_cuda_graphs,
     reset_cuda_graphs,
 )
+from ..nn.experts import FrozenExperts
 from ..nn.frozen_blocks import wrapped_by
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
-from ..ops.activation import activation_by_name
 from ..quant.formats import check_format
 from ..quant.weight import COMPUTE_DTYPES
 from .build import copy_with_blocks, freeze_all_but_adapter_
 from .fused_loss import fused_head_loss, fused_head_supported
 from .layout import Layout, resolve_layout
 from .prune import magnitude_prune_
-from .quantize import quantize_linears_
-
-
-def _has_gated_kernel(activation: str | None) -> bool:
-    """Whether the library has a fused gated kernel for the Hugging Face activation ``activation``."""
-    try:
-        return activation is not None and activation_by_name(activation).has_gated
-    except ValueError:
-        return False
+from .quantize import check_experts_activation, quantize_linears_
 
 
 class OffsiteModel(nn.Module):
@@ -100,6 +93,7 @@ class OffsiteModel(nn.Module):
         to the wrapped model as given.
         """
         self._check_attention_outputs(kwargs)
+        self._check_router_logits(kwargs)
         if torch.is_grad_enabled() and "use_cache" not in kwargs and (labels is not None or self._emulator_wrapped()):
             # training: no KV cache to fill (two copies per block and its memory, for nothing); a recomputed,
             # graphed or compiled emulator must not fill one at all while grad is on
@@ -139,6 +133,18 @@ class OffsiteModel(nn.Module):
                 "call without output_attentions, or build the emulator without fast blocks"
             )
 
+    def _check_router_logits(self, kwargs: dict[str, Any]) -> None:
+        """Full recomputation runs the emulator's forward without a graph, so router logits recorded there (a mixture
+        of experts' load-balancing loss) would carry no gradient: refuse them, naming the modes that keep it."""
+        wanted = kwargs.get("output_router_logits")
+        if wanted is None:
+            wanted = getattr(self.config, "output_router_logits", False)
+        if wanted and torch.is_grad_enabled() and self.recompute == "full":
+            raise RecomputeError(
+                "with recompute='full' the emulator blocks' router logits carry no gradient, so the load-balancing loss "
+                "would not reach the routers below them; use recompute='block' or 'selective', or output_router_logits=False"
+            )
+
     @property
     def config(self) -> Any:
         return self.model.config
@@ -165,13 +171,9 @@ class OffsiteModel(nn.Module):
         if self.quantized:
             raise LayoutError("the emulator is already quantized")
         activation = self.family.activation_name(self.config)
-        if self._emulator_routes_experts() and not _has_gated_kernel(activation):
-            raise LayoutError(
-                f"{self.family.name}: low-bit experts run a fused gated activation, and the config's {activation!r} has "
-                "none; build the emulator dense (bits=None)"
-            )
-        # all or nothing: the one data-dependent failure (a non-finite weight) is found before any swap
+        # all or nothing: the data-dependent failures (a non-finite weight, experts of another activation) come first
         for _, block in self.emulator_blocks():
+            check_experts_activation(block, self.family.experts, activation)
             for name, p in (*block.named_parameters(), *block.named_buffers()):
                 if p.dim() not in (2, 3) or not p.is_floating_point():
                     continue  # vectors (norms, biases), and the stored codes of low-bit weights
@@ -187,10 +189,10 @@ class OffsiteModel(nn.Module):
         reset_cuda_graphs([block for _, block in self.emulator_blocks()])  # they read the dense weights
         return self
 
-    def _emulator_routes_experts(self) -> bool:
-        """Whether an emulator block is a mixture of experts' sparse block (routing tokens to experts on the host)."""
-        experts = self.family.experts
-        return experts is not None and any(experts in dict(block.named_modules()) for _, block in self.emulator_blocks())
+    def _emulator_counts_on_host(self) -> bool:
+        """Whether an emulator block holds :class:`~offsite_kernels.nn.FrozenExperts` (low-bit experts), which count
+        their tokens per expert on the host at each call."""
+        return any(isinstance(m, FrozenExperts) for _, block in self.emulator_blocks() for m in block.modules())
 
     def use_fast_blocks(self) -> OffsiteModel:
         """Swap the library's fused frozen ops into the emulator blocks (norms, MLP activation,
@@ -279,10 +281,10 @@ class OffsiteModel(nn.Module):
             return self
         if getattr(self.config, "layerdrop", 0.0):
             raise GraphError("CUDA graphs need every emulator block to run; set config.layerdrop = 0")
-        if self._emulator_routes_experts():
+        if self._emulator_counts_on_host():
             raise GraphError(
-                f"{self.family.name}: a mixture of experts counts its tokens per expert on the host at each call, which "
-                "a CUDA graph cannot capture; train without CUDA graphs"
+                f"{self.family.name}: the low-bit experts count their tokens per expert on the host at each call, which "
+                "a CUDA graph cannot capture; train without CUDA graphs (or with a dense emulator)"
             )
         if self.compiled:
             raise GraphError(
@@ -321,11 +323,13 @@ class OffsiteModel(nn.Module):
                 "compiled blocks do not combine with recomputation or the library's CUDA graphs: set_recompute(None) and "
                 "set_cuda_graphs(False) first (compile mode 'reduce-overhead' replays CUDA graphs itself)"
             )
-        if fullgraph and self._emulator_routes_experts():
-            raise CompileError(
-                f"{self.family.name}: a mixture of experts counts its tokens per expert on the host at each call, which "
-                "breaks the graph; pass fullgraph=False (or train the blocks eagerly)"
+        if fullgraph and self._emulator_counts_on_host():
+            warnings.warn(
+                f"{self.family.name}: the low-bit experts count their tokens per expert on the host at each call, which "
+                "breaks the graph there; the emulator blocks are compiled with graph breaks (fullgraph=False)",
+                stacklevel=2,
             )
+            fullgraph = False
         remove_compile(blocks)  # new settings: compile again
         apply_compile(blocks, mode, fullgraph=fullgraph, dynamic=dynamic)
         return self

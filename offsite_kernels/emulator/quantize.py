@@ -3,14 +3,16 @@ experts module for :class:`FrozenExperts` holding one per expert and projection)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import PackageError
+from ..errors import LayoutError, PackageError
 from ..nn.experts import FrozenExperts
 from ..nn.frozen_linear import FrozenLinear
+from ..ops.activation import activation_by_name
 from ..quant.formats import check_format, check_stored
 from ..quant.weight import COMPUTE_DTYPES, QuantizedWeight
 
@@ -34,6 +36,28 @@ def _experts_at(block: nn.Module, path: str | None) -> nn.Module | None:
         return block.get_submodule(path)
     except AttributeError:
         return None
+
+
+def check_experts_activation(block: nn.Module, path: str | None, activation: str | None) -> None:
+    """Raise :class:`LayoutError` where the experts at ``path`` in ``block`` compute another activation than the fused
+    gated one of ``activation`` (the name low-bit experts read from the config), on a sample in float32."""
+    module = _experts_at(block, path)
+    act = getattr(module, "act_fn", None)
+    if module is None or not isinstance(act, nn.Module) or torch._C._len_torch_dispatch_stack():
+        return  # no experts here, or fake tensors (the benchmark's accounting): nothing to run
+    fused = None
+    with contextlib.suppress(ValueError):  # a name the library does not know: refused below
+        fused = activation_by_name(activation) if activation is not None else None
+    if fused is None or not fused.has_gated:
+        raise LayoutError(
+            f"low-bit experts run a fused gated activation, and {activation!r} has none; build the emulator dense (bits=None)"
+        )
+    x = torch.linspace(-8.0, 8.0, 161, dtype=torch.float32)
+    if not torch.allclose(fused(x), act(x), rtol=1e-4, atol=1e-6):
+        raise LayoutError(
+            f"the experts' activation ({type(act).__name__}) is not the config's {activation!r}: low-bit experts would "
+            "compute other math; build the emulator dense (bits=None) and report the model type"
+        )
 
 
 def quantize_linears_(

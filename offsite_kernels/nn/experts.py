@@ -23,8 +23,8 @@ class FrozenExperts(nn.Module):
     :class:`FrozenLinear` per expert and projection (``gate_up_experts.<e>``, ``down_experts.<e>``). Per expert, the
     activation and the product are one fused op that saves only the projection's output (as
     :class:`FrozenFusedGatedMLP`); the frozen projections save no input. Tokens are grouped by expert with one host
-    synchronisation per call (the count of tokens per expert), as Hugging Face's own loop does; an index equal to
-    the number of experts means no expert.
+    synchronisation per call (the count of tokens per expert, as Hugging Face's eager loop has; its grouped-GEMM
+    path has none), then the experts run one after another; an index equal to the number of experts means no expert.
     """
 
     def __init__(
