@@ -21,8 +21,8 @@ def test_required_families_are_supported():
 
 
 def test_unsupported_model_lists_supported_types():
-    config = AutoConfig.for_model("mixtral", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-    with pytest.raises(UnsupportedModelError, match=r"'mixtral' is not supported.*bloom.*gpt2.*gpt_neox.*llama"):
+    config = AutoConfig.for_model("gpt_oss", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(UnsupportedModelError, match=r"'gpt_oss' is not supported.*bloom.*gpt2.*gpt_neox.*llama.*mixtral"):
         ok.get_family(config)
 
 
