@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..models import ModelFamily
+from ..models import ModelFamily, find_submodule
 from .layout import Layout
 
 
@@ -88,12 +88,7 @@ def keep_dense_blocks_dense_(model: nn.Module, family: ModelFamily) -> None:
     if family.dense_blocks_config is None or family.experts is None:
         return
     indices, step = family.dense_blocks_config
-    dense = []
-    for position, block in enumerate(family.get_blocks(model)):
-        try:
-            block.get_submodule(family.experts)
-        except AttributeError:
-            dense.append(position)
+    dense = [j for j, block in enumerate(family.get_blocks(model)) if find_submodule(block, family.experts) is None]
     setattr(model.config, indices, dense)
     setattr(model.config, step, 1)
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import OffsiteError
-from ..models import ModelFamily
+from ..models import ModelFamily, find_submodule
 from ..nn.alibi_attention import AlibiSdpaAttention
 from ..nn.mlp import FrozenActivation, FrozenFusedGatedMLP, FrozenGatedMLP
 from ..nn.norm import FrozenLayerNorm, FrozenRMSNorm, layer_norm_kind, rms_norm_kind
@@ -78,12 +78,7 @@ def _sample_like(module: nn.Module, block: nn.Module) -> torch.Tensor | None:
 
 
 def _check_same_output(
-    original: nn.Module,
-    fast: nn.Module,
-    features: int,
-    block: nn.Module,
-    what: str,
-    dtype: torch.dtype | None = None,
+    original: nn.Module, fast: nn.Module, features: int, block: nn.Module, what: str, dtype: torch.dtype | None = None
 ) -> None:
     """Run ``original`` and its replacement ``fast`` on one sample input (in ``dtype``, by default the module's); raise
     :class:`FastBlocksError` where they differ beyond rounding. The swap reads a module's math from its class and the
@@ -160,8 +155,8 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
     for name, module in list(block.named_modules()):
         if not name:
             continue
-        if layer_norm_kind(module) is not None or rms_norm_kind(module) is not None:
-            kind = "LayerNorm" if layer_norm_kind(module) is not None else "RMSNorm"
+        kind = "LayerNorm" if layer_norm_kind(module) is not None else "RMSNorm" if rms_norm_kind(module) is not None else None
+        if kind is not None:
             norm = FrozenLayerNorm.from_module(module) if kind == "LayerNorm" else FrozenRMSNorm.from_module(module)
             _check_same_output(module, norm, norm.hidden_size, block, f"{family.name}'s {name} ({type(module).__name__})")
             plan.append((name, norm, kind))
@@ -190,14 +185,6 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
     return plan
 
 
-def _has_submodule(block: nn.Module, path: str) -> bool:
-    try:
-        block.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def _gated_mlp_paths(block: nn.Module, family: ModelFamily) -> list[str]:
     """Where ``block`` holds a gated MLP to fuse: the family's ``gated_mlp``; in a mixture of experts, only in its dense
     blocks (in a sparse one that path holds the router and experts), and its shared expert (Qwen MoE)."""
@@ -208,9 +195,7 @@ def _gated_mlp_paths(block: nn.Module, family: ModelFamily) -> list[str]:
     candidates = (family.gated_mlp, *((family.shared_expert,) if family.shared_expert else ()))
     gated = ("gate_up_proj",) if family.gated_mlp_fused else ("gate_proj", "up_proj")
     return [
-        path
-        for path in candidates
-        if _has_submodule(block, path) and all(isinstance(getattr(block.get_submodule(path), a, None), nn.Module) for a in gated)
+        path for path in candidates if all(isinstance(getattr(find_submodule(block, path), a, None), nn.Module) for a in gated)
     ]
 
 

@@ -122,13 +122,13 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
         for f in files:
             tensors.update(load_tensors(f, "emulator package"))
         blocks = emu.blocks
+        activation = emu.family.activation_name(emu.config)
         for position, records in quantized.items():
             if not position.isdigit() or int(position) not in emu.emulator_positions():
                 raise PackageError(f"emulator package {str(path)!r}: quantized block {position!r} is not an emulator block")
             if not isinstance(records, dict):
                 raise PackageError(f"emulator package {str(path)!r}: quantized block {position!r} has no record per module")
             prefix = f"{emu.family.blocks}.{position}."
-            activation = emu.family.activation_name(emu.config)
             stored = _stored_names(model, [f"{prefix}{name}.{field}" for name in records for field in _STORED_FIELDS])
             by_model_name = {name: tensors[key] for name, key in stored.items() if key in tensors}
             restore_quantized_linears_(blocks[int(position)], records, by_model_name, prefix, emu.family.experts, activation)
@@ -141,6 +141,16 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
 _STORED_FIELDS = ("weight_data", "weight_scales", "weight_zeros", "bias")  # a low-bit FrozenLinear's tensors
 
 
+def _revert_conversion() -> Any:
+    """transformers' function mapping a state dict to the names (and splits) ``save_pretrained`` stores, or None where
+    this transformers has none (an internal API: callers fall back to the names as they are)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    return revert_weight_conversion
+
+
 def _stored_names(model: Any, names: list[str]) -> dict[str, str]:
     """``{name in the model: name save_pretrained stores it under}`` for tensors that are renamed, never split, on
     save (a low-bit linear's: Mixtral stores its ``mlp.experts`` under ``block_sparse_moe.experts``). Each name as it
@@ -148,12 +158,9 @@ def _stored_names(model: Any, names: list[str]) -> dict[str, str]:
     import torch
 
     same = {name: name for name in names}
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return same
+    revert = _revert_conversion()
     try:  # each tensor is its own index, so the renamed entries say which name they came from
-        reverted = revert_weight_conversion(model, {name: torch.tensor([i]) for i, name in enumerate(names)})
+        reverted = revert(model, {name: torch.tensor([i]) for i, name in enumerate(names)}) if revert else {}
     except Exception:  # an internal API of transformers
         return same
     found = {names[int(t)]: key for key, t in reverted.items() if t.numel() == 1}
@@ -166,12 +173,9 @@ def _as_stored(model: Any) -> dict[str, Any]:
     (a mixture of experts' 3-D expert weights into one matrix per expert). The state dict as it is where this
     transformers converts nothing or has no such function."""
     state = model.state_dict()
+    revert = _revert_conversion()
     try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return state
-    try:
-        return dict(revert_weight_conversion(model, dict(state)))
+        return dict(revert(model, dict(state))) if revert else state
     except Exception:  # an internal API of transformers: without it, only exact names count
         return state
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import LayoutError, PackageError
+from ..models import find_submodule
 from ..nn.experts import FrozenExperts
 from ..nn.frozen_linear import FrozenLinear
 from ..ops.activation import activation_by_name
@@ -28,20 +29,10 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
 
-def _experts_at(block: nn.Module, path: str | None) -> nn.Module | None:
-    """The experts module at ``path`` in ``block`` (a mixture of experts' sparse block), else None."""
-    if path is None:
-        return None
-    try:
-        return block.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def check_experts_activation(block: nn.Module, path: str | None, activation: str | None) -> None:
     """Raise :class:`LayoutError` where the experts at ``path`` in ``block`` compute another activation than the fused
     gated one of ``activation`` (the name low-bit experts read from the config), on a sample in float32."""
-    module = _experts_at(block, path)
+    module = find_submodule(block, path)
     act = getattr(module, "act_fn", None)
     if module is None or not isinstance(act, nn.Module) or torch._C._len_torch_dispatch_stack():
         return  # no experts here, or fake tensors (the benchmark's accounting): nothing to run
@@ -71,7 +62,7 @@ def quantize_linears_(
     (where the block has one) with low-bit :class:`FrozenExperts` of gated ``activation``; returns a record per
     ``FrozenLinear``."""
     check_format(bits, group_size)
-    module = _experts_at(block, experts)
+    module = find_submodule(block, experts)
     if module is not None:
         if activation is None:
             raise ValueError(f"the experts at {experts!r} need their activation's name to be stored low-bit")
@@ -102,7 +93,7 @@ def restore_quantized_linears_(
 ) -> None:
     """Rebuild the ``FrozenLinear`` modules of ``block`` from stored tensors named ``prefix + name + '.weight_*'``
     (inside low-bit :class:`FrozenExperts` at ``experts`` where the records name some there)."""
-    module = _experts_at(block, experts)
+    module = find_submodule(block, experts)
     if module is not None and any(name.startswith(f"{experts}.") for name in records):
         if activation is None or not hasattr(module, "gate_up_proj"):
             raise PackageError(f"emulator package: low-bit experts at {prefix}{experts} do not fit this model's block")

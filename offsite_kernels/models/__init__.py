@@ -19,7 +19,7 @@ from . import (  # noqa: F401  (each registers its family)
     stablelm,
     starcoder2,
 )
-from .family import ModelFamily
+from .family import ModelFamily, find_submodule
 from .registry import get_family, register_family, supported_model_types
 
-__all__ = ["ModelFamily", "get_family", "register_family", "supported_model_types"]
+__all__ = ["ModelFamily", "find_submodule", "get_family", "register_family", "supported_model_types"]

@@ -14,6 +14,16 @@ from torch import nn
 from ..errors import UnsupportedModelError
 
 
+def find_submodule(root: nn.Module, path: str | None) -> nn.Module | None:
+    """The submodule of ``root`` at the dotted ``path``, or None where there is none (or no path)."""
+    if path is None:
+        return None
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """Where the pieces of one model family live, as dotted module paths from the LM."""
