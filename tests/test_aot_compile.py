@@ -13,6 +13,9 @@ with its NVIDIA backend reads the cubins (``offsite_kernels/ops/aot.py``). For e
 - shared memory (dynamic + static) fits one block: 163 KiB on A100, 99 KiB on sm_86/sm_120, 227 KiB on
   H100/H200/B200.
 
+The grouped frozen linear of low-bit experts (``grouped_linear_triton.aot_cases``): every tile of each direction and
+format, for every GPU class, under the same checks.
+
 The fp8 tensor-core path (``fp8_gemm_triton.aot_cases``) compiles for sm_89, sm_90, sm_100 and sm_120
 (sm_80 has no fp8 tensor cores and runs weight-only fp8): its GEMM must show e4m3 x e4m3 -> fp32 MMAs
 (``QGMMA`` on sm_90, ``QMMA`` on sm_89/sm_120, ``UTCQMMA`` on sm_100) and its quantizer the hardware's
@@ -39,6 +42,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from offsite_kernels.ops import aot
 from offsite_kernels.ops import fp8_gemm_triton as fp8k
+from offsite_kernels.ops import grouped_linear_triton as grouped
 from offsite_kernels.ops.frozen_linear_triton import candidate_configs
 
 _AVAILABLE, _WHY = aot.availability()
@@ -318,3 +322,35 @@ def test_a_failed_write_of_the_shared_rows_keeps_the_old_file_and_leaves_no_temp
 
 def _no_compile(*args, **kwargs):
     raise AssertionError("compiled although the shared file holds the row")
+
+
+# --- the grouped frozen linear (a mixture of experts' projections): every tile of each direction and format ---------
+GROUPED_CASES = _case_params(grouped.AOT_TARGETS, grouped.aot_cases)
+
+
+@pytest.mark.parametrize("case,arch", GROUPED_CASES)
+def test_grouped_kernels_compile_on_tensor_cores_without_spills(case, arch):
+    row = aot.compile_case(case, arch)
+    assert row["compiled"], f"sm_{arch} {case.label}: {aot.case_problems(row)}\n{row['error']}"
+    assert row["ok"], f"sm_{arch} {case.label}: {aot.case_problems(row)}"
+
+
+def test_grouped_cases_cover_every_tile_the_launchers_pick():
+    for arch in grouped.AOT_TARGETS:
+        assert arch in aot.ARCHS
+        covered = {
+            (
+                c.fn,
+                c.constexprs["FMT"],
+                tuple(c.constexprs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+                c.num_warps,
+                c.num_stages,
+            )
+            for c in grouped.aot_cases(arch)
+        }
+        for (direction, kind), tiles in grouped.TILES.items():
+            formats = ["int4"] if kind == "int4" else [f for f in grouped.FMT_CODES if f != "int4"]
+            for fmt in formats:
+                for bm, bn, bk, warps, stages in tiles.values():
+                    key = (f"_grouped_linear_{direction}_kernel", grouped.FMT_CODES[fmt], (bm, bn, bk), warps, stages)
+                    assert key in covered, (arch, direction, fmt, (bm, bn, bk, warps, stages))

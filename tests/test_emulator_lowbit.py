@@ -1,5 +1,7 @@
 """Low-bit emulators: make_emulator(bits=...) for every family, through the package and plug-in."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import padded_mask, random_ids
@@ -97,17 +99,28 @@ def test_bad_bits_fail_before_any_work(full_model):
 
 
 @pytest.mark.parametrize("bits", [8, 4, "fp8"])
-def test_under_bf16_autocast_every_frozen_linear_runs_in_bf16_like_the_dense_linears(full_model, bits):
+def test_under_bf16_autocast_every_frozen_linear_runs_in_bf16_like_the_dense_linears(full_model, bits, monkeypatch):
+    """Each FrozenLinear called as a module, and each grouped projection of low-bit experts (whose stacked FrozenLinear
+    hold the weights), returns bf16."""
     emu = ok.make_emulator(full_model, bottom=1, top=1, emulator_layers=2, bits=bits, group_size=32)
     outputs = {}
     for name, module in emu.named_modules():
         if isinstance(module, ok.nn.FrozenLinear | torch.nn.Linear) or type(module).__name__ == "Conv1D":
             module.register_forward_hook(lambda m, i, o, name=name: outputs.update({name: o.dtype}) and None)
+    experts_module = importlib.import_module("offsite_kernels.nn.experts")
+    grouped, grouped_dtypes = experts_module.grouped_frozen_linear_from_fields, set()
+    monkeypatch.setattr(
+        experts_module, "grouped_frozen_linear_from_fields", lambda *a: grouped_dtypes.add((y := grouped(*a)).dtype) or y
+    )
     ids = random_ids(2, 8, seed=5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         emu(input_ids=ids, labels=ids).loss.backward()
-    frozen = {n for n, m in emu.named_modules() if isinstance(m, ok.nn.FrozenLinear)}
+    stacked = {
+        f"{n}.{w}_experts" for n, m in emu.named_modules() if isinstance(m, ok.nn.FrozenExperts) for w in ("gate_up", "down")
+    }
+    frozen = {n for n, m in emu.named_modules() if isinstance(m, ok.nn.FrozenLinear)} - stacked
     assert frozen and {outputs[n] for n in frozen} == {torch.bfloat16}
+    assert grouped_dtypes == ({torch.bfloat16} if stacked else set())
 
 
 # --- bf16 / fp16 storage: dense, half the bytes, the same products under autocast ------------------

@@ -1,5 +1,7 @@
 """FrozenExperts: a mixture of experts' expert MLPs, frozen, against float64 math and Hugging Face's own module."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,67 @@ def test_forward_and_gradients_match_float64(backend, dtype):
     assert not any(isinstance(b, torch.nn.Parameter) for b in experts.buffers()) and not list(experts.parameters())
 
 
+def low_bit(gate_up, down, bits):
+    return FrozenExperts.from_module(FrozenExperts(gate_up, down), "silu", bits=bits, group_size=32)
+
+
+def dequantized(experts):
+    """The low-bit experts' weights as float64 ``[E, 2I, H]`` and ``[E, H, I]``."""
+    gate_up, down = (getattr(experts, f"{w}_experts").weight.dequantize().double() for w in ("gate_up", "down"))
+    return gate_up.view(E, 2 * INNER, H), down.view(E, H, INNER)
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_bit_experts_match_float64_of_their_dequantized_weights(backend, bits, dtype):
+    """Through the grouped frozen linear (Triton's grouped kernels, or the reference): output, input and routing-weight
+    gradients against the float64 math of the stored weights; an unused expert and a slot routed nowhere."""
+    gate_up, down = expert_weights(dtype, 21)
+    index, weights = routing(22)
+    experts = low_bit(gate_up, down, bits)
+    x = torch.randn(T, H, generator=gen(23)).to(dtype).requires_grad_(True)
+    w = weights.clone().requires_grad_(True)
+    y = experts(x, index, w)
+    x64, w64 = x.detach().double().requires_grad_(True), weights.double().requires_grad_(True)
+    expected = reference(x64, *dequantized(experts), index, w64)
+    assert y.dtype == dtype and float((y.double() - expected).abs().max()) <= TOL[dtype] * float(expected.abs().max())
+    gy = torch.randn(T, H, generator=gen(24)).to(dtype)
+    for got, want in zip(torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(expected, (x64, w64), gy.double()), strict=True):
+        assert float((got.double() - want).abs().max()) <= TOL[dtype] * float(want.abs().max())
+    assert all(not b.requires_grad and b.grad is None for b in experts.buffers()) and not list(experts.parameters())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_experts_by_default_on_the_cpu_run_expert_by_expert(monkeypatch, bits):
+    """Off a GPU each expert's rows go through the frozen linear's own backend (the native kernels where built): the
+    same values as the reference, to the native GEMM's rounding."""
+    gate_up, down = expert_weights(torch.float32, 25)
+    index, weights = routing(26)
+    experts, x = low_bit(gate_up, down, bits), torch.randn(T, H, generator=gen(27))
+    monkeypatch.delenv("OFFSITE_BACKEND", raising=False)
+    y = experts(x, index, weights)
+    monkeypatch.setenv("OFFSITE_BACKEND", "torch")
+    torch.testing.assert_close(y, experts(x, index, weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4, "fp8"])
+def test_stacked_quantization_is_each_experts_own(bits):
+    """The stacked [E * N, K] weight holds, row for row, what quantizing each expert's weight alone stores."""
+    gate_up, down = expert_weights(torch.float32, 28)
+    experts = low_bit(gate_up, down, bits)
+    for name, weights in (("gate_up", gate_up), ("down", down)):
+        stacked = getattr(experts, f"{name}_experts").weight
+        rows = weights.shape[1]
+        for e, w in enumerate(weights):
+            alone = ok.quantize_weight(w, bits=bits, group_size=32)
+            for field in ("data", "scales", "zeros"):
+                mine = getattr(stacked, field)
+                if mine is None:
+                    assert getattr(alone, field) is None
+                    continue
+                assert torch.equal(mine[e * rows : (e + 1) * rows].view(torch.uint8), getattr(alone, field).view(torch.uint8))
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_hugging_face_experts(model_type, dtype):
@@ -112,6 +175,13 @@ def test_bad_weights_name_the_problem():
         FrozenExperts(gate_up, down[:, :, :-1])
     with pytest.raises(ValueError, match="no fused gated kernel"):
         FrozenExperts(gate_up, down, "relu")
+    stacked = low_bit(gate_up, down, 8)
+    with pytest.raises(ValueError, match=r"do not fit together.*\[E \* 2I, H\] and \[E \* H, I\]"):
+        FrozenExperts(stacked.gate_up_experts, ok.nn.FrozenLinear.from_linear(torch.nn.Linear(INNER, H * (E - 1)), bits=8))
+    with pytest.raises(TypeError, match="must both be 3-D tensors"):
+        FrozenExperts(gate_up, stacked.down_experts)
+    with pytest.raises(ValueError, match="low-bit already"):
+        FrozenExperts.from_module(stacked, "silu", bits=4)
 
 
 @pytest.mark.parametrize("bits", [None, 4])
@@ -135,18 +205,25 @@ def test_dense_and_low_bit_experts_train_through_fast_blocks(bits):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_low_bit_experts_refuse_cuda_graphs_and_compile_with_graph_breaks():
-    """Low-bit experts count their tokens per expert on the host: no CUDA graph (refused, naming the fix); a compile
-    asked for the whole graph gets graph breaks there, with a warning. Dense experts (Hugging Face's) are left to it."""
+def test_low_bit_experts_compile_whole_and_take_cuda_graphs():
+    """Low-bit experts route on the device and run each projection as one grouped op: a compile of the whole graph
+    traces them without a break (the routing, the grouped custom ops and the scatter of the outputs), and CUDA graphs
+    are accepted (the capture itself needs a GPU)."""
     model = tiny_model("olmoe", n_layers=5, seed=14)
     emu = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, bits=8, fast=True)
-    with pytest.raises(ok.nn.GraphError, match=r"low-bit experts .* train without CUDA graphs"):
-        emu.set_cuda_graphs(True)
-    with pytest.warns(UserWarning, match=r"compiled with graph breaks \(fullgraph=False\)"):
-        emu.set_compile("default")
-    assert emu.compiled == "default"
-    dense = ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, fast=True)
-    assert dense.set_cuda_graphs(True).cuda_graphs
+    block = emu.emulator_blocks()[0][1]
+    experts = block.mlp.experts
+    assert isinstance(experts, FrozenExperts) and experts.low_bit
+    x = torch.randn(T, model.config.hidden_size, generator=gen(15), requires_grad=True)
+    index, weights = torch.randint(0, experts.num_experts, (T, K), generator=gen(16)), torch.rand(T, K, generator=gen(17))
+    compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, index, weights), experts(x, index, weights), rtol=0, atol=0)
+    torch.autograd.grad(compiled(x, index, weights).sum(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to graph breaks any more
+        assert emu.set_compile("default").compiled == "default"
+    emu.set_compile(None)
+    assert emu.set_cuda_graphs(True).cuda_graphs
 
 
 def test_router_logits_give_the_models_own_loss_and_full_recompute_refuses_them():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from ..nn.cuda_graphs import (
     remove_cuda_graphs,
     reset_cuda_graphs,
 )
-from ..nn.experts import FrozenExperts
 from ..nn.frozen_blocks import wrapped_by
 from ..nn.recompute import RECOMPUTE_MODES, RecomputeError, apply_recompute, recompute_mode, remove_recompute
 from ..quant.formats import check_format
@@ -189,11 +187,6 @@ class OffsiteModel(nn.Module):
         reset_cuda_graphs([block for _, block in self.emulator_blocks()])  # they read the dense weights
         return self
 
-    def _emulator_counts_on_host(self) -> bool:
-        """Whether an emulator block holds :class:`~offsite_kernels.nn.FrozenExperts` (low-bit experts), which count
-        their tokens per expert on the host at each call."""
-        return any(isinstance(m, FrozenExperts) for _, block in self.emulator_blocks() for m in block.modules())
-
     def use_fast_blocks(self) -> OffsiteModel:
         """Swap the library's fused frozen ops into the emulator blocks (norms, MLP activation,
         SwiGLU) and run attention through SDPA; see :mod:`offsite_kernels.emulator.fast`. In place,
@@ -281,11 +274,6 @@ class OffsiteModel(nn.Module):
             return self
         if getattr(self.config, "layerdrop", 0.0):
             raise GraphError("CUDA graphs need every emulator block to run; set config.layerdrop = 0")
-        if self._emulator_counts_on_host():
-            raise GraphError(
-                f"{self.family.name}: the low-bit experts count their tokens per expert on the host at each call, which "
-                "a CUDA graph cannot capture; train without CUDA graphs (or with a dense emulator)"
-            )
         if self.compiled:
             raise GraphError(
                 "the emulator blocks are compiled (set_compile); use compile mode 'reduce-overhead' for CUDA graphs of "
@@ -323,13 +311,6 @@ class OffsiteModel(nn.Module):
                 "compiled blocks do not combine with recomputation or the library's CUDA graphs: set_recompute(None) and "
                 "set_cuda_graphs(False) first (compile mode 'reduce-overhead' replays CUDA graphs itself)"
             )
-        if fullgraph and self._emulator_counts_on_host():
-            warnings.warn(
-                f"{self.family.name}: the low-bit experts count their tokens per expert on the host at each call, which "
-                "breaks the graph there; the emulator blocks are compiled with graph breaks (fullgraph=False)",
-                stacklevel=2,
-            )
-            fullgraph = False
         remove_compile(blocks)  # new settings: compile again
         apply_compile(blocks, mode, fullgraph=fullgraph, dynamic=dynamic)
         return self

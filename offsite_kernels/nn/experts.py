@@ -1,70 +1,85 @@
-"""``FrozenExperts``: the expert MLPs of a mixture of experts, frozen, dense or low-bit, each expert's activation fused."""
+"""``FrozenExperts``: the expert MLPs of a mixture of experts, frozen, dense or low-bit, run as two grouped GEMMs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops.grouped_linear import grouped_frozen_linear_from_fields
 from ..quant.formats import quantize_weight
+from ..quant.weight import QuantizedWeight
 from .frozen_linear import FrozenLinear
 from .mlp import _gated_activation
+
+
+def _stacked_quantized(weights: torch.Tensor, bits: int | str, group_size: int) -> QuantizedWeight:
+    """The experts' ``[E, N, K]`` weights as one ``[E * N, K]`` quantized weight, quantized expert by expert (the
+    same values as quantizing the stacked matrix: scales and groups are per row; smaller temporaries)."""
+    parts = [quantize_weight(w, bits=bits, group_size=group_size) for w in weights]
+    first = parts[0]
+
+    def cat(field: str) -> torch.Tensor | None:
+        return None if getattr(first, field) is None else torch.cat([getattr(p, field) for p in parts])
+
+    n, k = first.shape
+    return QuantizedWeight(
+        first.format, cat("data"), cat("scales"), cat("zeros"), first.group_size, (len(parts) * n, k), first.dtype
+    )
 
 
 class FrozenExperts(nn.Module):
     """Gated expert MLPs ``down_e(act(gate_e(x)) * up_e(x))`` with frozen weights, called as Hugging Face's fused
     experts module is (Mixtral, Qwen MoE, OLMoE): ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``
-    returns ``sum_j top_k_weights[t, j] * expert_{top_k_index[t, j]}(hidden[t])`` for each token ``t``.
+    returns ``sum_j top_k_weights[t, j] * expert_{top_k_index[t, j]}(hidden[t])`` for each token ``t``; an index
+    equal to the number of experts means no expert.
 
     Dense weights are buffers under Hugging Face's names (``gate_up_proj`` ``[E, 2I, H]``, gate first, and
-    ``down_proj`` ``[E, H, I]``), so the block's state dict does not change. Low-bit weights are one
-    :class:`FrozenLinear` per expert and projection (``gate_up_experts.<e>``, ``down_experts.<e>``). Per expert, the
-    activation and the product are one fused op that saves only the projection's output (as
-    :class:`FrozenFusedGatedMLP`); the frozen projections save no input. Tokens are grouped by expert with one host
-    synchronisation per call (the count of tokens per expert, as Hugging Face's eager loop has; its grouped-GEMM
-    path has none), then the experts run one after another; an index equal to the number of experts means no expert.
+    ``down_proj`` ``[E, H, I]``), so the block's state dict does not change. Low-bit weights are two
+    :class:`FrozenLinear` of the experts' weights stacked (``gate_up_experts`` ``[E * 2I, H]``, ``down_experts``
+    ``[E * H, I]``; per-row scales and groups make this each expert's own quantization).
+
+    The (token, expert) pairs are sorted by expert on the device, and each projection is one grouped frozen linear
+    over all experts (:func:`~offsite_kernels.ops.grouped_linear.grouped_frozen_linear`): on a GPU with bf16/fp16
+    activations one Triton launch each way and no host synchronisation (CUDA graphs capture it), elsewhere expert by
+    expert. Between them, the gated activation is one fused op that saves only the projection's output (as
+    :class:`FrozenFusedGatedMLP`); the projections save no input.
     """
 
-    def __init__(
-        self,
-        gate_up: torch.Tensor | Sequence[nn.Module],
-        down: torch.Tensor | Sequence[nn.Module],
-        activation: str = "silu",
-    ) -> None:
+    def __init__(self, gate_up: torch.Tensor | nn.Module, down: torch.Tensor | nn.Module, activation: str = "silu") -> None:
         super().__init__()
         if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
-            shapes = [tuple(gate_up.shape[1:])] * len(gate_up), [tuple(down.shape[1:])] * len(down)
             if gate_up.dim() != 3 or down.dim() != 3:
                 raise ValueError(
                     f"expert weights must be 3-D [experts, out, in], got {tuple(gate_up.shape)} and {tuple(down.shape)}"
                 )
+            (experts, two_inner, hidden), down_shape = gate_up.shape, tuple(down.shape[1:])
+            experts = experts if down.shape[0] == experts else 0  # refused below
             self.register_buffer("gate_up_proj", gate_up.detach())
             self.register_buffer("down_proj", down.detach())
             self.low_bit = False
-        elif not isinstance(gate_up, torch.Tensor) and not isinstance(down, torch.Tensor):
-            shapes = [(m.out_features, m.in_features) for m in gate_up], [(m.out_features, m.in_features) for m in down]
-            self.gate_up_experts, self.down_experts = nn.ModuleList(gate_up), nn.ModuleList(down)
+        elif isinstance(gate_up, nn.Module) and isinstance(down, nn.Module):
+            hidden = gate_up.in_features
+            experts = down.out_features // max(hidden, 1)
+            two_inner = gate_up.out_features // max(experts, 1)
+            down_shape = (down.out_features // max(experts, 1), down.in_features)
+            if experts * hidden != down.out_features or experts * two_inner != gate_up.out_features:
+                experts = 0  # refused below
+            self.gate_up_experts, self.down_experts = gate_up, down
             self.low_bit = True
         else:
-            raise TypeError("gate_up and down must both be 3-D tensors (dense) or both lists of per-expert modules (low-bit)")
-        (gate_up_shapes, down_shapes) = shapes
-        if (
-            len(gate_up_shapes) != len(down_shapes)
-            or len(set(gate_up_shapes)) > 1
-            or len(set(down_shapes)) > 1
-            or not gate_up_shapes
-            or gate_up_shapes[0][0] % 2
-            or down_shapes[0] != (gate_up_shapes[0][1], gate_up_shapes[0][0] // 2)
-        ):
-            raise ValueError(
-                f"expert projections {sorted(set(gate_up_shapes))} (gate_up) and {sorted(set(down_shapes))} (down) for "
-                f"{len(gate_up_shapes)} and {len(down_shapes)} experts do not fit together: expected E of [2I, H] and "
-                "E of [H, I]"
+            raise TypeError(
+                "gate_up and down must both be 3-D tensors (dense) or both stacked low-bit modules ([E * 2I, H], [E * H, I])"
             )
-        self.num_experts = len(gate_up_shapes)
-        self.hidden_size, self.inner_size = gate_up_shapes[0][1], gate_up_shapes[0][0] // 2
+        if experts < 1 or two_inner % 2 or down_shape != (hidden, two_inner // 2):
+            shapes = [
+                tuple(getattr(t, "shape", (getattr(t, "out_features", "?"), getattr(t, "in_features", "?"))))
+                for t in (gate_up, down)
+            ]
+            raise ValueError(
+                f"expert projections of shapes {shapes[0]} (gate_up) and {shapes[1]} (down) do not fit together: expected "
+                "[E, 2I, H] and [E, H, I] (dense), or [E * 2I, H] and [E * H, I] (low-bit, stacked)"
+            )
+        self.num_experts, self.hidden_size, self.inner_size = experts, hidden, two_inner // 2
         self.act = _gated_activation(activation)
 
     @classmethod
@@ -72,7 +87,7 @@ class FrozenExperts(nn.Module):
         cls, experts: nn.Module, activation: str, bits: int | str | None = None, group_size: int = 128
     ) -> FrozenExperts:
         """From a Hugging Face fused experts module (``gate_up_proj``, ``down_proj``: 3-D, no biases) or a dense
-        :class:`FrozenExperts`; ``bits`` 8, 4 or "fp8" stores each expert's projections low-bit."""
+        :class:`FrozenExperts`; ``bits`` 8, 4 or "fp8" stores the experts' projections low-bit."""
         if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
             raise ValueError(f"{type(experts).__name__} has biases or transposed weights, which FrozenExperts does not hold")
         if getattr(experts, "low_bit", False):
@@ -81,8 +96,8 @@ class FrozenExperts(nn.Module):
         if bits is None:
             return cls(gate_up, down, activation)
         return cls(
-            [FrozenLinear(quantize_weight(w, bits=bits, group_size=group_size)) for w in gate_up],
-            [FrozenLinear(quantize_weight(w, bits=bits, group_size=group_size)) for w in down],
+            FrozenLinear(_stacked_quantized(gate_up, bits, group_size)),
+            FrozenLinear(_stacked_quantized(down, bits, group_size)),
             activation,
         )
 
@@ -91,40 +106,40 @@ class FrozenExperts(nn.Module):
         """Low-bit experts shaped as ``experts`` with placeholder projections on the meta device, each to be replaced
         by its stored :class:`FrozenLinear` (an emulator package being loaded)."""
         n, two_inner, hidden = experts.gate_up_proj.shape
-
-        def placeholder(out_features: int, in_features: int) -> nn.Module:
-            return nn.Linear(in_features, out_features, bias=False, device="meta")
-
         return cls(
-            [placeholder(two_inner, hidden) for _ in range(n)],
-            [placeholder(hidden, two_inner // 2) for _ in range(n)],
+            nn.Linear(hidden, n * two_inner, bias=False, device="meta"),
+            nn.Linear(two_inner // 2, n * hidden, bias=False, device="meta"),
             activation,
         )
 
-    def _project(self, which: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, which: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows, sorted by expert at ``offsets``, through each expert's ``which`` projection."""
         if self.low_bit:
-            return getattr(self, f"{which}_experts")[expert](x)
-        return F.linear(x, getattr(self, f"{which}_proj")[expert])
+            m = getattr(self, f"{which}_experts")
+            stored = (m.weight_data, m.weight_scales, m.weight_zeros)
+            shape, fmt, group = (m.out_features, m.in_features), m.format, m.group_size
+        else:
+            w = getattr(self, f"{which}_proj")
+            stored, shape, fmt, group = (
+                (w.reshape(-1, w.shape[-1]), None, None),
+                (w.shape[0] * w.shape[1], w.shape[2]),
+                "dense",
+                0,
+            )
+        return grouped_frozen_linear_from_fields(x, offsets, self.num_experts, shape, fmt, stored, group)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
         k = top_k_index.shape[-1]
-        with torch.no_grad():
-            chosen = top_k_index.reshape(-1)
+        with torch.no_grad():  # the routing, on the device: no count reaches the host
+            chosen = top_k_index.reshape(-1).clamp(0, self.num_experts)
             order = torch.argsort(chosen, stable=True)  # (token, slot) pairs grouped by expert, in token order
-            counts = torch.bincount(chosen, minlength=self.num_experts)[: self.num_experts].tolist()
-            tokens_in_order = order // k
-        weights_in_order = top_k_weights.reshape(-1)[order]
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens, weights = tokens_in_order[start : start + count], weights_in_order[start : start + count]
-            start += count
-            inner = self.act.gated_packed(self._project("gate_up", expert, hidden_states[tokens]))
-            expert_out = self._project("down", expert, inner) * weights[:, None]
-            out.index_add_(0, tokens, expert_out.to(out.dtype))
-        return out
+            counts = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=chosen.device)
+            counts.scatter_add_(0, chosen, torch.ones_like(chosen, dtype=torch.int32))
+            offsets = torch.cat([counts.new_zeros(1), counts[: self.num_experts].cumsum(0, dtype=torch.int32)])
+            tokens = order // k
+        inner = self.act.gated_packed(self._project("gate_up", hidden_states[tokens], offsets))
+        expert_out = self._project("down", inner, offsets) * top_k_weights.reshape(-1)[order][:, None]
+        return torch.zeros_like(hidden_states).index_add_(0, tokens, expert_out.to(hidden_states.dtype))
 
     def extra_repr(self) -> str:
         storage = "low-bit" if self.low_bit else "dense"
