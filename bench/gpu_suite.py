@@ -27,7 +27,8 @@ measured on the GPU, batch 1 and 16), ``native`` (bench/native_gpu.py; the exten
 compiled on first use, for this GPU's architecture, in a folder of this run) and ``native_tests``
 (its GPU tests, on the same build); opt-in: ``e2e_7b`` (OPT-6.7B, where FT at batch 16 runs on
 DeepSpeed ZeRO-2 with the optimizer offloaded; DeepSpeed is carried as wheels, see
-bench/gpu_wheels.sh), ``e2e_more`` (the other fast paths), ``host_blocks`` (host µs per whole
+bench/gpu_wheels.sh), ``experts`` (bench/experts_gpu.py --quick: grouped low-bit experts), ``e2e_more`` (the other
+fast paths), ``host_blocks`` (host µs per whole
 frozen block) and ``e2e_compile`` (the emulator blocks through torch.compile).
 """
 
@@ -201,6 +202,9 @@ def stages(out: Path, quick: bool, full_kernels: bool) -> list[Stage]:
             steps=3,
             opt_in=True,
         ),
+        # opt-in (--only experts): a mixture of experts' expert MLPs, grouped low-bit experts against Hugging Face's and
+        # the expert-by-expert loop (Qwen3-30B-A3B and Mixtral-8x7B at 4096 tokens)
+        replace(_script_stage("experts", "experts_gpu.py", out / "experts", 150, "experts_gpu.md", "--quick"), opt_in=True),
         # opt-in (--only e2e_more): the other fast paths, each alone and combined
         _bench_stage(out, "e2e_more", "gpt2-xl,opt-1.3b", MORE_METHODS, 400, opt_in=True),
         # opt-in (--only host_blocks): host µs of a whole frozen block per variant, CUDA graphs and compiled included

@@ -477,7 +477,7 @@ def test_gpu_suite_runs_the_opt_in_stages_only_when_named(tmp_path):
     every = suite.stages(tmp_path, quick=False, full_kernels=False)
     default = ["env", "tests", "frozen_linear", "fused_ops", "e2e", "host_overhead", "native", "native_tests"]
     assert [s.name for s in suite.select_stages(every, None)] == default
-    assert {s.name for s in every if s.opt_in} == {"e2e_7b", "e2e_more", "e2e_compile", "host_blocks"}
+    assert {s.name for s in every if s.opt_in} == {"e2e_7b", "e2e_more", "e2e_compile", "host_blocks", "experts"}
     from offsite_kernels.benchmark.methods import ALL_METHODS
 
     named = {m for s in every if s.name.startswith("e2e") for m in s.argv[s.argv.index("--methods") + 1].split(",")}

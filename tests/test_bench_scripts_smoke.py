@@ -229,3 +229,19 @@ def test_host_overhead_report_of_a_run_cut_short():
     }
     md = markdown({**result, "partial": True})
     assert "Partial" in md and "| rms_norm |" in md and "| layer_norm |" not in md
+
+
+@pytest.mark.slow
+def test_experts_gpu_cpu_smoke(tmp_path):
+    """Every variant of both families runs forward + backward; the grouped low-bit experts match their dense twin and
+    the loop matches the grouped int4 experts (in the interpreter)."""
+    _run("experts_gpu.py", tmp_path, env=_env())
+    rows = [r for r in _rows(tmp_path / "experts_gpu.jsonl") if r.get("kind") == "experts"]
+    assert not [r for r in rows if r.get("error")]
+    assert {(r["model"], r["variant"]) for r in rows} == {
+        (m, v) for m in ("mixtral-8x7b", "qwen3-30b-a3b") for v in ("hf", "dense", "int8", "int4", "fp8", "int4_loop")
+    }
+    assert all(r["correct"] and r["median_ms"] > 0 and r["weight_bytes"] > 0 for r in rows)
+    low_bit = {r["variant"]: r["weight_bytes"] for r in rows if r["model"] == "mixtral-8x7b"}
+    assert low_bit["int4"] < low_bit["int8"] < low_bit["dense"] == low_bit["hf"]
+    assert (tmp_path / "experts_gpu.md").read_text().startswith("# Mixture-of-experts expert MLPs")

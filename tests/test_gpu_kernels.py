@@ -372,3 +372,67 @@ def test_fast_emulator_matches_the_plain_one_on_the_gpu(model_type, bits):
     assert abs(float(loss_fast) - float(loss_plain)) < 1e-3 * float(loss_plain)
     for g_fast, g_plain in zip(grads_fast, grads_plain, strict=True):
         assert rel_err(g_fast, g_plain) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [8, 4, "fp8", None])
+@pytest.mark.parametrize(("counts", "n", "k"), [((0, 1, 37, 300, 5), 130, 640), ((3000, 0, 17, 2049), 515, 1152)])
+def test_grouped_frozen_linear_forward_and_input_grad(fmt, counts, n, k, dtype):
+    """Experts' rows sorted by expert (an empty expert, one of a single row, many spanning tiles; 7 rows routed
+    nowhere), the grouped kernels against float64 of each expert's dequantized weight."""
+    from offsite_kernels.ops.grouped_linear import grouped_frozen_linear
+
+    experts, unrouted = len(counts), 7
+    w = rand(experts * n, k, seed=5) * 0.05
+    qw = ok.quantize_weight(w, bits=fmt, group_size=128) if fmt is not None else w.to(dtype)
+    w_hat = (qw.dequantize() if fmt is not None else qw).double()
+    bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    offsets = torch.tensor(bounds, device="cuda")
+    x = rand(bounds[-1] + unrouted, k, seed=6, dtype=dtype).requires_grad_(True)
+    y = grouped_frozen_linear(x, offsets, qw, experts)
+    grad_y = rand(*y.shape, seed=7, dtype=dtype)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    ref, grad_ref = (
+        torch.zeros(y.shape, dtype=torch.float64, device="cuda"),
+        torch.zeros(x.shape, dtype=torch.float64, device="cuda"),
+    )
+    for e in range(experts):
+        lo, hi, w_e = bounds[e], bounds[e + 1], w_hat[e * n : (e + 1) * n]
+        ref[lo:hi], grad_ref[lo:hi] = x[lo:hi].detach().double() @ w_e.t(), grad_y[lo:hi].double() @ w_e
+    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype] and rel_err(grad_x, grad_ref) < TOL[dtype]
+    assert not y[-unrouted:].any() and not grad_x[-unrouted:].any()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_low_bit_experts_run_without_a_host_sync_and_replay_as_a_cuda_graph(bits, monkeypatch):
+    """By default (no forced backend) low-bit experts in bf16 take the grouped kernels, with no host
+    synchronisation (CUDA's sync debug mode raises on one), and a captured CUDA graph replays them exactly."""
+    from offsite_kernels.nn import FrozenExperts
+
+    monkeypatch.delenv("OFFSITE_BACKEND")
+    e, h, inner, tokens, k = 8, 256, 384, 301, 2
+    gate_up, down = rand(e, 2 * inner, h, seed=8) * 0.05, rand(e, h, inner, seed=9) * 0.05
+    dense = FrozenExperts(gate_up.to(torch.bfloat16), down.to(torch.bfloat16))
+    experts = FrozenExperts.from_module(dense, "silu", bits=bits, group_size=128)
+    g = torch.Generator(device="cuda").manual_seed(10)
+    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
+    index = torch.randint(0, e, (tokens, k), device="cuda", generator=g)
+    weights = torch.rand(tokens, k, device="cuda", generator=g).to(torch.bfloat16)
+    expected = experts(x, index, weights)  # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert torch.equal(experts(x, index, weights), expected)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        experts(x, index, weights)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = experts(x, index, weights)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, expected)
