@@ -164,7 +164,7 @@ class OffsiteModel(nn.Module):
 
     def quantize_(self, bits: int | str, group_size: int = 128) -> OffsiteModel:
         """Store every linear of the (still dense) emulator blocks in ``bits`` (8, 4, "fp8"), in place (a mixture of
-        experts' experts too, one low-bit matrix per expert and projection)."""
+        experts' experts too, each projection's experts stacked into one low-bit matrix)."""
         check_format(bits, group_size)
         if self.quantized:
             raise LayoutError("the emulator is already quantized")

@@ -1,5 +1,5 @@
 """Low-bit emulator: swap every linear of the emulator blocks for a :class:`FrozenLinear` (a mixture of experts'
-experts module for :class:`FrozenExperts` holding one per expert and projection)."""
+experts module for :class:`FrozenExperts` holding each projection of every expert stacked in one FrozenLinear)."""
 
 from __future__ import annotations
 
