@@ -7,7 +7,7 @@ per-row scales and groups make the stacked weight's quantization the same as eac
 after ``offsets[E]`` (tokens routed to no expert) are written as zeros.
 
 No host synchronisation: the grid is sized by an upper bound on the row tiles (``cdiv(R, BLOCK_M) + E + 1``),
-and each program finds its expert by walking the ``E + 1`` offsets on the device (a few scalar loads, cached);
+and each program finds its expert from the ``E + 1`` offsets on the device (one vector load and a scan over them);
 programs past the last tile write nothing. Consecutive programs take consecutive row tiles of one column
 tile, so the tiles of one expert reuse its weight tile from L2.
 
@@ -28,28 +28,25 @@ import triton.language as tl
 from ..backends import triton_interpreter_enabled
 from .frozen_linear_triton import FMT_CODES, INT4_FWD_READ_NK, _dot, _interpreter_bf16, _load_dequant_weight, _weight_args
 from .triton_common import _cast
-from .triton_launch import cdiv, on_input_device, output
+from .triton_launch import cdiv, next_power_of_2, on_input_device, output
 
 
 @triton.jit
-def _expert_rows(off_ptr, pid_m, E, R, BLOCK_M: tl.constexpr):
+def _expert_rows(off_ptr, pid_m, E, R, BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr):
     """``(expert, first row, end row)`` of row tile ``pid_m``: the tiles of expert 0, then expert 1, ..., then
-    the rows after ``offsets[E]`` (expert ``E``: written as zeros); ``first >= end`` past the last tile."""
-    zero = pid_m * 0
-    expert, first, end, tile_start = zero + E, zero, zero, zero
-    hi = tl.load(off_ptr)
-    for e in range(0, E):
-        lo = hi
-        hi = tl.load(off_ptr + e + 1)
-        tiles = tl.cdiv(hi - lo, BLOCK_M)
-        here = (pid_m >= tile_start) & (pid_m < tile_start + tiles)
-        expert = tl.where(here, e, expert)
-        first = tl.where(here, lo + (pid_m - tile_start) * BLOCK_M, first)
-        end = tl.where(here, hi, end)
-        tile_start += tiles
-    here = (pid_m >= tile_start) & (pid_m < tile_start + tl.cdiv(R - hi, BLOCK_M))
-    first = tl.where(here, hi + (pid_m - tile_start) * BLOCK_M, first)
-    end = tl.where(here, R, end)
+    the rows after ``offsets[E]`` (expert ``E``: written as zeros); ``first >= end`` past the last tile. All
+    ``E + 1`` segments at once, as vectors of ``E_BLOCK >= E + 1`` lanes: two loads and a scan, whatever ``E``."""
+    idx = tl.arange(0, E_BLOCK)
+    lo = tl.load(off_ptr + idx, mask=idx < E, other=0)
+    hi = tl.load(off_ptr + idx + 1, mask=idx < E, other=0)
+    lo = tl.where(idx == E, tl.load(off_ptr + E), lo)  # segment E: the rows routed to no expert
+    hi = tl.where(idx == E, R, hi)
+    tiles = tl.cdiv(hi - lo, BLOCK_M)  # zero past segment E
+    ends = tl.cumsum(tiles, 0)
+    here = (pid_m >= ends - tiles) & (pid_m < ends)  # one segment at most
+    expert = tl.sum(tl.where(here, idx, 0), 0)
+    first = tl.sum(tl.where(here, lo + (pid_m - (ends - tiles)) * BLOCK_M, 0), 0)
+    end = tl.sum(tl.where(here, hi, 0), 0)
     return expert, first, end
 
 
@@ -58,11 +55,11 @@ def _grouped_linear_fwd_kernel(
     x_ptr, off_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     R, N, K, E,
     stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_ym, stride_yn,
-    GROUP: tl.constexpr, FMT: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    GROUP: tl.constexpr, FMT: tl.constexpr, INTERPRETER_BF16: tl.constexpr, E_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``Y[rows of e] = X[rows of e] @ deq(W_e)^T`` for one ``BLOCK_M x BLOCK_N`` tile of one expert's rows."""
-    expert, first, end = _expert_rows(off_ptr, tl.program_id(0), E, R, BLOCK_M)
+    expert, first, end = _expert_rows(off_ptr, tl.program_id(0), E, R, BLOCK_M, E_BLOCK)
     if first < end:
         rows = tl.arange(0, BLOCK_M)
         row_ok = first + rows < end
@@ -91,11 +88,11 @@ def _grouped_linear_bwd_kernel(
     dy_ptr, off_ptr, w_ptr, s_ptr, z_ptr, dx_ptr,
     R, N, K, E,
     stride_dym, stride_dyn, stride_we, stride_wn, stride_se, stride_sn, stride_dxm, stride_dxk,
-    GROUP: tl.constexpr, FMT: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    GROUP: tl.constexpr, FMT: tl.constexpr, INTERPRETER_BF16: tl.constexpr, E_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``dX[rows of e] = dY[rows of e] @ deq(W_e)`` for one ``BLOCK_M x BLOCK_K`` tile of one expert's rows."""
-    expert, first, end = _expert_rows(off_ptr, tl.program_id(0), E, R, BLOCK_M)
+    expert, first, end = _expert_rows(off_ptr, tl.program_id(0), E, R, BLOCK_M, E_BLOCK)
     if first < end:
         rows = tl.arange(0, BLOCK_M)
         row_ok = first + rows < end
@@ -144,6 +141,11 @@ def tile(direction: str, fmt: str, rows: int, experts: int) -> tuple[int, int, i
     return TILES[(direction, "int4" if fmt == "int4" else "any")][tile_height(rows, experts)]
 
 
+def expert_block(experts: int) -> int:
+    """The lanes of the kernels' expert lookup: a power of two holding the ``experts + 1`` segments (at least 16)."""
+    return max(next_power_of_2(experts + 1), 16)
+
+
 def _expert_strides(fmt: str, n: int, stride_wn: int, scales: torch.Tensor | None) -> tuple[int, int, int]:
     """``(stride_we, stride_se, stride_sn)``: one expert's step in the stored data and in the scales/zeros, and a
     row's step in int4's per-group scales (0 for the per-channel and dense formats, whose scales are 1-D)."""
@@ -185,6 +187,7 @@ def grouped_linear_fwd(
     args = (x, offsets, w, s, z, y, rows, out_features, k, experts)
     args += (x.stride(0), x.stride(1), stride_we, stride_wn, stride_se, stride_sn, out_features, 1)
     meta = dict(GROUP=max(group_size, 1), FMT=FMT_CODES[fmt], INTERPRETER_BF16=_interpreter_bf16(x.dtype))
+    meta["E_BLOCK"] = expert_block(experts)
     _launch(_grouped_linear_fwd_kernel, "fwd", fmt, args, meta, rows, experts, out_features)
     return y
 
@@ -212,11 +215,13 @@ def grouped_linear_bwd(
     args = (grad_y, offsets, w, s, z, dx, rows, n, in_features, experts)
     args += (grad_y.stride(0), grad_y.stride(1), stride_we, stride_wn, stride_se, stride_sn, in_features, 1)
     meta = dict(GROUP=max(group_size, 1), FMT=FMT_CODES[fmt], INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype))
+    meta["E_BLOCK"] = expert_block(experts)
     _launch(_grouped_linear_bwd_kernel, "bwd", fmt, args, meta, rows, experts, in_features)
     return dx
 
 
 # --- ahead-of-time compile cases ----------------------------------------------------------------
+AOT_EXPERT_BLOCK = 256  # the lookup's lanes in the checked cases: up to 255 experts (Qwen3-MoE has 128); wider lookups unchecked
 AOT_TARGETS = (80, 86, 90, 100, 120)  # the GPU classes of the frozen linear (ops/aot.py ARCHS)
 _WEIGHT_POINTERS = {"dense": None, "int8": "*i8", "int4": "*u8", "fp8": "*u8"}  # dense: the activations' type
 
@@ -253,6 +258,7 @@ def aot_cases(arch: int) -> list:
                         fn=fn,
                         types=types,
                         constexprs=dict(GROUP=128 if fmt == "int4" else 1, FMT=FMT_CODES[fmt], INTERPRETER_BF16=False)
+                        | dict(E_BLOCK=AOT_EXPERT_BLOCK)
                         | dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                         div16=tuple(n for n, t in types.items() if isinstance(t, str) and n not in unaligned),
                         num_warps=warps,
