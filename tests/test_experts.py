@@ -280,3 +280,26 @@ def test_lora_reaches_the_adapter_blocks_only_where_peft_rewrites_a_mixtures_tar
     assert trainable and all("lora_" in name for name in trainable)
     blocks = {name.split("layers.")[1].split(".")[0] for name in trainable}  # ...model.layers.<position>...
     assert blocks == {str(p) for p in emu.layout.adapter_positions()} == {"0", "3"}
+
+
+def test_packages_of_low_bit_experts_are_format_2_and_per_expert_ones_are_refused_by_name(tmp_path):
+    """Stacked low-bit experts make a package of format version 2 (an older library refuses it as newer); a package
+    without them stays version 1; a version-1 package of low-bit experts (one matrix per expert) is refused, naming the
+    layout and the fix, before any weight loads."""
+    import json
+
+    model = tiny_model("olmoe", n_layers=5, seed=30)
+    ok.make_emulator(model, bottom=1, top=1, emulator_layers=2, bits=8).save_pretrained(tmp_path / "low_bit")
+    ok.make_emulator(model, bottom=1, top=1, emulator_layers=2).save_pretrained(tmp_path / "dense")
+    record_path = tmp_path / "low_bit" / "offsite.json"
+    record = json.loads(record_path.read_text())
+    assert record["format_version"] == 2 and json.loads((tmp_path / "dense" / "offsite.json").read_text())["format_version"] == 1
+    old = {
+        pos: {name.replace("gate_up_experts", "gate_up_experts.0"): r for name, r in recs.items()}
+        for pos, recs in record["quantized"].items()
+    }
+    record_path.write_text(json.dumps({**record, "format_version": 1, "quantized": old}))
+    with pytest.raises(
+        ok.PackageError, match=r"format version 1\) stores its low-bit experts one matrix per expert.*offsite emulate"
+    ):
+        ok.OffsiteModel.from_pretrained(tmp_path / "low_bit")

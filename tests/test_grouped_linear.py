@@ -187,3 +187,34 @@ def test_tile_height_follows_the_mean_rows_per_expert():
     from offsite_kernels.ops.grouped_linear_triton import tile_height
 
     assert [tile_height(rows, 8) for rows in (0, 8, 128, 129, 256, 2048, 2049, 1 << 20)] == [16, 16, 16, 32, 32, 64, 128, 128]
+
+
+def test_strided_scales_and_offsets_are_read_as_their_values(backend):
+    """int4 scales and zeros that are column slices of wider buffers, and offsets that are a strided view: the same
+    result as contiguous ones (the kernels read contiguous copies)."""
+    from offsite_kernels.quant.weight import QuantizedWeight
+
+    qw = stacked(4, 56)
+    groups = qw.scales.shape[1]
+    wide_s, wide_z = torch.zeros(E * N, groups + 3), torch.zeros(E * N, groups + 3, dtype=torch.uint8)
+    wide_s[:, :groups], wide_z[:, :groups] = qw.scales, qw.zeros
+    strided = QuantizedWeight("int4", qw.data, wide_s[:, :groups], wide_z[:, :groups], qw.group_size, qw.shape, qw.dtype)
+    spread = torch.stack([offsets(torch.int32), torch.full((E + 1,), 999, dtype=torch.int32)], 1).reshape(-1)[::2]
+    x = torch.randn(ROWS, K, generator=gen(57))
+    expected = grouped_frozen_linear(x, offsets(), qw, E)
+    assert torch.equal(grouped_frozen_linear(x, offsets(), strided, E), expected)
+    assert not spread.is_contiguous() and torch.equal(grouped_frozen_linear(x, spread, qw, E), expected)
+
+
+def test_rows_before_the_first_offset_are_zero_and_bounds_past_the_rows_stay_inside(backend):
+    """Rows before ``offsets[0]`` belong to no expert (zeros, as after ``offsets[E]``); a last bound past the rows is
+    clamped to them (never a write outside the output)."""
+    qw = stacked(8, 58)
+    x = torch.randn(12, K, generator=gen(59), requires_grad=True)
+    bounds = torch.tensor([3, 5, 5, 9, 9, 40])  # rows 0..2 before expert 0; expert 4 would run past the 12 rows
+    y = grouped_frozen_linear(x, bounds, qw, E)
+    y.sum().backward()
+    assert y.shape == (12, N) and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert not y[:3].any() and not x.grad[:3].any()
+    w = qw.dequantize().double()
+    assert rel_error(y[9:], x[9:].detach().double() @ w[4 * N : 5 * N].T) < 1e-5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,10 @@ if TYPE_CHECKING:
 
 PACKAGE_FORMAT = "offsite-kernels/emulator"
 PACKAGE_FILE = "offsite.json"
-FORMAT_VERSION = 1
+# 2: low-bit experts stored stacked, one matrix per projection (``<experts>.gate_up_experts``); a package without
+# low-bit experts is written as 1, which every version reads. Version 1 stored them one matrix per expert.
+FORMAT_VERSION = 2
+STACKED_EXPERTS_VERSION = 2
 
 
 def save_emulator(
@@ -46,7 +50,7 @@ def save_emulator(
     check_no_unmerged_lora(emu.model, "an emulator package")
     record = {
         "format": PACKAGE_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": STACKED_EXPERTS_VERSION if _holds_low_bit_experts(emu.quantized) else 1,
         "library_version": __version__,
         "model_type": emu.config.model_type,
         "layout": emu.layout.to_dict(),
@@ -61,6 +65,10 @@ def save_emulator(
             copy_tokenizer_files(tokenizer_from, tmp)
         write_json(tmp / PACKAGE_FILE, record)
     return Path(path)
+
+
+def _holds_low_bit_experts(quantized: dict[str, Any]) -> bool:
+    return any(name.endswith(".gate_up_experts") for records in quantized.values() for name in records)
 
 
 def read_package_record(path: Path) -> dict[str, Any]:
@@ -102,6 +110,12 @@ def load_emulator(path: str | os.PathLike, **hf_kwargs: Any) -> OffsiteModel:
     prune = record.get("prune", 0.0)
     if not isinstance(quantized, dict) or not all(isinstance(r, dict) for r in quantized.values()):
         raise PackageError(f"emulator package {str(path)!r}: 'quantized' in {PACKAGE_FILE} is malformed; the file is corrupt")
+    if any(re.search(r"(gate_up|down)_experts\.\d+$", name) for records in quantized.values() for name in records):
+        raise PackageError(
+            f"emulator package {str(path)!r} (format version {record['format_version']}) stores its low-bit experts one "
+            "matrix per expert, a layout this library no longer reads (it stacks each projection's experts); build the "
+            "package again from the model with `offsite emulate`"
+        )
     if isinstance(prune, bool) or not isinstance(prune, int | float) or not 0.0 <= prune < 1.0:
         raise PackageError(
             f"emulator package {str(path)!r}: 'prune' in {PACKAGE_FILE} is {prune!r}; expected a fraction in [0, 1)"

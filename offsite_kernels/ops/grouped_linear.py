@@ -201,7 +201,7 @@ def _check_offsets(offsets: torch.Tensor, experts: int, device: torch.device) ->
         raise FrozenLinearInputError(f"offsets must be int32 or int64, got {offsets.dtype}")
     if offsets.device != device:
         raise FrozenLinearInputError(f"offsets are on {offsets.device} but x is on {device}; move them (.to(device))")
-    return offsets.to(torch.int32)
+    return offsets.to(torch.int32).contiguous()  # the kernels read E + 1 consecutive int32
 
 
 def grouped_frozen_linear_from_fields(

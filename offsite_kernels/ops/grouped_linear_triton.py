@@ -4,9 +4,9 @@ Rows arrive sorted by expert: rows ``[offsets[e], offsets[e + 1])`` belong to ex
 rows ``[e * N, (e + 1) * N)`` of one stacked ``[E * N, K]`` stored weight (any format of the frozen linear;
 per-row scales and groups make the stacked weight's quantization the same as each expert's own). Forward:
 ``Y[rows of e] = X[rows of e] @ deq(W_e)^T``; backward: ``dX[rows of e] = dY[rows of e] @ deq(W_e)``. Rows
-after ``offsets[E]`` (tokens routed to no expert) are written as zeros.
+after ``offsets[E]`` (tokens routed to no expert), and any before ``offsets[0]``, are written as zeros.
 
-No host synchronisation: the grid is sized by an upper bound on the row tiles (``cdiv(R, BLOCK_M) + E + 1``),
+No host synchronisation: the grid is sized by an upper bound on the row tiles (``cdiv(R, BLOCK_M) + E + 2``),
 and each program finds its expert from the ``E + 1`` offsets on the device (one vector load and a scan over them);
 programs past the last tile write nothing. Consecutive programs take consecutive row tiles of one column
 tile, so the tiles of one expert reuse its weight tile from L2.
@@ -33,18 +33,22 @@ from .triton_launch import cdiv, next_power_of_2, on_input_device, output
 
 @triton.jit
 def _expert_rows(off_ptr, pid_m, E, R, BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr):
-    """``(expert, first row, end row)`` of row tile ``pid_m``: the tiles of expert 0, then expert 1, ..., then
-    the rows after ``offsets[E]`` (expert ``E``: written as zeros); ``first >= end`` past the last tile. All
-    ``E + 1`` segments at once, as vectors of ``E_BLOCK >= E + 1`` lanes: two loads and a scan, whatever ``E``."""
+    """``(expert, first row, end row)`` of row tile ``pid_m`` over ``E + 2`` segments of rows: expert 0's, expert
+    1's, ..., then those after ``offsets[E]`` and those before ``offsets[0]`` (both routed to no expert: expert
+    ``E``, written as zeros); ``first >= end`` past the last tile. All segments at once, as vectors of
+    ``E_BLOCK >= E + 2`` lanes: two loads and a scan, whatever ``E``. Bounds are clamped to ``[0, R]`` and a
+    segment ending before it starts is empty: offsets out of order give rows of unspecified values, never a write
+    outside ``[0, R)``."""
     idx = tl.arange(0, E_BLOCK)
     lo = tl.load(off_ptr + idx, mask=idx < E, other=0)
     hi = tl.load(off_ptr + idx + 1, mask=idx < E, other=0)
-    lo = tl.where(idx == E, tl.load(off_ptr + E), lo)  # segment E: the rows routed to no expert
-    hi = tl.where(idx == E, R, hi)
-    tiles = tl.cdiv(hi - lo, BLOCK_M)  # zero past segment E
+    lo = tl.where(idx == E, tl.load(off_ptr + E), lo)  # the rows after the last expert's
+    hi = tl.where(idx == E, R, tl.where(idx == E + 1, tl.load(off_ptr), hi))  # ... and those before the first's
+    lo, hi = tl.minimum(tl.maximum(lo, 0), R), tl.minimum(tl.maximum(hi, 0), R)
+    tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)  # zero past segment E + 1
     ends = tl.cumsum(tiles, 0)
     here = (pid_m >= ends - tiles) & (pid_m < ends)  # one segment at most
-    expert = tl.sum(tl.where(here, idx, 0), 0)
+    expert = tl.sum(tl.where(here, tl.minimum(idx, E), 0), 0)
     first = tl.sum(tl.where(here, lo + (pid_m - (ends - tiles)) * BLOCK_M, 0), 0)
     end = tl.sum(tl.where(here, hi, 0), 0)
     return expert, first, end
@@ -128,8 +132,8 @@ INTERPRETER_TILE = (16, 32, 32, 4, 1)
 
 
 def tile_height(rows: int, experts: int) -> int:
-    """The tile height (a key of :data:`TILES`) for ``rows`` routed rows over ``experts`` experts: the power of
-    two nearest the mean rows per expert, from 16 to 128 (the counts themselves are on the device)."""
+    """The tile height (a key of :data:`TILES`) for ``rows`` routed rows over ``experts`` experts, from the mean rows
+    per expert (the counts themselves are on the device): 16 up to 16 rows, 32 up to 32, 64 up to 256, else 128."""
     mean = cdiv(rows, max(experts, 1))
     return 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 256 else 128
 
@@ -142,24 +146,23 @@ def tile(direction: str, fmt: str, rows: int, experts: int) -> tuple[int, int, i
 
 
 def expert_block(experts: int) -> int:
-    """The lanes of the kernels' expert lookup: a power of two holding the ``experts + 1`` segments (at least 16)."""
-    return max(next_power_of_2(experts + 1), 16)
+    """The lanes of the kernels' expert lookup: a power of two holding the ``experts + 2`` segments (at least 16)."""
+    return max(next_power_of_2(experts + 2), 16)
 
 
-def _expert_strides(fmt: str, n: int, stride_wn: int, scales: torch.Tensor | None) -> tuple[int, int, int]:
-    """``(stride_we, stride_se, stride_sn)``: one expert's step in the stored data and in the scales/zeros, and a
-    row's step in int4's per-group scales (0 for the per-channel and dense formats, whose scales are 1-D)."""
-    if scales is None:
-        return n * stride_wn, 0, 0
-    if fmt == "int4":
-        return n * stride_wn, n * scales.stride(0), scales.stride(0)
-    return n * stride_wn, n, 0
+def _expert_strides(fmt: str, n: int, stride_wn: int, stride_sn: int) -> tuple[int, int]:
+    """``(stride_we, stride_se)``: one expert's step in the stored data and in the scales/zeros (as ``_weight_args``
+    passes them: contiguous; int4's scales are ``[rows, groups]`` of row step ``stride_sn``, the per-channel formats'
+    1-D, dense weights have none)."""
+    if fmt == "dense":
+        return n * stride_wn, 0
+    return n * stride_wn, n * (stride_sn if fmt == "int4" else 1)
 
 
 def _launch(kernel, direction: str, fmt: str, args: tuple, meta: dict, rows: int, experts: int, cols: int) -> None:
     bm, bn, bk, warps, stages = tile(direction, fmt, rows, experts)
     col_block = bn if direction == "fwd" else bk
-    grid = (cdiv(rows, bm) + experts + 1, cdiv(cols, col_block))
+    grid = (cdiv(rows, bm) + experts + 2, cdiv(cols, col_block))  # at most one partial tile per segment
     kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
@@ -182,8 +185,8 @@ def grouped_linear_fwd(
     y = output(out, (rows, out_features), x.dtype, x.device)
     if rows == 0:
         return y
-    w, s, z, stride_wn, _ = _weight_args(data, scales, zeros)
-    stride_we, stride_se, stride_sn = _expert_strides(fmt, out_features, stride_wn, scales)
+    w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
+    stride_we, stride_se = _expert_strides(fmt, out_features, stride_wn, stride_sn)
     args = (x, offsets, w, s, z, y, rows, out_features, k, experts)
     args += (x.stride(0), x.stride(1), stride_we, stride_wn, stride_se, stride_sn, out_features, 1)
     meta = dict(GROUP=max(group_size, 1), FMT=FMT_CODES[fmt], INTERPRETER_BF16=_interpreter_bf16(x.dtype))
@@ -210,8 +213,8 @@ def grouped_linear_bwd(
     dx = output(out, (rows, in_features), grad_y.dtype, grad_y.device)
     if rows == 0:
         return dx
-    w, s, z, stride_wn, _ = _weight_args(data, scales, zeros)
-    stride_we, stride_se, stride_sn = _expert_strides(fmt, n, stride_wn, scales)
+    w, s, z, stride_wn, stride_sn = _weight_args(data, scales, zeros)
+    stride_we, stride_se = _expert_strides(fmt, n, stride_wn, stride_sn)
     args = (grad_y, offsets, w, s, z, dx, rows, n, in_features, experts)
     args += (grad_y.stride(0), grad_y.stride(1), stride_we, stride_wn, stride_se, stride_sn, in_features, 1)
     meta = dict(GROUP=max(group_size, 1), FMT=FMT_CODES[fmt], INTERPRETER_BF16=_interpreter_bf16(grad_y.dtype))
@@ -221,7 +224,7 @@ def grouped_linear_bwd(
 
 
 # --- ahead-of-time compile cases ----------------------------------------------------------------
-AOT_EXPERT_BLOCK = 256  # the lookup's lanes in the checked cases: up to 255 experts (Qwen3-MoE has 128); wider lookups unchecked
+AOT_EXPERT_BLOCK = 256  # the lookup's lanes in the checked cases: up to 254 experts (Qwen3-MoE has 128); wider lookups unchecked
 AOT_TARGETS = (80, 86, 90, 100, 120)  # the GPU classes of the frozen linear (ops/aot.py ARCHS)
 _WEIGHT_POINTERS = {"dense": None, "int8": "*i8", "int4": "*u8", "fp8": "*u8"}  # dense: the activations' type
 
