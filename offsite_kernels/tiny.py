@@ -32,6 +32,23 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma": dict(_COMMON_LLAMA, head_dim=12, tie_word_embeddings=True),
     "gemma2": dict(_COMMON_LLAMA, head_dim=12, tie_word_embeddings=True, sliding_window=5),
     "gemma3_text": dict(_COMMON_LLAMA, head_dim=12, tie_word_embeddings=True, sliding_window=5, sliding_window_pattern=2),
+    "deepseek_v3": dict(
+        _COMMON_LLAMA,
+        num_key_value_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=10,  # not the query/key head size (12)
+        n_routed_experts=8,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        n_shared_experts=1,
+        first_k_dense_replace=2,  # leading dense blocks, which a layer selection must count again
+        routed_scaling_factor=2.5,
+    ),
     "falcon": dict(hidden_size=48, num_attention_heads=4, new_decoder_architecture=False, multi_query=True),
     "gptj": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128, rotary_dim=6),
     "gpt_neox": dict(hidden_size=48, num_attention_heads=4, intermediate_size=80, max_position_embeddings=128, rotary_pct=0.5),

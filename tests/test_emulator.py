@@ -21,6 +21,8 @@ def reference_reduced_model(full_model, kept):
             i for i in range(source.num_hidden_layers) if i in source.mlp_only_layers or (i + 1) % source.decoder_sparse_step
         ]
         config.mlp_only_layers, config.decoder_sparse_step = [j for j, i in enumerate(kept) if i in dense], 1
+    if isinstance(getattr(config, "first_k_dense_replace", None), int):  # DeepSeek: leading dense blocks, by count
+        config.first_k_dense_replace = sum(i < full_model.config.first_k_dense_replace for i in kept)
     config._attn_implementation = "eager"
     ref = AutoModelForCausalLM.from_config(config).eval()
     prefix = family.blocks + "."

@@ -130,12 +130,12 @@ def test_stacked_quantization_is_each_experts_own(bits):
                 assert torch.equal(mine[e * rows : (e + 1) * rows].view(torch.uint8), getattr(alone, field).view(torch.uint8))
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_hugging_face_experts(model_type, dtype):
     """Same output and input gradients as the Hugging Face module it replaces, on its own router's choices."""
-    model = tiny_model(model_type, n_layers=2, seed=6, dtype=dtype)
-    sparse = model.model.layers[0].mlp
+    model = tiny_model(model_type, n_layers=3, seed=6, dtype=dtype)
+    sparse = next(block.mlp for block in model.model.layers if hasattr(block.mlp, "experts"))  # DeepSeek: dense first
     hf_experts = sparse.experts
     frozen = FrozenExperts.from_module(hf_experts, model.config.hidden_act)
     x = torch.randn(T, model.config.hidden_size, generator=gen(7)).to(dtype)
@@ -269,6 +269,21 @@ def test_a_dense_block_among_sparse_ones_stays_dense_through_a_package(tmp_path)
         torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_deepseeks_leading_dense_blocks_are_counted_again_through_a_low_bit_package(tmp_path):
+    """DeepSeek-V3 counts its leading dense blocks (``first_k_dense_replace``): the emulator counts the kept ones, so a
+    low-bit package rebuilds dense MLPs exactly where the kept blocks have them, and the same logits."""
+    model = tiny_model("deepseek_v3", n_layers=7, seed=31)  # source blocks 0 and 1 are dense
+    emu = ok.make_emulator(model, bottom=1, top=1, strategy=[1, 3], bits=4, group_size=32).eval()
+    assert emu.layout.kept_indices == (0, 1, 3, 6) and emu.config.first_k_dense_replace == 2
+    assert [isinstance(block.mlp.experts, FrozenExperts) for block in emu.blocks[2:3]] == [True]
+    emu.save_pretrained(tmp_path / "emu")
+    loaded = ok.OffsiteModel.from_pretrained(tmp_path / "emu").eval()
+    assert [hasattr(block.mlp, "experts") for block in loaded.blocks] == [False, False, True, True]
+    ids = torch.randint(0, 97, (2, 9), generator=gen(32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, emu(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "llama"])
 def test_lora_reaches_the_adapter_blocks_only_where_peft_rewrites_a_mixtures_targets(model_type):
     """PEFT turns Mixtral's LoRA targets into bare module names (its transformers-5 conversion), which matched the
@@ -303,3 +318,17 @@ def test_packages_of_low_bit_experts_are_format_2_and_per_expert_ones_are_refuse
         ok.PackageError, match=r"format version 1\) stores its low-bit experts one matrix per expert.*offsite emulate"
     ):
         ok.OffsiteModel.from_pretrained(tmp_path / "low_bit")
+
+
+def test_dense_blocks_that_a_count_cannot_name_are_refused():
+    """A count of leading dense blocks cannot name a dense block after a sparse one: refused, not rebuilt sparse."""
+    from torch import nn
+
+    from offsite_kernels.emulator.build import keep_dense_blocks_dense_
+
+    model = tiny_model("deepseek_v3", n_layers=4, seed=33)
+    family = ok.get_family(model)
+    blocks = family.get_blocks(model)
+    family.set_blocks(model, nn.ModuleList([blocks[2], blocks[0], blocks[3]]))
+    with pytest.raises(ok.LayoutError, match=r"count of leading blocks \(first_k_dense_replace\).*dense ones at \[1\]"):
+        keep_dense_blocks_dense_(model, family)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import LayoutError, UnsupportedModelError
 from ..models import ModelFamily, find_submodule
 from .layout import Layout
 
@@ -87,8 +87,17 @@ def keep_dense_blocks_dense_(model: nn.Module, family: ModelFamily) -> None:
     a dense MLP exactly where these blocks have one."""
     if family.dense_blocks_config is None or family.experts is None:
         return
-    indices, step = family.dense_blocks_config
     dense = [j for j, block in enumerate(family.get_blocks(model)) if find_submodule(block, family.experts) is None]
+    if len(family.dense_blocks_config) == 1:  # a count of leading blocks: the kept blocks keep their order, so the
+        (count,) = family.dense_blocks_config  # dense ones (a prefix of the source's) are a prefix here too
+        if dense != list(range(len(dense))):
+            raise LayoutError(
+                f"{family.name}: the config names dense blocks by a count of leading blocks ({count}), and these blocks "
+                f"put dense ones at {dense}; keep the source blocks in order"
+            )
+        setattr(model.config, count, len(dense))
+        return
+    indices, step = family.dense_blocks_config
     setattr(model.config, indices, dense)
     setattr(model.config, step, 1)
 

@@ -53,9 +53,10 @@ class ModelFamily:
     # ``down_proj`` [E, H, I], called with the router's top-k indices and weights) at this path in a sparse block
     experts: str | None = None
     shared_expert: str | None = None  # a gated MLP every token goes through beside the routed experts (Qwen MoE)
-    # (config list of dense block indices, config sparse step): blocks whose MLP is dense by their index (Qwen MoE's
-    # ``mlp_only_layers`` and ``decoder_sparse_step``), which a layer selection must renumber
-    dense_blocks_config: tuple[str, str] | None = None
+    # how the config names the blocks whose MLP is dense, which a layer selection must renumber: (list of dense block
+    # indices, sparse step) as Qwen MoE's ``mlp_only_layers`` and ``decoder_sparse_step``, or (count of leading dense
+    # blocks,) as DeepSeek's ``first_k_dense_replace``
+    dense_blocks_config: tuple[str, str] | tuple[str] | None = None
     activation_modules: tuple[str, ...] = ()
     activation_config: str | None = None  # config attribute holding the name, e.g. "hidden_act"
     activation_default: str | None = None  # the name when the config holds none (BLOOM)
