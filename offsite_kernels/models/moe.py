@@ -1,9 +1,9 @@
 """Mixtures of experts in the Llama family's places: Mixtral, Qwen MoE (Qwen1.5-MoE, Qwen2-MoE, Qwen3-MoE), OLMoE,
-DeepSeek-V3 (and Kimi K2: its multi-head latent attention stays Hugging Face's, run through SDPA).
+DeepSeek-V2 and V3 (and Kimi K2: their multi-head latent attention stays Hugging Face's, run through SDPA).
 
 Each sparse block routes every token to its top-k experts; the experts are one Hugging Face module holding 3-D
 weights (``ModelFamily.experts``). Qwen MoE's shared expert is a gated MLP (``gated_mlp``), and its config may
-name dense blocks by index (``dense_blocks_config``); DeepSeek-V3's shared experts are one gated MLP and its
+name dense blocks by index (``dense_blocks_config``); DeepSeek's shared experts are one gated MLP and its
 leading blocks are dense by count (``first_k_dense_replace``).
 """
 
@@ -25,11 +25,11 @@ QWEN_MOE = register_family(
     )
 )
 OLMOE = register_family(replace(_MOE, name="OLMoE", model_types=("olmoe",)))
-DEEPSEEK_V3 = register_family(
+DEEPSEEK = register_family(
     replace(
         _MOE,
-        name="DeepSeek-V3",
-        model_types=("deepseek_v3",),
+        name="DeepSeek-V2/V3",
+        model_types=("deepseek_v2", "deepseek_v3"),
         shared_expert="mlp.shared_experts",
         dense_blocks_config=("first_k_dense_replace",),
         # query and value as the LoRA paper picks them: the latent attention's up-projections (q_proj where the
