@@ -69,6 +69,15 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "granite": dict(
         _COMMON_LLAMA, embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0
     ),
+    "granitemoe": dict(
+        _COMMON_LLAMA,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+        embedding_multiplier=3.0,
+        attention_multiplier=0.2,
+        residual_multiplier=0.5,
+        logits_scaling=4.0,
+    ),
     "llama": dict(_COMMON_LLAMA),
     "mistral": dict(_COMMON_LLAMA, sliding_window=None),
     "phi": dict(
