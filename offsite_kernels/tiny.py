@@ -63,11 +63,37 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
         first_k_dense_replace=2,  # leading dense blocks, which a layer selection must count again
         routed_scaling_factor=2.5,
     ),
+    "dots1": dict(
+        _COMMON_LLAMA,
+        head_dim=12,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    ),
     "falcon": dict(hidden_size=48, num_attention_heads=4, new_decoder_architecture=False, multi_query=True),
     "gptj": dict(n_embd=48, n_head=4, n_inner=80, n_positions=128, rotary_dim=6),
     "gpt_neox": dict(hidden_size=48, num_attention_heads=4, intermediate_size=80, max_position_embeddings=128, rotary_pct=0.5),
     "granite": dict(
         _COMMON_LLAMA, embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0
+    ),
+    "glm4_moe": dict(
+        _COMMON_LLAMA,
+        head_dim=12,
+        partial_rotary_factor=0.5,
+        attention_bias=True,
+        use_qk_norm=True,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        n_shared_experts=1,
+        first_k_dense_replace=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
     ),
     "granitemoe": dict(
         _COMMON_LLAMA,

@@ -1,5 +1,6 @@
 """Mixtures of experts in the Llama family's places: Mixtral, Qwen MoE (Qwen1.5-MoE, Qwen2-MoE, Qwen3-MoE), OLMoE,
-DeepSeek-V2 and V3 (and Kimi K2: their multi-head latent attention stays Hugging Face's, run through SDPA).
+DeepSeek-V2 and V3 (and Kimi K2: their multi-head latent attention stays Hugging Face's, run through SDPA), GLM-4.5
+and dots.llm1 (DeepSeek's mixture under a standard attention).
 
 Each sparse block routes every token to its top-k experts; the experts are one Hugging Face module holding 3-D
 weights (``ModelFamily.experts``). Qwen MoE's shared expert is a gated MLP (``gated_mlp``), and its config may
@@ -36,4 +37,9 @@ DEEPSEEK = register_family(
         # queries have no low rank), whose kv_b_proj makes keys and values
         lora_targets=("q_proj", "q_b_proj", "kv_b_proj"),
     )
+)
+# GLM-4.5/4.6 and dots.llm1: DeepSeek's mixture (shared experts, leading dense blocks by count) under a standard
+# grouped-query attention (GLM: partial rotary, biases on q/k/v, optional query/key norms; dots: query/key norms)
+GLM4_MOE = register_family(
+    replace(DEEPSEEK, name="GLM-4.5 MoE, dots.llm1", model_types=("glm4_moe", "dots1"), lora_targets=("q_proj", "v_proj"))
 )
