@@ -1,5 +1,5 @@
 """Mixtures of experts in the Llama family's places: Mixtral, Qwen MoE (Qwen1.5-MoE, Qwen2-MoE, Qwen3-MoE), OLMoE,
-DeepSeek-V2 and V3 (and Kimi K2: their multi-head latent attention stays Hugging Face's, run through SDPA), GLM-4.5
+DeepSeek-V2 and V3 (their multi-head latent attention stays Hugging Face's, run through SDPA), GLM-4.5
 and dots.llm1 (DeepSeek's mixture under a standard attention).
 
 Each sparse block routes every token to its top-k experts; the experts are one Hugging Face module holding 3-D
