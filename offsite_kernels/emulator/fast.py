@@ -172,7 +172,7 @@ def plan_fast_block(block: nn.Module, family: ModelFamily, config: object) -> li
         what = f"{family.name}'s {path} ({type(mlp).__name__})"
         features = (mlp.gate_up_proj if fused_projection else mlp.gate_proj).in_features
         _check_same_output(mlp, gated, int(features), block, what)
-        check_activation_alone(mlp, activation, block, what)
+        _check_activation_alone(mlp, activation, block, what)
         plan.append((path, gated, f"{'SwiGLU' if gated.act.kind == 'silu' else 'GeGLU'} MLP"))
     for path in family.activation_modules:
         assert activation is not None  # check_fast_block
@@ -199,7 +199,7 @@ def _gated_mlp_paths(block: nn.Module, family: ModelFamily) -> list[str]:
     ]
 
 
-def check_activation_alone(module: nn.Module, activation: str, block: nn.Module, what: str) -> None:
+def _check_activation_alone(module: nn.Module, activation: str, block: nn.Module, what: str) -> None:
     """The module's own activation against the fused one, in float32 (finer than a bf16 run of the whole module)."""
     for attr in ("act_fn", "activation_fn"):
         if isinstance(getattr(module, attr, None), nn.Module):

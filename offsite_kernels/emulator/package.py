@@ -32,7 +32,6 @@ PACKAGE_FILE = "offsite.json"
 # 2: low-bit experts stored stacked, one matrix per projection (``<experts>.gate_up_experts``); a package without
 # low-bit experts is written as 1, which every version reads. Version 1 stored them one matrix per expert.
 FORMAT_VERSION = 2
-STACKED_EXPERTS_VERSION = 2
 
 
 def save_emulator(
@@ -50,7 +49,7 @@ def save_emulator(
     check_no_unmerged_lora(emu.model, "an emulator package")
     record = {
         "format": PACKAGE_FORMAT,
-        "format_version": STACKED_EXPERTS_VERSION if _holds_low_bit_experts(emu.quantized) else 1,
+        "format_version": FORMAT_VERSION if _holds_low_bit_experts(emu.quantized) else 1,
         "library_version": __version__,
         "model_type": emu.config.model_type,
         "layout": emu.layout.to_dict(),

@@ -42,8 +42,9 @@ class FrozenExperts(nn.Module):
     over all experts (:func:`~offsite_kernels.ops.grouped_linear.grouped_frozen_linear`): on a GPU that runs Triton,
     with bf16/fp16 activations and no other backend forced, one Triton launch each way and no host synchronisation
     (CUDA graphs capture it); elsewhere expert by expert, reading the token counts on the host (a CUDA graph capture
-    of that fails, and the library's graphs then run those blocks eagerly, with a warning). Between them, the gated activation is one fused op that saves only the projection's output (as
-    :class:`FrozenFusedGatedMLP`); the projections save no input.
+    of that fails, and the library's graphs then run those blocks eagerly, with a warning). Between them, the gated
+    activation is one fused op that saves only the projection's output (as :class:`FrozenFusedGatedMLP`); the
+    projections save no input.
     """
 
     def __init__(self, gate_up: torch.Tensor | nn.Module, down: torch.Tensor | nn.Module, activation: str = "silu") -> None:

@@ -7,9 +7,9 @@ weight of any format of the frozen linear (``quantize_weight`` of the stacked ma
 groups make it each expert's own quantization). Rows after ``offsets[E]`` (routed to no expert) come out zero,
 and so do their gradients.
 
-Layers, as in ``frozen_linear.py``: the PyTorch reference (``grouped_linear_torch``), dispatch (the Triton
-kernels of ``grouped_linear_triton.py`` on a GPU for bf16/fp16 activations, with no host synchronisation; else
-expert by expert through the frozen linear's own dispatch, which reads the offsets on the host), the custom ops
+Layers: dispatch (the Triton kernels of ``grouped_linear_triton.py`` on a GPU for bf16/fp16 activations, with no
+host synchronisation; else expert by expert through the frozen linear's own dispatch, which reads the offsets on the
+host: its PyTorch reference with ``OFFSITE_BACKEND=torch``, the native kernels on a CPU where built), the custom ops
 ``offsite_kernels::grouped_frozen_linear`` and ``offsite_kernels::grouped_frozen_linear_input_grad`` with fake
 implementations and autograd (saving the offsets and the stored weight, never the activation), and the
 functional :func:`grouped_frozen_linear`.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..backends import check_triton_device, gpu_runs_triton, requested_backend
@@ -30,8 +29,6 @@ from .frozen_linear import (
     _ACTIVATION_DTYPES,
     FrozenLinearInputError,
     _autocast_input,
-    _dense,
-    _from_op_storage,
     _frozen_linear_impl,
     _frozen_linear_input_grad_impl,
     _to_op_storage,
@@ -53,40 +50,16 @@ def _spans(offsets: torch.Tensor, experts: int) -> list[tuple[int, int, int]]:
     return [(e, bounds[e], bounds[e + 1]) for e in range(experts) if bounds[e + 1] > bounds[e]]
 
 
-# --- reference --------------------------------------------------------------------------------
-def grouped_linear_torch(x, offsets, data, scales, zeros, fmt, group_size, experts, out_features):
-    """Reference forward in plain PyTorch: each expert's weight dequantized, then ``F.linear`` in ``x.dtype``."""
-    y = x.new_zeros((x.shape[0], out_features))
-    for e, lo, hi in _spans(offsets, experts):
-        w = _dense(*_expert_fields(data, scales, zeros, e, out_features), fmt, group_size, out_features, x.shape[1], x.dtype)
-        y[lo:hi] = F.linear(x[lo:hi], w)
-    return y
-
-
-def grouped_linear_input_grad_torch(grad_y, offsets, data, scales, zeros, fmt, group_size, experts, in_features):
-    """Reference input gradient: ``dX[rows of e] = dY[rows of e] @ deq(W_e)``."""
-    n = grad_y.shape[1]
-    dx = grad_y.new_zeros((grad_y.shape[0], in_features))
-    for e, lo, hi in _spans(offsets, experts):
-        w = _dense(*_expert_fields(data, scales, zeros, e, n), fmt, group_size, n, in_features, grad_y.dtype)
-        dx[lo:hi] = grad_y[lo:hi] @ w
-    return dx
-
-
 # --- dispatch ---------------------------------------------------------------------------------
-def _grouped_backend(t: torch.Tensor) -> str:
-    """ "triton" (one grouped launch), "torch" (the reference) or "experts" (one frozen linear per expert, through
-    its own backend choice: the native kernels on a CPU). Forced ``OFFSITE_BACKEND=triton`` or ``torch``: that one;
-    by default Triton on a GPU that runs it for bf16/fp16 activations."""
+def _runs_grouped_kernels(t: torch.Tensor) -> bool:
+    """Whether one grouped Triton launch serves ``t``: forced by ``OFFSITE_BACKEND=triton``, or by default on a GPU that
+    runs Triton for bf16/fp16 activations. Otherwise one frozen linear per expert, through its own backend choice
+    (the PyTorch reference when forced, the native kernels on a CPU)."""
     forced = requested_backend()
     if forced == "triton":
         check_triton_device(t)
-        return "triton"
-    if forced == "torch":
-        return "torch"
-    if forced is None and t.is_cuda and t.dtype in _GROUPED_DTYPES and gpu_runs_triton(t.device):
-        return "triton"
-    return "experts"
+        return True
+    return forced is None and t.is_cuda and t.dtype in _GROUPED_DTYPES and gpu_runs_triton(t.device)
 
 
 def _grouped_impl(
@@ -100,15 +73,10 @@ def _grouped_impl(
     experts: int,
     out_features: int,
 ) -> torch.Tensor:
-    backend = _grouped_backend(x)
-    if backend == "triton":
+    if _runs_grouped_kernels(x):
         from .grouped_linear_triton import grouped_linear_fwd
 
         return grouped_linear_fwd(x, offsets, data, scales, zeros, fmt, group_size, experts, out_features)
-    if backend == "torch":
-        return grouped_linear_torch(
-            x, offsets, _from_op_storage(fmt, data), scales, zeros, fmt, group_size, experts, out_features
-        )
     y = x.new_zeros((x.shape[0], out_features))
     for e, lo, hi in _spans(offsets, experts):
         fields = _expert_fields(data, scales, zeros, e, out_features)
@@ -135,14 +103,10 @@ def _grouped_input_grad_impl(
     experts: int,
     in_features: int,
 ) -> torch.Tensor:
-    backend = _grouped_backend(grad_y)
-    if backend == "triton":
+    if _runs_grouped_kernels(grad_y):
         from .grouped_linear_triton import grouped_linear_bwd
 
         return grouped_linear_bwd(grad_y, offsets, data, scales, zeros, fmt, group_size, experts, in_features)
-    if backend == "torch":
-        stored = _from_op_storage(fmt, data)
-        return grouped_linear_input_grad_torch(grad_y, offsets, stored, scales, zeros, fmt, group_size, experts, in_features)
     dx = grad_y.new_zeros((grad_y.shape[0], in_features))
     for e, lo, hi in _spans(offsets, experts):
         fields = _expert_fields(data, scales, zeros, e, grad_y.shape[1])

@@ -55,6 +55,15 @@ def _expert_rows(off_ptr, pid_m, E, R, BLOCK_M: tl.constexpr, E_BLOCK: tl.conste
 
 
 @triton.jit
+def _expert_weight(expert, w_ptr, s_ptr, z_ptr, E, stride_we, stride_se, reduce_len, BLOCK_R: tl.constexpr):
+    """``(stored weight, scales, zeros, steps of BLOCK_R over reduce_len)`` of ``expert``; expert ``E`` (rows of no
+    expert) reads no weight: no steps, zeros out."""
+    e = tl.minimum(expert, E - 1).to(tl.int64)
+    steps = tl.where(expert < E, tl.cdiv(reduce_len, BLOCK_R), 0)
+    return w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, steps
+
+
+@triton.jit
 def _grouped_linear_fwd_kernel(
     x_ptr, off_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     R, N, K, E,
@@ -65,15 +74,14 @@ def _grouped_linear_fwd_kernel(
     """``Y[rows of e] = X[rows of e] @ deq(W_e)^T`` for one ``BLOCK_M x BLOCK_N`` tile of one expert's rows."""
     expert, first, end = _expert_rows(off_ptr, tl.program_id(0), E, R, BLOCK_M, E_BLOCK)
     if first < end:
+        w_e, s_e, z_e, steps = _expert_weight(expert, w_ptr, s_ptr, z_ptr, E, stride_we, stride_se, K, BLOCK_K)
         rows = tl.arange(0, BLOCK_M)
         row_ok = first + rows < end
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        e = tl.minimum(expert, E - 1).to(tl.int64)  # expert E (no expert) reads no weight: its loop is empty
-        w_e, s_e, z_e = w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se
         x_rows = x_ptr + first.to(tl.int64) * stride_xm + rows[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, tl.where(expert < E, tl.cdiv(K, BLOCK_K), 0)):
+        for k0 in range(0, steps):
             k = k0 * BLOCK_K + offs_k
             x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
             if FMT == 2 and INT4_FWD_READ_NK:
@@ -98,15 +106,14 @@ def _grouped_linear_bwd_kernel(
     """``dX[rows of e] = dY[rows of e] @ deq(W_e)`` for one ``BLOCK_M x BLOCK_K`` tile of one expert's rows."""
     expert, first, end = _expert_rows(off_ptr, tl.program_id(0), E, R, BLOCK_M, E_BLOCK)
     if first < end:
+        w_e, s_e, z_e, steps = _expert_weight(expert, w_ptr, s_ptr, z_ptr, E, stride_we, stride_se, N, BLOCK_N)
         rows = tl.arange(0, BLOCK_M)
         row_ok = first + rows < end
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_n = tl.arange(0, BLOCK_N)
-        e = tl.minimum(expert, E - 1).to(tl.int64)
-        w_e, s_e, z_e = w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se
         dy_rows = dy_ptr + first.to(tl.int64) * stride_dym + rows[:, None] * stride_dym
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for n0 in range(0, tl.where(expert < E, tl.cdiv(N, BLOCK_N), 0)):
+        for n0 in range(0, steps):
             n = n0 * BLOCK_N + offs_n
             dy = tl.load(dy_rows + n[None, :] * stride_dyn, mask=row_ok[:, None] & (n[None, :] < N), other=0.0)
             w = _load_dequant_weight(w_e, s_e, z_e, n[:, None], offs_k[None, :], N, K, stride_wn, stride_sn, GROUP, FMT)
